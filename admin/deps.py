@@ -1,0 +1,66 @@
+"""Dependencies shared by the admin routes."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request, status
+
+from atlas.keymodel import KeyRecord, hash_secret
+from atlas.ledger.redis import RedisLedger
+from atlas.settings import Settings
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings  # type: ignore[no-any-return]
+
+
+def get_ledger(request: Request) -> RedisLedger:
+    return request.app.state.ledger  # type: ignore[no-any-return]
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+LedgerDep = Annotated[RedisLedger, Depends(get_ledger)]
+
+
+def _presented_token(request: Request) -> str | None:
+    auth = request.headers.get("authorization", "")
+    scheme, _, token = auth.partition(" ")
+    if scheme.lower() == "bearer" and token:
+        return token.strip()
+    return request.headers.get("x-admin-key")  # Atlas's header
+
+
+def require_admin(request: Request, settings: SettingsDep) -> str:
+    token = _presented_token(request)
+    expected = settings.admin_token.get_secret_value() if settings.admin_token else None
+    # Constant-time comparison: the token's prefix must not be guessable by timing.
+    if not token or not expected or not hmac.compare_digest(token.encode(), expected.encode()):
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            "admin token required (Authorization: Bearer <token>)",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    return "admin"
+
+
+AdminDep = Annotated[str, Depends(require_admin)]
+
+
+async def require_client_key(request: Request, ledger: LedgerDep) -> KeyRecord:
+    """Self-serve routes: the caller's own API key identifies (and limits) what they see."""
+    auth = request.headers.get("authorization", "")
+    scheme, _, token = auth.partition(" ")
+    secret = token.strip() if scheme.lower() == "bearer" else request.headers.get("x-api-key")
+    rec = await ledger.find_key(hash_secret(secret)) if secret else None
+    if rec is None:
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            "a valid API key is required",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    return rec
+
+
+ClientKeyDep = Annotated[KeyRecord, Depends(require_client_key)]

@@ -1,0 +1,253 @@
+"""`atlas` command line: one subcommand per process, plus `up` for the whole local stack.
+
+Every option is also an `ATLAS_*` environment variable; a flag wins over the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import sys
+import types
+import typing
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+from atlas.errors import ConfigError
+from atlas.settings import Settings, load_settings
+
+_COMMON = ["redis_url", "redis_cluster", "redis_timeout_s", "log_level"]
+_ADMISSION = [
+    "fail_mode",
+    "ceiling_low",
+    "ceiling_normal",
+    "ceiling_high",
+    "ceiling_critical",
+    "strip_client_key",
+    "upstream_api_key",
+    "key_cache_ttl_s",
+    "max_reservation",
+    "default_stream_reservation",
+]
+_ACCOUNTING = ["reservation_ttl_s", "window_utc_offset_min", "history_days"]
+_KEY_DEFAULTS = [
+    "default_daily_limit",
+    "default_monthly_limit",
+    "default_rate_per_sec",
+    "default_burst",
+]
+COMMAND_FIELDS: dict[str, list[str]] = {
+    "authz": [
+        *_COMMON,
+        "authz_host",
+        "authz_port",
+        "authz_metrics_port",
+        "grpc_max_message_bytes",
+        *_ADMISSION,
+        *_ACCOUNTING,
+    ],
+    "extproc": [
+        *_COMMON,
+        "extproc_host",
+        "extproc_port",
+        "extproc_metrics_port",
+        "grpc_max_message_bytes",
+        "reap_charge_reserved",
+        "reap_interval_s",
+        *_ACCOUNTING,
+    ],
+    "admin": [
+        *_COMMON,
+        "admin_host",
+        "admin_port",
+        "admin_token",
+        "authz_host",
+        "authz_port",
+        "extproc_host",
+        "extproc_port",
+        "envoy_admin_url",
+        *_KEY_DEFAULTS,
+        *_ACCOUNTING,
+    ],
+}
+COMMAND_FIELDS["up"] = [
+    "proxy_port",
+    "admin_port",
+    "upstream",
+    "redis_url",
+    "admin_token",
+    "envoy_admin_port",
+    "envoy_concurrency",
+    "authz_port",
+    "extproc_port",
+    "authz_metrics_port",
+    "extproc_metrics_port",
+    "demo_upstream_port",
+    "log_level",
+    *_ADMISSION,
+    *_ACCOUNTING,
+    *_KEY_DEFAULTS,
+]
+#: Short names the contract promises for `atlas up`.
+FLAG_ALIASES = {"proxy_port": "--port"}
+
+
+def _arg_type(annotation: Any) -> tuple[Callable[[str], Any] | None, bool]:
+    """(converter, is_bool) for a settings field's annotation."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        annotation = args[0]
+    if annotation is bool:
+        return None, True
+    if annotation in (int, float):
+        return annotation, False
+    return str, False
+
+
+def add_settings_flags(parser: argparse.ArgumentParser, fields: Sequence[str]) -> None:
+    for name in fields:
+        info = Settings.model_fields[name]
+        convert, is_bool = _arg_type(info.annotation)
+        flag = FLAG_ALIASES.get(name, "--" + name.replace("_", "-"))
+        default = info.default
+        if hasattr(default, "get_secret_value"):
+            default = "***"
+        help_text = f"{info.description} [env ATLAS_{name.upper()}; default {default}]"
+        if is_bool:
+            parser.add_argument(
+                flag,
+                dest=name,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=help_text,
+            )
+        else:
+            parser.add_argument(
+                flag,
+                dest=name,
+                type=convert,
+                default=argparse.SUPPRESS,
+                metavar=name.split("_")[-1].upper(),
+                help=help_text,
+            )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="atlas", description="Atlas: LLM traffic governance beside Envoy."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    helps = {
+        "up": "run the whole local stack (Valkey, Envoy, authz, extproc, admin, demo upstream)",
+        "authz": "run the Envoy ext_authz gRPC service",
+        "extproc": "run the Envoy ext_proc gRPC service",
+        "admin": "run the admin REST API",
+    }
+    for command, fields in COMMAND_FIELDS.items():
+        p = sub.add_parser(command, help=helps[command], description=helps[command])
+        add_settings_flags(p, fields)
+    demo = sub.add_parser(
+        "demo-upstream", help="run the demo OpenAI-compatible upstream", add_help=False
+    )
+    demo.add_argument("rest", nargs=argparse.REMAINDER)
+    render = sub.add_parser("render-envoy", help="print an Envoy bootstrap for given endpoints")
+    render.add_argument("--upstream", required=True, help="OpenAI-compatible upstream URL")
+    render.add_argument("--listen-address", default="0.0.0.0")
+    render.add_argument("--port", type=int, default=8080)
+    render.add_argument("--authz", default="authz:50051", help="host:port[,host:port...]")
+    render.add_argument("--extproc", default="extproc:50052", help="host:port[,host:port...]")
+    render.add_argument("--admin", default="admin:8081", help="host:port of atlas admin")
+    render.add_argument("--validate", action="store_true", help="check with envoy --mode validate")
+    return parser
+
+
+def _configure_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _run(coro_fn: Callable[[Settings], Coroutine[Any, Any, Any]], settings: Settings) -> int:
+    _configure_logging(settings)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(coro_fn(settings))
+    return 0
+
+
+def _hostports(spec: str) -> list[tuple[str, int]]:
+    out = []
+    for part in spec.split(","):
+        host, _, port = part.strip().rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError(f"{part!r}: expected host:port")
+        out.append((host, int(port)))
+    return out
+
+
+def _render_envoy(ns: argparse.Namespace) -> int:
+    import tempfile
+    from pathlib import Path
+
+    from atlas.envoy_config import EnvoyParams, render, validate
+
+    text = render(
+        EnvoyParams(
+            upstream=ns.upstream,
+            listen_address=ns.listen_address,
+            listen_port=ns.port,
+            admin_address="0.0.0.0",
+            authz=_hostports(ns.authz),
+            extproc=_hostports(ns.extproc),
+            atlas_admin=_hostports(ns.admin)[0],
+        )
+    )
+    if ns.validate:
+        with tempfile.TemporaryDirectory() as d:
+            path = Path(d) / "envoy.yaml"
+            path.write_text(text)
+            validate(path)
+    sys.stdout.write(text)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    try:
+        if ns.command == "demo-upstream":
+            from atlas import demo_upstream
+
+            return demo_upstream.main(ns.rest)
+        if ns.command == "render-envoy":
+            return _render_envoy(ns)
+        overrides = {k: v for k, v in vars(ns).items() if k in Settings.model_fields}
+        settings = load_settings(overrides)
+        if ns.command == "up":
+            from atlas.stack import run_up
+
+            return run_up(settings, explicit=set(overrides))
+        if ns.command == "authz":
+            from atlas.metrics_server import start_metrics
+            from authz.server import serve as serve_authz
+
+            start_metrics(settings.authz_host, settings.authz_metrics_port)
+            return _run(serve_authz, settings)
+        if ns.command == "extproc":
+            from atlas.metrics_server import start_metrics
+            from extproc.server import serve as serve_extproc
+
+            start_metrics(settings.extproc_host, settings.extproc_metrics_port)
+            return _run(serve_extproc, settings)
+        from admin.server import serve as serve_admin
+
+        return _run(serve_admin, settings)
+    except ConfigError as exc:
+        print(f"atlas {ns.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""The few error types Atlas raises; each service translates them at one boundary."""
+
+from __future__ import annotations
+
+
+class AtlasError(Exception):
+    """Base of every error Atlas raises on purpose."""
+
+
+class ConfigError(AtlasError):
+    """Settings or a config file are invalid; the message names the setting."""
+
+
+class LedgerUnavailable(AtlasError):
+    """Redis/Valkey could not be reached or answered with an error."""
+
+
+class Denied(AtlasError):
+    """A request is refused. `code` and `type` follow OpenAI's error body."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str,
+        code: str | None,
+        retry_after_s: float | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.code = code
+        self.retry_after_s = retry_after_s
+        self.headers = headers or {}
+
+    def __repr__(self) -> str:
+        return f"Denied({self.status}, {self.code!r}, {self.message!r})"

@@ -1,0 +1,66 @@
+"""Every Redis key name Atlas uses, built in one place.
+
+All state of one API key shares the hash tag `{k:<id>}`: Redis Cluster hashes only the part
+between the first `{` and `}`, so every key of one API key lands in one slot and each Lua
+script (admit, settle, reap) can touch all of them atomically. Global state lives under the
+tag `{g}` and is updated by separate commands, never inside a per-key script.
+
+Windows and history are named by the script itself from a prefix and Redis `TIME`
+(`<prefix>d:20261123`, `<prefix>m:202611`, `<prefix>h:2026112314`), so a prefix carrying the
+key's hash tag is what the script receives in KEYS.
+"""
+
+from __future__ import annotations
+
+ROOT = "atlas"
+
+#: pub/sub channel announcing a changed key record (payload: key id).
+KEY_CHANGED_CHANNEL = f"{ROOT}:keys:changed"
+#: sorted set of every key id, scored by creation time (ms).
+KEY_INDEX = f"{ROOT}:{{g}}:keys"
+#: hourly global history prefix (hash per hour).
+GLOBAL_PREFIX = f"{ROOT}:{{g}}:"
+
+
+def secret_index(secret_hash: str) -> str:
+    """String: secret sha256 -> key id. Its own slot; read only on a cache miss."""
+    return f"{ROOT}:secret:{secret_hash}"
+
+
+def tag(key_id: str) -> str:
+    return f"{ROOT}:{{k:{key_id}}}:"
+
+
+def record(key_id: str) -> str:
+    """String: the key record as JSON."""
+    return tag(key_id) + "rec"
+
+
+def request_bucket(key_id: str) -> str:
+    """Hash {t: tokens left (float), ts: last refill ms}: requests/s with burst."""
+    return tag(key_id) + "rb"
+
+
+def token_bucket(key_id: str) -> str:
+    """Hash {t, ts}: tokens/minute bucket."""
+    return tag(key_id) + "tb"
+
+
+def reservations(key_id: str) -> str:
+    """Hash rid -> "amount|day|month|priority|model": open reservations."""
+    return tag(key_id) + "resv"
+
+
+def reservation_expiry(key_id: str) -> str:
+    """Sorted set rid -> expiry ms, for the reaper."""
+    return tag(key_id) + "resv:exp"
+
+
+def window_prefix(key_id: str) -> str:
+    """Prefix for `d:<YYYYMMDD>`, `m:<YYYYMM>`, `h:<YYYYMMDDHH>` and `done:<rid>` keys."""
+    return tag(key_id)
+
+
+def model_prefix(model: str) -> str:
+    """Prefix for per-model hourly history."""
+    return f"{ROOT}:{{m:{model}}}:"

@@ -1,0 +1,125 @@
+-- admit: every admission rule and the reservation, all or nothing, in one call.
+-- Units: time in ms (Redis TIME), tokens are integers, rate_per_sec in requests/s.
+-- KEYS[1] request bucket   KEYS[2] token bucket   KEYS[3] reservations hash
+-- KEYS[4] reservation expiry zset   KEYS[5] window prefix (d:/m:/h: keys built from TIME)
+-- ARGV[1] reservation id        ARGV[2] prompt estimate        ARGV[3] completion estimate
+-- ARGV[4] rate_per_sec          ARGV[5] burst                  ARGV[6] tokens_per_minute (0 none)
+-- ARGV[7] daily_limit           ARGV[8] monthly_limit          ARGV[9] quota ceiling (0..1)
+-- ARGV[10] max_concurrent (0 none)  ARGV[11] reservation ttl ms  ARGV[12] tz offset s
+-- ARGV[13] shadow (1 = record the verdict but admit)  ARGV[14] clamp (1 = lower max_tokens)
+-- ARGV[15] priority   ARGV[16] model   ARGV[17] history ttl s
+-- Returns {admitted, reason, retry_after_ms, granted_completion (-1 = unchanged), reserved,
+--   req_remaining, req_reset_ms, tok_remaining (-1 none), tok_reset_ms,
+--   day_used, day_reserved, day_reset_s, month_used, month_reserved, month_reset_s, now_ms}
+
+local rid = ARGV[1]
+local prompt = tonumber(ARGV[2])
+local completion = tonumber(ARGV[3])
+local rate = tonumber(ARGV[4])
+local burst = tonumber(ARGV[5])
+local tpm = tonumber(ARGV[6])
+local daily_limit = tonumber(ARGV[7])
+local monthly_limit = tonumber(ARGV[8])
+local ceiling = tonumber(ARGV[9])
+local max_concurrent = tonumber(ARGV[10])
+local ttl_ms = tonumber(ARGV[11])
+local tz = tonumber(ARGV[12])
+local shadow = ARGV[13] == '1'
+local clamp = ARGV[14] == '1'
+local hist_ttl = tonumber(ARGV[17])
+
+local c = clock(tz)
+local now = c.now_ms
+local day_key = KEYS[5] .. 'd:' .. c.day
+local month_key = KEYS[5] .. 'm:' .. c.month
+local hour_key = KEYS[5] .. 'h:' .. c.hour
+
+local reason = ''
+local retry_ms = 0
+local estimate = prompt + completion
+local granted = -1
+
+-- Rule: requests/s with burst (token bucket of requests, capacity = burst).
+local req_rate = rate / 1000
+local req_tokens = refill(KEYS[1], req_rate, burst, now)
+if req_tokens < 1 then
+  reason = 'rate_limit_requests'
+  retry_ms = math.ceil((1 - req_tokens) / req_rate)
+end
+
+-- Rule: daily and monthly quota; a priority may only fill its ceiling share of each.
+local day = redis.call('HMGET', day_key, 'used', 'reserved')
+local day_used, day_res = tonumber(day[1] or '0'), tonumber(day[2] or '0')
+local mon = redis.call('HMGET', month_key, 'used', 'reserved')
+local mon_used, mon_res = tonumber(mon[1] or '0'), tonumber(mon[2] or '0')
+local day_room = math.floor(daily_limit * ceiling) - day_used - day_res
+local mon_room = math.floor(monthly_limit * ceiling) - mon_used - mon_res
+local room = math.min(day_room, mon_room)
+if reason == '' and estimate > room then
+  -- Rule: clamp lowers max_tokens to what is left, if the prompt itself still fits.
+  if clamp and room >= prompt + 1 then
+    granted = room - prompt
+    estimate = room
+  else
+    if day_room <= mon_room then
+      reason = 'quota_daily'
+      retry_ms = c.day_reset_s * 1000 - now
+    else
+      reason = 'quota_monthly'
+      retry_ms = c.month_reset_s * 1000 - now
+    end
+  end
+end
+
+-- Rule: tokens/minute; a request needs its estimate (at most a full bucket) available.
+local tok_rate, tok_tokens = 0, -1
+if tpm > 0 then
+  tok_rate = tpm / 60000
+  tok_tokens = refill(KEYS[2], tok_rate, tpm, now)
+  local need = math.min(estimate, tpm)
+  if reason == '' and tok_tokens < need then
+    reason = 'rate_limit_tokens'
+    retry_ms = math.ceil((need - tok_tokens) / tok_rate)
+  end
+end
+
+-- Rule: at most max_concurrent open reservations.
+if reason == '' and max_concurrent > 0 and redis.call('HLEN', KEYS[3]) >= max_concurrent then
+  reason = 'concurrency'
+  retry_ms = 1000
+end
+
+local admitted = reason == '' or shadow
+if admitted then
+  req_tokens = req_tokens - 1
+  if req_tokens < 0 then req_tokens = 0 end
+  store_bucket(KEYS[1], req_tokens, req_rate, burst, now)
+  if tpm > 0 then
+    -- May go negative: an over-estimate-sized request leaves a debt later requests wait out.
+    tok_tokens = tok_tokens - estimate
+    store_bucket(KEYS[2], tok_tokens, tok_rate, tpm, now)
+  end
+  -- The reservation remembers the windows it was counted in, so settle releases exactly there.
+  redis.call('HSET', KEYS[3], rid,
+    estimate .. '|' .. c.day .. '|' .. c.month .. '|' .. ARGV[15] .. '|' .. ARGV[16])
+  redis.call('ZADD', KEYS[4], now + ttl_ms, rid)
+  incr_window(day_key, 'reserved', estimate, DAY_TTL_S)
+  incr_window(day_key, 'requests', 1, DAY_TTL_S)
+  incr_window(month_key, 'reserved', estimate, MONTH_TTL_S)
+  incr_window(month_key, 'requests', 1, MONTH_TTL_S)
+  day_res = day_res + estimate
+  mon_res = mon_res + estimate
+else
+  incr_window(hour_key, 'denied', 1, hist_ttl)
+  estimate = 0
+end
+if shadow and reason ~= '' then
+  incr_window(hour_key, 'shadow_denied', 1, hist_ttl)
+end
+
+local req_reset_ms = math.ceil((burst - req_tokens) / req_rate)
+local tok_reset_ms = 0
+if tpm > 0 and tok_tokens < tpm then tok_reset_ms = math.ceil((tpm - tok_tokens) / tok_rate) end
+return {admitted and 1 or 0, reason, retry_ms, granted, estimate,
+  math.floor(req_tokens), req_reset_ms, math.floor(tok_tokens), tok_reset_ms,
+  day_used, day_res, c.day_reset_s, mon_used, mon_res, c.month_reset_s, now}

@@ -1,0 +1,84 @@
+-- settle: charge what a request really used, release its reservation, refund the rest.
+-- Idempotent by reservation id: a `done:<rid>` marker records the outcome.
+-- Units: tokens are integers, time in ms (Redis TIME).
+-- KEYS[1] reservations hash   KEYS[2] reservation expiry zset   KEYS[3] token bucket
+-- KEYS[4] window prefix (d:/m:/h:/done: keys built from TIME and the rid)
+-- ARGV[1] reservation id   ARGV[2] prompt tokens   ARGV[3] completion tokens
+-- ARGV[4] tz offset s      ARGV[5] tokens_per_minute (0 none)   ARGV[6] exact (1) or estimated (0)
+-- ARGV[7] done-marker ttl s   ARGV[8] history ttl s
+-- Returns {status, charged, refunded, now_ms, hour}; status is one of
+--   settled | duplicate | late (corrected a reaped charge) | unreserved (no reservation found)
+
+local rid = ARGV[1]
+local prompt = tonumber(ARGV[2])
+local completion = tonumber(ARGV[3])
+local tz = tonumber(ARGV[4])
+local tpm = tonumber(ARGV[5])
+local exact = ARGV[6] == '1'
+local done_ttl = tonumber(ARGV[7])
+local hist_ttl = tonumber(ARGV[8])
+local actual = prompt + completion
+
+local c = clock(tz)
+local done_key = KEYS[4] .. 'done:' .. rid
+local day_key = KEYS[4] .. 'd:' .. c.day
+local month_key = KEYS[4] .. 'm:' .. c.month
+local hour_key = KEYS[4] .. 'h:' .. c.hour
+
+local function record_history(charged_delta, refunded, requests)
+  incr_window(hour_key, 'requests', requests, hist_ttl)
+  incr_window(hour_key, 'prompt', prompt, hist_ttl)
+  incr_window(hour_key, 'completion', completion, hist_ttl)
+  incr_window(hour_key, 'refunded', refunded, hist_ttl)
+  if not exact then incr_window(hour_key, 'estimated', 1, hist_ttl) end
+end
+
+-- Rule: a reservation settles once; replays (journal, retries) change nothing.
+local done = redis.call('GET', done_key)
+if done then
+  local kind, amount = string.match(done, '^(%a+):(%-?%d+)$')
+  if kind ~= 'reaped' then return {'duplicate', 0, 0, c.now_ms, c.hour} end
+  -- Rule: a settlement arriving after the reaper corrects the reaped charge to the actual.
+  local delta = actual - tonumber(amount)
+  if delta > 0 then
+    incr_window(day_key, 'used', delta, DAY_TTL_S)
+    incr_window(month_key, 'used', delta, MONTH_TTL_S)
+  elseif delta < 0 then
+    decr_floor(day_key, 'used', -delta)
+    decr_floor(month_key, 'used', -delta)
+  end
+  redis.call('SET', done_key, 'settled:' .. actual, 'EX', done_ttl)
+  record_history(delta, 0, 0)
+  return {'late', delta, 0, c.now_ms, c.hour}
+end
+
+local resv = redis.call('HGET', KEYS[1], rid)
+local reserved = 0
+local status = 'unreserved'
+if resv then
+  status = 'settled'
+  local amount, rday, rmonth = string.match(resv, '^(%d+)|(%d+)|(%d+)|')
+  reserved = tonumber(amount)
+  -- Rule: release the reservation in the windows it was taken from (it may be yesterday's).
+  decr_floor(KEYS[4] .. 'd:' .. rday, 'reserved', reserved)
+  decr_floor(KEYS[4] .. 'm:' .. rmonth, 'reserved', reserved)
+  redis.call('HDEL', KEYS[1], rid)
+  redis.call('ZREM', KEYS[2], rid)
+end
+
+-- Rule: usage is charged to the windows in which it is settled.
+incr_window(day_key, 'used', actual, DAY_TTL_S)
+incr_window(month_key, 'used', actual, MONTH_TTL_S)
+
+-- Rule: the tokens/minute bucket gets back what was reserved and not used (or pays the excess).
+if tpm > 0 and resv then
+  local rate = tpm / 60000
+  local t = refill(KEYS[3], rate, tpm, c.now_ms)
+  store_bucket(KEYS[3], math.min(tpm, t + reserved - actual), rate, tpm, c.now_ms)
+end
+
+local refunded = reserved - actual
+if refunded < 0 then refunded = 0 end
+redis.call('SET', done_key, 'settled:' .. actual, 'EX', done_ttl)
+record_history(actual, refunded, 1)
+return {status, actual, refunded, c.now_ms, c.hour}

@@ -1,0 +1,100 @@
+"""What authz, extproc and admin may ask of the ledger. Only `atlas.ledger.redis` implements
+it against Redis; unit tests use fakes checked against this Protocol."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from atlas.keymodel import KeyRecord
+from atlas.settings import Priority
+
+
+@dataclass(slots=True, frozen=True)
+class AdmitRequest:
+    reservation_id: str
+    prompt_tokens: int
+    completion_tokens: int
+    priority: Priority
+    model: str
+    ceiling: float
+    shadow: bool = False
+    clamp: bool = False
+
+
+@dataclass(slots=True, frozen=True)
+class Admission:
+    admitted: bool
+    reason: str  # '' when every rule passed; in shadow mode the rule that would have refused
+    retry_after_ms: int
+    granted_completion: int | None  # lowered max_tokens when clamped
+    reserved: int
+    requests_remaining: int
+    requests_reset_ms: int
+    tokens_remaining: int | None  # None when the key has no tokens/minute limit
+    tokens_reset_ms: int
+    day_used: int
+    day_reserved: int
+    day_reset_s: int
+    month_used: int
+    month_reserved: int
+    month_reset_s: int
+    now_ms: int
+
+
+@dataclass(slots=True, frozen=True)
+class Settlement:
+    key_id: str
+    reservation_id: str
+    prompt_tokens: int
+    completion_tokens: int
+    model: str
+    exact: bool
+    outcome: str  # completed | upstream_error | disconnected | ...
+    tokens_per_minute: int = 0  # the key's limit when admitted; the bucket gets the refund
+
+
+@dataclass(slots=True, frozen=True)
+class SettleResult:
+    status: str  # settled | duplicate | late | unreserved
+    charged: int
+    refunded: int
+
+
+@dataclass(slots=True, frozen=True)
+class Window:
+    limit: int
+    used: int
+    reserved: int
+    requests: int
+    resets_at_s: int
+
+    @property
+    def remaining(self) -> int:
+        return max(0, self.limit - self.used - self.reserved)
+
+
+@dataclass(slots=True, frozen=True)
+class KeyUsage:
+    key_id: str
+    daily: Window
+    monthly: Window
+    open_reservations: int
+
+
+class Ledger(Protocol):
+    async def ping(self) -> None: ...
+
+    async def create_key(self, rec: KeyRecord) -> None: ...
+
+    async def get_key(self, key_id: str) -> KeyRecord | None: ...
+
+    async def find_key(self, secret_hash: str) -> KeyRecord | None: ...
+
+    async def admit(self, rec: KeyRecord, req: AdmitRequest) -> Admission: ...
+
+    async def settle(self, s: Settlement) -> SettleResult: ...
+
+    async def reap(self, key_id: str, *, charge: bool = True) -> tuple[int, int]: ...
+
+    async def usage(self, rec: KeyRecord) -> KeyUsage: ...

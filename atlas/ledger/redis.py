@@ -1,0 +1,299 @@
+"""The Redis/Valkey ledger: the only module that talks to Redis.
+
+Each state change is one Lua script (`lua/*.lua`), registered once; redis-py's script object
+re-loads it after a NOSCRIPT (server restart, failover).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from importlib import resources
+from typing import Any, cast
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisError
+
+from atlas.errors import LedgerUnavailable
+from atlas.keymodel import KeyRecord
+from atlas.ledger import keys
+from atlas.ledger.protocol import (
+    Admission,
+    AdmitRequest,
+    KeyUsage,
+    Settlement,
+    SettleResult,
+    Window,
+)
+from atlas.settings import Settings
+from atlas.windows import window_names
+
+log = logging.getLogger(__name__)
+
+DONE_MARKER_TTL_S = 3 * 86400
+
+
+def _load_script(name: str) -> str:
+    pkg = resources.files("atlas.ledger") / "lua"
+    prelude = (pkg / "_clock.lua").read_text()
+    return prelude + "\n" + (pkg / f"{name}.lua").read_text()
+
+
+def connect(settings: Settings) -> Any:
+    """A redis-py asyncio client (plain or cluster) for `settings.redis_url`."""
+    opts: dict[str, Any] = {
+        "decode_responses": True,
+        "socket_timeout": settings.redis_timeout_s,
+        "socket_connect_timeout": settings.redis_timeout_s,
+    }
+    if settings.redis_cluster:
+        return RedisCluster.from_url(settings.redis_url, **opts)
+    return aioredis.Redis.from_url(settings.redis_url, health_check_interval=30, **opts)
+
+
+class RedisLedger:
+    def __init__(self, client: Any, settings: Settings) -> None:
+        self._r = client
+        self._url = settings.redis_url
+        self._timeout_s = settings.redis_timeout_s
+        self._tz_s = settings.window_utc_offset_min * 60
+        self._ttl_ms = settings.reservation_ttl_s * 1000
+        self._hist_ttl_s = settings.history_days * 86400
+        self._admit = client.register_script(_load_script("admit"))
+        self._settle = client.register_script(_load_script("settle"))
+        self._reap = client.register_script(_load_script("reap"))
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RedisLedger:
+        return cls(connect(settings), settings)
+
+    async def close(self) -> None:
+        await self._r.aclose()
+
+    async def _call(self, what: str, fn: Callable[[], Awaitable[Any]]) -> Any:
+        try:
+            return await fn()
+        except (TimeoutError, RedisError, OSError) as exc:
+            raise LedgerUnavailable(f"{what}: {exc}") from exc
+
+    async def ping(self) -> None:
+        await self._call("ping", self._r.ping)
+
+    # ---- key records -----------------------------------------------------------------
+    async def create_key(self, rec: KeyRecord) -> None:
+        async def run() -> bool:
+            claimed = await self._r.set(keys.secret_index(rec.secret_hash), rec.id, nx=True)
+            if not claimed:
+                return False
+            await self._r.set(keys.record(rec.id), rec.model_dump_json())
+            await self._r.zadd(keys.KEY_INDEX, {rec.id: int(rec.created_at.timestamp() * 1000)})
+            await self._r.publish(keys.KEY_CHANGED_CHANNEL, rec.id)
+            return True
+
+        if not await self._call("create_key", run):
+            raise ValueError("a key with this secret already exists")
+
+    async def put_key(self, rec: KeyRecord, *, old_secret_hash: str | None = None) -> None:
+        """Replace a record (and move its secret index when the secret was rotated)."""
+
+        async def run() -> None:
+            if old_secret_hash and old_secret_hash != rec.secret_hash:
+                await self._r.set(keys.secret_index(rec.secret_hash), rec.id)
+                await self._r.delete(keys.secret_index(old_secret_hash))
+            await self._r.set(keys.record(rec.id), rec.model_dump_json())
+            await self._r.publish(keys.KEY_CHANGED_CHANNEL, rec.id)
+
+        await self._call("put_key", run)
+
+    async def delete_key(self, rec: KeyRecord) -> None:
+        async def run() -> None:
+            await self._r.delete(keys.secret_index(rec.secret_hash))
+            await self._r.delete(keys.record(rec.id))
+            await self._r.zrem(keys.KEY_INDEX, rec.id)
+            await self._r.publish(keys.KEY_CHANGED_CHANNEL, rec.id)
+
+        await self._call("delete_key", run)
+
+    async def get_key(self, key_id: str) -> KeyRecord | None:
+        raw = await self._call("get_key", lambda: self._r.get(keys.record(key_id)))
+        return KeyRecord.model_validate_json(raw) if raw else None
+
+    async def find_key(self, secret_hash: str) -> KeyRecord | None:
+        key_id = await self._call("find_key", lambda: self._r.get(keys.secret_index(secret_hash)))
+        return await self.get_key(key_id) if key_id else None
+
+    async def list_key_ids(self, offset: int = 0, limit: int = 100) -> list[str]:
+        ids = await self._call(
+            "list_keys", lambda: self._r.zrange(keys.KEY_INDEX, offset, offset + limit - 1)
+        )
+        return list(ids)
+
+    async def count_keys(self) -> int:
+        return int(await self._call("count_keys", lambda: self._r.zcard(keys.KEY_INDEX)))
+
+    async def key_changes(self) -> AsyncIterator[str]:
+        """Key ids as they change (pub/sub), after a first "*" once subscribed (anything
+        cached before may be stale). Ends, or raises, when the connection drops."""
+        # A dedicated plain connection without the command timeout: a subscriber idles.
+        # In a cluster PUBLISH reaches every node, so any node will do.
+        client = aioredis.Redis.from_url(
+            self._url,
+            decode_responses=True,
+            socket_connect_timeout=self._timeout_s,
+            socket_keepalive=True,
+            health_check_interval=15,
+        )
+        pubsub = client.pubsub()
+        try:
+            await pubsub.subscribe(keys.KEY_CHANGED_CHANNEL)
+            yield "*"
+            async for msg in pubsub.listen():
+                if msg.get("type") == "message":
+                    yield str(msg["data"])
+        finally:
+            await pubsub.aclose()
+            await client.aclose()
+
+    # ---- admission and settlement ------------------------------------------------------
+    async def admit(self, rec: KeyRecord, req: AdmitRequest) -> Admission:
+        kid = rec.id
+        ks = [
+            keys.request_bucket(kid),
+            keys.token_bucket(kid),
+            keys.reservations(kid),
+            keys.reservation_expiry(kid),
+            keys.window_prefix(kid),
+        ]
+        args = [
+            req.reservation_id,
+            req.prompt_tokens,
+            req.completion_tokens,
+            repr(float(rec.rate_per_sec)),
+            rec.burst,
+            rec.tokens_per_minute or 0,
+            rec.daily_limit,
+            rec.monthly_limit,
+            repr(float(req.ceiling)),
+            rec.max_concurrent or 0,
+            self._ttl_ms,
+            self._tz_s,
+            int(req.shadow),
+            int(req.clamp),
+            req.priority,
+            req.model,
+            self._hist_ttl_s,
+        ]
+        r: Sequence[Any] = await self._call("admit", lambda: self._admit(keys=ks, args=args))
+        granted = int(r[3])
+        return Admission(
+            admitted=bool(int(r[0])),
+            reason=str(r[1]),
+            retry_after_ms=int(r[2]),
+            granted_completion=None if granted < 0 else granted,
+            reserved=int(r[4]),
+            requests_remaining=int(r[5]),
+            requests_reset_ms=int(r[6]),
+            tokens_remaining=None if not rec.tokens_per_minute else int(r[7]),
+            tokens_reset_ms=int(r[8]),
+            day_used=int(r[9]),
+            day_reserved=int(r[10]),
+            day_reset_s=int(r[11]),
+            month_used=int(r[12]),
+            month_reserved=int(r[13]),
+            month_reset_s=int(r[14]),
+            now_ms=int(r[15]),
+        )
+
+    async def settle(self, s: Settlement) -> SettleResult:
+        kid = s.key_id
+        ks = [
+            keys.reservations(kid),
+            keys.reservation_expiry(kid),
+            keys.token_bucket(kid),
+            keys.window_prefix(kid),
+        ]
+        args = [
+            s.reservation_id,
+            max(0, s.prompt_tokens),
+            max(0, s.completion_tokens),
+            self._tz_s,
+            s.tokens_per_minute,
+            int(s.exact),
+            DONE_MARKER_TTL_S,
+            self._hist_ttl_s,
+        ]
+        r = await self._call("settle", lambda: self._settle(keys=ks, args=args))
+        result = SettleResult(status=str(r[0]), charged=int(r[1]), refunded=int(r[2]))
+        if result.status in ("settled", "unreserved", "late"):
+            await self._record_shared_history(s, hour=str(r[4]), counted=result.status != "late")
+        return result
+
+    async def _record_shared_history(self, s: Settlement, *, hour: str, counted: bool) -> None:
+        """Per-model and global hourly history: other hash tags, so not inside settle.lua."""
+
+        async def run() -> None:
+            pipe = self._r.pipeline(transaction=False)
+            for prefix in (keys.GLOBAL_PREFIX, keys.model_prefix(s.model or "unknown")):
+                h = f"{prefix}h:{hour}"
+                if counted:
+                    pipe.hincrby(h, "requests", 1)
+                pipe.hincrby(h, "prompt", s.prompt_tokens)
+                pipe.hincrby(h, "completion", s.completion_tokens)
+                pipe.expire(h, self._hist_ttl_s)
+            await pipe.execute()
+
+        try:
+            await self._call("history", run)
+        except LedgerUnavailable:
+            # History is for reports; the key's own books were already settled atomically.
+            log.warning("shared history update failed for %s", s.reservation_id)
+
+    async def reap(self, key_id: str, *, charge: bool = True) -> tuple[int, int]:
+        ks = [
+            keys.reservations(key_id),
+            keys.reservation_expiry(key_id),
+            keys.window_prefix(key_id),
+        ]
+        args = [self._tz_s, int(charge), 100, DONE_MARKER_TTL_S, self._hist_ttl_s]
+        r = await self._call("reap", lambda: self._reap(keys=ks, args=args))
+        return int(r[0]), int(r[1])
+
+    async def usage(self, rec: KeyRecord) -> KeyUsage:
+        async def run() -> tuple[Any, ...]:
+            sec, _usec = await self._r.time()
+            names = window_names(int(sec), self._tz_s)
+            pipe = self._r.pipeline(transaction=False)
+            pipe.hgetall(keys.window_prefix(rec.id) + "d:" + names.day)
+            pipe.hgetall(keys.window_prefix(rec.id) + "m:" + names.month)
+            pipe.hlen(keys.reservations(rec.id))
+            day, month, open_n = await pipe.execute()
+            return names, day, month, open_n
+
+        names, day, month, open_n = await self._call("usage", run)
+
+        def window(h: dict[str, str], limit: int, reset: int) -> Window:
+            return Window(
+                limit=limit,
+                used=int(h.get("used", 0)),
+                reserved=int(h.get("reserved", 0)),
+                requests=int(h.get("requests", 0)),
+                resets_at_s=reset,
+            )
+
+        return KeyUsage(
+            key_id=rec.id,
+            daily=window(day, rec.daily_limit, names.day_reset_s),
+            monthly=window(month, rec.monthly_limit, names.month_reset_s),
+            open_reservations=int(open_n),
+        )
+
+    async def hour_history(self, key_id: str, hours: Sequence[str]) -> list[dict[str, int]]:
+        async def run() -> list[dict[str, str]]:
+            pipe = self._r.pipeline(transaction=False)
+            for h in hours:
+                pipe.hgetall(keys.window_prefix(key_id) + "h:" + h)
+            return cast(list[dict[str, str]], await pipe.execute())
+
+        rows = await self._call("history", run)
+        return [{k: int(v) for k, v in row.items()} for row in rows]

@@ -1,0 +1,63 @@
+"""Prometheus metrics. Atlas's names are kept; they are labelled by key id, never by secret.
+
+Each process exports its own registry: authz and extproc on their metrics ports, admin on
+`/metrics`.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+REQUESTS = Counter(
+    "atlas_requests_total",
+    "Requests settled, by key, model and outcome",
+    ["key_id", "model", "outcome"],
+)
+TOKENS_USED = Counter(
+    "atlas_tokens_used_total",
+    "Tokens charged, by key, model and kind (prompt|completion)",
+    ["key_id", "model", "kind"],
+)
+QUOTA_REJECTIONS = Counter(
+    "atlas_quota_rejections_total",
+    "Requests refused by a daily/monthly quota",
+    ["key_id", "window"],
+)
+RATE_LIMIT_REJECTIONS = Counter(
+    "atlas_rate_limit_rejections_total",
+    "Requests refused by a rate limit",
+    ["key_id", "limit"],
+)
+STREAMING_REQUESTS = Counter(
+    "atlas_streaming_requests_total", "Streamed (SSE) responses seen", ["key_id", "model"]
+)
+STREAMING_DURATION = Histogram(
+    "atlas_streaming_duration_seconds",
+    "Duration of streamed responses",
+    buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+)
+TIME_TO_FIRST_TOKEN = Histogram(
+    "atlas_time_to_first_token_seconds",
+    "Response headers to first streamed body chunk",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+TOKEN_REFUNDS = Counter(
+    "atlas_token_refunds_total",
+    "Reserved tokens given back at settlement",
+    ["key_id", "reason"],
+)
+SETTLEMENTS = Counter(
+    "atlas_settlements_total",
+    "Settlements by outcome and by where the count came from",
+    ["outcome", "source", "status"],
+)
+DECISIONS = Counter(
+    "atlas_decisions_total",
+    "Answers given to Envoy, by service and decision",
+    ["service", "decision"],
+)
+LEDGER_ERRORS = Counter(
+    "atlas_ledger_errors_total",
+    "Ledger calls that failed (Redis unreachable or erroring)",
+    ["service", "op"],
+)

@@ -1,0 +1,186 @@
+"""One typed settings object for every Atlas process.
+
+Values come from, in rising precedence: field defaults, Atlas's legacy environment names
+(`DEFAULT_DAILY_LIMIT`, ...), `ATLAS_*` environment variables, then command-line flags.
+Settings are built in `main()` and passed explicitly; nothing reads the environment at import.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from atlas.errors import ConfigError
+
+Priority = Literal["low", "normal", "high", "critical"]
+PRIORITIES: tuple[Priority, ...] = ("low", "normal", "high", "critical")
+
+
+def _legacy(name: str) -> Any:
+    """Accept `ATLAS_<NAME>` first, then Atlas's unprefixed `<NAME>`."""
+    return AliasChoices(f"ATLAS_{name}", name)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="ATLAS_",
+        extra="forbid",
+        validate_default=True,
+        populate_by_name=True,
+        case_sensitive=False,
+    )
+
+    # --- shared state ---------------------------------------------------------------------
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0", description="Redis/Valkey URL (redis:// or rediss://)"
+    )
+    redis_cluster: bool = Field(False, description="Use the Redis Cluster client")
+    redis_timeout_s: float = Field(
+        0.25, gt=0, description="Socket timeout for one Redis command, seconds"
+    )
+    admin_token: SecretStr | None = Field(
+        None, description="Bearer token for /v1/admin/*; `atlas up` generates one when unset"
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Log level of every service"
+    )
+
+    # --- service listeners ----------------------------------------------------------------
+    authz_host: str = Field("127.0.0.1", description="ext_authz gRPC listen address")
+    authz_port: int = Field(50051, ge=0, le=65535, description="ext_authz gRPC port")
+    extproc_host: str = Field("127.0.0.1", description="ext_proc gRPC listen address")
+    extproc_port: int = Field(50052, ge=0, le=65535, description="ext_proc gRPC port")
+    authz_metrics_port: int = Field(
+        9102, ge=0, le=65535, description="authz Prometheus metrics port (0 = off)"
+    )
+    extproc_metrics_port: int = Field(
+        9103, ge=0, le=65535, description="extproc Prometheus metrics port (0 = off)"
+    )
+    admin_host: str = Field("127.0.0.1", description="Admin REST listen address")
+    admin_port: int = Field(8081, ge=0, le=65535, description="Admin REST port")
+    envoy_admin_url: str | None = Field(
+        None, description="Envoy admin URL that admin /healthz checks (e.g. http://127.0.0.1:9901)"
+    )
+    grpc_max_message_bytes: int = Field(
+        32 << 20, gt=0, description="Max gRPC message size (bodies up to this reach extproc)"
+    )
+
+    # --- local stack (`atlas up`) ---------------------------------------------------------
+    proxy_port: int = Field(8080, ge=0, le=65535, description="Envoy listener port (clients)")
+    envoy_admin_port: int = Field(9901, ge=0, le=65535, description="Envoy admin port")
+    envoy_concurrency: int = Field(2, ge=1, le=64, description="Envoy worker threads")
+    upstream: str | None = Field(
+        None, description="OpenAI-compatible upstream URL; a demo upstream runs when unset"
+    )
+    demo_upstream_port: int = Field(9000, ge=0, le=65535, description="Demo upstream port")
+
+    # --- defaults for new keys (Atlas's names accepted as fallbacks) ----------------------
+    default_daily_limit: int = Field(
+        100_000,
+        ge=0,
+        validation_alias=_legacy("DEFAULT_DAILY_LIMIT"),
+        description="Daily token quota of a new key",
+    )
+    default_monthly_limit: int = Field(
+        2_000_000,
+        ge=0,
+        validation_alias=_legacy("DEFAULT_MONTHLY_LIMIT"),
+        description="Monthly token quota of a new key",
+    )
+    default_rate_per_sec: float = Field(
+        10.0,
+        gt=0,
+        validation_alias=_legacy("DEFAULT_RATE_PER_SEC"),
+        description="Requests per second of a new key",
+    )
+    default_burst: int = Field(
+        20,
+        ge=1,
+        validation_alias=_legacy("DEFAULT_BURST"),
+        description="Request burst of a new key",
+    )
+    default_stream_reservation: int = Field(
+        500,
+        ge=1,
+        validation_alias=_legacy("DEFAULT_STREAM_RESERVATION"),
+        description="Completion tokens reserved when a request names no max_tokens",
+    )
+    max_reservation: int = Field(
+        2000,
+        ge=1,
+        validation_alias=AliasChoices("ATLAS_MAX_RESERVATION", "MAX_STREAM_RESERVATION"),
+        description="Upper bound of one request's reservation without max_tokens, tokens",
+    )
+
+    # --- admission -------------------------------------------------------------------------
+    fail_mode: Literal["deny"] = Field(
+        "deny", description="What authz does when Redis is unreachable: deny (503)"
+    )
+    ceiling_low: float = Field(0.80, gt=0, le=1, description="Share of a quota low may use")
+    ceiling_normal: float = Field(0.95, gt=0, le=1, description="Share of a quota normal may use")
+    ceiling_high: float = Field(1.0, gt=0, le=1, description="Share of a quota high may use")
+    ceiling_critical: float = Field(1.0, gt=0, le=1, description="Share critical may use")
+    strip_client_key: bool = Field(
+        True, description="Remove the client's Authorization header before the upstream"
+    )
+    upstream_api_key: SecretStr | None = Field(
+        None, description="Credential sent upstream as `Authorization: Bearer` instead"
+    )
+
+    # --- accounting -----------------------------------------------------------------------
+    reservation_ttl_s: int = Field(
+        600, ge=1, description="A reservation not settled after this is reaped, seconds"
+    )
+    window_utc_offset_min: int = Field(
+        0, ge=-14 * 60, le=14 * 60, description="Offset of quota day/month windows from UTC, min"
+    )
+    history_days: int = Field(90, ge=1, description="Hourly usage history kept, days")
+    reap_charge_reserved: bool = Field(
+        True, description="Reaped (never settled) requests are charged their reservation"
+    )
+    reap_interval_s: float = Field(5.0, gt=0, description="How often extproc runs the reaper, s")
+    key_cache_ttl_s: float = Field(
+        30.0, ge=0, description="In-process key cache lifetime (pub/sub invalidates sooner), s"
+    )
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, v: str) -> str:
+        if not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return v
+
+    @field_validator("upstream")
+    @classmethod
+    def _upstream_url(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return v
+
+    def admin_token_value(self) -> str:
+        if self.admin_token is None:
+            raise ConfigError("admin_token: not set (ATLAS_ADMIN_TOKEN)")
+        return self.admin_token.get_secret_value()
+
+
+def load_settings(overrides: dict[str, Any] | None = None) -> Settings:
+    """Build settings from the environment plus `overrides` (flags), reporting every error.
+
+    :raises ConfigError: naming each bad setting by its env var, all at once.
+    """
+    try:
+        return Settings(**(overrides or {}))
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            field = ".".join(str(p) for p in err["loc"]) or "settings"
+            problems.append(f"ATLAS_{field.upper()} ({field}): {err['msg']}")
+        raise ConfigError("invalid settings:\n  " + "\n  ".join(problems)) from exc
+
+
+def env_overrides() -> dict[str, str]:
+    """Environment variables a child process needs to see the same settings."""
+    return {k: v for k, v in os.environ.items() if k.startswith("ATLAS_")}

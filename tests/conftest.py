@@ -1,0 +1,94 @@
+"""Shared test plumbing: a real valkey-server for integration tests (session-scoped, flushed
+per test) and log dumps on failure."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+import redis
+
+from atlas.ledger.redis import RedisLedger
+from atlas.settings import Settings
+from atlas.stack import free_port, valkey_binary
+
+
+@pytest.fixture(scope="session")
+def valkey_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = free_port()
+    workdir: Path = tmp_path_factory.mktemp("valkey")
+    proc = subprocess.Popen(
+        [
+            valkey_binary(),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise
+            time.sleep(0.02)
+    client.close()
+    yield url
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture
+def redis_sync(valkey_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(valkey_url, decode_responses=True)
+    client.flushall()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def settings(valkey_url: str) -> Settings:
+    return Settings(redis_url=valkey_url, admin_token="test-admin-token")
+
+
+@pytest_asyncio.fixture
+async def ledger(settings: Settings, redis_sync: redis.Redis) -> AsyncIterator[RedisLedger]:
+    the_ledger = RedisLedger.from_settings(settings)
+    yield the_ledger
+    await the_ledger.close()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        stack = getattr(item, "funcargs", {}).get("stack")
+        if stack is not None:
+            report.sections.append(("atlas stack logs", stack.logs()))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        parts = Path(str(item.fspath)).parts
+        for tier in ("integration", "e2e"):
+            if tier in parts:
+                item.add_marker(getattr(pytest.mark, tier))

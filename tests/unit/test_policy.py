@@ -1,0 +1,173 @@
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from atlas.errors import Denied
+from atlas.keymodel import KeyRecord, hash_secret
+from atlas.settings import Settings
+from authz.keycache import KeyCache
+from authz.policy import Authorizer, CheckInput, bearer_token, ratelimit_headers
+from tests.unit.fakes import FakeLedger, admission
+
+SECRET = "sk-atlas-test-secret-0123456789"
+
+
+def make_key(**kw: Any) -> KeyRecord:
+    base: dict[str, Any] = dict(
+        id="key_1",
+        name="t",
+        secret_hash=hash_secret(SECRET),
+        secret_hint="sk-atlas-tes",
+        daily_limit=10_000,
+        monthly_limit=100_000,
+        rate_per_sec=5,
+        burst=10,
+    )
+    base.update(kw)
+    return KeyRecord(**base)
+
+
+def inp(body: dict[str, Any] | None = None, **headers: str) -> CheckInput:
+    h = {"authorization": f"Bearer {SECRET}", **headers}
+    raw = json.dumps(body or {"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+    return CheckInput(headers=h, path="/v1/chat/completions", body=raw.encode(), body_complete=True)
+
+
+@pytest.fixture
+def fake() -> FakeLedger:
+    return FakeLedger()
+
+
+def authorizer(fake: FakeLedger, key: KeyRecord | None = None, **settings: Any) -> Authorizer:
+    if key is not None:
+        fake.keys[key.secret_hash] = key
+    cache = KeyCache(fake.find_key, ttl_s=30)
+    return Authorizer(
+        fake,
+        cache,
+        Settings(**settings),
+        new_id=lambda: "rid-1",
+        clock=lambda: datetime(2026, 11, 23, tzinfo=UTC).timestamp(),
+    )
+
+
+def test_bearer_token_forms() -> None:
+    assert bearer_token({"authorization": "Bearer abc"}) == "abc"
+    assert bearer_token({"authorization": "bearer  abc "}) == "abc"
+    assert bearer_token({"x-api-key": "k"}) == "k"
+    assert bearer_token({"authorization": "Basic abc"}) is None
+    assert bearer_token({}) is None
+
+
+async def test_unknown_and_missing_keys_are_401(fake: FakeLedger) -> None:
+    a = authorizer(fake)
+    with pytest.raises(Denied) as info:
+        await a.check(inp())
+    assert info.value.status == 401 and info.value.code == "invalid_api_key"
+    with pytest.raises(Denied) as info:
+        await a.check(CheckInput({}, "/v1/x", b"", True))
+    assert info.value.status == 401
+
+
+async def test_disabled_expired_and_model_are_403(fake: FakeLedger) -> None:
+    past = datetime(2026, 1, 1, tzinfo=UTC)
+    for key, code in (
+        (make_key(status="disabled"), "key_disabled"),
+        (make_key(expires_at=past), "key_expired"),
+        (make_key(models=["other"]), "model_not_allowed"),
+    ):
+        with pytest.raises(Denied) as info:
+            await authorizer(FakeLedger(), key).check(inp())
+        assert (info.value.status, info.value.code) == (403, code)
+
+
+async def test_admits_and_reserves_prompt_plus_max_tokens(fake: FakeLedger) -> None:
+    v = await authorizer(fake, make_key(expires_at=datetime(2027, 1, 1, tzinfo=UTC))).check(
+        inp({"model": "m", "max_tokens": 30, "n": 2, "prompt": "x" * 40})
+    )
+    assert v.reservation_id == "rid-1" and v.priority == "normal"
+    req = fake.admits[0]
+    assert (req.prompt_tokens, req.completion_tokens, req.model) == (10, 60, "m")
+    assert req.ceiling == 0.95
+
+
+async def test_default_reservation_by_priority_is_capped(fake: FakeLedger) -> None:
+    a = authorizer(fake, make_key(daily_limit=100_000), max_reservation=2000)
+    await a.check(inp(**{"x-request-priority": "low"}))
+    assert fake.admits[-1].completion_tokens == 2000  # 5% of 100k = 5000, capped
+    a2 = authorizer(FakeLedger(), make_key(daily_limit=1000))
+    await a2.check(inp())
+    assert a2._ledger.admits[-1].completion_tokens == 100  # type: ignore[attr-defined]
+
+
+async def test_priority_never_escalates_past_max(fake: FakeLedger) -> None:
+    a = authorizer(fake, make_key(priority="low", max_priority="normal"))
+    assert (await a.check(inp(**{"x-request-priority": "critical"}))).priority == "normal"
+    assert (await a.check(inp())).priority == "low"
+    with pytest.raises(Denied) as info:
+        await a.check(inp(**{"x-request-priority": "urgent"}))
+    assert info.value.status == 400
+
+
+async def test_refusals_map_to_openai_429s(fake: FakeLedger) -> None:
+    a = authorizer(fake, make_key())
+    fake.next_admission = admission(False, "rate_limit_requests", retry_after_ms=1500)
+    with pytest.raises(Denied) as info:
+        await a.check(inp())
+    d = info.value
+    assert (d.status, d.code, d.retry_after_s) == (429, "rate_limit_exceeded", 1.5)
+    assert d.headers["x-ratelimit-limit-requests"] == "10"
+    fake.next_admission = admission(False, "quota_daily", retry_after_ms=3_600_000)
+    with pytest.raises(Denied) as info:
+        await a.check(inp())
+    assert (info.value.code, info.value.type) == ("insufficient_quota", "insufficient_quota")
+    assert info.value.retry_after_s == 3600
+
+
+async def test_ledger_down_is_503(fake: FakeLedger) -> None:
+    a = authorizer(fake, make_key())
+    fake.down = True
+    with pytest.raises(Denied) as info:
+        await a.check(inp())
+    assert info.value.status == 503
+
+
+def test_ratelimit_headers_prefer_tokens_per_minute() -> None:
+    a = admission(tokens_remaining=400, tokens_reset_ms=2500)
+    h = ratelimit_headers(a, make_key(tokens_per_minute=1000))
+    assert h["x-ratelimit-limit-tokens"] == "1000"
+    assert h["x-ratelimit-remaining-tokens"] == "400"
+    assert h["x-ratelimit-reset-tokens"] == "2.500s"
+    h = ratelimit_headers(admission(day_used=100, day_reserved=50), make_key())
+    assert h["x-ratelimit-remaining-tokens"] == str(10_000 - 150)
+
+
+async def test_key_cache_hits_and_invalidation(fake: FakeLedger) -> None:
+    key = make_key()
+    fake.keys[key.secret_hash] = key
+    lookups = 0
+
+    async def lookup(h: str) -> KeyRecord | None:
+        nonlocal lookups
+        lookups += 1
+        return await fake.find_key(h)
+
+    now = [0.0]
+    cache = KeyCache(lookup, ttl_s=30, clock=lambda: now[0])
+    assert await cache.get(key.secret_hash) == key
+    assert await cache.get(key.secret_hash) == key
+    assert lookups == 1
+    cache.invalidate(key.id)
+    await cache.get(key.secret_hash)
+    assert lookups == 2
+    assert await cache.get("unknown") is None
+    now[0] += 2  # negative entries live 1 s
+    assert await cache.get("unknown") is None
+    assert lookups == 4
+    now[0] += timedelta(seconds=31).total_seconds()
+    await cache.get(key.secret_hash)
+    assert lookups == 5
