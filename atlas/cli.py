@@ -18,7 +18,13 @@ from typing import Any
 from atlas.errors import ConfigError
 from atlas.settings import Settings, load_settings
 
-_COMMON = ["redis_url", "redis_cluster", "redis_timeout_s", "log_level"]
+_COMMON = [
+    "redis_url",
+    "redis_cluster",
+    "redis_timeout_s",
+    "redis_max_connections",
+    "log_level",
+]
 _ADMISSION = [
     "fail_mode",
     "ceiling_low",

@@ -1011,16 +1011,14 @@ class _Connection(asyncio.Protocol):
                 transport.write(_json_response(500, _error_body(500, "internal error"), False))
                 self._close()
                 return
-            chunked = req.version == "HTTP/1.1"
-            keep_alive = req.keep_alive and (chunked or not isinstance(result, _Stream))
             if isinstance(result, _Stream):
                 transport.pause_reading()
                 self._task = asyncio.get_running_loop().create_task(
-                    self._run_stream(result, keep_alive, chunked)
+                    self._run_stream(result, req.keep_alive, req.version == "HTTP/1.1")
                 )
                 return
             transport.write(result)
-            if not keep_alive:
+            if not req.keep_alive:
                 self._close()
                 return
 
@@ -1179,7 +1177,7 @@ class DemoUpstream:
         handler = _POST_ROUTES.get(path)
         if handler is not None:
             allowed = "POST"
-        elif path == "/v1/models" or path.startswith("/v1/models/"):
+        elif path == "/v1/models" or (path.startswith("/v1/models/") and len(path) > 11):
             allowed = "GET"
         else:
             return _json_response(404, _error_body(404, f"Unknown path: {method} {path}"), ka)
@@ -1205,11 +1203,14 @@ class DemoUpstream:
             return _json_response(e.status, _error_body(e.status, e.message, e.param), ka)
         if plan is None:
             return _json_response(200, _dumps(result).encode(), ka)
+        chunked = req.version == "HTTP/1.1"
+        if not chunked:
+            # HTTP/1.0 has no chunked coding: the end of the stream is the end of the connection.
+            req.keep_alive = False
         if hooks.delay_s > 0 or hooks.abort_after is not None:
             return _Stream(plan.events, hooks.delay_s, hooks.abort_after, plan.done_marker)
         # Unpaced streams are rendered in one go: one write, no task, no per-event awaits.
-        chunked = req.version == "HTTP/1.1"
-        head = _stream_head(ka and chunked, chunked)
+        head = _stream_head(req.keep_alive, chunked)
         return head + _stream_bytes(plan.events, plan.done_marker, chunked)
 
     def _demo_requests(self, method: str, keep_alive: bool) -> bytes:

@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     redis_timeout_s: float = Field(
         0.25, gt=0, description="Socket timeout for one Redis command, seconds"
     )
+    redis_max_connections: int = Field(
+        64, ge=1, description="Connections per process to Redis (callers wait for one)"
+    )
     admin_token: SecretStr | None = Field(
         None, description="Bearer token for /v1/admin/*; `atlas up` generates one when unset"
     )
@@ -116,8 +119,24 @@ class Settings(BaseSettings):
     )
 
     # --- admission -------------------------------------------------------------------------
-    fail_mode: Literal["deny"] = Field(
-        "deny", description="What authz does when Redis is unreachable: deny (503)"
+    fail_mode: Literal["deny", "local"] = Field(
+        "deny",
+        description="Redis unreachable: deny (503) or local (per-replica limits from cached keys)",
+    )
+    shadow_mode: bool = Field(
+        False, description="Evaluate and record every decision but admit everything"
+    )
+    clamp_max_tokens: bool = Field(
+        False, description="Lower max_tokens to what a key has left instead of refusing"
+    )
+    capacity_tokens: int = Field(
+        0, ge=0, description="In-flight reserved tokens the upstream can take (0 = no shedding)"
+    )
+    shed_low: float = Field(0.70, gt=0, le=1, description="Shed low above this share of capacity")
+    shed_normal: float = Field(0.90, gt=0, le=1, description="Shed normal above this share")
+    shed_high: float = Field(1.0, gt=0, le=1, description="Shed high above this share")
+    inflight_sync_s: float = Field(
+        0.1, gt=0, description="How often authz syncs the global in-flight count, seconds"
     )
     ceiling_low: float = Field(0.80, gt=0, le=1, description="Share of a quota low may use")
     ceiling_normal: float = Field(0.95, gt=0, le=1, description="Share of a quota normal may use")

@@ -1,8 +1,9 @@
 """In-process cache of key records, invalidated by the ledger's pub/sub change feed.
 
-A steady-state Check then costs no Redis round trip for the key lookup. While the change feed
-is down the cache keeps entries for at most `ttl_s`, and it is emptied on every reconnect
-because changes may have been missed.
+A steady-state Check then costs no Redis round trip for the key lookup. Entries live at most
+`ttl_s`; when the change feed reconnects every entry is marked stale (changes may have been
+missed). Stale records stay available to `stale()` for the local fail mode, which must limit
+known keys while Redis is unreachable.
 """
 
 from __future__ import annotations
@@ -51,6 +52,14 @@ class KeyCache:
             self._ids[rec.id] = secret_hash
         return rec
 
+    def stale(self, secret_hash: str) -> KeyRecord | None:
+        """The last record seen for this secret, however old (None if unknown)."""
+        hit = self._entries.get(secret_hash)
+        return hit[0] if hit is not None else None
+
+    def expire_all(self) -> None:
+        self._entries = {h: (rec, 0.0) for h, (rec, _) in self._entries.items() if rec}
+
     def invalidate(self, key_id: str) -> None:
         secret_hash = self._ids.pop(key_id, None)
         if secret_hash is not None:
@@ -70,13 +79,13 @@ class KeyCache:
                 async for key_id in changes():
                     delay = 0.1
                     if key_id == "*":  # (re)subscribed: anything cached may be stale
-                        self.clear()
+                        self.expire_all()
                     else:
                         self.invalidate(key_id)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the feed is best effort; the TTL bounds staleness
                 log.warning("key change feed lost (%s); retrying in %.1fs", exc, delay)
-            self.clear()
+            self.expire_all()
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)

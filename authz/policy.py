@@ -10,12 +10,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from atlas import metrics
 from atlas.errors import Denied, LedgerUnavailable
 from atlas.keymodel import KeyRecord, cap_priority, hash_secret
 from atlas.ledger.protocol import Admission, AdmitRequest, Ledger
 from atlas.requestbody import LLMRequest, parse_llm_request
 from atlas.settings import PRIORITIES, Priority, Settings
 from authz.keycache import KeyCache
+from authz.local_limiter import LocalLimiter
+from authz.shedding import Shedder
 
 #: Without max_tokens a request reserves this share of the daily limit (Atlas's defaults),
 #: capped by `max_reservation`.
@@ -38,12 +41,16 @@ class CheckInput:
 
 @dataclass(slots=True, frozen=True)
 class Verdict:
-    key: KeyRecord
+    """An admitted request. `key` is None only in global shadow mode for a request that would
+    have been refused before reaching the ledger (nothing reserved, nothing to settle)."""
+
+    key: KeyRecord | None
     reservation_id: str
     priority: Priority
     request: LLMRequest
-    admission: Admission
+    admission: Admission | None
     shadow_reason: str  # the rule that would have refused, in shadow mode
+    degraded: bool = False  # decided without Redis (fail mode local)
 
 
 def bearer_token(headers: dict[str, str]) -> str | None:
@@ -66,12 +73,16 @@ class Authorizer:
         cache: KeyCache,
         settings: Settings,
         *,
+        shedder: Shedder | None = None,
+        local: LocalLimiter | None = None,
         new_id: Callable[[], str] = lambda: secrets.token_hex(12),
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._ledger = ledger
         self._cache = cache
         self._s = settings
+        self._shedder = shedder
+        self._local = local if local is not None else LocalLimiter()
         self._new_id = new_id
         self._clock = clock
         self._ceilings: dict[str, float] = {
@@ -82,13 +93,20 @@ class Authorizer:
         }
 
     async def check(self, inp: CheckInput) -> Verdict:
+        try:
+            return await self._check(inp)
+        except Denied as d:
+            if not self._s.shadow_mode or d.status == 503:
+                raise
+            # Shadow mode: the refusal is recorded (metrics, access log) and the request goes on.
+            metrics.DECISIONS.labels(service="authz", decision="shadow_" + (d.code or "")).inc()
+            return Verdict(None, "", "normal", parse_llm_request(b""), None, d.code or "")
+
+    async def _check(self, inp: CheckInput) -> Verdict:
         secret = bearer_token(inp.headers)
         if secret is None:
             raise _denied_401("Missing API key. Send it as 'Authorization: Bearer <key>'.")
-        try:
-            key = await self._cache.get(hash_secret(secret))
-        except LedgerUnavailable as exc:
-            raise self._unavailable() from exc
+        key, degraded = await self._find_key(hash_secret(secret))
         if key is None:
             raise _denied_401("Incorrect API key provided.")
         if key.status != "active":
@@ -99,7 +117,6 @@ class Authorizer:
             raise Denied(
                 403, "This API key has expired.", type="permission_denied", code="key_expired"
             )
-
         req = parse_llm_request(inp.body, complete=inp.body_complete, size=inp.body_size)
         if key.models is not None and req.model not in key.models:
             raise Denied(
@@ -110,25 +127,91 @@ class Authorizer:
             )
         priority = self._priority(inp.headers, key)
         completion = self._completion_estimate(req, key, priority)
+        estimate = req.prompt_tokens + completion
+        shadow = key.shadow or self._s.shadow_mode
+        if self._shedder is not None and self._shedder.sheds(priority, estimate):
+            metrics.DECISIONS.labels(service="authz", decision="shed_" + priority).inc()
+            if not shadow:
+                raise Denied(
+                    503,
+                    "The model is overloaded; lower-priority requests are shed. Retry shortly.",
+                    type="server_error",
+                    code="overloaded",
+                    retry_after_s=1,
+                )
         rid = self._new_id()
+        admit = AdmitRequest(
+            reservation_id=rid,
+            prompt_tokens=req.prompt_tokens,
+            completion_tokens=completion,
+            priority=priority,
+            model=req.model,
+            ceiling=self._ceilings[priority],
+            shadow=shadow,
+            clamp=self._s.clamp_max_tokens,
+        )
+        if degraded:
+            return self._admit_locally(key, admit, req)
         try:
-            admission = await self._ledger.admit(
-                key,
-                AdmitRequest(
-                    reservation_id=rid,
-                    prompt_tokens=req.prompt_tokens,
-                    completion_tokens=completion,
-                    priority=priority,
-                    model=req.model,
-                    ceiling=self._ceilings[priority],
-                    shadow=key.shadow,
-                ),
-            )
+            admission = await self._ledger.admit(key, admit)
         except LedgerUnavailable as exc:
-            raise self._unavailable() from exc
+            metrics.LEDGER_ERRORS.labels(service="authz", op="admit").inc()
+            if self._s.fail_mode != "local":
+                raise self._unavailable() from exc
+            return self._admit_locally(key, admit, req)
+        if admission.reason:
+            _count_refusal(admission.reason, key.id)
         if not admission.admitted:
             raise refusal(admission, key)
+        if self._shedder is not None:
+            self._shedder.gauge.add(admission.reserved)
         return Verdict(key, rid, priority, req, admission, admission.reason)
+
+    async def _find_key(self, secret_hash: str) -> tuple[KeyRecord | None, bool]:
+        """The key record, and whether it came from the stale cache (Redis unreachable)."""
+        try:
+            return await self._cache.get(secret_hash), False
+        except LedgerUnavailable as exc:
+            metrics.LEDGER_ERRORS.labels(service="authz", op="find_key").inc()
+            stale = self._cache.stale(secret_hash) if self._s.fail_mode == "local" else None
+            if stale is None:
+                raise self._unavailable() from exc
+            return stale, True
+
+    def _admit_locally(self, key: KeyRecord, admit: AdmitRequest, req: LLMRequest) -> Verdict:
+        estimate = admit.prompt_tokens + admit.completion_tokens
+        wait_s = self._local.admit(key, estimate)
+        metrics.DECISIONS.labels(
+            service="authz", decision="degraded_ok" if wait_s == 0 else "degraded_refused"
+        ).inc()
+        if wait_s and not admit.shadow:
+            raise Denied(
+                429,
+                f"Rate limit reached (degraded mode). Retry after {math.ceil(wait_s)}s.",
+                type="requests",
+                code="rate_limit_exceeded",
+                retry_after_s=wait_s,
+            )
+        now_ms = int(self._clock() * 1000)
+        admission = Admission(
+            admitted=True,
+            reason="degraded",
+            retry_after_ms=0,
+            granted_completion=None,
+            reserved=estimate,
+            requests_remaining=0,
+            requests_reset_ms=0,
+            tokens_remaining=None,
+            tokens_reset_ms=0,
+            day_used=0,
+            day_reserved=0,
+            day_reset_s=now_ms // 1000,
+            month_used=0,
+            month_reserved=0,
+            month_reset_s=now_ms // 1000,
+            now_ms=now_ms,
+        )
+        return Verdict(key, admit.reservation_id, admit.priority, req, admission, "", degraded=True)
 
     def _priority(self, headers: dict[str, str], key: KeyRecord) -> Priority:
         asked = headers.get("x-request-priority")
@@ -159,6 +242,13 @@ class Authorizer:
             code="service_unavailable",
             retry_after_s=1,
         )
+
+
+def _count_refusal(reason: str, key_id: str) -> None:
+    if reason.startswith("quota_"):
+        metrics.QUOTA_REJECTIONS.labels(key_id=key_id, window=reason.removeprefix("quota_")).inc()
+    else:
+        metrics.RATE_LIMIT_REJECTIONS.labels(key_id=key_id, limit=reason).inc()
 
 
 def _duration(ms: int) -> str:

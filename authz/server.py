@@ -20,12 +20,14 @@ from google.rpc import code_pb2, status_pb2
 
 from atlas.errors import Denied
 from atlas.grpc_service import grpc_server, wait_for_shutdown
+from atlas.inflight import InflightGauge
 from atlas.ledger.redis import RedisLedger
 from atlas.metrics import DECISIONS
 from atlas.openai_errors import error_body
 from atlas.settings import Settings
 from authz.keycache import KeyCache
 from authz.policy import Authorizer, CheckInput, Verdict, ratelimit_headers
+from authz.shedding import Shedder
 
 log = logging.getLogger("atlas.authz")
 
@@ -67,12 +69,20 @@ def check_input(req: auth_pb2.CheckRequest) -> CheckInput:
 
 
 def answer_ok(v: Verdict, inp: CheckInput, settings: Settings) -> auth_pb2.CheckResponse:
+    # Clients must not be able to pose as Atlas towards the upstream.
+    remove = [h for h in inp.headers if h.startswith("x-atlas-")]
+    metadata = struct_pb2.Struct()
+    if v.key is None or v.admission is None:  # global shadow mode, refused before the ledger
+        metadata.update({"shadow_decision": v.shadow_reason})
+        return auth_pb2.CheckResponse(
+            status=status_pb2.Status(code=code_pb2.OK),
+            ok_response=auth_pb2.OkHttpResponse(headers_to_remove=remove),
+            dynamic_metadata=metadata,
+        )
     to_upstream = [
         _header("x-atlas-key-id", v.key.id),
         _header("x-atlas-priority", v.priority),
     ]
-    # Clients must not be able to pose as Atlas towards the upstream.
-    remove = [h for h in inp.headers if h.startswith("x-atlas-")]
     if settings.upstream_api_key is not None:
         to_upstream.append(
             _header("authorization", "Bearer " + settings.upstream_api_key.get_secret_value())
@@ -80,7 +90,6 @@ def answer_ok(v: Verdict, inp: CheckInput, settings: Settings) -> auth_pb2.Check
     elif settings.strip_client_key:
         remove += [h for h in ("authorization", "x-api-key") if h in inp.headers]
     a = v.admission
-    metadata = struct_pb2.Struct()
     metadata.update(
         {
             "key_id": v.key.id,
@@ -91,17 +100,20 @@ def answer_ok(v: Verdict, inp: CheckInput, settings: Settings) -> auth_pb2.Check
             "model": v.request.model,
             "tpm": v.key.tokens_per_minute or 0,
             "granted_completion": -1 if a.granted_completion is None else a.granted_completion,
-            "shadow_reason": v.shadow_reason,
+            "shadow_decision": v.shadow_reason,
+            "degraded": v.degraded,
         }
     )
+    if v.degraded:
+        client_headers = [_header("x-atlas-degraded", "ledger-unavailable")]
+    else:
+        client_headers = [_header(k, val) for k, val in ratelimit_headers(a, v.key).items()]
     return auth_pb2.CheckResponse(
         status=status_pb2.Status(code=code_pb2.OK),
         ok_response=auth_pb2.OkHttpResponse(
             headers=to_upstream,
             headers_to_remove=remove,
-            response_headers_to_add=[
-                _header(k, val) for k, val in ratelimit_headers(a, v.key).items()
-            ],
+            response_headers_to_add=client_headers,
         ),
         dynamic_metadata=metadata,
     )
@@ -155,8 +167,13 @@ class AuthorizationService(auth_grpc.AuthorizationServicer):
 async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> None:
     ledger = RedisLedger.from_settings(settings)
     cache = KeyCache(ledger.find_key, ttl_s=settings.key_cache_ttl_s)
-    follower = asyncio.create_task(cache.follow(ledger.key_changes))
-    service = AuthorizationService(Authorizer(ledger, cache, settings), settings)
+    background = [asyncio.create_task(cache.follow(ledger.key_changes))]
+    shedder = None
+    if settings.capacity_tokens:
+        gauge = InflightGauge(ledger.add_inflight, interval_s=settings.inflight_sync_s)
+        shedder = Shedder(gauge, settings)
+        background.append(asyncio.create_task(gauge.run()))
+    service = AuthorizationService(Authorizer(ledger, cache, settings, shedder=shedder), settings)
     address = f"{settings.authz_host}:{settings.authz_port}"
     try:
         async with grpc_server(
@@ -171,6 +188,9 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
                 ready.set()
             await wait_for_shutdown()
     finally:
-        follower.cancel()
-        await asyncio.gather(follower, return_exceptions=True)
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
+        if shedder is not None:
+            await shedder.gauge.flush()
         await ledger.close()

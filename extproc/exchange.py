@@ -87,6 +87,7 @@ class Grant:
     model: str
     tpm: int
     granted_completion: int | None
+    degraded: bool  # admitted without Redis: nothing was reserved in the ledger
 
     @classmethod
     def from_metadata(cls, md: dict[str, Any]) -> Grant | None:
@@ -108,6 +109,7 @@ class Grant:
             model=model if isinstance(model, str) else "",
             tpm=num("tpm"),
             granted_completion=granted if granted > 0 else None,
+            degraded=md.get("degraded") is True,
         )
 
 

@@ -20,6 +20,7 @@ from google.protobuf import json_format
 from atlas import metrics
 from atlas.errors import LedgerUnavailable
 from atlas.grpc_service import grpc_server, wait_for_shutdown
+from atlas.inflight import InflightGauge
 from atlas.ledger.protocol import Ledger, Settlement
 from atlas.ledger.redis import RedisLedger
 from atlas.settings import Settings
@@ -38,8 +39,15 @@ def _headers(msg: Any) -> dict[str, str]:
 class Settler:
     """Runs settlements as tasks that outlive the gRPC handler, and retries them."""
 
-    def __init__(self, ledger: Ledger, *, sleep: Callable[[float], Any] = asyncio.sleep) -> None:
+    def __init__(
+        self,
+        ledger: Ledger,
+        *,
+        inflight: InflightGauge | None = None,
+        sleep: Callable[[float], Any] = asyncio.sleep,
+    ) -> None:
         self._ledger = ledger
+        self._inflight = inflight
         self._sleep = sleep
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -62,6 +70,13 @@ class Settler:
                     return
                 await self._sleep(delay)
                 delay *= 4
+        if (
+            self._inflight is not None
+            and result.status == "settled"
+            and ex.grant is not None
+            and not ex.grant.degraded
+        ):
+            self._inflight.add(-ex.grant.reserved)
         source = "exact" if s.exact else "estimated"
         metrics.SETTLEMENTS.labels(outcome=s.outcome, source=source, status=result.status).inc()
         if result.status == "duplicate":
@@ -126,7 +141,12 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
 
 async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> None:
     ledger = RedisLedger.from_settings(settings)
-    settler = Settler(ledger)
+    inflight = None
+    background: list[asyncio.Task[None]] = []
+    if settings.capacity_tokens:
+        inflight = InflightGauge(ledger.add_inflight, interval_s=settings.inflight_sync_s)
+        background.append(asyncio.create_task(inflight.run()))
+    settler = Settler(ledger, inflight=inflight)
     processor = ExternalProcessor(settler)
     address = f"{settings.extproc_host}:{settings.extproc_port}"
     try:
@@ -143,4 +163,9 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
             await wait_for_shutdown()
     finally:
         await settler.drain()  # every settlement task, or its usage would only be reaped
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
+        if inflight is not None:
+            await inflight.flush()
         await ledger.close()

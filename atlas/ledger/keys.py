@@ -18,6 +18,8 @@ ROOT = "atlas"
 KEY_CHANGED_CHANNEL = f"{ROOT}:keys:changed"
 #: sorted set of every key id, scored by creation time (ms).
 KEY_INDEX = f"{ROOT}:{{g}}:keys"
+#: integer: reserved tokens of requests in flight, all keys (for shedding by priority).
+INFLIGHT = f"{ROOT}:{{g}}:inflight"
 #: hourly global history prefix (hash per hour).
 GLOBAL_PREFIX = f"{ROOT}:{{g}}:"
 

@@ -48,8 +48,19 @@ def connect(settings: Settings) -> Any:
         "socket_connect_timeout": settings.redis_timeout_s,
     }
     if settings.redis_cluster:
-        return RedisCluster.from_url(settings.redis_url, **opts)
-    return aioredis.Redis.from_url(settings.redis_url, health_check_interval=30, **opts)
+        return RedisCluster.from_url(
+            settings.redis_url, max_connections=settings.redis_max_connections, **opts
+        )
+    # A bounded pool that makes callers wait (up to the command timeout) for a connection,
+    # instead of failing a burst of concurrent Checks with "Too many connections".
+    pool = aioredis.BlockingConnectionPool.from_url(
+        settings.redis_url,
+        max_connections=settings.redis_max_connections,
+        timeout=settings.redis_timeout_s,
+        health_check_interval=30,
+        **opts,
+    )
+    return aioredis.Redis.from_pool(pool)  # aclose() closes the pool too
 
 
 class RedisLedger:
@@ -248,6 +259,10 @@ class RedisLedger:
         except LedgerUnavailable:
             # History is for reports; the key's own books were already settled atomically.
             log.warning("shared history update failed for %s", s.reservation_id)
+
+    async def add_inflight(self, delta: int) -> int:
+        """Add to the global in-flight reserved tokens; the new total."""
+        return int(await self._call("inflight", lambda: self._r.incrby(keys.INFLIGHT, delta)))
 
     async def reap(self, key_id: str, *, charge: bool = True) -> tuple[int, int]:
         ks = [

@@ -44,9 +44,19 @@ def _alive(pid: int) -> bool:
 
 class Up:
     def __init__(self, log: Path) -> None:
-        self.ports = {name: free_port() for name in (
-            "port", "admin-port", "envoy-admin-port", "authz-port", "extproc-port",
-            "authz-metrics-port", "extproc-metrics-port", "demo-upstream-port")}
+        self.ports = {
+            name: free_port()
+            for name in (
+                "port",
+                "admin-port",
+                "envoy-admin-port",
+                "authz-port",
+                "extproc-port",
+                "authz-metrics-port",
+                "extproc-metrics-port",
+                "demo-upstream-port",
+            )
+        }
         argv = [sys.executable, "-m", "atlas.cli", "up"]
         for name, port in self.ports.items():
             argv += [f"--{name}", str(port)]
@@ -86,8 +96,11 @@ def test_ready_line_token_and_ctrl_c_leaves_no_process(up: Up) -> None:
     out = up.output()
     token = next(ln.split(": ")[-1] for ln in out.splitlines() if "admin token" in ln)
     assert "authz    |" in out and "upstream |" in out  # output prefixed by component
-    r = httpx.post(f"http://127.0.0.1:{up.ports['admin-port']}/v1/admin/keys",
-                   headers={"authorization": f"Bearer {token}"}, json={"name": "x"})
+    r = httpx.post(
+        f"http://127.0.0.1:{up.ports['admin-port']}/v1/admin/keys",
+        headers={"authorization": f"Bearer {token}"},
+        json={"name": "x"},
+    )
     assert r.status_code == 201
     children = _children(up.proc.pid)
     assert len(children) == 6  # valkey, upstream, authz, extproc, admin, envoy

@@ -17,6 +17,7 @@ def test_per_key_names_share_one_hash_tag() -> None:
 def test_global_names() -> None:
     assert keys.secret_index("ab") == "atlas:secret:ab"
     assert keys.KEY_INDEX == "atlas:{g}:keys"
+    assert keys.INFLIGHT == "atlas:{g}:inflight"
     assert keys.GLOBAL_PREFIX == "atlas:{g}:"
     assert keys.model_prefix("gpt-x") == "atlas:{m:gpt-x}:"
     assert keys.KEY_CHANGED_CHANNEL == "atlas:keys:changed"

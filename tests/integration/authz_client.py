@@ -1,0 +1,76 @@
+"""Run authz in-process against a real valkey-server and call Check like Envoy does."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.service.auth.v3 import attribute_context_pb2 as ac
+from envoy.service.auth.v3 import external_auth_pb2 as auth_pb2
+from envoy.service.auth.v3 import external_auth_pb2_grpc as auth_grpc
+
+from atlas.settings import Settings
+from atlas.stack import free_port
+from authz.server import serve
+
+
+def check_request(
+    secret: str | None, body: dict[str, Any] | None = None, **headers: str
+) -> auth_pb2.CheckRequest:
+    h = {":path": "/v1/chat/completions", ":method": "POST", **headers}
+    if secret is not None:
+        h["authorization"] = f"Bearer {secret}"
+    raw = json.dumps(
+        body or {"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": "hello"}]}
+    ).encode()
+    return auth_pb2.CheckRequest(
+        attributes=ac.AttributeContext(
+            request=ac.AttributeContext.Request(
+                http=ac.AttributeContext.HttpRequest(
+                    method="POST",
+                    path="/v1/chat/completions",
+                    raw_body=raw,
+                    header_map=base_pb2.HeaderMap(
+                        headers=[
+                            base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in h.items()
+                        ]
+                    ),
+                )
+            )
+        )
+    )
+
+
+def status_of(resp: auth_pb2.CheckResponse) -> int:
+    return resp.denied_response.status.code if resp.HasField("denied_response") else 200
+
+
+def headers_of(resp: auth_pb2.CheckResponse) -> dict[str, str]:
+    opts = (
+        resp.denied_response.headers
+        if resp.HasField("denied_response")
+        else resp.ok_response.response_headers_to_add
+    )
+    return {o.header.key: o.header.value for o in opts}
+
+
+@contextlib.asynccontextmanager
+async def running_authz(settings: Settings) -> AsyncIterator[auth_grpc.AuthorizationStub]:
+    settings = settings.model_copy(update={"authz_port": free_port()})
+    ready = asyncio.Event()
+    task = asyncio.create_task(serve(settings, ready=ready))
+    waiter = asyncio.create_task(ready.wait())
+    await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        waiter.cancel()
+        task.result()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{settings.authz_port}") as channel:
+        yield auth_grpc.AuthorizationStub(channel)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
