@@ -22,7 +22,7 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
     server = uvicorn.Server(config)
 
     async def announce() -> None:
-        while not server.started:  # noqa: ASYNC110 (uvicorn offers no event for this)
+        while not server.started:  # uvicorn offers no event for this
             await asyncio.sleep(0.02)
         if ready is not None:
             ready.set()

@@ -89,6 +89,9 @@ def answer_ok(v: Verdict, inp: CheckInput, settings: Settings) -> auth_pb2.Check
         )
     elif settings.strip_client_key:
         remove += [h for h in ("authorization", "x-api-key") if h in inp.headers]
+    # Envoy applies removals after sets: a header we set must not also be removed.
+    ours = {o.header.key for o in to_upstream}
+    remove = [h for h in remove if h not in ours]
     a = v.admission
     metadata.update(
         {

@@ -4,6 +4,7 @@ readiness polling, logs attached to failing tests, every process stopped at the 
 
 from __future__ import annotations
 
+import contextlib
 import io
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -18,8 +19,9 @@ from atlas.stack import Stack, free_port
 ADMIN_TOKEN = "e2e-admin-token"
 
 
-@pytest_asyncio.fixture(scope="session", loop_scope="session")
-async def stack() -> AsyncIterator[Stack]:
+@contextlib.asynccontextmanager
+async def running_stack(**overrides: Any) -> AsyncIterator[Stack]:
+    """A whole stack on free ports; `overrides` are settings."""
     settings = Settings(
         admin_token=ADMIN_TOKEN,
         proxy_port=free_port(),
@@ -32,6 +34,7 @@ async def stack() -> AsyncIterator[Stack]:
         demo_upstream_port=free_port(),
         envoy_concurrency=1,
         log_level="info",
+        **overrides,
     )
     the_stack = Stack(settings, out=io.StringIO())
     try:
@@ -40,8 +43,16 @@ async def stack() -> AsyncIterator[Stack]:
         print(the_stack.logs())
         await the_stack.stop()
         raise
-    yield the_stack
-    await the_stack.stop()
+    try:
+        yield the_stack
+    finally:
+        await the_stack.stop()
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def stack() -> AsyncIterator[Stack]:
+    async with running_stack() as the_stack:
+        yield the_stack
 
 
 @pytest_asyncio.fixture(loop_scope="session")

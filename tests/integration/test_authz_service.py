@@ -165,3 +165,32 @@ async def test_local_fail_mode_limits_known_keys_when_redis_stops(
         assert answers[0].dynamic_metadata["degraded"] is True
         # ...and never an unknown one.
         assert status_of(await stub.Check(check_request("sk-atlas-unknown-000000000"))) == 503
+
+
+async def test_global_shedding_by_priority(
+    settings: Settings, ledger: RedisLedger, redis_sync: redis.Redis
+) -> None:
+    await ledger.create_key(key(max_priority="critical"))
+    shedding = settings.model_copy(update={"capacity_tokens": 1000, "inflight_sync_s": 0.05})
+    body = {"model": "m", "max_tokens": 298, "prompt": "12345678"}  # 300 tokens each
+    async with running_authz(shedding) as stub:
+        low = [
+            status_of(
+                await stub.Check(check_request(SECRET, body, **{"x-request-priority": "low"}))
+            )
+            for _ in range(3)
+        ]
+        assert low == [200, 200, 503]  # 600 in flight + 300 > 70% of 1000
+        normal = await stub.Check(check_request(SECRET, body))
+        assert status_of(normal) == 200  # 900 <= 90%
+        high = await stub.Check(check_request(SECRET, body, **{"x-request-priority": "high"}))
+        assert status_of(high) == 503  # 1200 > 100%
+        critical = await stub.Check(
+            check_request(SECRET, body, **{"x-request-priority": "critical"})
+        )
+        assert status_of(critical) == 200  # never shed
+        assert headers_of(high)["retry-after"] == "1"
+        deadline = time.monotonic() + 2
+        while redis_sync.get("atlas:{g}:inflight") != "1200":
+            assert time.monotonic() < deadline, redis_sync.get("atlas:{g}:inflight")
+            await asyncio.sleep(0.02)

@@ -1,0 +1,172 @@
+"""Issue 3 end to end: admission rules through the real Envoy, seen by the openai SDK."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+import httpx
+import openai
+import pytest
+
+from atlas.stack import Stack
+from tests.e2e.conftest import MakeKey
+
+MESSAGES = [{"role": "user", "content": "Tell me about foxes."}]  # 5 prompt tokens
+Client = Callable[[str], openai.AsyncOpenAI]
+
+
+async def _wait_settled(admin: httpx.AsyncClient, key_id: str) -> dict[str, object]:
+    deadline = time.monotonic() + 5
+    while True:
+        u = (await admin.get(f"/v1/admin/keys/{key_id}/usage")).json()
+        if u["open_reservations"] == 0:
+            return u  # type: ignore[no-any-return]
+        assert time.monotonic() < deadline, u
+        await asyncio.sleep(0.02)
+
+
+async def test_rate_limit_is_a_rate_limit_error_with_retry_after(
+    make_key: MakeKey, client_for: Client
+) -> None:
+    key = await make_key(rate_per_sec=0.2, burst=2)
+    client = client_for(key["api_key"])
+    for _ in range(2):
+        await client.chat.completions.create(model="demo-small", messages=MESSAGES, max_tokens=2)
+    with pytest.raises(openai.RateLimitError) as info:
+        await client.chat.completions.create(model="demo-small", messages=MESSAGES, max_tokens=2)
+    r = info.value.response
+    assert info.value.code == "rate_limit_exceeded"
+    assert 1 <= int(r.headers["retry-after"]) <= 5
+    assert r.headers["x-ratelimit-limit-requests"] == "2"
+    assert r.headers["x-ratelimit-remaining-requests"] == "0"
+
+
+async def test_ok_responses_carry_ratelimit_headers(make_key: MakeKey, client_for: Client) -> None:
+    key = await make_key(burst=10, tokens_per_minute=10_000)
+    raw = await client_for(key["api_key"]).chat.completions.with_raw_response.create(
+        model="demo-small", messages=MESSAGES, max_tokens=5
+    )
+    assert raw.headers["x-ratelimit-limit-requests"] == "10"
+    assert raw.headers["x-ratelimit-remaining-requests"] == "9"
+    assert raw.headers["x-ratelimit-limit-tokens"] == "10000"
+    assert int(raw.headers["x-ratelimit-remaining-tokens"]) == 10_000 - 10
+
+
+async def test_daily_quota_is_insufficient_quota(
+    make_key: MakeKey, client_for: Client, admin: httpx.AsyncClient
+) -> None:
+    key = await make_key(daily_limit=50, priority="high")
+    client = client_for(key["api_key"])
+    await client.chat.completions.create(model="demo-small", messages=MESSAGES, max_tokens=30)
+    await _wait_settled(admin, key["id"])  # 35 used of 50
+    with pytest.raises(openai.RateLimitError) as info:
+        await client.chat.completions.create(model="demo-small", messages=MESSAGES, max_tokens=30)
+    assert info.value.code == "insufficient_quota"
+    assert info.value.type == "insufficient_quota"
+    assert int(info.value.response.headers["retry-after"]) > 0
+
+
+async def test_low_priority_refused_at_its_ceiling_while_high_is_admitted(
+    make_key: MakeKey, client_for: Client, admin: httpx.AsyncClient
+) -> None:
+    key = await make_key(daily_limit=1000, priority="low", max_priority="high")
+    client = client_for(key["api_key"])
+    high = {"x-request-priority": "high"}
+    await client.chat.completions.create(
+        model="demo-small", messages=MESSAGES, max_tokens=700, extra_headers=high
+    )
+    await _wait_settled(admin, key["id"])  # 705 used
+    with pytest.raises(openai.RateLimitError) as info:  # 705 + 105 > 80% of 1000
+        await client.chat.completions.create(model="demo-small", messages=MESSAGES, max_tokens=100)
+    assert info.value.code == "insufficient_quota"
+    ok = await client.chat.completions.create(
+        model="demo-small", messages=MESSAGES, max_tokens=100, extra_headers=high
+    )
+    assert ok.usage is not None and ok.usage.completion_tokens == 100
+
+
+async def test_priority_is_never_escalated_past_max_priority(
+    make_key: MakeKey, client_for: Client, stack: Stack
+) -> None:
+    key = await make_key(priority="low", max_priority="normal")
+    client = client_for(key["api_key"])
+    async with httpx.AsyncClient(base_url=stack.upstream_url) as up:
+        await up.delete("/demo/requests")
+        await client.chat.completions.create(
+            model="demo-small",
+            messages=MESSAGES,
+            max_tokens=2,
+            extra_headers={"x-request-priority": "critical", "x-atlas-key-id": "key_forged"},
+        )
+        seen = (await up.get("/demo/requests")).json()[-1]["headers"]
+    assert seen["x-atlas-priority"] == "normal"
+    assert seen["x-atlas-key-id"] == key["id"]  # the client's forged header was replaced
+    assert "authorization" not in seen  # the Atlas key never reaches the upstream
+
+
+async def test_model_allowlist(make_key: MakeKey, client_for: Client) -> None:
+    key = await make_key(models=["demo-small"])
+    client = client_for(key["api_key"])
+    await client.chat.completions.create(model="demo-small", messages=MESSAGES, max_tokens=2)
+    with pytest.raises(openai.PermissionDeniedError) as info:
+        await client.chat.completions.create(model="demo-large", messages=MESSAGES, max_tokens=2)
+    assert info.value.code == "model_not_allowed"
+
+
+async def test_expired_key_is_403(make_key: MakeKey, client_for: Client) -> None:
+    past = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
+    key = await make_key(expires_at=past)
+    with pytest.raises(openai.PermissionDeniedError) as info:
+        await client_for(key["api_key"]).chat.completions.create(
+            model="demo-small", messages=MESSAGES, max_tokens=2
+        )
+    assert info.value.code == "key_expired"
+
+
+async def test_shadow_key_is_admitted_beyond_its_limits(
+    make_key: MakeKey, client_for: Client, stack: Stack
+) -> None:
+    key = await make_key(rate_per_sec=0.01, burst=1, shadow=True)
+    client = client_for(key["api_key"])
+    for _ in range(3):
+        await client.chat.completions.create(model="demo-small", messages=MESSAGES, max_tokens=2)
+    port = stack.settings.authz_metrics_port
+    async with httpx.AsyncClient() as raw:
+        text = (await raw.get(f"http://127.0.0.1:{port}/metrics")).text
+    line = next(
+        ln
+        for ln in text.splitlines()
+        if ln.startswith(f'atlas_rate_limit_rejections_total{{key_id="{key["id"]}"')
+    )
+    assert float(line.rsplit(" ", 1)[1]) == 2.0  # recorded, not enforced
+
+
+async def test_disabled_then_deleted_key_is_refused_within_a_second(
+    make_key: MakeKey, client_for: Client, admin: httpx.AsyncClient
+) -> None:
+    key = await make_key()
+    client = client_for(key["api_key"])
+    await client.chat.completions.create(model="demo-small", messages=MESSAGES, max_tokens=2)
+    r = await admin.patch(f"/v1/admin/keys/{key['id']}", json={"status": "disabled"})
+    assert r.status_code == 200
+    assert await _refused_within(client, 1.0) == "key_disabled"
+    await admin.delete(f"/v1/admin/keys/{key['id']}")
+    deadline = time.monotonic() + 1.0
+    while await _refused_within(client, 1.0) != "invalid_api_key":
+        assert time.monotonic() < deadline, "deleted key still known after 1 s"
+
+
+async def _refused_within(client: openai.AsyncOpenAI, seconds: float) -> str | None:
+    """The error code of the first refusal, polling for at most `seconds`."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            await client.chat.completions.create(
+                model="demo-small", messages=MESSAGES, max_tokens=2
+            )
+        except openai.APIStatusError as exc:
+            return exc.code
+        assert time.monotonic() < deadline, "still admitted after the change"

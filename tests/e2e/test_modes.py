@@ -1,0 +1,78 @@
+"""Stack-wide modes through the real Envoy: clamping max_tokens and global shadow mode."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import httpx
+import openai
+import pytest_asyncio
+
+from atlas.stack import Stack
+from tests.e2e.conftest import ADMIN_TOKEN, running_stack
+
+MESSAGES = [{"role": "user", "content": "Tell me about foxes."}]  # 5 prompt tokens
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def modes_stack() -> AsyncIterator[Stack]:
+    async with running_stack(clamp_max_tokens=True, shadow_mode=True) as s:
+        yield s
+
+
+async def test_clamp_lowers_max_tokens_so_the_quota_is_never_overshot(
+    modes_stack: Stack,
+) -> None:
+    auth = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+    async with httpx.AsyncClient(base_url=modes_stack.admin_url, headers=auth) as admin:
+        key = (
+            await admin.post(
+                "/v1/admin/keys", json={"name": "clamp", "daily_limit": 100, "priority": "high"}
+            )
+        ).json()
+        client = openai.AsyncOpenAI(
+            base_url=modes_stack.proxy_url + "/v1", api_key=key["api_key"], max_retries=0
+        )
+        try:
+            first = await client.chat.completions.create(
+                model="demo-small", messages=MESSAGES, max_tokens=60
+            )
+            deadline = time.monotonic() + 5
+            while (await admin.get(f"/v1/admin/keys/{key['id']}/usage")).json()[
+                "open_reservations"
+            ]:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.02)
+            # 65 used: 35 left, so max_tokens=60 is clamped to 35 - 5 (prompt) = 30.
+            second = await client.chat.completions.create(
+                model="demo-small", messages=MESSAGES, max_tokens=60
+            )
+        finally:
+            await client.close()
+        assert first.usage is not None and first.usage.completion_tokens == 60
+        assert second.usage is not None and second.usage.completion_tokens == 30
+        assert second.choices[0].finish_reason == "length"
+        while (u := (await admin.get(f"/v1/admin/keys/{key['id']}/usage")).json())[
+            "open_reservations"
+        ]:
+            await asyncio.sleep(0.02)
+        assert u["daily"]["used"] == 100
+
+
+async def test_global_shadow_mode_admits_what_it_would_refuse(modes_stack: Stack) -> None:
+    client = openai.AsyncOpenAI(
+        base_url=modes_stack.proxy_url + "/v1", api_key="sk-atlas-not-a-real-key", max_retries=0
+    )
+    try:
+        got = await client.chat.completions.create(
+            model="demo-small", messages=MESSAGES, max_tokens=3
+        )
+    finally:
+        await client.close()
+    assert got.usage is not None and got.usage.completion_tokens == 3
+    port = modes_stack.settings.authz_metrics_port
+    async with httpx.AsyncClient() as raw:
+        text = (await raw.get(f"http://127.0.0.1:{port}/metrics")).text
+    assert 'decision="shadow_invalid_api_key"' in text
