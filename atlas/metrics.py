@@ -61,3 +61,6 @@ LEDGER_ERRORS = Counter(
     "Ledger calls that failed (Redis unreachable or erroring)",
     ["service", "op"],
 )
+REAPED = Counter(
+    "atlas_reaped_reservations_total", "Reservations settled by the reaper (never settled)"
+)

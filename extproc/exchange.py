@@ -25,6 +25,10 @@ from extproc.sse import SSEDecoder
 from extproc.usage import Endpoint, StreamAccountant, Usage, endpoint_for_path, usage_from_json
 
 AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"
+#: JSON responses up to this size are BUFFERED by Envoy (below its per-connection limit).
+MAX_BUFFERED_RESPONSE_BYTES = 4 << 20
+#: A JSON response is copied for counting up to this size; beyond, usage is estimated.
+MAX_COPIED_RESPONSE_BYTES = 16 << 20
 _FALSE = wrappers_pb2.BoolValue(value=False)
 
 _CONTINUE_REQUEST_HEADERS = ep.ProcessingResponse(
@@ -133,6 +137,7 @@ class Exchange:
         self._decoder: SSEDecoder | None = None
         self._accountant: StreamAccountant | None = None
         self._json_body = bytearray()
+        self._json_overflow = False
 
     # ---- request path ----------------------------------------------------------------
     def on_request_headers(self, headers: dict[str, str], metadata: dict[str, Any]) -> Any:
@@ -215,13 +220,25 @@ class Exchange:
             self._accountant = StreamAccountant(self.endpoint or Endpoint.CHAT)
             reply.mode_override.CopyFrom(_mode(pm.ProcessingMode.STREAMED))
         else:
-            reply.mode_override.CopyFrom(_mode(pm.ProcessingMode.BUFFERED))
+            # A JSON body with a known, modest length is read whole (Envoy keeps its
+            # Content-Length); anything else streams past in chunks that we copy, since a
+            # body over Envoy's buffer limit in BUFFERED mode would fail the response.
+            length = headers.get("content-length", "")
+            small = length.isdigit() and int(length) <= MAX_BUFFERED_RESPONSE_BYTES
+            mode = pm.ProcessingMode.BUFFERED if small else pm.ProcessingMode.STREAMED
+            reply.mode_override.CopyFrom(_mode(mode))
         return reply
 
     def on_response_body(self, body: bytes, end_of_stream: bool) -> Any:
         if self._decoder is None or self._accountant is None:
-            self._json_body += body
-            if end_of_stream:
+            if len(self._json_body) + len(body) <= MAX_COPIED_RESPONSE_BYTES:
+                self._json_body += body
+            else:
+                self._json_overflow = True  # too big to parse: the estimate stands
+            if end_of_stream and self._json_overflow:
+                self.response_done = True
+                self._json_body.clear()
+            elif end_of_stream:
                 self.response_done = True
                 self.usage = usage_from_json(bytes(self._json_body))
                 if self.usage is None:

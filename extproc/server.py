@@ -25,6 +25,7 @@ from atlas.ledger.protocol import Ledger, Settlement
 from atlas.ledger.redis import RedisLedger
 from atlas.settings import Settings
 from extproc.exchange import AUTHZ_NAMESPACE, Exchange
+from extproc.reaper import Reaper
 
 log = logging.getLogger("atlas.extproc")
 
@@ -100,9 +101,40 @@ class Settler:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
+_PASS_THROUGH: dict[str, Callable[[], Any]] = {
+    "request_headers": ep.HeadersResponse,
+    "response_headers": ep.HeadersResponse,
+    "request_body": ep.BodyResponse,
+    "response_body": ep.BodyResponse,
+    "request_trailers": ep.TrailersResponse,
+    "response_trailers": ep.TrailersResponse,
+}
+
+
 class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
     def __init__(self, settler: Settler) -> None:
         self._settler = settler
+
+    @staticmethod
+    def _handle(ex: Exchange, req: ep.ProcessingRequest, kind: str | None) -> Any:
+        if kind == "request_headers":
+            md_struct = req.metadata_context.filter_metadata.get(AUTHZ_NAMESPACE)
+            md = json_format.MessageToDict(md_struct) if md_struct is not None else {}
+            return ex.on_request_headers(_headers(req.request_headers), md)
+        if kind == "request_body":
+            return ex.on_request_body(req.request_body.body)
+        if kind == "response_headers":
+            return ex.on_response_headers(
+                _headers(req.response_headers), req.response_headers.end_of_stream
+            )
+        if kind == "response_body":
+            return ex.on_response_body(req.response_body.body, req.response_body.end_of_stream)
+        if kind == "response_trailers":
+            ex.response_done = True
+            return ep.ProcessingResponse(response_trailers=ep.TrailersResponse())
+        if kind == "request_trailers":
+            return ep.ProcessingResponse(request_trailers=ep.TrailersResponse())
+        raise ValueError(f"unknown ProcessingRequest {kind!r}")
 
     async def Process(
         self, request_iterator: AsyncIterator[ep.ProcessingRequest], context: Any
@@ -111,25 +143,15 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
         try:
             async for req in request_iterator:
                 kind = req.WhichOneof("request")
-                if kind == "request_headers":
-                    md_struct = req.metadata_context.filter_metadata.get(AUTHZ_NAMESPACE)
-                    md = json_format.MessageToDict(md_struct) if md_struct is not None else {}
-                    yield ex.on_request_headers(_headers(req.request_headers), md)
-                elif kind == "request_body":
-                    yield ex.on_request_body(req.request_body.body)
-                elif kind == "response_headers":
-                    yield ex.on_response_headers(
-                        _headers(req.response_headers), req.response_headers.end_of_stream
-                    )
-                elif kind == "response_body":
-                    yield ex.on_response_body(
-                        req.response_body.body, req.response_body.end_of_stream
-                    )
-                elif kind == "request_trailers":
-                    yield ep.ProcessingResponse(request_trailers=ep.TrailersResponse())
-                elif kind == "response_trailers":
-                    ex.response_done = True
-                    yield ep.ProcessingResponse(response_trailers=ep.TrailersResponse())
+                try:
+                    reply = self._handle(ex, req, kind)
+                except Exception:
+                    # Hostile or unexpected input must never break the client's response:
+                    # pass this message through untouched and count what we can.
+                    log.exception("extproc could not process %s; passing it through", kind)
+                    metrics.DECISIONS.labels(service="extproc", decision="error").inc()
+                    reply = ep.ProcessingResponse(**{kind: _PASS_THROUGH[kind]()})
+                yield reply
         finally:
             # Reached on normal end, on half-close without end_of_stream and on cancellation.
             settlement = ex.settlement()
@@ -147,6 +169,13 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
         inflight = InflightGauge(ledger.add_inflight, interval_s=settings.inflight_sync_s)
         background.append(asyncio.create_task(inflight.run()))
     settler = Settler(ledger, inflight=inflight)
+    reaper = Reaper(
+        ledger,
+        interval_s=settings.reap_interval_s,
+        charge=settings.reap_charge_reserved,
+        inflight=inflight,
+    )
+    background.append(asyncio.create_task(reaper.run()))
     processor = ExternalProcessor(settler)
     address = f"{settings.extproc_host}:{settings.extproc_port}"
     try:

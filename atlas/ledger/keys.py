@@ -29,6 +29,11 @@ def secret_index(secret_hash: str) -> str:
     return f"{ROOT}:secret:{secret_hash}"
 
 
+def lock(name: str) -> str:
+    """String with a PX expiry: a lease one replica holds (e.g. the reaper's)."""
+    return f"{ROOT}:{{g}}:lock:{name}"
+
+
 def tag(key_id: str) -> str:
     return f"{ROOT}:{{k:{key_id}}}:"
 

@@ -62,6 +62,13 @@ class SettleResult:
 
 
 @dataclass(slots=True, frozen=True)
+class ReapTotals:
+    reaped: int  # reservations settled by the reaper
+    charged: int  # tokens charged for them
+    released: int  # tokens they had reserved
+
+
+@dataclass(slots=True, frozen=True)
 class Window:
     limit: int
     used: int

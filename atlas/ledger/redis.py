@@ -22,6 +22,7 @@ from atlas.ledger.protocol import (
     Admission,
     AdmitRequest,
     KeyUsage,
+    ReapTotals,
     Settlement,
     SettleResult,
     Window,
@@ -32,6 +33,8 @@ from atlas.windows import window_names
 log = logging.getLogger(__name__)
 
 DONE_MARKER_TTL_S = 3 * 86400
+#: Reservations one reap call settles per key; the next pass takes the rest.
+REAP_BATCH = 100
 
 
 def _load_script(name: str) -> str:
@@ -61,6 +64,10 @@ def connect(settings: Settings) -> Any:
         **opts,
     )
     return aioredis.Redis.from_pool(pool)  # aclose() closes the pool too
+
+
+def _reap_keys(key_id: str) -> list[str]:
+    return [keys.reservations(key_id), keys.reservation_expiry(key_id), keys.window_prefix(key_id)]
 
 
 class RedisLedger:
@@ -265,14 +272,40 @@ class RedisLedger:
         return int(await self._call("inflight", lambda: self._r.incrby(keys.INFLIGHT, delta)))
 
     async def reap(self, key_id: str, *, charge: bool = True) -> tuple[int, int]:
+        """Settle one key's expired reservations: (count, tokens charged)."""
         ks = [
             keys.reservations(key_id),
             keys.reservation_expiry(key_id),
             keys.window_prefix(key_id),
         ]
-        args = [self._tz_s, int(charge), 100, DONE_MARKER_TTL_S, self._hist_ttl_s]
-        r = await self._call("reap", lambda: self._reap(keys=ks, args=args))
+        r = await self._call("reap", lambda: self._reap(keys=ks, args=self._reap_args(charge)))
         return int(r[0]), int(r[1])
+
+    def _reap_args(self, charge: bool) -> list[int]:
+        return [self._tz_s, int(charge), REAP_BATCH, DONE_MARKER_TTL_S, self._hist_ttl_s]
+
+    async def reap_keys(self, key_ids: Sequence[str], *, charge: bool = True) -> ReapTotals:
+        """Reap many keys in one pipelined round trip."""
+
+        async def run() -> list[Any]:
+            pipe = self._r.pipeline(transaction=False)
+            for kid in key_ids:
+                await self._reap(keys=_reap_keys(kid), args=self._reap_args(charge), client=pipe)
+            return cast(list[Any], await pipe.execute())
+
+        rows = await self._call("reap", run)
+        return ReapTotals(
+            reaped=sum(int(r[0]) for r in rows),
+            charged=sum(int(r[1]) for r in rows),
+            released=sum(int(r[2]) for r in rows),
+        )
+
+    async def try_lock(self, name: str, owner: str, ttl_ms: int) -> bool:
+        """A lease held by one process among replicas until `ttl_ms` passes."""
+        got = await self._call(
+            "lock", lambda: self._r.set(keys.lock(name), owner, nx=True, px=ttl_ms)
+        )
+        return bool(got)
 
     async def usage(self, rec: KeyRecord) -> KeyUsage:
         async def run() -> tuple[Any, ...]:

@@ -18,6 +18,7 @@ def test_global_names() -> None:
     assert keys.secret_index("ab") == "atlas:secret:ab"
     assert keys.KEY_INDEX == "atlas:{g}:keys"
     assert keys.INFLIGHT == "atlas:{g}:inflight"
+    assert keys.lock("reaper") == "atlas:{g}:lock:reaper"
     assert keys.GLOBAL_PREFIX == "atlas:{g}:"
     assert keys.model_prefix("gpt-x") == "atlas:{m:gpt-x}:"
     assert keys.KEY_CHANGED_CHANNEL == "atlas:keys:changed"

@@ -3,7 +3,7 @@
 -- KEYS[1] reservations hash   KEYS[2] reservation expiry zset   KEYS[3] window prefix
 -- ARGV[1] tz offset s   ARGV[2] charge (1 = charge the reserved amount, 0 = release only)
 -- ARGV[3] max reservations per call   ARGV[4] done-marker ttl s   ARGV[5] history ttl s
--- Returns {reaped count, tokens charged}
+-- Returns {reaped count, tokens charged, tokens released from reservations}
 
 local tz = tonumber(ARGV[1])
 local charge = ARGV[2] == '1'
@@ -14,6 +14,7 @@ local hour_key = KEYS[3] .. 'h:' .. c.hour
 
 local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', c.now_ms, 'LIMIT', 0, tonumber(ARGV[3]))
 local charged_total = 0
+local released_total = 0
 for _, rid in ipairs(expired) do
   local resv = redis.call('HGET', KEYS[1], rid)
   if resv then
@@ -30,8 +31,9 @@ for _, rid in ipairs(expired) do
     incr_window(hour_key, 'reaped_tokens', charged, hist_ttl)
     redis.call('SET', KEYS[3] .. 'done:' .. rid, 'reaped:' .. charged, 'EX', done_ttl)
     charged_total = charged_total + charged
+    released_total = released_total + reserved
     redis.call('HDEL', KEYS[1], rid)
   end
   redis.call('ZREM', KEYS[2], rid)
 end
-return {#expired, charged_total}
+return {#expired, charged_total, released_total}

@@ -1,0 +1,184 @@
+"""Issue 4 end to end: every response becomes an exact charge, clients see what the upstream
+sent, and every reservation ends settled."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import openai
+
+from atlas.stack import Stack
+from tests.e2e.conftest import MakeKey
+
+MESSAGES = [{"role": "user", "content": "Tell me about foxes."}]  # 5 prompt tokens
+Client = Callable[[str], openai.AsyncOpenAI]
+
+
+async def settled(admin: httpx.AsyncClient, key_id: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 10
+    while True:
+        u: dict[str, Any] = (await admin.get(f"/v1/admin/keys/{key_id}/usage")).json()
+        if u["open_reservations"] == 0 and u["daily"]["reserved"] == 0:
+            return u
+        assert time.monotonic() < deadline, u
+        await asyncio.sleep(0.02)
+
+
+async def test_non_stream_and_stream_charge_exactly_total_tokens(
+    make_key: MakeKey, client_for: Client, admin: httpx.AsyncClient
+) -> None:
+    key = await make_key()
+    client = client_for(key["api_key"])
+    plain = await client.chat.completions.create(
+        model="demo-small", messages=MESSAGES, max_tokens=17
+    )
+    stream = await client.chat.completions.create(
+        model="demo-small", messages=MESSAGES, max_tokens=23, stream=True
+    )
+    async for _ in stream:
+        pass
+    u = await settled(admin, key["id"])
+    assert plain.usage is not None
+    assert u["daily"]["used"] == plain.usage.total_tokens + (5 + 23)
+    assert u["daily"]["requests"] == 2
+
+
+async def test_client_asking_for_usage_receives_the_usage_chunk(
+    make_key: MakeKey, client_for: Client, admin: httpx.AsyncClient
+) -> None:
+    key = await make_key()
+    stream = await client_for(key["api_key"]).chat.completions.create(
+        model="demo-small",
+        messages=MESSAGES,
+        max_tokens=9,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = [c async for c in stream]
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens == 14
+    assert (await settled(admin, key["id"]))["daily"]["used"] == 14
+
+
+async def test_legacy_completions_stream_is_counted_and_stripped(
+    make_key: MakeKey, client_for: Client, admin: httpx.AsyncClient
+) -> None:
+    key = await make_key()
+    stream = await client_for(key["api_key"]).completions.create(
+        model="demo-small", prompt="Once upon a time", max_tokens=11, stream=True
+    )
+    chunks = [c async for c in stream]
+    assert all(c.choices for c in chunks)
+    assert (await settled(admin, key["id"]))["daily"]["used"] == 4 + 11
+
+
+async def test_embeddings_and_responses_are_charged(
+    make_key: MakeKey, client_for: Client, admin: httpx.AsyncClient
+) -> None:
+    key = await make_key()
+    client = client_for(key["api_key"])
+    emb = await client.embeddings.create(model="demo-embed", input=["abcdefgh", "abcd"])
+    resp = await client.responses.create(
+        model="demo-small", input="Tell me about foxes.", max_output_tokens=16
+    )
+    stream = await client.responses.create(
+        model="demo-small", input="Tell me about foxes.", max_output_tokens=20, stream=True
+    )
+    events = [e async for e in stream]
+    assert events[-1].type == "response.completed"
+    u = await settled(admin, key["id"])
+    assert resp.usage is not None
+    assert u["daily"]["used"] == emb.usage.total_tokens + resp.usage.total_tokens + (5 + 20)
+
+
+async def test_client_hanging_up_mid_stream_is_charged_what_was_generated(
+    make_key: MakeKey, client_for: Client, admin: httpx.AsyncClient
+) -> None:
+    key = await make_key()
+    stream = await client_for(key["api_key"]).chat.completions.create(
+        model="demo-small",
+        messages=MESSAGES,
+        max_tokens=200,
+        stream=True,
+        extra_headers={"x-demo-chunk-delay-ms": "10"},
+    )
+    received = 0
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            received += 1
+            if received == 5:
+                break
+    await stream.close()
+    u = await settled(admin, key["id"])
+    assert 5 + 5 <= u["daily"]["used"] < 5 + 200
+
+
+async def test_upstream_error_charges_nothing(
+    make_key: MakeKey, client_for: Client, admin: httpx.AsyncClient
+) -> None:
+    key = await make_key()
+    client = client_for(key["api_key"])
+    for stream in (False, True):
+        try:
+            await client.chat.completions.create(
+                model="demo-small",
+                messages=MESSAGES,
+                max_tokens=50,
+                stream=stream,
+                extra_headers={"x-demo-status": "500"},
+            )
+        except openai.InternalServerError:
+            pass
+        else:
+            raise AssertionError("expected a 500")
+    u = await settled(admin, key["id"])
+    assert u["daily"]["used"] == 0 and u["daily"]["requests"] == 2
+
+
+async def test_64_concurrent_streams_on_one_key_charge_exactly(
+    make_key: MakeKey, client_for: Client, admin: httpx.AsyncClient
+) -> None:
+    key = await make_key(burst=100, rate_per_sec=100)
+    client = client_for(key["api_key"])
+
+    async def one() -> str:
+        stream = await client.chat.completions.create(
+            model="demo-small", messages=MESSAGES, max_tokens=32, stream=True
+        )
+        return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+
+    texts = await asyncio.gather(*(one() for _ in range(64)))
+    assert all(len(t) == 4 * 32 for t in texts)
+    u = await settled(admin, key["id"])
+    assert u["daily"]["used"] == 64 * (5 + 32)
+
+
+async def test_upstream_without_usage_is_estimated_within_15_percent(
+    make_key: MakeKey, client_for: Client, admin: httpx.AsyncClient, stack: Stack
+) -> None:
+    key = await make_key()
+    client = client_for(key["api_key"])
+    long_prompt = [{"role": "user", "content": "A fox jumps over the lazy dog. " * 20}]
+    truth = 150 + 120  # the demo upstream's tokenizer: 600 prompt chars / 4, 120 tokens
+    stream = await client.chat.completions.create(
+        model="demo-small",
+        messages=long_prompt,
+        max_tokens=120,
+        stream=True,
+        extra_headers={"x-demo-no-usage": "1"},
+    )
+    async for _ in stream:
+        pass
+    used = (await settled(admin, key["id"]))["daily"]["used"]
+    assert abs(used - truth) <= 0.15 * truth
+    async with httpx.AsyncClient() as raw:
+        text = (
+            await raw.get(f"http://127.0.0.1:{stack.settings.extproc_metrics_port}/metrics")
+        ).text
+    assert (
+        'atlas_settlements_total{outcome="completed",source="estimated",status="settled"}' in text
+    )
