@@ -654,11 +654,7 @@ def _chat(body: dict[str, Any], hooks: _Hooks) -> tuple[dict[str, Any] | None, _
             "system_fingerprint": None,
         }
         if not hooks.no_usage:
-            response["usage"] = {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-            }
+            response["usage"] = _usage_dict(prompt_tokens, completion_tokens)
         return response, None
 
     events = _choice_chunks(
@@ -666,6 +662,14 @@ def _chat(body: dict[str, Any], hooks: _Hooks) -> tuple[dict[str, Any] | None, _
         _usage_json(prompt_tokens, completion_tokens) if include_usage else None, chat=True,
     )  # fmt: skip
     return None, _StreamPlan(events, done_marker=True)
+
+
+def _usage_dict(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 def _completions(
@@ -700,11 +704,7 @@ def _completions(
             "system_fingerprint": None,
         }
         if not hooks.no_usage:
-            response["usage"] = {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-            }
+            response["usage"] = _usage_dict(prompt_tokens, completion_tokens)
         return response, None
 
     events = _choice_chunks(

@@ -56,3 +56,9 @@ async def wait_for_shutdown() -> None:
     finally:
         for sig in installed:
             loop.remove_signal_handler(sig)
+
+
+async def stop_tasks(tasks: list[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)

@@ -48,6 +48,24 @@ def valkey_binary() -> str:
     return str(get_binary_path())
 
 
+def valkey_argv(port: int, workdir: Path, *extra: str) -> list[str]:
+    """A throw-away valkey-server on 127.0.0.1: no persistence, data under `workdir`."""
+    return [
+        valkey_binary(),
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(workdir),
+        *extra,
+    ]
+
+
 def _die_with_parent() -> None:
     # Runs in the child before exec: a killed `atlas up` (even SIGKILL) takes its children.
     with contextlib.suppress(OSError, AttributeError):
@@ -137,21 +155,7 @@ class Stack:
             await self._spawn(
                 Child(
                     "valkey",
-                    [
-                        valkey_binary(),
-                        "--port",
-                        str(port),
-                        "--bind",
-                        "127.0.0.1",
-                        "--save",
-                        "",
-                        "--appendonly",
-                        "no",
-                        "--dir",
-                        str(self.workdir),
-                        "--loglevel",
-                        "warning",
-                    ],
+                    valkey_argv(port, self.workdir, "--loglevel", "warning"),
                     ready=lambda: _redis_ping(s.redis_url),
                 )
             )

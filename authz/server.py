@@ -19,7 +19,7 @@ from google.protobuf import struct_pb2, wrappers_pb2
 from google.rpc import code_pb2, status_pb2
 
 from atlas.errors import Denied
-from atlas.grpc_service import grpc_server, wait_for_shutdown
+from atlas.grpc_service import grpc_server, stop_tasks, wait_for_shutdown
 from atlas.inflight import InflightGauge
 from atlas.ledger.redis import RedisLedger
 from atlas.metrics import DECISIONS
@@ -191,9 +191,7 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
                 ready.set()
             await wait_for_shutdown()
     finally:
-        for task in background:
-            task.cancel()
-        await asyncio.gather(*background, return_exceptions=True)
+        await stop_tasks(background)
         if shedder is not None:
             await shedder.gauge.flush()
         await ledger.close()

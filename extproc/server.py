@@ -19,7 +19,7 @@ from google.protobuf import json_format
 
 from atlas import metrics
 from atlas.errors import LedgerUnavailable
-from atlas.grpc_service import grpc_server, wait_for_shutdown
+from atlas.grpc_service import grpc_server, stop_tasks, wait_for_shutdown
 from atlas.inflight import InflightGauge
 from atlas.ledger.protocol import Ledger, Settlement
 from atlas.ledger.redis import RedisLedger
@@ -192,9 +192,7 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
             await wait_for_shutdown()
     finally:
         await settler.drain()  # every settlement task, or its usage would only be reaped
-        for task in background:
-            task.cancel()
-        await asyncio.gather(*background, return_exceptions=True)
+        await stop_tasks(background)
         if inflight is not None:
             await inflight.flush()
         await ledger.close()

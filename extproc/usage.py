@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from atlas.requestbody import CHARS_PER_TOKEN as _CHARS_PER_TOKEN
 from atlas.requestbody import estimate_prompt_tokens
 from extproc.sse import Event
 
@@ -26,18 +27,8 @@ __all__ = [
     "usage_from_json",
 ]
 
-__all__ = [
-    "Endpoint",
-    "StreamAccountant",
-    "Usage",
-    "endpoint_for_path",
-    "estimate_prompt_tokens",
-    "usage_from_json",
-]
-
 # Counters end up in int64 ledger fields; anything larger is garbage, not a token count.
 _MAX_TOKENS = (1 << 63) - 1
-_CHARS_PER_TOKEN = 4
 # Client bodies are parsed JSON; bounding the walk keeps a hostile, deeply nested body from
 # costing more than its size or hitting the recursion limit.
 _MAX_DEPTH = 8

@@ -3,8 +3,6 @@ per test) and log dumps on failure."""
 
 from __future__ import annotations
 
-import subprocess
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -14,46 +12,14 @@ import redis
 
 from atlas.ledger.redis import RedisLedger
 from atlas.settings import Settings
-from atlas.stack import free_port, valkey_binary
+from tests.servers import start_valkey, stop
 
 
 @pytest.fixture(scope="session")
 def valkey_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    workdir: Path = tmp_path_factory.mktemp("valkey")
-    proc = subprocess.Popen(
-        [
-            valkey_binary(),
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise
-            time.sleep(0.02)
-    client.close()
+    proc, url = start_valkey(tmp_path_factory.mktemp("valkey"))
     yield url
-    proc.terminate()
-    proc.wait(10)
+    stop(proc)
 
 
 @pytest.fixture

@@ -9,27 +9,17 @@ import time
 
 import redis
 
-from atlas.keymodel import KeyRecord, hash_secret
+from atlas.keymodel import KeyRecord
 from atlas.ledger import keys
 from atlas.ledger.protocol import AdmitRequest, Settlement
 from atlas.ledger.redis import RedisLedger
 from atlas.settings import Settings
 from atlas.windows import window_names
+from tests.factories import key_record
 
 
 def key(**kw: object) -> KeyRecord:
-    base: dict[str, object] = dict(
-        id="key_a",
-        name="a",
-        secret_hash=hash_secret("a" * 20),
-        secret_hint="aaa",
-        daily_limit=1_000_000,
-        monthly_limit=10_000_000,
-        rate_per_sec=1000,
-        burst=1000,
-    )
-    base.update(kw)
-    return KeyRecord(**base)  # type: ignore[arg-type]
+    return key_record("a" * 20, id="key_a", **kw)
 
 
 def req(

@@ -14,28 +14,19 @@ from pathlib import Path
 import pytest
 import redis
 
-from atlas.keymodel import KeyRecord, hash_secret
+from atlas.keymodel import KeyRecord
 from atlas.ledger.redis import RedisLedger
 from atlas.settings import Settings
-from atlas.stack import free_port, valkey_binary
+from atlas.stack import free_port
+from tests.factories import key_record
 from tests.integration.authz_client import check_request, headers_of, running_authz, status_of
+from tests.servers import start_valkey, stop
 
 SECRET = "sk-atlas-integration-0123456789"
 
 
 def key(**kw: object) -> KeyRecord:
-    base: dict[str, object] = dict(
-        id="key_i",
-        name="i",
-        secret_hash=hash_secret(SECRET),
-        secret_hint="sk-atlas-int",
-        daily_limit=1_000_000,
-        monthly_limit=10_000_000,
-        rate_per_sec=1000,
-        burst=1000,
-    )
-    base.update(kw)
-    return KeyRecord(**base)  # type: ignore[arg-type]
+    return key_record(SECRET, id="key_i", **kw)
 
 
 class Monitor:
@@ -111,36 +102,9 @@ async def test_unreachable_redis_denies_fast_in_deny_mode(settings: Settings) ->
 
 @pytest.fixture
 def own_valkey(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            valkey_binary(),
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(tmp_path),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-    for _ in range(200):
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            time.sleep(0.02)
-    client.close()
+    proc, url = start_valkey(tmp_path)
     yield url, proc
-    proc.kill()
-    proc.wait()
+    stop(proc)
 
 
 async def test_local_fail_mode_limits_known_keys_when_redis_stops(

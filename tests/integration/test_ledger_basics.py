@@ -4,25 +4,15 @@ from __future__ import annotations
 
 import redis
 
-from atlas.keymodel import KeyRecord, hash_secret
+from atlas.keymodel import KeyRecord
 from atlas.ledger.protocol import AdmitRequest, Settlement
 from atlas.ledger.redis import RedisLedger
 from atlas.windows import window_names
+from tests.factories import key_record
 
 
 def key(**kw: object) -> KeyRecord:
-    base: dict[str, object] = dict(
-        id="key_t",
-        name="t",
-        secret_hash=hash_secret("s" * 20),
-        secret_hint="sss",
-        daily_limit=10_000,
-        monthly_limit=100_000,
-        rate_per_sec=100,
-        burst=100,
-    )
-    base.update(kw)
-    return KeyRecord(**base)  # type: ignore[arg-type]
+    return key_record("s" * 20, id="key_t", daily_limit=10_000, monthly_limit=100_000, **kw)
 
 
 def req(rid: str, prompt: int = 10, completion: int = 90) -> AdmitRequest:

@@ -5,25 +5,17 @@ from __future__ import annotations
 import redis
 
 from atlas.inflight import InflightGauge
-from atlas.keymodel import KeyRecord, hash_secret
+from atlas.keymodel import KeyRecord
 from atlas.ledger import keys
 from atlas.ledger.protocol import AdmitRequest
 from atlas.ledger.redis import RedisLedger
 from atlas.windows import window_names
 from extproc.reaper import Reaper
+from tests.factories import key_record
 
 
 def key(i: int) -> KeyRecord:
-    return KeyRecord(
-        id=f"key_{i}",
-        name="r",
-        secret_hash=hash_secret(f"s{i}" * 10),
-        secret_hint="s",
-        daily_limit=100_000,
-        monthly_limit=1_000_000,
-        rate_per_sec=100,
-        burst=100,
-    )
+    return key_record(f"s{i}" * 10, id=f"key_{i}")
 
 
 async def test_reaper_settles_expired_reservations_of_every_key_once(

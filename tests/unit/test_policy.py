@@ -7,28 +7,19 @@ from typing import Any
 import pytest
 
 from atlas.errors import Denied
-from atlas.keymodel import KeyRecord, hash_secret
+from atlas.keymodel import KeyRecord
 from atlas.settings import Settings
 from authz.keycache import KeyCache
 from authz.policy import Authorizer, CheckInput, bearer_token, ratelimit_headers
+from tests.factories import key_record
 from tests.unit.fakes import FakeLedger, admission
 
 SECRET = "sk-atlas-test-secret-0123456789"
 
 
 def make_key(**kw: Any) -> KeyRecord:
-    base: dict[str, Any] = dict(
-        id="key_1",
-        name="t",
-        secret_hash=hash_secret(SECRET),
-        secret_hint="sk-atlas-tes",
-        daily_limit=10_000,
-        monthly_limit=100_000,
-        rate_per_sec=5,
-        burst=10,
-    )
-    base.update(kw)
-    return KeyRecord(**base)
+    fields = {"daily_limit": 10_000, "monthly_limit": 100_000, "rate_per_sec": 5, "burst": 10}
+    return key_record(SECRET, **{**fields, **kw})
 
 
 def inp(body: dict[str, Any] | None = None, **headers: str) -> CheckInput:
