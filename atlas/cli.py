@@ -92,6 +92,8 @@ COMMAND_FIELDS["up"] = [
     "extproc_metrics_port",
     "demo_upstream_port",
     "log_level",
+    "max_request_bytes",
+    "grpc_max_message_bytes",
     *_ADMISSION,
     *_ACCOUNTING,
     *_KEY_DEFAULTS,

@@ -78,7 +78,7 @@ class EnvoyParams:
     authz_body_bytes: int = 65536
     extproc_message_timeout: str = "2s"
     extproc_failure_mode_allow: bool = False
-    buffer_limit_bytes: int = 8 << 20
+    max_request_bytes: int = 8 << 20
 
 
 def render(params: EnvoyParams, template: str = "atlas.yaml.tmpl") -> str:
@@ -104,7 +104,9 @@ def render(params: EnvoyParams, template: str = "atlas.yaml.tmpl") -> str:
         "listen_port": params.listen_port,
         "admin_address": params.admin_address,
         "envoy_admin_port": params.envoy_admin_port,
-        "buffer_limit_bytes": params.buffer_limit_bytes,
+        "max_request_bytes": params.max_request_bytes,
+        # Room above the body limit for headers and framing, so body_size_limit decides.
+        "buffer_limit_bytes": params.max_request_bytes + (1 << 20),
         "authz_timeout": params.authz_timeout,
         "authz_body_bytes": params.authz_body_bytes,
         "extproc_message_timeout": params.extproc_message_timeout,

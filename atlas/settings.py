@@ -10,7 +10,14 @@ from __future__ import annotations
 import os
 from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from atlas.errors import ConfigError
@@ -66,6 +73,9 @@ class Settings(BaseSettings):
     admin_port: int = Field(8081, ge=0, le=65535, description="Admin REST port")
     envoy_admin_url: str | None = Field(
         None, description="Envoy admin URL that admin /healthz checks (e.g. http://127.0.0.1:9901)"
+    )
+    max_request_bytes: int = Field(
+        8 << 20, gt=0, description="Largest request body Envoy accepts (larger: 413), bytes"
     )
     grpc_max_message_bytes: int = Field(
         32 << 20, gt=0, description="Max gRPC message size (bodies up to this reach extproc)"
@@ -178,6 +188,15 @@ class Settings(BaseSettings):
         if v is not None and not v.startswith(("http://", "https://")):
             raise ValueError("must be an http:// or https:// URL")
         return v
+
+    @model_validator(mode="after")
+    def _bodies_fit_grpc(self) -> Settings:
+        if self.grpc_max_message_bytes <= self.max_request_bytes:
+            raise ValueError(
+                "grpc_max_message_bytes must exceed max_request_bytes: extproc receives "
+                "whole request bodies in one gRPC message"
+            )
+        return self
 
     def admin_token_value(self) -> str:
         if self.admin_token is None:

@@ -219,6 +219,7 @@ class Stack:
                     authz=[(s.authz_host, s.authz_port)],
                     extproc=[(s.extproc_host, s.extproc_port)],
                     atlas_admin=(s.admin_host, s.admin_port),
+                    max_request_bytes=s.max_request_bytes,
                 )
             )
         )
