@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from admin.routes import health, keys, usage
+from admin.routes import audit, forecasting, health, history, keys, usage
 from atlas import metrics
 from atlas.errors import LedgerUnavailable
 from atlas.ledger.redis import RedisLedger
@@ -45,4 +45,7 @@ def create_app(settings: Settings, ledger: RedisLedger | None = None) -> FastAPI
     app.include_router(health.router)
     app.include_router(keys.router)
     app.include_router(usage.router)
+    app.include_router(history.router)
+    app.include_router(audit.router)
+    app.include_router(forecasting.router)
     return app

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
@@ -64,3 +65,25 @@ async def require_client_key(request: Request, ledger: LedgerDep) -> KeyRecord:
 
 
 ClientKeyDep = Annotated[KeyRecord, Depends(require_client_key)]
+
+
+@dataclass(slots=True, frozen=True)
+class Caller:
+    """Who is asking: the admin (any key) or a key holder (their own key only)."""
+
+    key: KeyRecord | None  # None for the admin
+
+    @property
+    def is_admin(self) -> bool:
+        return self.key is None
+
+
+async def identify_caller(request: Request, settings: SettingsDep, ledger: LedgerDep) -> Caller:
+    token = _presented_token(request)
+    expected = settings.admin_token.get_secret_value() if settings.admin_token else None
+    if token and expected and hmac.compare_digest(token.encode(), expected.encode()):
+        return Caller(None)
+    return Caller(await require_client_key(request, ledger))
+
+
+CallerDep = Annotated[Caller, Depends(identify_caller)]

@@ -20,6 +20,9 @@ class _Limits(BaseModel):
     burst: int | None = Field(None, ge=1, le=1_000_000, description="Requests allowed at once")
     tokens_per_minute: int | None = Field(None, ge=1, description="Token rate; unset = none")
     max_concurrent: int | None = Field(None, ge=1, description="Open requests; unset = none")
+    monthly_budget_usd: float | None = Field(
+        None, gt=0, description="Monthly spend limit in USD (model prices); unset = none"
+    )
     priority: Priority | None = Field(None, description="Default priority of requests")
     max_priority: Priority | None = Field(None, description="Highest priority a request may ask")
     models: list[str] | None = Field(None, description="Allowed models; unset = any")
@@ -53,6 +56,7 @@ class KeyPublic(BaseModel):
     burst: int
     tokens_per_minute: int | None
     max_concurrent: int | None
+    monthly_budget_usd: float | None
     priority: Priority
     max_priority: Priority
     models: list[str] | None
@@ -86,6 +90,7 @@ class WindowOut(BaseModel):
     remaining: int
     requests: int
     resets_at: datetime
+    spend_usd: float
 
 
 class UsageOut(BaseModel):
@@ -94,6 +99,7 @@ class UsageOut(BaseModel):
     daily: WindowOut
     monthly: WindowOut
     open_reservations: int
+    monthly_budget_usd: float | None
     # Atlas's flat fields, kept for its clients.
     daily_used: int
     daily_limit: int

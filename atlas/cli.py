@@ -156,6 +156,15 @@ def build_parser() -> argparse.ArgumentParser:
     for command, fields in COMMAND_FIELDS.items():
         p = sub.add_parser(command, help=helps[command], description=helps[command])
         add_settings_flags(p, fields)
+    sim = sub.add_parser(
+        "simulate",
+        help="backfill realistic usage history (new keys) to see forecasts at once",
+        description="Create keys with weeks of hourly usage history in the ledger.",
+    )
+    sim.add_argument("--days", type=int, default=28, help="days of history [default 28]")
+    sim.add_argument("--keys", type=int, default=4, help="keys to create [default 4]")
+    sim.add_argument("--seed", type=int, default=1, help="random seed [default 1]")
+    add_settings_flags(sim, [*_COMMON, "window_utc_offset_min", "history_days"])
     demo = sub.add_parser(
         "demo-upstream", help="run the demo OpenAI-compatible upstream", add_help=False
     )
@@ -222,6 +231,23 @@ def _render_envoy(ns: argparse.Namespace) -> int:
     return 0
 
 
+async def _simulate(settings: Settings, days: int, keys: int, seed: int) -> int:
+    from atlas.ledger.redis import RedisLedger
+    from atlas.simulate import backfill
+
+    if not 1 <= days <= settings.history_days or not 1 <= keys <= 1000:
+        raise ConfigError(f"--days must be 1..{settings.history_days} and --keys 1..1000")
+    ledger = RedisLedger.from_settings(settings)
+    try:
+        created = await backfill(ledger, days=days, keys=keys, seed=seed)
+    finally:
+        await ledger.close()
+    for rec, secret in created:
+        print(f"{rec.id}  {rec.name:<16} daily_limit={rec.daily_limit:<8} api_key={secret}")
+    print(f"atlas simulate: {len(created)} keys with {days} days of hourly history")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     try:
@@ -233,6 +259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _render_envoy(ns)
         overrides = {k: v for k, v in vars(ns).items() if k in Settings.model_fields}
         settings = load_settings(overrides)
+        if ns.command == "simulate":
+            return asyncio.run(_simulate(settings, ns.days, ns.keys, ns.seed))
         if ns.command == "up":
             from atlas.stack import run_up
 

@@ -53,6 +53,7 @@ class KeyRecord(BaseModel):
     burst: int
     tokens_per_minute: int | None = None
     max_concurrent: int | None = None
+    monthly_budget_usd: float | None = None
     priority: Priority = "normal"
     max_priority: Priority = "critical"
     models: list[str] | None = None

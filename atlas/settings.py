@@ -21,6 +21,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from atlas.errors import ConfigError
+from atlas.pricing import ModelPrice
 
 Priority = Literal["low", "normal", "high", "critical"]
 PRIORITIES: tuple[Priority, ...] = ("low", "normal", "high", "critical")
@@ -157,6 +158,16 @@ class Settings(BaseSettings):
     )
     upstream_api_key: SecretStr | None = Field(
         None, description="Credential sent upstream as `Authorization: Bearer` instead"
+    )
+
+    model_prices: dict[str, ModelPrice] = Field(
+        default_factory=dict,
+        description='USD per 1M tokens, JSON: {"model": {"prompt": 2.5, "completion": 10}};'
+        ' "*" prices any other model (environment only)',
+    )
+
+    upstream_capacity_tokens_per_s: float = Field(
+        0, ge=0, description="What the upstream can serve, tokens/s (capacity advice; 0 unknown)"
     )
 
     # --- accounting -----------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import json
 import os
 import secrets
 import signal
@@ -83,7 +84,11 @@ def settings_env(settings: Settings) -> dict[str, str]:
             continue
         if isinstance(value, SecretStr):
             value = value.get_secret_value()
-        env[f"ATLAS_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
+        if isinstance(value, bool):
+            value = str(value).lower()
+        elif isinstance(value, dict | list):
+            value = json.dumps(value)  # pydantic-settings reads complex values as JSON
+        env[f"ATLAS_{name.upper()}"] = str(value)
     env["PYTHONUNBUFFERED"] = "1"
     return env
 

@@ -14,6 +14,7 @@ from atlas import metrics
 from atlas.errors import Denied, LedgerUnavailable
 from atlas.keymodel import KeyRecord, cap_priority, hash_secret
 from atlas.ledger.protocol import Admission, AdmitRequest, Ledger
+from atlas.pricing import PriceBook
 from atlas.requestbody import LLMRequest, parse_llm_request
 from atlas.settings import PRIORITIES, Priority, Settings
 from authz.keycache import KeyCache
@@ -85,6 +86,7 @@ class Authorizer:
         self._local = local if local is not None else LocalLimiter()
         self._new_id = new_id
         self._clock = clock
+        self._prices = PriceBook(settings.model_prices)
         self._ceilings: dict[str, float] = {
             "low": settings.ceiling_low,
             "normal": settings.ceiling_normal,
@@ -149,6 +151,7 @@ class Authorizer:
             ceiling=self._ceilings[priority],
             shadow=shadow,
             clamp=self._s.clamp_max_tokens,
+            cost_micros=self._prices.cost_micros(req.model, req.prompt_tokens, completion),
         )
         if degraded:
             return self._admit_locally(key, admit, req)
@@ -245,8 +248,8 @@ class Authorizer:
 
 
 def _count_refusal(reason: str, key_id: str) -> None:
-    if reason.startswith("quota_"):
-        metrics.QUOTA_REJECTIONS.labels(key_id=key_id, window=reason.removeprefix("quota_")).inc()
+    if reason.startswith(("quota_", "budget_")):
+        metrics.QUOTA_REJECTIONS.labels(key_id=key_id, window=reason).inc()
     else:
         metrics.RATE_LIMIT_REJECTIONS.labels(key_id=key_id, limit=reason).inc()
 
@@ -280,11 +283,15 @@ def refusal(a: Admission, key: KeyRecord) -> Denied:
     """Translate a refused admission into the OpenAI-shaped 429."""
     retry_s = max(1, math.ceil(a.retry_after_ms / 1000))
     headers = ratelimit_headers(a, key)
-    if a.reason.startswith("quota_"):
-        window = "daily" if a.reason == "quota_daily" else "monthly"
+    if a.reason.startswith(("quota_", "budget_")):
+        what = {
+            "quota_daily": "daily token quota",
+            "quota_monthly": "monthly token quota",
+            "budget_monthly": "monthly budget",
+        }.get(a.reason, a.reason)
         return Denied(
             429,
-            f"You exceeded the {window} token quota of this API key.",
+            f"You exceeded the {what} of this API key.",
             type="insufficient_quota",
             code="insufficient_quota",
             retry_after_s=retry_s,

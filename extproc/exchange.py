@@ -20,6 +20,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from google.protobuf import wrappers_pb2
 
 from atlas.ledger.protocol import Settlement
+from atlas.pricing import PriceBook
 from atlas.requestbody import CHARS_PER_TOKEN, estimate_prompt_tokens
 from extproc.sse import SSEDecoder
 from extproc.usage import Endpoint, StreamAccountant, Usage, endpoint_for_path, usage_from_json
@@ -276,7 +277,7 @@ class Exchange:
         )
 
     # ---- outcome -----------------------------------------------------------------------
-    def settlement(self) -> Settlement | None:
+    def settlement(self, prices: PriceBook | None = None) -> Settlement | None:
         g = self.grant
         if g is None:
             return None
@@ -292,13 +293,16 @@ class Exchange:
             prompt = self.prompt_estimate
             completion = math.ceil(self.completion_chars / CHARS_PER_TOKEN)
             exact = False
+        prompt, completion = max(0, prompt), max(0, completion)
+        model = self.model or g.model
         return Settlement(
             key_id=g.key_id,
             reservation_id=g.reservation_id,
-            prompt_tokens=max(0, prompt),
-            completion_tokens=max(0, completion),
-            model=self.model or g.model,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            model=model,
             exact=exact,
             outcome=outcome,
             tokens_per_minute=g.tpm,
+            cost_micros=prices.cost_micros(model, prompt, completion) if prices else 0,
         )

@@ -23,6 +23,7 @@ from atlas.grpc_service import grpc_server, stop_tasks, wait_for_shutdown
 from atlas.inflight import InflightGauge
 from atlas.ledger.protocol import Ledger, Settlement
 from atlas.ledger.redis import RedisLedger
+from atlas.pricing import PriceBook
 from atlas.settings import Settings
 from extproc.exchange import AUTHZ_NAMESPACE, Exchange
 from extproc.reaper import Reaper
@@ -112,8 +113,9 @@ _PASS_THROUGH: dict[str, Callable[[], Any]] = {
 
 
 class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
-    def __init__(self, settler: Settler) -> None:
+    def __init__(self, settler: Settler, prices: PriceBook | None = None) -> None:
         self._settler = settler
+        self._prices = prices
 
     @staticmethod
     def _handle(ex: Exchange, req: ep.ProcessingRequest, kind: str | None) -> Any:
@@ -154,7 +156,7 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
                 yield reply
         finally:
             # Reached on normal end, on half-close without end_of_stream and on cancellation.
-            settlement = ex.settlement()
+            settlement = ex.settlement(self._prices)
             if settlement is not None:
                 self._settler.submit(settlement, ex)
             if ex.first_chunk_at is not None:
@@ -176,7 +178,7 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
         inflight=inflight,
     )
     background.append(asyncio.create_task(reaper.run()))
-    processor = ExternalProcessor(settler)
+    processor = ExternalProcessor(settler, PriceBook(settings.model_prices))
     address = f"{settings.extproc_host}:{settings.extproc_port}"
     try:
         async with grpc_server(

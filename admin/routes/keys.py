@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query, status
+from fastapi import APIRouter, HTTPException, Query, Request, status
 
+from admin.audit import record_change
 from admin.deps import AdminDep, LedgerDep, SettingsDep
 from admin.schemas import KeyCreate, KeyCreated, KeyList, KeyPublic, KeyUpdate
-from atlas.keymodel import KeyRecord, hash_secret, new_key_id, new_secret
+from atlas.keymodel import KeyRecord, KeyStatus, hash_secret, new_key_id, new_secret
+from atlas.settings import Priority
 
 router = APIRouter(prefix="/v1/admin/keys", tags=["keys"])
 
 SECRET_HINT_CHARS = 12
+#: Filtered listings read records this many at a time.
+LIST_SCAN_PAGE = 500
 
 
 async def _get(ledger: LedgerDep, key_id: str) -> KeyRecord:
@@ -24,7 +29,7 @@ async def _get(ledger: LedgerDep, key_id: str) -> KeyRecord:
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=KeyCreated)
 async def create_key(
-    body: KeyCreate, _: AdminDep, ledger: LedgerDep, settings: SettingsDep
+    body: KeyCreate, _: AdminDep, ledger: LedgerDep, settings: SettingsDep, request: Request
 ) -> KeyCreated:
     """Create an API key; the response carries its secret, once."""
     secret = body.api_key or new_secret()
@@ -45,6 +50,7 @@ async def create_key(
         await ledger.create_key(rec)
     except ValueError as exc:
         raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
+    await record_change(ledger, request, "key.create", before=None, after=rec)
     return KeyCreated(**KeyPublic.of(rec).model_dump(), api_key=secret)
 
 
@@ -52,13 +58,43 @@ async def create_key(
 async def list_keys(
     _: AdminDep,
     ledger: LedgerDep,
-    offset: int = Query(0, ge=0),
-    limit: int = Query(50, ge=1, le=500),
+    offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    status_: Annotated[KeyStatus | None, Query(alias="status")] = None,
+    priority: Priority | None = None,
+    name: Annotated[str | None, Query(max_length=200, description="substring, any case")] = None,
+    team: Annotated[str | None, Query(max_length=200, description="metadata.team")] = None,
+    tag: Annotated[str | None, Query(max_length=200, description="one of metadata.tags")] = None,
 ) -> KeyList:
-    """List API keys, oldest first."""
-    ids = await ledger.list_key_ids(offset, limit)
-    items = [KeyPublic.of(r) for r in [await ledger.get_key(i) for i in ids] if r is not None]
-    return KeyList(items=items, total=await ledger.count_keys(), offset=offset, limit=limit)
+    """List API keys, oldest first, optionally filtered."""
+    if not any((status_, priority, name, team, tag)):
+        recs = await ledger.get_keys(await ledger.list_key_ids(offset, limit))
+        return KeyList(
+            items=[KeyPublic.of(r) for r in recs],
+            total=await ledger.count_keys(),
+            offset=offset,
+            limit=limit,
+        )
+
+    def wanted(r: KeyRecord) -> bool:
+        tags = r.metadata.get("tags")
+        return (
+            (status_ is None or r.status == status_)
+            and (priority is None or r.priority == priority)
+            and (name is None or name.lower() in r.name.lower())
+            and (team is None or r.metadata.get("team") == team)
+            and (tag is None or (isinstance(tags, list) and tag in tags))
+        )
+
+    matches: list[KeyRecord] = []
+    start = 0
+    while ids := await ledger.list_key_ids(start, LIST_SCAN_PAGE):
+        matches += [r for r in await ledger.get_keys(ids) if wanted(r)]
+        start += len(ids)
+    page = matches[offset : offset + limit]
+    return KeyList(
+        items=[KeyPublic.of(r) for r in page], total=len(matches), offset=offset, limit=limit
+    )
 
 
 @router.get("/{key_id}", response_model=KeyPublic)
@@ -68,18 +104,31 @@ async def get_key(key_id: str, _: AdminDep, ledger: LedgerDep) -> KeyPublic:
 
 
 @router.patch("/{key_id}", response_model=KeyPublic)
-async def update_key(key_id: str, body: KeyUpdate, _: AdminDep, ledger: LedgerDep) -> KeyPublic:
+async def update_key(
+    key_id: str, body: KeyUpdate, _: AdminDep, ledger: LedgerDep, request: Request
+) -> KeyPublic:
     """Change limits, status, priority or expiry; every authz replica sees it within 1 s."""
     rec = await _get(ledger, key_id)
     changes = body.model_dump(exclude_unset=True)
     updated = rec.model_copy(update={**changes, "updated_at": datetime.now(UTC)})
     updated = KeyRecord.model_validate(updated.model_dump())
     await ledger.put_key(updated)
+    await record_change(ledger, request, "key.update", before=rec, after=updated)
+    return KeyPublic.of(updated)
+
+
+@router.post("/{key_id}/revoke", response_model=KeyPublic)
+async def revoke_key(key_id: str, _: AdminDep, ledger: LedgerDep, request: Request) -> KeyPublic:
+    """Disable a key (kept, with its history); refused everywhere within 1 s."""
+    rec = await _get(ledger, key_id)
+    updated = rec.model_copy(update={"status": "disabled", "updated_at": datetime.now(UTC)})
+    await ledger.put_key(updated)
+    await record_change(ledger, request, "key.revoke", before=rec, after=updated)
     return KeyPublic.of(updated)
 
 
 @router.post("/{key_id}/rotate", response_model=KeyCreated)
-async def rotate_key(key_id: str, _: AdminDep, ledger: LedgerDep) -> KeyCreated:
+async def rotate_key(key_id: str, _: AdminDep, ledger: LedgerDep, request: Request) -> KeyCreated:
     """Replace the secret; the old one stops working at once."""
     rec = await _get(ledger, key_id)
     secret = new_secret()
@@ -91,10 +140,13 @@ async def rotate_key(key_id: str, _: AdminDep, ledger: LedgerDep) -> KeyCreated:
         }
     )
     await ledger.put_key(updated, old_secret_hash=rec.secret_hash)
+    await record_change(ledger, request, "key.rotate", before=rec, after=updated)
     return KeyCreated(**KeyPublic.of(updated).model_dump(), api_key=secret)
 
 
 @router.delete("/{key_id}", status_code=status.HTTP_204_NO_CONTENT)
-async def delete_key(key_id: str, _: AdminDep, ledger: LedgerDep) -> None:
-    """Revoke and delete a key; its usage history stays until it expires."""
-    await ledger.delete_key(await _get(ledger, key_id))
+async def delete_key(key_id: str, _: AdminDep, ledger: LedgerDep, request: Request) -> None:
+    """Delete a key; its usage history stays until it expires."""
+    rec = await _get(ledger, key_id)
+    await ledger.delete_key(rec)
+    await record_change(ledger, request, "key.delete", before=rec, after=None)

@@ -11,6 +11,7 @@ from admin.schemas import UsageOut, WindowOut
 from atlas.keymodel import KeyRecord
 from atlas.ledger.protocol import Window
 from atlas.ledger.redis import RedisLedger
+from atlas.pricing import usd
 
 router = APIRouter(tags=["usage"])
 
@@ -23,6 +24,7 @@ def _window(w: Window) -> WindowOut:
         remaining=w.remaining,
         requests=w.requests,
         resets_at=datetime.fromtimestamp(w.resets_at_s, UTC),
+        spend_usd=usd(w.spend_micros),
     )
 
 
@@ -34,6 +36,7 @@ async def _usage(ledger: RedisLedger, rec: KeyRecord) -> UsageOut:
         daily=_window(u.daily),
         monthly=_window(u.monthly),
         open_reservations=u.open_reservations,
+        monthly_budget_usd=rec.monthly_budget_usd,
         daily_used=u.daily.used,
         daily_limit=u.daily.limit,
         monthly_used=u.monthly.used,

@@ -20,6 +20,8 @@ KEY_CHANGED_CHANNEL = f"{ROOT}:keys:changed"
 KEY_INDEX = f"{ROOT}:{{g}}:keys"
 #: integer: reserved tokens of requests in flight, all keys (for shedding by priority).
 INFLIGHT = f"{ROOT}:{{g}}:inflight"
+#: stream of admin changes (who, what, before/after, when).
+AUDIT = f"{ROOT}:{{g}}:audit"
 #: hourly global history prefix (hash per hour).
 GLOBAL_PREFIX = f"{ROOT}:{{g}}:"
 
@@ -69,5 +71,7 @@ def window_prefix(key_id: str) -> str:
 
 
 def model_prefix(model: str) -> str:
-    """Prefix for per-model hourly history."""
-    return f"{ROOT}:{{m:{model}}}:"
+    """Prefix for per-model hourly history. The model name is client input: braces would
+    change the hash tag, and its length is bounded."""
+    safe = model.replace("{", "(").replace("}", ")")[:128] or "unknown"
+    return f"{ROOT}:{{m:{safe}}}:"

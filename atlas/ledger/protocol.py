@@ -20,6 +20,7 @@ class AdmitRequest:
     ceiling: float
     shadow: bool = False
     clamp: bool = False
+    cost_micros: int = 0  # price of the estimate (monthly budgets)
 
 
 @dataclass(slots=True, frozen=True)
@@ -40,6 +41,7 @@ class Admission:
     month_reserved: int
     month_reset_s: int
     now_ms: int
+    month_spend_micros: int = 0
 
 
 @dataclass(slots=True, frozen=True)
@@ -52,6 +54,7 @@ class Settlement:
     exact: bool
     outcome: str  # completed | upstream_error | disconnected | ...
     tokens_per_minute: int = 0  # the key's limit when admitted; the bucket gets the refund
+    cost_micros: int = 0  # price of the actual usage
 
 
 @dataclass(slots=True, frozen=True)
@@ -59,6 +62,19 @@ class SettleResult:
     status: str  # settled | duplicate | late | unreserved
     charged: int
     refunded: int
+
+
+@dataclass(slots=True, frozen=True)
+class HourRow:
+    ts: int  # start of the hour, epoch seconds
+    fields: dict[str, int]  # requests, prompt, completion, refunded, spend, denied, ...
+
+    def get(self, name: str) -> int:
+        return self.fields.get(name, 0)
+
+    @property
+    def total(self) -> int:
+        return self.get("prompt") + self.get("completion")
 
 
 @dataclass(slots=True, frozen=True)
@@ -75,6 +91,7 @@ class Window:
     reserved: int
     requests: int
     resets_at_s: int
+    spend_micros: int = 0
 
     @property
     def remaining(self) -> int:

@@ -6,6 +6,7 @@ re-loads it after a NOSCRIPT (server restart, failover).
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from importlib import resources
@@ -21,12 +22,14 @@ from atlas.ledger import keys
 from atlas.ledger.protocol import (
     Admission,
     AdmitRequest,
+    HourRow,
     KeyUsage,
     ReapTotals,
     Settlement,
     SettleResult,
     Window,
 )
+from atlas.pricing import MICROS_PER_USD
 from atlas.settings import Settings
 from atlas.windows import window_names
 
@@ -35,6 +38,8 @@ log = logging.getLogger(__name__)
 DONE_MARKER_TTL_S = 3 * 86400
 #: Reservations one reap call settles per key; the next pass takes the rest.
 REAP_BATCH = 100
+#: Audit entries kept (XADD MAXLEN ~).
+AUDIT_MAX_ENTRIES = 100_000
 
 
 def _load_script(name: str) -> str:
@@ -141,6 +146,18 @@ class RedisLedger:
         key_id = await self._call("find_key", lambda: self._r.get(keys.secret_index(secret_hash)))
         return await self.get_key(key_id) if key_id else None
 
+    async def get_keys(self, key_ids: Sequence[str]) -> list[KeyRecord]:
+        """Records of these ids (missing ones left out), in one round trip."""
+
+        async def run() -> list[str | None]:
+            pipe = self._r.pipeline(transaction=False)
+            for kid in key_ids:
+                pipe.get(keys.record(kid))
+            return cast(list[str | None], await pipe.execute())
+
+        raws = await self._call("get_keys", run)
+        return [KeyRecord.model_validate_json(r) for r in raws if r]
+
     async def list_key_ids(self, offset: int = 0, limit: int = 100) -> list[str]:
         ids = await self._call(
             "list_keys", lambda: self._r.zrange(keys.KEY_INDEX, offset, offset + limit - 1)
@@ -201,6 +218,8 @@ class RedisLedger:
             req.priority,
             req.model,
             self._hist_ttl_s,
+            round((rec.monthly_budget_usd or 0) * MICROS_PER_USD),
+            req.cost_micros,
         ]
         r: Sequence[Any] = await self._call("admit", lambda: self._admit(keys=ks, args=args))
         granted = int(r[3])
@@ -221,6 +240,7 @@ class RedisLedger:
             month_reserved=int(r[13]),
             month_reset_s=int(r[14]),
             now_ms=int(r[15]),
+            month_spend_micros=int(r[16]),
         )
 
     async def settle(self, s: Settlement) -> SettleResult:
@@ -240,6 +260,7 @@ class RedisLedger:
             int(s.exact),
             DONE_MARKER_TTL_S,
             self._hist_ttl_s,
+            max(0, s.cost_micros),
         ]
         r = await self._call("settle", lambda: self._settle(keys=ks, args=args))
         result = SettleResult(status=str(r[0]), charged=int(r[1]), refunded=int(r[2]))
@@ -258,6 +279,8 @@ class RedisLedger:
                     pipe.hincrby(h, "requests", 1)
                 pipe.hincrby(h, "prompt", s.prompt_tokens)
                 pipe.hincrby(h, "completion", s.completion_tokens)
+                if s.cost_micros:
+                    pipe.hincrby(h, "spend", s.cost_micros)
                 pipe.expire(h, self._hist_ttl_s)
             await pipe.execute()
 
@@ -327,6 +350,7 @@ class RedisLedger:
                 reserved=int(h.get("reserved", 0)),
                 requests=int(h.get("requests", 0)),
                 resets_at_s=reset,
+                spend_micros=int(h.get("spend", 0)),
             )
 
         return KeyUsage(
@@ -336,12 +360,86 @@ class RedisLedger:
             open_reservations=int(open_n),
         )
 
-    async def hour_history(self, key_id: str, hours: Sequence[str]) -> list[dict[str, int]]:
+    async def history(self, prefix: str, start_ts: int, hours: int) -> list[HourRow]:
+        """Hourly history under `prefix` (a key's, a model's or the global one), one row per
+        hour from `start_ts` (an hour boundary of the windows' offset), zeros included."""
+        starts = [start_ts + 3600 * i for i in range(hours)]
+
         async def run() -> list[dict[str, str]]:
             pipe = self._r.pipeline(transaction=False)
-            for h in hours:
-                pipe.hgetall(keys.window_prefix(key_id) + "h:" + h)
+            for ts in starts:
+                pipe.hgetall(f"{prefix}h:{window_names(ts, self._tz_s).hour}")
             return cast(list[dict[str, str]], await pipe.execute())
 
         rows = await self._call("history", run)
+        return [
+            HourRow(ts, {k: int(v) for k, v in row.items()})
+            for ts, row in zip(starts, rows, strict=True)
+        ]
+
+    def hour_start(self, epoch_s: float) -> int:
+        """Start (epoch s) of the history hour holding `epoch_s`."""
+        return int((epoch_s + self._tz_s) // 3600 * 3600 - self._tz_s)
+
+    async def server_time(self) -> float:
+        sec, usec = await self._call("time", self._r.time)
+        return int(sec) + int(usec) / 1e6
+
+    async def add_history(self, entries: Sequence[tuple[str, int, dict[str, int]]]) -> None:
+        """Add (prefix, hour ts, fields) rows to history in one round trip (simulation and
+        imports; live traffic is recorded by the Lua scripts)."""
+
+        async def run() -> None:
+            pipe = self._r.pipeline(transaction=False)
+            for prefix, ts, fields in entries:
+                h = f"{prefix}h:{window_names(ts, self._tz_s).hour}"
+                for name, value in fields.items():
+                    pipe.hincrby(h, name, value)
+                pipe.expire(h, self._hist_ttl_s)
+            await pipe.execute()
+
+        await self._call("history", run)
+
+    async def add_window_fields(self, key_id: str, window: str, fields: dict[str, int]) -> None:
+        """Add to one quota window (`d:YYYYMMDD` or `m:YYYYMM`; simulation and imports)."""
+
+        async def run() -> None:
+            pipe = self._r.pipeline(transaction=False)
+            for name, value in fields.items():
+                pipe.hincrby(keys.window_prefix(key_id) + window, name, value)
+            await pipe.execute()
+
+        await self._call("windows", run)
+
+    async def day_windows(self, key_ids: Sequence[str], day: str) -> list[dict[str, int]]:
+        """The `d:<day>` window of each key (YYYYMMDD), in one round trip."""
+
+        async def run() -> list[dict[str, str]]:
+            pipe = self._r.pipeline(transaction=False)
+            for kid in key_ids:
+                pipe.hgetall(f"{keys.window_prefix(kid)}d:{day}")
+            return cast(list[dict[str, str]], await pipe.execute())
+
+        rows = await self._call("windows", run)
         return [{k: int(v) for k, v in row.items()} for row in rows]
+
+    @property
+    def tz_offset_s(self) -> int:
+        return self._tz_s
+
+    # ---- audit -------------------------------------------------------------------------
+    async def audit(self, entry: dict[str, Any]) -> None:
+        """Append one admin change to the audit stream (bounded, newest kept)."""
+        fields = {"json": json.dumps(entry, default=str, separators=(",", ":"))}
+        await self._call(
+            "audit",
+            lambda: self._r.xadd(keys.AUDIT, fields, maxlen=AUDIT_MAX_ENTRIES, approximate=True),
+        )
+
+    async def audit_entries(self, limit: int, before: str | None = None) -> list[dict[str, Any]]:
+        """Newest first; `before` is an entry id to page from."""
+        if before is not None and before.strip("0-") == "":
+            return []  # nothing precedes 0-0 (and Redis rejects the exclusive range)
+        top = f"({before}" if before else "+"
+        rows = await self._call("audit", lambda: self._r.xrevrange(keys.AUDIT, top, "-", limit))
+        return [{"id": rid, **json.loads(f["json"])} for rid, f in rows]

@@ -170,3 +170,39 @@ async def _refused_within(client: openai.AsyncOpenAI, seconds: float) -> str | N
         except openai.APIStatusError as exc:
             return exc.code
         assert time.monotonic() < deadline, "still admitted after the change"
+
+
+async def test_rotate_and_revoke_reach_envoy_within_a_second(
+    make_key: MakeKey, client_for: Client, admin: httpx.AsyncClient
+) -> None:
+    key = await make_key()
+    old = client_for(key["api_key"])
+    await old.chat.completions.create(model="demo-small", messages=MESSAGES, max_tokens=2)
+    rotated = (await admin.post(f"/v1/admin/keys/{key['id']}/rotate")).json()
+    assert await _refused_within(old, 1.0) == "invalid_api_key"
+    new = client_for(rotated["api_key"])
+    await new.chat.completions.create(model="demo-small", messages=MESSAGES, max_tokens=2)
+    assert (await admin.post(f"/v1/admin/keys/{key['id']}/revoke")).status_code == 200
+    assert await _refused_within(new, 1.0) == "key_disabled"
+
+
+async def test_self_serve_usage_and_forecasts_through_envoy(
+    make_key: MakeKey, client_for: Client, stack: Stack
+) -> None:
+    mine, other = await make_key(), await make_key()
+    await client_for(mine["api_key"]).chat.completions.create(
+        model="demo-small", messages=MESSAGES, max_tokens=3
+    )
+    auth = {"authorization": f"Bearer {mine['api_key']}"}
+    async with httpx.AsyncClient(base_url=stack.proxy_url, headers=auth) as raw:
+        usage = (await raw.get("/v1/usage")).json()
+        forecast = await raw.get("/v1/forecasting/forecast?horizon=hourly")
+        others = await raw.get(f"/v1/forecasting/forecast?key_id={other['id']}")
+        admin_only = await raw.get("/v1/forecasting/admin/system-metrics")
+        admin_api = await raw.get("/v1/admin/keys")
+    assert usage["key_id"] == mine["id"] and usage["daily_limit"] == mine["daily_limit"]
+    assert {"daily_used", "monthly_used", "monthly_limit", "priority"} <= set(usage)
+    assert forecast.status_code == 200 and forecast.json()["key_id"] == mine["id"]
+    assert others.status_code == 403
+    assert admin_only.status_code == 401
+    assert admin_api.status_code == 404  # the admin API is not exposed on the proxy port

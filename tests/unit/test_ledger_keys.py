@@ -19,6 +19,8 @@ def test_global_names() -> None:
     assert keys.KEY_INDEX == "atlas:{g}:keys"
     assert keys.INFLIGHT == "atlas:{g}:inflight"
     assert keys.lock("reaper") == "atlas:{g}:lock:reaper"
+    assert keys.AUDIT == "atlas:{g}:audit"
+    assert keys.model_prefix("a{b}") == "atlas:{m:a(b)}:"
     assert keys.GLOBAL_PREFIX == "atlas:{g}:"
     assert keys.model_prefix("gpt-x") == "atlas:{m:gpt-x}:"
     assert keys.KEY_CHANGED_CHANNEL == "atlas:keys:changed"

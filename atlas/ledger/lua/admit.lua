@@ -8,9 +8,11 @@
 -- ARGV[10] max_concurrent (0 none)  ARGV[11] reservation ttl ms  ARGV[12] tz offset s
 -- ARGV[13] shadow (1 = record the verdict but admit)  ARGV[14] clamp (1 = lower max_tokens)
 -- ARGV[15] priority   ARGV[16] model   ARGV[17] history ttl s
+-- ARGV[18] monthly budget in micro-USD (0 none)   ARGV[19] cost of the estimate in micro-USD
 -- Returns {admitted, reason, retry_after_ms, granted_completion (-1 = unchanged), reserved,
 --   req_remaining, req_reset_ms, tok_remaining (-1 none), tok_reset_ms,
---   day_used, day_reserved, day_reset_s, month_used, month_reserved, month_reset_s, now_ms}
+--   day_used, day_reserved, day_reset_s, month_used, month_reserved, month_reset_s, now_ms,
+--   month_spend (micro-USD)}
 
 local rid = ARGV[1]
 local prompt = tonumber(ARGV[2])
@@ -27,6 +29,8 @@ local tz = tonumber(ARGV[12])
 local shadow = ARGV[13] == '1'
 local clamp = ARGV[14] == '1'
 local hist_ttl = tonumber(ARGV[17])
+local budget = tonumber(ARGV[18])
+local est_cost = tonumber(ARGV[19])
 
 local c = clock(tz)
 local now = c.now_ms
@@ -50,8 +54,9 @@ end
 -- Rule: daily and monthly quota; a priority may only fill its ceiling share of each.
 local day = redis.call('HMGET', day_key, 'used', 'reserved')
 local day_used, day_res = tonumber(day[1] or '0'), tonumber(day[2] or '0')
-local mon = redis.call('HMGET', month_key, 'used', 'reserved')
+local mon = redis.call('HMGET', month_key, 'used', 'reserved', 'spend', 'spend_reserved')
 local mon_used, mon_res = tonumber(mon[1] or '0'), tonumber(mon[2] or '0')
+local spend, spend_res = tonumber(mon[3] or '0'), tonumber(mon[4] or '0')
 local day_room = math.floor(daily_limit * ceiling) - day_used - day_res
 local mon_room = math.floor(monthly_limit * ceiling) - mon_used - mon_res
 local room = math.min(day_room, mon_room)
@@ -69,6 +74,12 @@ if reason == '' and estimate > room then
       retry_ms = c.month_reset_s * 1000 - now
     end
   end
+end
+
+-- Rule: a monthly budget in dollars is a quota on cost (spent plus reserved).
+if reason == '' and budget > 0 and spend + spend_res + est_cost > budget then
+  reason = 'budget_monthly'
+  retry_ms = c.month_reset_s * 1000 - now
 end
 
 -- Rule: tokens/minute; a request needs its estimate (at most a full bucket) available.
@@ -100,13 +111,15 @@ if admitted then
     store_bucket(KEYS[2], tok_tokens, tok_rate, tpm, now)
   end
   -- The reservation remembers the windows it was counted in, so settle releases exactly there.
-  redis.call('HSET', KEYS[3], rid,
-    estimate .. '|' .. c.day .. '|' .. c.month .. '|' .. ARGV[15] .. '|' .. ARGV[16])
+  -- amount|day|month|cost|priority|model: the model (client input) comes last.
+  redis.call('HSET', KEYS[3], rid, estimate .. '|' .. c.day .. '|' .. c.month .. '|'
+    .. est_cost .. '|' .. ARGV[15] .. '|' .. ARGV[16])
   redis.call('ZADD', KEYS[4], now + ttl_ms, rid)
   incr_window(day_key, 'reserved', estimate, DAY_TTL_S)
   incr_window(day_key, 'requests', 1, DAY_TTL_S)
   incr_window(month_key, 'reserved', estimate, MONTH_TTL_S)
   incr_window(month_key, 'requests', 1, MONTH_TTL_S)
+  incr_window(month_key, 'spend_reserved', est_cost, MONTH_TTL_S)
   day_res = day_res + estimate
   mon_res = mon_res + estimate
 else
@@ -122,4 +135,4 @@ local tok_reset_ms = 0
 if tpm > 0 and tok_tokens < tpm then tok_reset_ms = math.ceil((tpm - tok_tokens) / tok_rate) end
 return {admitted and 1 or 0, reason, retry_ms, granted, estimate,
   math.floor(req_tokens), req_reset_ms, math.floor(tok_tokens), tok_reset_ms,
-  day_used, day_res, c.day_reset_s, mon_used, mon_res, c.month_reset_s, now}
+  day_used, day_res, c.day_reset_s, mon_used, mon_res, c.month_reset_s, now, spend}

@@ -18,18 +18,22 @@ local released_total = 0
 for _, rid in ipairs(expired) do
   local resv = redis.call('HGET', KEYS[1], rid)
   if resv then
-    local amount, rday, rmonth = string.match(resv, '^(%d+)|(%d+)|(%d+)|')
+    local amount, rday, rmonth, rcost = string.match(resv, '^(%d+)|(%d+)|(%d+)|(%d+)|')
     local reserved = tonumber(amount)
     decr_floor(KEYS[3] .. 'd:' .. rday, 'reserved', reserved)
     decr_floor(KEYS[3] .. 'm:' .. rmonth, 'reserved', reserved)
+    decr_floor(KEYS[3] .. 'm:' .. rmonth, 'spend_reserved', tonumber(rcost))
     -- Rule: an unsettled request is charged what it reserved (the safe side for a quota);
     -- a late settlement corrects it via the `reaped:` marker.
     local charged = charge and reserved or 0
     incr_window(KEYS[3] .. 'd:' .. c.day, 'used', charged, DAY_TTL_S)
     incr_window(KEYS[3] .. 'm:' .. c.month, 'used', charged, MONTH_TTL_S)
+    local charged_cost = charge and tonumber(rcost) or 0
+    incr_window(KEYS[3] .. 'm:' .. c.month, 'spend', charged_cost, MONTH_TTL_S)
     incr_window(hour_key, 'reaped', 1, hist_ttl)
     incr_window(hour_key, 'reaped_tokens', charged, hist_ttl)
-    redis.call('SET', KEYS[3] .. 'done:' .. rid, 'reaped:' .. charged, 'EX', done_ttl)
+    redis.call('SET', KEYS[3] .. 'done:' .. rid, 'reaped:' .. charged .. ':' .. charged_cost,
+      'EX', done_ttl)
     charged_total = charged_total + charged
     released_total = released_total + reserved
     redis.call('HDEL', KEYS[1], rid)

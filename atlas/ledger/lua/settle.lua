@@ -5,7 +5,7 @@
 -- KEYS[4] window prefix (d:/m:/h:/done: keys built from TIME and the rid)
 -- ARGV[1] reservation id   ARGV[2] prompt tokens   ARGV[3] completion tokens
 -- ARGV[4] tz offset s      ARGV[5] tokens_per_minute (0 none)   ARGV[6] exact (1) or estimated (0)
--- ARGV[7] done-marker ttl s   ARGV[8] history ttl s
+-- ARGV[7] done-marker ttl s   ARGV[8] history ttl s   ARGV[9] cost of the actual usage, micro-USD
 -- Returns {status, charged, refunded, now_ms, hour}; status is one of
 --   settled | duplicate | late (corrected a reaped charge) | unreserved (no reservation found)
 
@@ -17,6 +17,7 @@ local tpm = tonumber(ARGV[5])
 local exact = ARGV[6] == '1'
 local done_ttl = tonumber(ARGV[7])
 local hist_ttl = tonumber(ARGV[8])
+local cost = tonumber(ARGV[9])
 local actual = prompt + completion
 
 local c = clock(tz)
@@ -30,14 +31,21 @@ local function record_history(charged_delta, refunded, requests)
   incr_window(hour_key, 'prompt', prompt, hist_ttl)
   incr_window(hour_key, 'completion', completion, hist_ttl)
   incr_window(hour_key, 'refunded', refunded, hist_ttl)
+  incr_window(hour_key, 'spend', cost, hist_ttl)
   if not exact then incr_window(hour_key, 'estimated', 1, hist_ttl) end
 end
 
 -- Rule: a reservation settles once; replays (journal, retries) change nothing.
 local done = redis.call('GET', done_key)
 if done then
-  local kind, amount = string.match(done, '^(%a+):(%-?%d+)$')
+  local kind, amount, reaped_cost = string.match(done, '^(%a+):(%-?%d+):?(%-?%d*)$')
   if kind ~= 'reaped' then return {'duplicate', 0, 0, c.now_ms, c.hour} end
+  local cost_delta = cost - (tonumber(reaped_cost) or 0)
+  if cost_delta > 0 then
+    incr_window(month_key, 'spend', cost_delta, MONTH_TTL_S)
+  elseif cost_delta < 0 then
+    decr_floor(month_key, 'spend', -cost_delta)
+  end
   -- Rule: a settlement arriving after the reaper corrects the reaped charge to the actual.
   local delta = actual - tonumber(amount)
   if delta > 0 then
@@ -57,11 +65,12 @@ local reserved = 0
 local status = 'unreserved'
 if resv then
   status = 'settled'
-  local amount, rday, rmonth = string.match(resv, '^(%d+)|(%d+)|(%d+)|')
+  local amount, rday, rmonth, rcost = string.match(resv, '^(%d+)|(%d+)|(%d+)|(%d+)|')
   reserved = tonumber(amount)
   -- Rule: release the reservation in the windows it was taken from (it may be yesterday's).
   decr_floor(KEYS[4] .. 'd:' .. rday, 'reserved', reserved)
   decr_floor(KEYS[4] .. 'm:' .. rmonth, 'reserved', reserved)
+  decr_floor(KEYS[4] .. 'm:' .. rmonth, 'spend_reserved', tonumber(rcost))
   redis.call('HDEL', KEYS[1], rid)
   redis.call('ZREM', KEYS[2], rid)
 end
@@ -69,6 +78,7 @@ end
 -- Rule: usage is charged to the windows in which it is settled.
 incr_window(day_key, 'used', actual, DAY_TTL_S)
 incr_window(month_key, 'used', actual, MONTH_TTL_S)
+incr_window(month_key, 'spend', cost, MONTH_TTL_S)
 
 -- Rule: the tokens/minute bucket gets back what was reserved and not used (or pays the excess).
 if tpm > 0 and resv then

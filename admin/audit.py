@@ -1,0 +1,41 @@
+"""What admin writes to the audit stream for each change."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from fastapi import Request
+
+from admin.schemas import KeyPublic
+from atlas.keymodel import KeyRecord
+from atlas.ledger.redis import RedisLedger
+
+
+def _public(rec: KeyRecord | None) -> dict[str, Any] | None:
+    return None if rec is None else KeyPublic.of(rec).model_dump(mode="json")
+
+
+async def record_change(
+    ledger: RedisLedger,
+    request: Request,
+    action: str,
+    *,
+    before: KeyRecord | None,
+    after: KeyRecord | None,
+) -> None:
+    """Who (the admin token holder, from which address and client), what, before/after, when.
+    Secrets and their hashes are never written."""
+    key_id = (after or before).id if (after or before) else None
+    await ledger.audit(
+        {
+            "at": datetime.now(UTC).isoformat(),
+            "actor": "admin",
+            "client": request.client.host if request.client else None,
+            "user_agent": request.headers.get("user-agent"),
+            "action": action,
+            "key_id": key_id,
+            "before": _public(before),
+            "after": _public(after),
+        }
+    )

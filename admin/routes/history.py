@@ -1,0 +1,83 @@
+"""Hourly usage history: per key, per model and for everything."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Query, status
+from pydantic import BaseModel
+
+from admin.deps import AdminDep, LedgerDep
+from atlas.ledger import keys
+from atlas.ledger.protocol import HourRow
+from atlas.ledger.redis import RedisLedger
+from atlas.pricing import usd
+
+router = APIRouter(prefix="/v1/admin", tags=["history"])
+
+HoursQuery = Annotated[int, Query(ge=1, le=24 * 90, description="hours back, this one included")]
+
+
+class HourOut(BaseModel):
+    ts: int
+    requests: int
+    prompt: int
+    completion: int
+    total: int
+    refunded: int
+    denied: int
+    estimated: int
+    spend_usd: float
+
+
+class HistoryOut(BaseModel):
+    key_id: str | None
+    model: str | None
+    hours: list[HourOut]
+
+
+def hour_out(row: HourRow) -> HourOut:
+    return HourOut(
+        ts=row.ts,
+        requests=row.get("requests"),
+        prompt=row.get("prompt"),
+        completion=row.get("completion"),
+        total=row.total,
+        refunded=row.get("refunded"),
+        denied=row.get("denied"),
+        estimated=row.get("estimated"),
+        spend_usd=usd(row.get("spend")),
+    )
+
+
+async def recent_hours(ledger: RedisLedger, prefix: str, hours: int) -> list[HourRow]:
+    """The last `hours` hours under `prefix`, the current one included, oldest first."""
+    now = ledger.hour_start(await ledger.server_time())
+    return await ledger.history(prefix, now - 3600 * (hours - 1), hours)
+
+
+@router.get("/keys/{key_id}/history", response_model=HistoryOut)
+async def key_history(
+    key_id: str, _: AdminDep, ledger: LedgerDep, hours: HoursQuery = 168
+) -> HistoryOut:
+    """Hourly requests, tokens and spend of one key."""
+    if await ledger.get_key(key_id) is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"key {key_id!r} not found")
+    rows = await recent_hours(ledger, keys.window_prefix(key_id), hours)
+    return HistoryOut(key_id=key_id, model=None, hours=[hour_out(r) for r in rows])
+
+
+@router.get("/models/{model}/history", response_model=HistoryOut)
+async def model_history(
+    model: str, _: AdminDep, ledger: LedgerDep, hours: HoursQuery = 168
+) -> HistoryOut:
+    """Hourly requests, tokens and spend of one model, all keys together."""
+    rows = await recent_hours(ledger, keys.model_prefix(model), hours)
+    return HistoryOut(key_id=None, model=model, hours=[hour_out(r) for r in rows])
+
+
+@router.get("/history", response_model=HistoryOut)
+async def global_history(_: AdminDep, ledger: LedgerDep, hours: HoursQuery = 168) -> HistoryOut:
+    """Hourly requests, tokens and spend of all keys together."""
+    rows = await recent_hours(ledger, keys.GLOBAL_PREFIX, hours)
+    return HistoryOut(key_id=None, model=None, hours=[hour_out(r) for r in rows])
