@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 import httpx
 import openai
+import pytest
 import pytest_asyncio
 
 from atlas.stack import Stack
@@ -16,9 +17,19 @@ from tests.e2e.conftest import ADMIN_TOKEN, running_stack
 MESSAGES = [{"role": "user", "content": "Tell me about foxes."}]  # 5 prompt tokens
 
 
+#: $0.001 a token: budgets in cents are a few dozen tokens.
+PRICES = {"*": {"prompt": 1000.0, "completion": 1000.0}}
+
+
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def modes_stack() -> AsyncIterator[Stack]:
-    async with running_stack(clamp_max_tokens=True, shadow_mode=True) as s:
+    async with running_stack(clamp_max_tokens=True, model_prices=PRICES) as s:
+        yield s
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def shadow_stack() -> AsyncIterator[Stack]:
+    async with running_stack(shadow_mode=True) as s:
         yield s
 
 
@@ -61,9 +72,9 @@ async def test_clamp_lowers_max_tokens_so_the_quota_is_never_overshot(
         assert u["daily"]["used"] == 100
 
 
-async def test_global_shadow_mode_admits_what_it_would_refuse(modes_stack: Stack) -> None:
+async def test_global_shadow_mode_admits_what_it_would_refuse(shadow_stack: Stack) -> None:
     client = openai.AsyncOpenAI(
-        base_url=modes_stack.proxy_url + "/v1", api_key="sk-atlas-not-a-real-key", max_retries=0
+        base_url=shadow_stack.proxy_url + "/v1", api_key="sk-atlas-not-a-real-key", max_retries=0
     )
     try:
         got = await client.chat.completions.create(
@@ -72,7 +83,37 @@ async def test_global_shadow_mode_admits_what_it_would_refuse(modes_stack: Stack
     finally:
         await client.close()
     assert got.usage is not None and got.usage.completion_tokens == 3
-    port = modes_stack.settings.authz_metrics_port
+    port = shadow_stack.settings.authz_metrics_port
     async with httpx.AsyncClient() as raw:
         text = (await raw.get(f"http://127.0.0.1:{port}/metrics")).text
     assert 'decision="shadow_invalid_api_key"' in text
+
+
+async def test_monthly_budget_in_dollars_is_enforced_like_a_quota(modes_stack: Stack) -> None:
+    auth = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+    async with httpx.AsyncClient(base_url=modes_stack.admin_url, headers=auth) as admin:
+        key = (
+            await admin.post("/v1/admin/keys", json={"name": "budget", "monthly_budget_usd": 0.05})
+        ).json()
+        client = openai.AsyncOpenAI(
+            base_url=modes_stack.proxy_url + "/v1", api_key=key["api_key"], max_retries=0
+        )
+        try:
+            await client.chat.completions.create(
+                model="demo-small", messages=MESSAGES, max_tokens=20
+            )  # 25 tokens: $0.025
+            deadline = time.monotonic() + 5
+            while (u := (await admin.get(f"/v1/admin/keys/{key['id']}/usage")).json())[
+                "open_reservations"
+            ]:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.02)
+            assert u["monthly"]["spend_usd"] == 0.025
+            with pytest.raises(openai.RateLimitError) as info:  # $0.035 more does not fit
+                await client.chat.completions.create(
+                    model="demo-small", messages=MESSAGES, max_tokens=30
+                )
+        finally:
+            await client.close()
+    assert info.value.code == "insufficient_quota"
+    assert "budget" in info.value.message
