@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from admin.routes import audit, forecasting, health, history, keys, usage
+from admin.routes import audit, dashboard, forecasting, health, history, keys, usage
 from atlas import metrics
 from atlas.errors import LedgerUnavailable
 from atlas.ledger.redis import RedisLedger
@@ -48,4 +48,5 @@ def create_app(settings: Settings, ledger: RedisLedger | None = None) -> FastAPI
     app.include_router(history.router)
     app.include_router(audit.router)
     app.include_router(forecasting.router)
+    app.include_router(dashboard.router)
     return app

@@ -57,6 +57,12 @@ async def _scope(
     return keys.GLOBAL_PREFIX, "global", None
 
 
+async def complete_hours(ledger: RedisLedger, prefix: str, hours: int) -> list[Any]:
+    """The last `hours` whole hours before the current one: a forecast must not learn from
+    the hour in progress (its partial count looks like a drop)."""
+    return _trim_leading_zeros((await recent_hours(ledger, prefix, hours + 1))[:-1])
+
+
 def _points(fc: Forecast) -> list[dict[str, float]]:
     return [
         {
@@ -81,8 +87,7 @@ async def forecast(
     """Hourly token forecast with 90% prediction intervals, for a key, a model or all."""
     prefix, scope, rec = await _scope(caller, ledger, key_id, model)
     hours = horizon_hours or HORIZONS[horizon]
-    rows = await recent_hours(ledger, prefix, HISTORY_HOURS)
-    fc = forecast_rows(_trim_leading_zeros(rows), hours)
+    fc = forecast_rows(await complete_hours(ledger, prefix, HISTORY_HOURS), hours)
     return {
         "scope": scope,
         "key_id": rec.id if rec else None,
@@ -121,7 +126,7 @@ async def patterns(
 ) -> dict[str, Any]:
     """Peak hours, weekday profile, trend and growth of token usage."""
     prefix, scope, rec = await _scope(caller, ledger, key_id, model)
-    rows = _trim_leading_zeros(await recent_hours(ledger, prefix, 24 * days_back))
+    rows = await complete_hours(ledger, prefix, 24 * days_back)
     p = usage_patterns([float(r.total) for r in rows], rows[0].ts if rows else 0)
     return {
         "scope": scope,
@@ -142,9 +147,7 @@ async def patterns(
 
 async def _plan_key(ledger: RedisLedger, rec: KeyRecord, now: float) -> dict[str, Any]:
     usage = await ledger.usage(rec)
-    rows = _trim_leading_zeros(
-        await recent_hours(ledger, keys.window_prefix(rec.id), HISTORY_HOURS)
-    )
+    rows = await complete_hours(ledger, keys.window_prefix(rec.id), HISTORY_HOURS)
     to_month_end = max(1, int((usage.monthly.resets_at_s - now) // 3600) + 1)
     fc = forecast_rows(rows, min(to_month_end, 24 * 90))
     days = list(daily_totals(rows, ledger.tz_offset_s).values())
@@ -205,8 +208,7 @@ async def capacity_recommendations(
 
 
 async def _capacity(ledger: RedisLedger, configured_tps: float) -> dict[str, Any]:
-    rows = _trim_leading_zeros(await recent_hours(ledger, keys.GLOBAL_PREFIX, HISTORY_HOURS))
-    fc = forecast_rows(rows, 24 * 7)
+    fc = forecast_rows(await complete_hours(ledger, keys.GLOBAL_PREFIX, HISTORY_HOURS), 24 * 7)
     peak_i = max(range(len(fc.upper)), key=fc.upper.__getitem__) if fc.upper else 0
     peak_tps = (fc.upper[peak_i] / 3600) if fc.upper else 0.0
     out: dict[str, Any] = {
@@ -333,9 +335,7 @@ async def forecast_all(
     ids = await ledger.list_key_ids(0, MAX_KEYS_PER_PLAN)
     out = []
     for rec in await ledger.get_keys(ids):
-        rows = _trim_leading_zeros(
-            await recent_hours(ledger, keys.window_prefix(rec.id), HISTORY_HOURS)
-        )
+        rows = await complete_hours(ledger, keys.window_prefix(rec.id), HISTORY_HOURS)
         fc = forecast_rows(rows, horizon_hours)
         out.append(
             {
