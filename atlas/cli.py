@@ -176,6 +176,13 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--authz", default="authz:50051", help="host:port[,host:port...]")
     render.add_argument("--extproc", default="extproc:50052", help="host:port[,host:port...]")
     render.add_argument("--admin", default="admin:8081", help="host:port of atlas admin")
+    render.add_argument(
+        "--model-route",
+        action="append",
+        default=[],
+        metavar="MODEL=URL[,URL...]",
+        help="route a model (or prefix*) to its own upstream cluster; repeatable",
+    )
     render.add_argument("--validate", action="store_true", help="check with envoy --mode validate")
     return parser
 
@@ -205,6 +212,16 @@ def _hostports(spec: str) -> list[tuple[str, int]]:
     return out
 
 
+def _model_routes(specs: list[str]) -> dict[str, list[str]]:
+    routes: dict[str, list[str]] = {}
+    for spec in specs:
+        model, _, urls = spec.partition("=")
+        if not model or not urls:
+            raise ConfigError(f"--model-route {spec!r}: expected MODEL=URL[,URL...]")
+        routes[model] = [u.strip() for u in urls.split(",") if u.strip()]
+    return routes
+
+
 def _render_envoy(ns: argparse.Namespace) -> int:
     import tempfile
     from pathlib import Path
@@ -220,6 +237,7 @@ def _render_envoy(ns: argparse.Namespace) -> int:
             authz=_hostports(ns.authz),
             extproc=_hostports(ns.extproc),
             atlas_admin=_hostports(ns.admin)[0],
+            model_routes=_model_routes(ns.model_route),
         )
     )
     if ns.validate:

@@ -1087,10 +1087,14 @@ class DemoUpstream:
         *,
         chunk_delay_s: float = 0.0,
         history_size: int = HISTORY_SIZE,
+        fail_status: int | None = None,
     ) -> None:
+        """:param fail_status: answer every /v1 request with this status (a broken replica
+        for retry and outlier-detection tests); /health stays healthy."""
         self.host = host
         self.port = port
         self.chunk_delay_s = chunk_delay_s
+        self.fail_status = fail_status
         self.requests: collections.deque[dict[str, Any]] = collections.deque(maxlen=history_size)
         self._server: asyncio.Server | None = None
         self._connections: set[_Connection] = set()
@@ -1185,7 +1189,7 @@ class DemoUpstream:
             return _method_not_allowed(allowed, ka)
 
         try:
-            status = _header_int(req.headers, "x-demo-status", 400, 599)
+            status = _header_int(req.headers, "x-demo-status", 400, 599) or self.fail_status
             if status is not None:
                 message = f"demo upstream: forced status {status}"
                 return _json_response(status, _error_body(status, message), ka)
@@ -1273,13 +1277,13 @@ async def serve(
         await upstream.stop()
 
 
-async def _run(host: str, port: int, chunk_delay_s: float) -> int:
+async def _run(host: str, port: int, chunk_delay_s: float, fail_status: int | None) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals = (signal.SIGTERM, signal.SIGINT)
     for sig in signals:
         loop.add_signal_handler(sig, stop.set)
-    upstream = DemoUpstream(host, port, chunk_delay_s=chunk_delay_s)
+    upstream = DemoUpstream(host, port, chunk_delay_s=chunk_delay_s, fail_status=fail_status)
     try:
         try:
             await upstream.start()
@@ -1308,11 +1312,21 @@ def main(argv: list[str] | None = None) -> int:
         default=0.0,
         help="delay between streamed events (default 0)",
     )
+    parser.add_argument(
+        "--fail-status",
+        type=int,
+        default=None,
+        help="answer every /v1 request with this status (400..599), /health stays 200",
+    )
     args = parser.parse_args(argv)
     if args.chunk_delay_ms < 0:
         parser.error("--chunk-delay-ms must be >= 0")
+    if args.fail_status is not None and not 400 <= args.fail_status <= 599:
+        parser.error("--fail-status must be 400..599")
     try:
-        return asyncio.run(_run(args.host, args.port, args.chunk_delay_ms / 1000.0))
+        return asyncio.run(
+            _run(args.host, args.port, args.chunk_delay_ms / 1000.0, args.fail_status)
+        )
     except KeyboardInterrupt:
         return 0
 

@@ -10,6 +10,8 @@ from pathlib import Path
 from string import Template
 from urllib.parse import urlsplit
 
+import yaml
+
 from atlas.errors import ConfigError
 
 _REPO_ENVOY = Path(__file__).resolve().parent.parent / "envoy"
@@ -78,27 +80,133 @@ class EnvoyParams:
     authz_body_bytes: int = 65536
     extproc_message_timeout: str = "2s"
     extproc_failure_mode_allow: bool = False
+    #: model name (or `prefix*`) -> upstream URLs of one cluster with health checks,
+    #: retries, outlier detection and circuit breakers.
+    model_routes: dict[str, list[str]] = field(default_factory=dict)
     max_request_bytes: int = 8 << 20
+
+
+#: Resilience of model clusters (see docs): a failing replica is retried on another, ejected
+#: after consecutive 5xx, and kept out by active health checks while /health fails.
+RETRY_POLICY = {
+    "retry_on": "5xx,reset,connect-failure,refused-stream",
+    "num_retries": 2,
+    "per_try_idle_timeout": "300s",
+    "retry_host_predicate": [
+        {
+            "name": "envoy.retry_host_predicates.previous_hosts",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions"
+                ".retry.host.previous_hosts.v3"
+                ".PreviousHostsPredicate"
+            },
+        }
+    ],
+    "host_selection_retry_max_attempts": "3",
+}
+OUTLIER_DETECTION = {
+    "consecutive_5xx": 3,
+    "interval": "2s",
+    "base_ejection_time": "30s",
+    "max_ejection_percent": 50,
+}
+HEALTH_CHECK = {
+    "timeout": "1s",
+    "interval": "5s",
+    "unhealthy_threshold": 2,
+    "healthy_threshold": 1,
+    "http_health_check": {"path": "/health"},
+}
+CIRCUIT_BREAKERS = {
+    "thresholds": [
+        {
+            "max_connections": 4096,
+            "max_pending_requests": 1024,
+            "max_requests": 4096,
+            "max_retries": 64,
+        }
+    ]
+}
+ROUTE_INDENT = " " * 14
+CLUSTER_INDENT = "  "
+
+
+def _model_lines(routes: dict[str, list[str]]) -> tuple[str, str]:
+    """Route and cluster lines (YAML block items written as JSON) for model routing."""
+    route_lines, cluster_lines = [], []
+    for i, (model, urls) in enumerate(routes.items()):
+        name = f"model_{i}"
+        ups = [Upstream.parse(u) for u in urls]
+        if not ups or len({u.tls for u in ups}) > 1:
+            raise ConfigError(
+                f"model route {model!r}: give one or more upstreams, all http or all https"
+            )
+        matcher = {"prefix": model[:-1]} if model.endswith("*") else {"exact": model}
+        route = {
+            "cluster": name,
+            "timeout": "0s",
+            "idle_timeout": "300s",
+            "retry_policy": RETRY_POLICY,
+        }
+        route_lines.append(
+            _yaml_item(
+                {
+                    "match": {
+                        "prefix": "/v1/",
+                        "headers": [{"name": "x-atlas-model", "string_match": matcher}],
+                    },
+                    "route": route,
+                },
+                ROUTE_INDENT,
+            )
+        )
+        cluster: dict[str, object] = {
+            "name": name,
+            "type": _discovery([u.host for u in ups]),
+            "connect_timeout": "2s",
+            "lb_policy": "LEAST_REQUEST",
+            "load_assignment": {
+                "cluster_name": name,
+                "endpoints": [
+                    {"lb_endpoints": json.loads(_endpoints([(u.host, u.port) for u in ups]))}
+                ],
+            },
+            "health_checks": [HEALTH_CHECK],
+            "outlier_detection": OUTLIER_DETECTION,
+            "circuit_breakers": CIRCUIT_BREAKERS,
+        }
+        if ups[0].tls:
+            cluster["transport_socket"] = _tls_socket(ups[0].host)
+        cluster_lines.append(_yaml_item(cluster, CLUSTER_INDENT))
+    return (f"\n{ROUTE_INDENT}".join(route_lines), f"\n{CLUSTER_INDENT}".join(cluster_lines))
+
+
+def _yaml_item(item: dict[str, object], indent: str) -> str:
+    """`item` as a YAML block-sequence entry whose first line goes where the placeholder is."""
+    text = yaml.safe_dump(item, default_flow_style=False, sort_keys=False, width=100)
+    lines = text.rstrip("\n").split("\n")
+    return "- " + f"\n{indent}  ".join(lines)
+
+
+def _tls_socket(sni: str) -> dict[str, object]:
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3"
+            ".UpstreamTlsContext",
+            "sni": sni,
+        },
+    }
 
 
 def render(params: EnvoyParams, template: str = "atlas.yaml.tmpl") -> str:
     up = Upstream.parse(params.upstream)
-    tls_line = ""
-    if up.tls:
-        tls_line = "transport_socket: " + json.dumps(
-            {
-                "name": "envoy.transport_sockets.tls",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3"
-                    ".UpstreamTlsContext",
-                    "sni": up.host,
-                },
-            }
-        )
+    tls_line = "transport_socket: " + json.dumps(_tls_socket(up.host)) if up.tls else ""
     # Clients call /v1/...; an upstream mounted elsewhere (https://host/api/v1) gets its path.
     rewrite_line = ""
     if up.path and up.path != "/v1":
         rewrite_line = "prefix_rewrite: " + json.dumps(up.path + "/")
+    routes, clusters = _model_lines(params.model_routes)
     values = {
         "listen_address": params.listen_address,
         "listen_port": params.listen_port,
@@ -122,6 +230,9 @@ def render(params: EnvoyParams, template: str = "atlas.yaml.tmpl") -> str:
         "grpc_discovery": _discovery([h for h, _ in params.authz + params.extproc]),
         "authz_endpoints_json": _endpoints(params.authz),
         "extproc_endpoints_json": _endpoints(params.extproc),
+        "model_routes_lines": routes,
+        "model_clusters_lines": clusters,
+        "extproc_route_cache_action": "DEFAULT" if params.model_routes else "RETAIN",
     }
     text = (config_dir() / template).read_text()
     try:

@@ -166,6 +166,12 @@ class Settings(BaseSettings):
         ' "*" prices any other model (environment only)',
     )
 
+    model_routes: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description='Route by model, JSON: {"llama-3*": ["http://vllm-a:8000"], "gpt-4o": [...]};'
+        " each model gets a cluster with health checks, retries and outlier detection;"
+        " other models go to the default upstream (environment only)",
+    )
     upstream_capacity_tokens_per_s: float = Field(
         0, ge=0, description="What the upstream can serve, tokens/s (capacity advice; 0 unknown)"
     )
@@ -191,6 +197,17 @@ class Settings(BaseSettings):
     def _redis_scheme(cls, v: str) -> str:
         if not v.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis://, rediss:// or unix://")
+        return v
+
+    @field_validator("model_routes")
+    @classmethod
+    def _route_urls(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        for model, urls in v.items():
+            if not model or not urls:
+                raise ValueError("each route needs a model name and at least one upstream URL")
+            bad = [u for u in urls if not u.startswith(("http://", "https://"))]
+            if bad:
+                raise ValueError(f"{model}: not http(s) URLs: {bad}")
         return v
 
     @field_validator("upstream")

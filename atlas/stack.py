@@ -225,6 +225,7 @@ class Stack:
                     extproc=[(s.extproc_host, s.extproc_port)],
                     atlas_admin=(s.admin_host, s.admin_port),
                     max_request_bytes=s.max_request_bytes,
+                    model_routes=s.model_routes,
                 )
             )
         )

@@ -30,6 +30,8 @@ AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"
 MAX_BUFFERED_RESPONSE_BYTES = 4 << 20
 #: A JSON response is copied for counting up to this size; beyond, usage is estimated.
 MAX_COPIED_RESPONSE_BYTES = 16 << 20
+#: Model names are client input; a header carries a bounded, printable one.
+MAX_MODEL_HEADER_CHARS = 256
 _FALSE = wrappers_pb2.BoolValue(value=False)
 
 _CONTINUE_REQUEST_HEADERS = ep.ProcessingResponse(
@@ -58,6 +60,19 @@ def _set(key: str, value: str) -> base_pb2.HeaderValueOption:
     return base_pb2.HeaderValueOption(
         header=base_pb2.HeaderValue(key=key, raw_value=value.encode()), append=_FALSE
     )
+
+
+def _header_safe(value: str) -> str:
+    """Printable ASCII only (Envoy rejects control characters in header values), bounded."""
+    return "".join(c for c in value[:MAX_MODEL_HEADER_CHARS] if " " <= c <= "~")
+
+
+def _json_object(body: bytes) -> dict[str, Any] | None:
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def _json_completion_chars(body: bytes) -> int:
@@ -119,7 +134,12 @@ class Grant:
 
 
 class Exchange:
-    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, *, route_by_model: bool = False, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        """:param route_by_model: tell Envoy the body's model (`x-atlas-model`) and have it
+        match routes again, for per-model upstream clusters."""
+        self._route_by_model = route_by_model
         self._clock = clock
         self.grant: Grant | None = None
         self.endpoint: Endpoint | None = None
@@ -153,16 +173,33 @@ class Exchange:
         """BUFFERED: the whole request body. Rewrites it only when Atlas must."""
         if self.grant is None:
             return _PASS_REQUEST_BODY
-        try:
-            data = json.loads(body)
-        except (ValueError, RecursionError):
+        data = _json_object(body)
+        new: bytes | None = None
+        if data is not None:
+            if isinstance(data.get("model"), str):
+                self.model = data["model"]
+            self.prompt_estimate = estimate_prompt_tokens(data)
+            self.stream = data.get("stream") is True
+            if self._rewrite(data):
+                new = json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()
+        if new is None and not self._route_by_model:
             return _PASS_REQUEST_BODY
-        if not isinstance(data, dict):
-            return _PASS_REQUEST_BODY
-        if isinstance(data.get("model"), str):
-            self.model = data["model"]
-        self.prompt_estimate = estimate_prompt_tokens(data)
-        self.stream = data.get("stream") is True
+        common = ep.CommonResponse()
+        if new is not None:
+            # BUFFERED with headers SENT: Envoy keeps Content-Length; it must match the body.
+            common.header_mutation.set_headers.append(_set("content-length", str(len(new))))
+            common.body_mutation.body = new
+        if self._route_by_model:
+            # authz removed any client-sent x-atlas-* header; the route follows the body.
+            if self.model:
+                common.header_mutation.set_headers.append(
+                    _set("x-atlas-model", _header_safe(self.model))
+                )
+            common.clear_route_cache = True
+        return ep.ProcessingResponse(request_body=ep.BodyResponse(response=common))
+
+    def _rewrite(self, data: dict[str, Any]) -> bool:
+        """Apply Atlas's request changes to `data`; whether anything changed."""
         changed = False
         opts = data.get("stream_options")
         if (
@@ -177,31 +214,13 @@ class Exchange:
             }
             self.injected_usage = True
             changed = True
+        assert self.grant is not None
         if self.grant.granted_completion is not None:
-            field = next(
-                (
-                    f
-                    for f in ("max_completion_tokens", "max_tokens", "max_output_tokens")
-                    if f in data
-                ),
-                "max_tokens",
-            )
+            fields = ("max_completion_tokens", "max_tokens", "max_output_tokens")
+            field = next((f for f in fields if f in data), "max_tokens")
             data[field] = self.grant.granted_completion
             changed = True
-        if not changed:
-            return _PASS_REQUEST_BODY
-        new = json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()
-        # BUFFERED with headers SENT: Envoy keeps Content-Length, so it must match the new body.
-        return ep.ProcessingResponse(
-            request_body=ep.BodyResponse(
-                response=ep.CommonResponse(
-                    header_mutation=ep.HeaderMutation(
-                        set_headers=[_set("content-length", str(len(new)))]
-                    ),
-                    body_mutation=ep.BodyMutation(body=new),
-                )
-            )
-        )
+        return changed
 
     # ---- response path ---------------------------------------------------------------
     def on_response_headers(self, headers: dict[str, str], end_of_stream: bool) -> Any:

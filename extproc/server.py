@@ -113,9 +113,12 @@ _PASS_THROUGH: dict[str, Callable[[], Any]] = {
 
 
 class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
-    def __init__(self, settler: Settler, prices: PriceBook | None = None) -> None:
+    def __init__(
+        self, settler: Settler, prices: PriceBook | None = None, *, route_by_model: bool = False
+    ) -> None:
         self._settler = settler
         self._prices = prices
+        self._route_by_model = route_by_model
 
     @staticmethod
     def _handle(ex: Exchange, req: ep.ProcessingRequest, kind: str | None) -> Any:
@@ -141,7 +144,7 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
     async def Process(
         self, request_iterator: AsyncIterator[ep.ProcessingRequest], context: Any
     ) -> AsyncIterator[ep.ProcessingResponse]:
-        ex = Exchange()
+        ex = Exchange(route_by_model=self._route_by_model)
         try:
             async for req in request_iterator:
                 kind = req.WhichOneof("request")
@@ -178,7 +181,9 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
         inflight=inflight,
     )
     background.append(asyncio.create_task(reaper.run()))
-    processor = ExternalProcessor(settler, PriceBook(settings.model_prices))
+    processor = ExternalProcessor(
+        settler, PriceBook(settings.model_prices), route_by_model=bool(settings.model_routes)
+    )
     address = f"{settings.extproc_host}:{settings.extproc_port}"
     try:
         async with grpc_server(

@@ -45,3 +45,44 @@ def test_validate_reports_envoys_message(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match="SOMETIMES"):
         validate(path)
+
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "envoy" / "examples" / "model-routing.yaml"
+EXAMPLE_ARGS = [
+    "render-envoy",
+    "--upstream",
+    "http://vllm-default:8000",
+    "--authz",
+    "authz:50051",
+    "--extproc",
+    "extproc:50052",
+    "--admin",
+    "admin:8081",
+    "--model-route",
+    "llama-3*=http://vllm-llama-a:8000,http://vllm-llama-b:8000",
+    "--model-route",
+    "qwen2.5-coder=http://vllm-qwen:8000",
+]
+
+
+def test_model_routing_example_is_current_and_valid(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from atlas.cli import main
+
+    assert main(EXAMPLE_ARGS) == 0
+    fresh = capsys.readouterr().out
+    shipped = "".join(
+        ln for ln in EXAMPLE.read_text().splitlines(keepends=True) if not ln.startswith("## ")
+    )  # the example's own header
+    assert shipped == fresh, "regenerate envoy/examples/model-routing.yaml (see its header)"
+    validate(EXAMPLE)
+    assert "outlier_detection" in fresh and "health_checks" in fresh
+    assert "route_cache_action: DEFAULT" in fresh
+
+
+def test_bad_model_route_is_a_clear_error() -> None:
+    with pytest.raises(ConfigError, match="'ftp://x' is not an http"):
+        render(EnvoyParams(upstream="http://u:1", model_routes={"m": ["ftp://x"]}))
+    with pytest.raises(ConfigError, match="model route 'm'"):
+        render(EnvoyParams(upstream="http://u:1", model_routes={"m": []}))
