@@ -198,8 +198,17 @@ def _configure_logging(settings: Settings) -> None:
 def _run(coro_fn: Callable[[Settings], Coroutine[Any, Any, Any]], settings: Settings) -> int:
     _configure_logging(settings)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(coro_fn(settings))
+        run_event_loop(coro_fn(settings))
     return 0
+
+
+def run_event_loop(coro: Coroutine[Any, Any, Any]) -> Any:
+    """uvloop when installed (measured faster for gRPC and Redis I/O), else asyncio."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
 
 
 def _hostports(spec: str) -> list[tuple[str, int]]:

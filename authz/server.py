@@ -103,6 +103,10 @@ def answer_ok(v: Verdict, inp: CheckInput, settings: Settings) -> auth_pb2.Check
             "model": v.request.model,
             "tpm": v.key.tokens_per_minute or 0,
             "granted_completion": -1 if a.granted_completion is None else a.granted_completion,
+            # What the body holds, so extproc can skip reading it when it needs nothing there.
+            "body_parsed": v.request.parsed,
+            "stream": v.request.stream,
+            "include_usage": v.request.include_usage,
             "shadow_decision": v.shadow_reason,
             "degraded": v.degraded,
         }

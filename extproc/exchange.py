@@ -43,6 +43,9 @@ _CONTINUE_REQUEST_HEADERS = ep.ProcessingResponse(
         )
     )
 )
+_CONTINUE_SKIP_REQUEST_BODY = ep.ProcessingResponse()
+_CONTINUE_SKIP_REQUEST_BODY.CopyFrom(_CONTINUE_REQUEST_HEADERS)
+_CONTINUE_SKIP_REQUEST_BODY.mode_override.request_body_mode = pm.ProcessingMode.NONE
 _PASS_REQUEST_BODY = ep.ProcessingResponse(request_body=ep.BodyResponse())
 _PASS_RESPONSE_BODY = ep.ProcessingResponse(response_body=ep.BodyResponse())
 _CLEAR_RESPONSE_BODY = ep.ProcessingResponse(
@@ -108,6 +111,9 @@ class Grant:
     tpm: int
     granted_completion: int | None
     degraded: bool  # admitted without Redis: nothing was reserved in the ledger
+    body_parsed: bool  # authz read the whole body as JSON (so the flags below are known)
+    stream: bool
+    include_usage: bool
 
     @classmethod
     def from_metadata(cls, md: dict[str, Any]) -> Grant | None:
@@ -130,6 +136,9 @@ class Grant:
             tpm=num("tpm"),
             granted_completion=granted if granted > 0 else None,
             degraded=md.get("degraded") is True,
+            body_parsed=md.get("body_parsed") is True,
+            stream=md.get("stream") is True,
+            include_usage=md.get("include_usage") is True,
         )
 
 
@@ -164,10 +173,23 @@ class Exchange:
     def on_request_headers(self, headers: dict[str, str], metadata: dict[str, Any]) -> Any:
         self.grant = Grant.from_metadata(metadata)
         self.endpoint = endpoint_for_path(headers.get(":path", ""))
-        if self.grant is not None:
-            self.model = self.grant.model
-            self.prompt_estimate = self.grant.prompt_estimate
-        return _CONTINUE_REQUEST_HEADERS
+        g = self.grant
+        if g is None:
+            return _CONTINUE_REQUEST_HEADERS
+        self.model = g.model
+        self.prompt_estimate = g.prompt_estimate
+        self.stream = g.stream
+        needs_body = (
+            self._route_by_model
+            or g.granted_completion is not None
+            or not g.body_parsed
+            or (g.stream and not g.include_usage)
+        )
+        if needs_body:
+            return _CONTINUE_REQUEST_HEADERS
+        # authz already read this body and there is nothing to change in it: one gRPC round
+        # trip less per request.
+        return _CONTINUE_SKIP_REQUEST_BODY
 
     def on_request_body(self, body: bytes) -> Any:
         """BUFFERED: the whole request body. Rewrites it only when Atlas must."""

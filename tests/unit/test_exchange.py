@@ -132,3 +132,31 @@ def test_json_response_and_upstream_error() -> None:
     s = err.settlement()
     assert s is not None and s.outcome == "upstream_error"
     assert s.prompt_tokens + s.completion_tokens == 0
+
+
+def test_request_body_is_skipped_only_when_nothing_needs_it() -> None:
+    parsed = {**GRANT, "body_parsed": True}
+    cases = [
+        (parsed, False, pm.ProcessingMode.NONE),  # plain JSON request: authz read it all
+        ({**parsed, "stream": True}, False, 0),  # include_usage must be injected
+        ({**parsed, "stream": True, "include_usage": True}, False, pm.ProcessingMode.NONE),
+        ({**parsed, "granted_completion": 9}, False, 0),  # clamp rewrites max_tokens
+        (GRANT, False, 0),  # authz saw only part of the body
+        (parsed, True, 0),  # routing by model reads the body
+    ]
+    for grant, route, mode in cases:
+        reply = Exchange(route_by_model=route).on_request_headers(
+            {":path": "/v1/chat/completions"}, grant)
+        assert reply.mode_override.request_body_mode == mode, (grant, route)
+        assert list(reply.request_headers.response.header_mutation.remove_headers) == [
+            "accept-encoding"]
+
+
+def test_route_by_model_sets_the_header_and_clears_the_route_cache() -> None:
+    ex = Exchange(route_by_model=True)
+    ex.on_request_headers({":path": "/v1/chat/completions"}, GRANT)
+    reply = ex.on_request_body(b'{"model": "llama-3\\n-8b\\u0000"}')
+    common = reply.request_body.response
+    assert common.clear_route_cache
+    (hdr,) = common.header_mutation.set_headers
+    assert (hdr.header.key, hdr.header.raw_value) == ("x-atlas-model", b"llama-3-8b")
