@@ -61,6 +61,9 @@ LEDGER_ERRORS = Counter(
     "Ledger calls that failed (Redis unreachable or erroring)",
     ["service", "op"],
 )
+EXTPROC_MESSAGES = Counter(
+    "atlas_extproc_messages_total", "ext_proc messages from Envoy, by kind", ["kind"]
+)
 REAPED = Counter(
     "atlas_reaped_reservations_total", "Reservations settled by the reaper (never settled)"
 )

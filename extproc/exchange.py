@@ -46,6 +46,12 @@ _CONTINUE_REQUEST_HEADERS = ep.ProcessingResponse(
 _CONTINUE_SKIP_REQUEST_BODY = ep.ProcessingResponse()
 _CONTINUE_SKIP_REQUEST_BODY.CopyFrom(_CONTINUE_REQUEST_HEADERS)
 _CONTINUE_SKIP_REQUEST_BODY.mode_override.request_body_mode = pm.ProcessingMode.NONE
+# A non-streamed completion: neither its request body nor its response headers are needed;
+# the response body (small: bounded by max_tokens) is read whole. Two messages per request.
+_CONTINUE_BODY_ONLY = ep.ProcessingResponse()
+_CONTINUE_BODY_ONLY.CopyFrom(_CONTINUE_SKIP_REQUEST_BODY)
+_CONTINUE_BODY_ONLY.mode_override.response_header_mode = pm.ProcessingMode.SKIP
+_CONTINUE_BODY_ONLY.mode_override.response_body_mode = pm.ProcessingMode.BUFFERED
 _PASS_REQUEST_BODY = ep.ProcessingResponse(request_body=ep.BodyResponse())
 _PASS_RESPONSE_BODY = ep.ProcessingResponse(response_body=ep.BodyResponse())
 _CLEAR_RESPONSE_BODY = ep.ProcessingResponse(
@@ -63,6 +69,18 @@ def _set(key: str, value: str) -> base_pb2.HeaderValueOption:
     return base_pb2.HeaderValueOption(
         header=base_pb2.HeaderValue(key=key, raw_value=value.encode()), append=_FALSE
     )
+
+
+_SMALL_RESPONSE_ENDPOINTS = (Endpoint.CHAT, Endpoint.COMPLETIONS, Endpoint.RESPONSES)
+
+
+def _is_error_body(body: bytes | bytearray) -> bool:
+    """An OpenAI-style error answer: `{"error": {...}}` (without usage)."""
+    head = bytes(body[:64]).lstrip()
+    if not head.startswith(b"{") or b'"error"' not in body[:4096]:
+        return False
+    data = _json_object(bytes(body))
+    return data is not None and isinstance(data.get("error"), dict) and "usage" not in data
 
 
 def _header_safe(value: str) -> str:
@@ -158,6 +176,7 @@ class Exchange:
         self.injected_usage = False
         self.status = 0
         self.streaming_response = False
+        self.headers_skipped = False  # response headers not sent to us (see _CONTINUE_BODY_ONLY)
         self.response_done = False
         self.usage: Usage | None = None
         self.completion_chars = 0
@@ -189,6 +208,9 @@ class Exchange:
             return _CONTINUE_REQUEST_HEADERS
         # authz already read this body and there is nothing to change in it: one gRPC round
         # trip less per request.
+        if not g.stream and self.endpoint in _SMALL_RESPONSE_ENDPOINTS:
+            self.headers_skipped = True
+            return _CONTINUE_BODY_ONLY
         return _CONTINUE_SKIP_REQUEST_BODY
 
     def on_request_body(self, body: bytes) -> Any:
@@ -282,6 +304,8 @@ class Exchange:
                 self._json_body.clear()
             elif end_of_stream:
                 self.response_done = True
+                if self.headers_skipped and _is_error_body(self._json_body):
+                    self.status = 599  # no status seen: an OpenAI error body is the sign
                 self.usage = usage_from_json(bytes(self._json_body))
                 if self.usage is None:
                     self.completion_chars = _json_completion_chars(bytes(self._json_body))

@@ -161,6 +161,7 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
         try:
             async for req in request_iterator:
                 kind = req.WhichOneof("request")
+                MESSAGES[kind].inc()
                 try:
                     reply = self._handle(ex, req, kind)
                 except Exception:
@@ -180,6 +181,18 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
 
 
 HISTORY_FLUSH_S = 1.0
+#: Label lookups done once: the message counter is on the per-chunk path.
+MESSAGES = {
+    kind: metrics.EXTPROC_MESSAGES.labels(kind=kind)
+    for kind in (
+        "request_headers",
+        "request_body",
+        "request_trailers",
+        "response_headers",
+        "response_body",
+        "response_trailers",
+    )
+}
 
 
 async def _flush_history_forever(ledger: RedisLedger) -> None:

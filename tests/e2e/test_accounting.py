@@ -182,3 +182,36 @@ async def test_upstream_without_usage_is_estimated_within_15_percent(
     assert (
         'atlas_settlements_total{outcome="completed",source="estimated",status="settled"}' in text
     )
+
+
+async def test_a_plain_completion_costs_two_ext_proc_messages(
+    make_key: MakeKey, client_for: Client, stack: Stack
+) -> None:
+    """authz already read the body and a non-streamed answer is read whole: extproc gets the
+    request headers and the response body only (Envoy honours the mode overrides)."""
+    url = f"http://127.0.0.1:{stack.settings.extproc_metrics_port}/metrics"
+
+    async def counts() -> dict[str, float]:
+        async with httpx.AsyncClient() as raw:
+            text = (await raw.get(url)).text
+        return {
+            ln.split('"')[1]: float(ln.rsplit(" ", 1)[1])
+            for ln in text.splitlines()
+            if ln.startswith("atlas_extproc_messages_total{")
+        }
+
+    key = await make_key()
+    client = client_for(key["api_key"])
+    before = await counts()
+    for _ in range(5):
+        await client.chat.completions.create(model="demo-small", messages=MESSAGES, max_tokens=3)
+    after = await counts()
+    delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    assert delta == {
+        "request_headers": 5,
+        "request_body": 0,
+        "request_trailers": 0,
+        "response_headers": 0,
+        "response_body": 5,
+        "response_trailers": 0,
+    }

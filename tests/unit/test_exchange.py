@@ -146,10 +146,12 @@ def test_request_body_is_skipped_only_when_nothing_needs_it() -> None:
     ]
     for grant, route, mode in cases:
         reply = Exchange(route_by_model=route).on_request_headers(
-            {":path": "/v1/chat/completions"}, grant)
+            {":path": "/v1/chat/completions"}, grant
+        )
         assert reply.mode_override.request_body_mode == mode, (grant, route)
         assert list(reply.request_headers.response.header_mutation.remove_headers) == [
-            "accept-encoding"]
+            "accept-encoding"
+        ]
 
 
 def test_route_by_model_sets_the_header_and_clears_the_route_cache() -> None:
