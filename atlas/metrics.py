@@ -64,6 +64,11 @@ LEDGER_ERRORS = Counter(
 EXTPROC_MESSAGES = Counter(
     "atlas_extproc_messages_total", "ext_proc messages from Envoy, by kind", ["kind"]
 )
+JOURNAL = Counter(
+    "atlas_journal_settlements_total",
+    "Settlements journaled on disk while Redis was unreachable, by event",
+    ["event"],  # written | replayed | dropped
+)
 REAPED = Counter(
     "atlas_reaped_reservations_total", "Reservations settled by the reaper (never settled)"
 )

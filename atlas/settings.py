@@ -187,6 +187,12 @@ class Settings(BaseSettings):
     reap_charge_reserved: bool = Field(
         True, description="Reaped (never settled) requests are charged their reservation"
     )
+    journal_dir: str = Field(
+        "", description="Where extproc journals settlements during a Redis outage ('' = temp dir)"
+    )
+    journal_max_bytes: int = Field(
+        64 << 20, ge=4096, description="Journal size bound; beyond it the reaper charges"
+    )
     reap_interval_s: float = Field(5.0, gt=0, description="How often extproc runs the reaper, s")
     key_cache_ttl_s: float = Field(
         30.0, ge=0, description="In-process key cache lifetime (pub/sub invalidates sooner), s"

@@ -126,10 +126,13 @@ class Stack:
         redis_url: str | None = None,
         out: TextIO | None = None,
         workdir: Path | None = None,
+        valkey_args: tuple[str, ...] = (),
     ) -> None:
-        """:param redis_url: an existing Redis; None starts an embedded valkey-server."""
+        """:param redis_url: an existing Redis; None starts an embedded valkey-server.
+        :param valkey_args: extra valkey-server arguments (e.g. persistence for restarts)."""
         self.settings = settings
         self._external_redis = redis_url
+        self._valkey_args = valkey_args
         self._out = out if out is not None else sys.stdout
         self._tmp = tempfile.TemporaryDirectory(prefix="atlas-")
         self.workdir = workdir or Path(self._tmp.name)
@@ -160,7 +163,7 @@ class Stack:
             await self._spawn(
                 Child(
                     "valkey",
-                    valkey_argv(port, self.workdir, "--loglevel", "warning"),
+                    valkey_argv(port, self.workdir, "--loglevel", "warning", *self._valkey_args),
                     ready=lambda: _redis_ping(s.redis_url),
                 )
             )
@@ -288,6 +291,25 @@ class Stack:
         how = f"signal {signal.Signals(-rc).name}" if rc is not None and rc < 0 else f"code {rc}"
         last = "\n    ".join(list(child.tail)[-8:]) or "(no output)"
         return f"{child.name} exited with {how}; its last output:\n    {last}"
+
+    async def kill(self, name: str, sig: signal.Signals = signal.SIGKILL) -> None:
+        """Stop one component abruptly (fault tests); the stack keeps running."""
+        child = self.children[name]
+        assert child.proc is not None
+        with contextlib.suppress(ProcessLookupError):
+            child.proc.send_signal(sig)
+        await child.proc.wait()
+        if child.pump is not None:
+            await asyncio.gather(child.pump, return_exceptions=True)
+
+    async def restart(self, name: str) -> None:
+        """Start a stopped component again, same command, and wait until it is ready."""
+        child = self.children[name]
+        if child.proc is not None and child.proc.returncode is None:
+            await self._terminate(child)
+        fresh = Child(child.name, child.argv, child.ready, env=child.env)
+        fresh.tail.extend(child.tail)
+        await self._spawn(fresh)
 
     async def stop(self) -> None:
         self.stopping = True

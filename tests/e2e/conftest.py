@@ -20,7 +20,9 @@ ADMIN_TOKEN = "e2e-admin-token"
 
 
 @contextlib.asynccontextmanager
-async def running_stack(**overrides: Any) -> AsyncIterator[Stack]:
+async def running_stack(
+    *, valkey_args: tuple[str, ...] = (), **overrides: Any
+) -> AsyncIterator[Stack]:
     """A whole stack on free ports; `overrides` are settings."""
     settings = Settings(
         admin_token=ADMIN_TOKEN,
@@ -36,7 +38,7 @@ async def running_stack(**overrides: Any) -> AsyncIterator[Stack]:
         log_level="info",
         **overrides,
     )
-    the_stack = Stack(settings, out=io.StringIO())
+    the_stack = Stack(settings, out=io.StringIO(), valkey_args=valkey_args)
     try:
         await the_stack.start()
     except BaseException:

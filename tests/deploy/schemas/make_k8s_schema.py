@@ -26,7 +26,8 @@ KINDS = {
     ("autoscaling/v2", "HorizontalPodAutoscaler"): "horizontalpodautoscaler-autoscaling-v2",
     ("policy/v1", "PodDisruptionBudget"): "poddisruptionbudget-policy-v1",
 }
-DEFS_PREFIX = "/api/_definitions.json#/$defs/"
+# Kind files point into the shared file; the shared file points into itself.
+DEFS_PREFIXES = ("/api/_definitions.json#/$defs/", "#/$defs/")
 
 
 def kind_key(api_version: str, kind: str) -> str:
@@ -37,12 +38,15 @@ def _rewrite(node: Any, seen: set[str]) -> Any:
     if isinstance(node, dict):
         out = {}
         for k, v in node.items():
-            if k == "$ref" and isinstance(v, str) and v.startswith(DEFS_PREFIX):
-                name = v[len(DEFS_PREFIX) :]
+            prefix = next(
+                (p for p in DEFS_PREFIXES if isinstance(v, str) and v.startswith(p)), None
+            )
+            if k == "$ref" and prefix is not None:
+                name = v[len(prefix) :]
                 seen.add(name)
                 out[k] = "#/$defs/" + name
-            elif k in ("$schema", "$id"):
-                continue
+            elif k in ("$schema", "$id") or (k == "description" and isinstance(v, str)):
+                continue  # prose is most of the size; the API docs have it
             else:
                 out[k] = _rewrite(v, seen)
         return out
@@ -82,7 +86,7 @@ def main() -> None:
         doc = build(root, version)
         minor = ".".join(version.lstrip("v").split(".")[:2])
         path = here / f"kubernetes-{minor}.schema.json"
-        path.write_text(json.dumps(doc, indent=1, sort_keys=False) + "\n")
+        path.write_text(json.dumps(doc, indent=1) + "\n")
         print(path, len(doc["$defs"]), "definitions")
 
 

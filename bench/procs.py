@@ -1,0 +1,223 @@
+"""Processes: start and stop the ones the benchmark owns, and measure CPU of any of them.
+
+CPU comes from ``/proc/<pid>/stat`` (utime + stime, in clock ticks) summed over a process and
+its live descendants (so a service that forks workers is still counted whole), plus what it
+has reaped (cutime + cstime). Short-lived tools (wrk, the load generators) are measured exactly
+with ``wait4``'s rusage instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
+PR_SET_PDEATHSIG = 1
+REPO = Path(__file__).resolve().parent.parent
+
+
+def die_with_parent() -> None:
+    """preexec_fn: SIGTERM when the benchmark dies; own process group, so a Ctrl-C reaches the
+    benchmark only and it stops everything in order."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    os.setpgrp()
+
+
+# ---- CPU ----------------------------------------------------------------------------------
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # comm (field 2) may contain spaces and parentheses: split after the last ')'.
+    return raw.rsplit(")", 1)[1].split()
+
+
+def _children_map() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        fields = _stat_fields(int(entry.name))
+        if fields is not None:
+            kids.setdefault(int(fields[1]), []).append(int(entry.name))
+    return kids
+
+
+def cpu_ticks(pid: int, kids: Mapping[int, list[int]] | None = None) -> int:
+    """utime+stime of `pid` and its live descendants, plus reaped children's; 0 if gone."""
+    kids = _children_map() if kids is None else kids
+    total = 0
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        fields = _stat_fields(p)
+        if fields is None:
+            continue
+        # After the ')' split: [0]=state, [11]=utime, [12]=stime, [13]=cutime, [14]=cstime.
+        total += sum(int(fields[i]) for i in (11, 12, 13, 14))
+        todo.extend(kids.get(p, ()))
+    return total
+
+
+def cpu_snapshot(pids: Mapping[str, int]) -> dict[str, float]:
+    """CPU seconds so far of each named process tree."""
+    kids = _children_map()
+    return {name: cpu_ticks(pid, kids) * TICK_S for name, pid in pids.items()}
+
+
+def cpu_delta(before: Mapping[str, float], after: Mapping[str, float]) -> dict[str, float]:
+    return {name: after[name] - before.get(name, 0.0) for name in after}
+
+
+# ---- measured one-shot tools (wrk, load generators) ----------------------------------------
+
+
+@dataclass
+class ToolRun:
+    argv: list[str]
+    returncode: int
+    output: str
+    cpu_s: float
+    wall_s: float
+
+
+async def run_tool(argv: list[str], *, env: Mapping[str, str] | None = None) -> ToolRun:
+    """Run a tool to completion; its exact CPU time comes from wait4. Killed if cancelled."""
+    start = time.monotonic()
+    proc = subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=dict(env) if env is not None else None,
+        preexec_fn=die_with_parent,
+        cwd=REPO,
+    )
+
+    def wait() -> tuple[str, int, float]:
+        assert proc.stdout is not None
+        out = proc.stdout.read().decode("utf-8", "replace")
+        proc.stdout.close()
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        return out, proc.returncode, usage.ru_utime + usage.ru_stime
+
+    try:
+        out, rc, cpu = await asyncio.to_thread(wait)
+    except BaseException:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+        raise
+    return ToolRun(argv, rc, out, cpu, time.monotonic() - start)
+
+
+def python_env() -> dict[str, str]:
+    """Environment for `python -m bench.<tool>` children: the checkout importable."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+# ---- long-running children the benchmark owns (upstream, bare Envoy) -----------------------
+
+
+@dataclass
+class Service:
+    """A child process started by the benchmark, its output drained (and the tail kept)."""
+
+    name: str
+    argv: list[str]
+    ready: Callable[[], Awaitable[Any]]
+    proc: asyncio.subprocess.Process | None = None
+    tail: list[str] = field(default_factory=list)
+    _drain: asyncio.Task[None] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    async def start(self, timeout_s: float = 60.0) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            *self.argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            preexec_fn=die_with_parent,
+        )
+        self._drain = asyncio.create_task(self._read())
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.proc.returncode is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}: {self.log()}")
+            try:
+                await self.ready()
+                return
+            except Exception as exc:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{self.name} not ready after {timeout_s:.0f}s: {exc}")
+            await asyncio.sleep(0.05)
+
+    async def _read(self) -> None:
+        # Envoy's access log goes here, like the Atlas Envoy's goes to the Stack's reader.
+        assert self.proc is not None and self.proc.stdout is not None
+        async for line in self.proc.stdout:
+            if len(self.tail) >= 40:
+                del self.tail[:20]
+            self.tail.append(line.decode("utf-8", "replace").rstrip())
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    def log(self) -> str:
+        return "\n    ".join(self.tail[-10:]) or "(no output)"
+
+    async def stop(self) -> None:
+        proc = self.proc
+        if proc is None:
+            return
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), 10)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+        if self._drain is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._drain, 2)
+
+
+async def http_ok(url: str) -> None:
+    async with httpx.AsyncClient(timeout=1.0) as client:
+        r = await client.get(url)
+    if r.status_code != 200:
+        raise RuntimeError(f"{url}: HTTP {r.status_code}")
+
+
+def demo_upstream(port: int) -> Service:
+    return Service(
+        "upstream",
+        [sys.executable, "-m", "atlas.demo_upstream", "--host", "127.0.0.1", "--port", str(port)],
+        ready=lambda: http_ok(f"http://127.0.0.1:{port}/health"),
+    )

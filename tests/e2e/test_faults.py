@@ -1,0 +1,152 @@
+"""Faults through the real Envoy: a component dies or Redis goes away, and no usage is lost."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import pytest_asyncio
+
+from atlas.stack import Stack
+from tests.e2e.conftest import ADMIN_TOKEN, running_stack
+
+MESSAGES = [{"role": "user", "content": "Tell me about foxes."}]  # 5 prompt tokens
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def faulty(tmp_path: Path) -> AsyncIterator[Stack]:
+    """A stack of its own (components get killed), with quick reaping, a journal directory
+    and a durable Redis (append-only file, fsync always) that survives a restart."""
+    async with running_stack(
+        reservation_ttl_s=2,
+        reap_interval_s=0.5,
+        journal_dir=str(tmp_path / "journal"),
+        valkey_args=("--appendonly", "yes", "--appendfsync", "always"),
+    ) as stack:
+        yield stack
+
+
+async def new_key(stack: Stack, **fields: Any) -> dict[str, Any]:
+    async with httpx.AsyncClient(
+        base_url=stack.admin_url, headers={"authorization": f"Bearer {ADMIN_TOKEN}"}
+    ) as admin:
+        r = await admin.post(
+            "/v1/admin/keys", json={"name": "faults", "rate_per_sec": 1000, "burst": 1000, **fields}
+        )
+        assert r.status_code == 201, r.text
+        return r.json()  # type: ignore[no-any-return]
+
+
+async def settled_usage(stack: Stack, key_id: str, timeout_s: float = 15) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    async with httpx.AsyncClient(
+        base_url=stack.admin_url, headers={"authorization": f"Bearer {ADMIN_TOKEN}"}
+    ) as admin:
+        while True:
+            r = await admin.get(f"/v1/admin/keys/{key_id}/usage")
+            if r.status_code == 200:
+                u: dict[str, Any] = r.json()
+                if u["open_reservations"] == 0 and u["daily"]["reserved"] == 0:
+                    return u
+            assert time.monotonic() < deadline, r.text
+            await asyncio.sleep(0.05)
+
+
+def client(stack: Stack, key: dict[str, Any]) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(
+        base_url=stack.proxy_url + "/v1", api_key=key["api_key"], max_retries=0, timeout=30
+    )
+
+
+async def test_authz_down_is_a_fast_503_then_recovers(faulty: Stack) -> None:
+    key = await new_key(faulty)
+    c = client(faulty, key)
+    try:
+        await faulty.kill("authz")
+        start = time.monotonic()
+        with pytest.raises(openai.InternalServerError) as info:
+            await c.chat.completions.create(model="m", messages=MESSAGES, max_tokens=2)
+        assert info.value.status_code == 503
+        assert time.monotonic() - start < 1.0  # no hang: Envoy's status_on_error
+        await faulty.restart("authz")
+        got = await c.chat.completions.create(model="m", messages=MESSAGES, max_tokens=2)
+        assert got.usage is not None
+    finally:
+        await c.close()
+
+
+async def test_extproc_killed_mid_stream_is_reaped_and_restarts_clean(faulty: Stack) -> None:
+    key = await new_key(faulty)
+    c = client(faulty, key)
+    try:
+        stream = await c.chat.completions.create(
+            model="m",
+            messages=MESSAGES,
+            max_tokens=100,
+            stream=True,
+            extra_headers={"x-demo-chunk-delay-ms": "30"},
+        )
+        received = 0
+        with pytest.raises((openai.APIError, httpx.HTTPError)):  # the stream breaks
+            async for chunk in stream:
+                received += 1
+                if received == 3:
+                    await faulty.kill("extproc")
+        assert received < 100
+        await faulty.restart("extproc")
+        # Never settled: the reaper charges the reservation (5 prompt + 100 max_tokens).
+        u = await settled_usage(faulty, key["id"])
+        assert u["daily"]["used"] == 105
+        got = await c.chat.completions.create(model="m", messages=MESSAGES, max_tokens=7)
+        assert got.usage is not None
+        u = await settled_usage(faulty, key["id"])
+        assert u["daily"]["used"] == 105 + 12
+    finally:
+        await c.close()
+
+
+async def test_redis_restart_journals_settlements_and_loses_nothing(faulty: Stack) -> None:
+    key = await new_key(faulty)
+    c = client(faulty, key)
+    try:
+
+        async def one_stream() -> int:
+            stream = await c.chat.completions.create(
+                model="m",
+                messages=MESSAGES,
+                max_tokens=30,
+                stream=True,
+                extra_headers={"x-demo-chunk-delay-ms": "25"},
+            )
+            return len([x async for x in stream if x.choices and x.choices[0].delta.content])
+
+        streams = [asyncio.create_task(one_stream()) for _ in range(4)]
+        await asyncio.sleep(0.2)  # the streams are under way (admitted, reserved)
+        await faulty.kill("valkey", signal.SIGKILL)
+        # authz follows ATLAS_FAIL_MODE=deny: a fast 503 while Redis is away.
+        start = time.monotonic()
+        with pytest.raises(openai.InternalServerError) as info:
+            await c.chat.completions.create(model="m", messages=MESSAGES, max_tokens=2)
+        assert info.value.status_code == 503 and time.monotonic() - start < 1.0
+        assert await asyncio.gather(*streams) == [30, 30, 30, 30]  # clients unaffected
+        journal = Path(faulty.settings.journal_dir) / (
+            f"atlas-extproc-{faulty.settings.extproc_port}.journal"
+        )
+        deadline = time.monotonic() + 10
+        while not journal.exists():  # settlements wait on disk
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        await faulty.restart("valkey")
+        u = await settled_usage(faulty, key["id"])
+        assert u["daily"]["used"] == 4 * (5 + 30)
+        assert u["daily"]["requests"] == 4
+        assert not journal.exists()
+    finally:
+        await c.close()
