@@ -94,11 +94,16 @@ async def test_extproc_killed_mid_stream_is_reaped_and_restarts_clean(faulty: St
             extra_headers={"x-demo-chunk-delay-ms": "30"},
         )
         received = 0
-        with pytest.raises((openai.APIError, httpx.HTTPError)):  # the stream breaks
-            async for chunk in stream:
+
+        async def read_until_broken() -> None:
+            nonlocal received
+            async for _ in stream:
                 received += 1
                 if received == 3:
                     await faulty.kill("extproc")
+
+        with pytest.raises((openai.APIError, httpx.HTTPError)):  # the stream breaks
+            await read_until_broken()
         assert received < 100
         await faulty.restart("extproc")
         # Never settled: the reaper charges the reservation (5 prompt + 100 max_tokens).
