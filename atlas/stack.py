@@ -127,9 +127,12 @@ class Stack:
         out: TextIO | None = None,
         workdir: Path | None = None,
         valkey_args: tuple[str, ...] = (),
+        replicas: int = 1,
     ) -> None:
         """:param redis_url: an existing Redis; None starts an embedded valkey-server.
-        :param valkey_args: extra valkey-server arguments (e.g. persistence for restarts)."""
+        :param valkey_args: extra valkey-server arguments (e.g. persistence for restarts).
+        :param replicas: authz and extproc processes each, behind Envoy (scale-out tests)."""
+        self._replicas = replicas
         self.settings = settings
         self._external_redis = redis_url
         self._valkey_args = valkey_args
@@ -137,6 +140,7 @@ class Stack:
         self._tmp = tempfile.TemporaryDirectory(prefix="atlas-")
         self.workdir = workdir or Path(self._tmp.name)
         self.children: dict[str, Child] = {}
+        self._replica_ports: dict[str, list[tuple[str, int]]] = {"authz": [], "extproc": []}
         self.stopping = False
         self.died: asyncio.Future[str] | None = None
 
@@ -216,6 +220,7 @@ class Stack:
                     ready=lambda: _http_ok(self.admin_url + "/livez"),
                 )
             ),
+            *(self._spawn_replica(i, env) for i in range(1, self._replicas)),
         )
         config = self.workdir / "envoy.yaml"
         config.write_text(
@@ -224,8 +229,8 @@ class Stack:
                     upstream=upstream,
                     listen_port=s.proxy_port,
                     envoy_admin_port=s.envoy_admin_port,
-                    authz=[(s.authz_host, s.authz_port)],
-                    extproc=[(s.extproc_host, s.extproc_port)],
+                    authz=[(s.authz_host, s.authz_port), *self._replica_ports["authz"]],
+                    extproc=[(s.extproc_host, s.extproc_port), *self._replica_ports["extproc"]],
                     atlas_admin=(s.admin_host, s.admin_port),
                     max_request_bytes=s.max_request_bytes,
                     model_routes=s.model_routes,
@@ -248,6 +253,27 @@ class Stack:
                 ready=lambda: _http_ok(self.envoy_admin_url + "/ready"),
             )
         )
+
+    async def _spawn_replica(self, i: int, env: dict[str, str]) -> None:
+        """authz-i and extproc-i on free ports (metrics off: one exporter per service)."""
+        ports = {"authz": free_port(), "extproc": free_port()}
+        for name, port in ports.items():
+            self._replica_ports[name].append(("127.0.0.1", port))
+        for name, port in ports.items():
+            child_env = {
+                **env,
+                f"ATLAS_{name.upper()}_PORT": str(port),
+                f"ATLAS_{name.upper()}_METRICS_PORT": "0",
+            }
+            target = f"127.0.0.1:{port}"
+            await self._spawn(
+                Child(
+                    f"{name}-{i}",
+                    [sys.executable, "-m", "atlas.cli", name],
+                    env=child_env,
+                    ready=lambda t=target: _grpc_ok(t),
+                )
+            )
 
     async def _spawn(self, child: Child) -> None:
         self.children[child.name] = child
@@ -314,7 +340,12 @@ class Stack:
     async def stop(self) -> None:
         self.stopping = True
         # Envoy first (no new traffic), then the services (they drain), then state.
-        for name in ("envoy", "admin", "authz", "extproc", "upstream", "valkey"):
+        order = [
+            "envoy",
+            *(n for n in reversed(self.children) if n not in ("envoy", "valkey")),
+            "valkey",
+        ]
+        for name in order:
             child = self.children.get(name)
             if child is not None:
                 await self._terminate(child)

@@ -6,6 +6,7 @@ re-loads it after a NOSCRIPT (server restart, failover).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -82,6 +83,12 @@ class RedisLedger:
         self._history_buffer: dict[str, dict[str, int]] = {}
         self._url = settings.redis_url
         self._timeout_s = settings.redis_timeout_s
+        self._cluster = settings.redis_cluster
+        # RedisCluster has no blocking pool: past `max_connections` on a node it raises
+        # MaxConnectionsError at once. Bounding the calls in flight makes a burst wait for a
+        # connection (up to the command timeout) as it does on the plain pool; one call uses
+        # at most one connection per node, so no node's pool can run out.
+        self._slots = asyncio.Semaphore(settings.redis_max_connections) if self._cluster else None
         self._tz_s = settings.window_utc_offset_min * 60
         self._ttl_ms = settings.reservation_ttl_s * 1000
         self._hist_ttl_s = settings.history_days * 86400
@@ -97,10 +104,19 @@ class RedisLedger:
         await self._r.aclose()
 
     async def _call(self, what: str, fn: Callable[[], Awaitable[Any]]) -> Any:
+        if self._slots is not None:
+            try:
+                async with asyncio.timeout(self._timeout_s):
+                    await self._slots.acquire()
+            except TimeoutError as exc:
+                raise LedgerUnavailable(f"{what}: no connection available") from exc
         try:
             return await fn()
         except (TimeoutError, RedisError, OSError) as exc:
             raise LedgerUnavailable(f"{what}: {exc}") from exc
+        finally:
+            if self._slots is not None:
+                self._slots.release()
 
     async def ping(self) -> None:
         await self._call("ping", self._r.ping)
@@ -332,8 +348,19 @@ class RedisLedger:
 
         async def run() -> list[Any]:
             pipe = self._r.pipeline(transaction=False)
-            for kid in key_ids:
-                await self._reap(keys=_reap_keys(kid), args=self._reap_args(charge), client=pipe)
+            args = self._reap_args(charge)
+            if self._cluster:
+                # redis-py refuses Script calls (evalsha) in a cluster pipeline. Send EVALSHA
+                # itself (one key's keys share a slot; the pipeline splits by node), once
+                # every primary has the script, as a plain pipeline's load_scripts() does.
+                if not all(await self._r.script_exists(self._reap.sha)):
+                    self._reap.sha = await self._r.script_load(self._reap.script)
+                for kid in key_ids:
+                    ks = _reap_keys(kid)
+                    pipe.execute_command("EVALSHA", self._reap.sha, len(ks), *ks, *args)
+            else:
+                for kid in key_ids:
+                    await self._reap(keys=_reap_keys(kid), args=args, client=pipe)
             return cast(list[Any], await pipe.execute())
 
         rows = await self._call("reap", run)

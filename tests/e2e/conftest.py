@@ -21,7 +21,7 @@ ADMIN_TOKEN = "e2e-admin-token"
 
 @contextlib.asynccontextmanager
 async def running_stack(
-    *, valkey_args: tuple[str, ...] = (), **overrides: Any
+    *, valkey_args: tuple[str, ...] = (), replicas: int = 1, **overrides: Any
 ) -> AsyncIterator[Stack]:
     """A whole stack on free ports; `overrides` are settings."""
     settings = Settings(
@@ -38,7 +38,7 @@ async def running_stack(
         log_level="info",
         **overrides,
     )
-    the_stack = Stack(settings, out=io.StringIO(), valkey_args=valkey_args)
+    the_stack = Stack(settings, out=io.StringIO(), valkey_args=valkey_args, replicas=replicas)
     try:
         await the_stack.start()
     except BaseException:

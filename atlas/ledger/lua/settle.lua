@@ -56,6 +56,8 @@ if done then
     decr_floor(month_key, 'used', -delta)
   end
   redis.call('SET', done_key, 'settled:' .. actual, 'EX', done_ttl)
+  -- History: the reaped estimate is replaced by the real usage.
+  incr_window(hour_key, 'reaped_tokens', -tonumber(amount), hist_ttl)
   record_history(delta, 0, 0)
   return {'late', delta, 0, c.now_ms, c.hour}
 end
