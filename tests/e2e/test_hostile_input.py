@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import httpx
+import redis.asyncio as aioredis
 
 from atlas.stack import Stack
 from tests.e2e.conftest import MakeKey
@@ -78,3 +79,71 @@ async def test_non_json_and_binary_bodies_pass_through_and_settle(
     u = await _settled(admin, key["id"])
     assert u["daily"]["used"] == 0 and u["daily"]["reserved"] == 0
     assert u["daily"]["requests"] == 3
+
+
+async def test_oversized_headers_are_refused_and_the_proxy_keeps_serving(
+    make_key: MakeKey, stack: Stack
+) -> None:
+    key = await make_key()
+    auth = {"authorization": f"Bearer {key['api_key']}"}
+    async with httpx.AsyncClient(base_url=stack.proxy_url, timeout=10) as raw:
+        try:
+            big = await raw.post(
+                "/v1/chat/completions",
+                json={"model": "m"},
+                headers={**auth, "x-junk": "a" * 100_000},
+            )
+        except (httpx.RemoteProtocolError, httpx.ReadError):
+            pass  # HTTP/1.1: Envoy closes the connection on a header block over its limit
+        else:
+            assert big.status_code == 431
+        ok = await raw.post(
+            "/v1/chat/completions",
+            headers=auth,
+            json={"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]},
+        )
+        assert ok.status_code == 200
+
+
+async def test_secrets_never_reach_redis_logs_or_metrics(
+    make_key: MakeKey, stack: Stack, admin: httpx.AsyncClient
+) -> None:
+    key = await make_key()
+    secret = key["api_key"]
+    async with httpx.AsyncClient(base_url=stack.proxy_url, timeout=10) as raw:
+        auth = {"authorization": f"Bearer {secret}"}
+        await raw.post(
+            "/v1/chat/completions",
+            headers=auth,
+            json={"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]},
+        )
+        await raw.post(
+            "/v1/chat/completions",
+            json={"model": "m"},
+            headers={"authorization": f"Bearer {secret}x"},
+        )  # a wrong one too
+        exported = [
+            (await raw.get(f"http://127.0.0.1:{port}/metrics")).text
+            for port in (stack.settings.authz_metrics_port, stack.settings.extproc_metrics_port)
+        ]
+    exported.append((await admin.get("/metrics")).text)
+    exported.append((await admin.get("/v1/admin/audit")).text)
+    r = aioredis.Redis.from_url(stack.settings.redis_url)
+    try:
+        dump = []
+        async for name in r.scan_iter(count=1000):
+            dump.append(name)
+            kind = await r.type(name)
+            if kind == b"string":
+                dump.append(await r.get(name) or b"")
+            elif kind == b"hash":
+                dump.extend(v for kv in (await r.hgetall(name)).items() for v in kv)
+            elif kind == b"stream":
+                dump.extend(str(e).encode() for e in await r.xrange(name))
+    finally:
+        await r.aclose()
+    needle = secret.encode()
+    assert not any(needle in item for item in dump)
+    assert not any(secret in text for text in exported)
+    assert secret not in stack.logs()
+    assert any(key["id"] in text for text in exported[:2])  # labelled by key id instead
