@@ -33,6 +33,7 @@ lint: $(STAMP) ## ruff
 	$(BIN)/ruff format --check . || true
 
 bench: $(STAMP) ## benchmarks: bare Envoy vs Envoy+Atlas, writes docs/benchmarks.md
+	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	$(BIN)/python -m bench $(ARGS)
 
 clean: ## remove the virtualenv and caches

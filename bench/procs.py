@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,10 +75,19 @@ def cpu_ticks(pid: int, kids: Mapping[int, list[int]] | None = None) -> int:
     return total
 
 
-def cpu_snapshot(pids: Mapping[str, int]) -> dict[str, float]:
-    """CPU seconds so far of each named process tree."""
+def cpu_snapshot(pids: Mapping[str, Sequence[int]]) -> dict[str, float]:
+    """CPU seconds so far of each named group of process trees (e.g. every authz replica)."""
     kids = _children_map()
-    return {name: cpu_ticks(pid, kids) * TICK_S for name, pid in pids.items()}
+    return {name: sum(cpu_ticks(p, kids) for p in group) * TICK_S for name, group in pids.items()}
+
+
+def machine_cpu() -> tuple[float, float]:
+    """(busy, of which irq+softirq) CPU seconds of the whole machine so far (/proc/stat)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    # user nice system idle iowait irq softirq steal (guest time is already in user)
+    busy = sum(fields[:8]) - fields[3] - fields[4]
+    return busy * TICK_S, (fields[5] + fields[6]) * TICK_S
 
 
 def cpu_delta(before: Mapping[str, float], after: Mapping[str, float]) -> dict[str, float]:
@@ -100,7 +109,8 @@ class ToolRun:
 async def run_tool(argv: list[str], *, env: Mapping[str, str] | None = None) -> ToolRun:
     """Run a tool to completion; its exact CPU time comes from wait4. Killed if cancelled."""
     start = time.monotonic()
-    proc = subprocess.Popen(
+    # Spawned from the loop's thread on purpose: PR_SET_PDEATHSIG follows the spawning thread.
+    proc = subprocess.Popen(  # noqa: ASYNC220
         argv,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
@@ -162,6 +172,8 @@ class Service:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
             preexec_fn=die_with_parent,
+            env=python_env(),
+            cwd=REPO,
         )
         self._drain = asyncio.create_task(self._read())
         deadline = time.monotonic() + timeout_s
@@ -173,7 +185,9 @@ class Service:
                 return
             except Exception as exc:
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"{self.name} not ready after {timeout_s:.0f}s: {exc}")
+                    raise RuntimeError(
+                        f"{self.name} not ready after {timeout_s:.0f}s: {exc}"
+                    ) from exc
             await asyncio.sleep(0.05)
 
     async def _read(self) -> None:
@@ -213,6 +227,25 @@ async def http_ok(url: str) -> None:
         r = await client.get(url)
     if r.status_code != 200:
         raise RuntimeError(f"{url}: HTTP {r.status_code}")
+
+
+def shared_upstreams(port: int, n: int) -> list[Service]:
+    """`n` identical demo upstreams on one port (`python -m bench.upstream`, SO_REUSEPORT)."""
+    out = []
+    for i in range(n):
+        svc = Service(
+            f"upstream-{i}",
+            [sys.executable, "-m", "bench.upstream", "--host", "127.0.0.1", "--port", str(port)],
+            ready=lambda: asyncio.sleep(0),
+        )
+
+        async def listening(svc: Service = svc) -> None:
+            if not any("listening" in line for line in svc.tail):
+                raise RuntimeError("not listening yet")
+
+        svc.ready = listening
+        out.append(svc)
+    return out
 
 
 def demo_upstream(port: int) -> Service:

@@ -39,9 +39,7 @@ end
 """
 
 
-def write_script(
-    path: Path, url_path: str, body: dict[str, Any], headers: dict[str, str]
-) -> Path:
+def write_script(path: Path, url_path: str, body: dict[str, Any], headers: dict[str, str]) -> Path:
     lines = "\n".join(f"wrk.headers[ [==[{k}]==] ] = [==[{v}]==]" for k, v in headers.items())
     path.write_text(
         _LUA.format(path=url_path, body=json.dumps(body, separators=(",", ":")), headers=lines)
@@ -56,6 +54,7 @@ class WrkResult:
     errors: dict[str, int]
     latency_ms: dict[str, float]
     cpu_s: float  # wrk's own CPU (wait4)
+    connections: int
     output: str
 
     @property
@@ -100,5 +99,6 @@ async def run_wrk(
         errors=data["errors"],
         latency_ms={k: v / 1000.0 for k, v in data["latency_us"].items()},
         cpu_s=run.cpu_s,
+        connections=connections,
         output=run.output,
     )

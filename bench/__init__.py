@@ -1,0 +1,1 @@
+"""Benchmarks: bare Envoy vs Envoy + Atlas (`python -m bench`; see `bench/__main__.py`)."""
