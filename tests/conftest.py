@@ -55,6 +55,6 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         parts = Path(str(item.fspath)).parts
-        for tier in ("integration", "e2e"):
+        for tier in ("integration", "e2e", "cluster"):
             if tier in parts:
                 item.add_marker(getattr(pytest.mark, tier))

@@ -15,7 +15,7 @@ from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from atlas.errors import LedgerUnavailable
 from atlas.keymodel import KeyRecord
@@ -111,8 +111,15 @@ class RedisLedger:
             except TimeoutError as exc:
                 raise LedgerUnavailable(f"{what}: no connection available") from exc
         try:
+            if self._cluster:
+                # Load the slot map before the first command (a no-op once loaded). A cold
+                # client sends keyed commands to a random node; a burst of them meets MOVED,
+                # the client then closes every connection, in-flight commands included, and
+                # retries them: a script could run twice.
+                await self._r.initialize()
             return await fn()
-        except (TimeoutError, RedisError, OSError) as exc:
+        # RedisClusterException is no RedisError: "cannot be connected", SlotNotCoveredError.
+        except (TimeoutError, RedisError, RedisClusterException, OSError) as exc:
             raise LedgerUnavailable(f"{what}: {exc}") from exc
         finally:
             if self._slots is not None:

@@ -1,0 +1,169 @@
+"""Hash tags verified: every key one Lua script touches is in one cluster slot (the scripts
+also build `d:`/`m:`/`h:`/`done:` names from the window prefix), global state shares `{g}`,
+each model `{m:<model>}`, and different API keys spread over slots and masters."""
+
+from __future__ import annotations
+
+import inspect
+import random
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from redis.cluster import RedisCluster, key_slot
+
+from atlas.keymodel import new_key_id
+from atlas.ledger import keys
+from atlas.ledger.protocol import AdmitRequest, Settlement
+from atlas.ledger.redis import RedisLedger
+from atlas.windows import window_names
+from tests.cluster.conftest import primaries
+from tests.factories import key_record
+
+#: builders of one API key's names: all under its tag `{k:<id>}`.
+PER_KEY = ("tag", "record", "request_bucket", "token_bucket", "reservations")
+PER_KEY += ("reservation_expiry", "window_prefix")
+#: `lock` is global state ({g}); `model_prefix` is per model; `secret_index` has its own
+#: slot and is never touched by a script.
+OTHERS = ("lock", "model_prefix", "secret_index")
+
+
+def slot(name: str) -> int:
+    return int(key_slot(name.encode()))
+
+
+def script_names(key_id: str, rid: str = "r1", now_s: int = 1_795_435_200) -> dict[str, str]:
+    """Every name a script touches for one key: the KEYS it is given (as the ledger builds
+    them) and the names it derives from the window prefix, as the Lua code does."""
+    w = window_names(now_s)
+    prefix = keys.window_prefix(key_id)
+    return {
+        "request_bucket": keys.request_bucket(key_id),
+        "token_bucket": keys.token_bucket(key_id),
+        "reservations": keys.reservations(key_id),
+        "reservation_expiry": keys.reservation_expiry(key_id),
+        "day": f"{prefix}d:{w.day}",
+        "month": f"{prefix}m:{w.month}",
+        "hour": f"{prefix}h:{w.hour}",
+        "done": f"{prefix}done:{rid}",
+        "record": keys.record(key_id),
+    }
+
+
+def test_every_builder_in_keys_is_classified() -> None:
+    """A new name builder must be added here (and its slot checked) before it is used."""
+    builders = {
+        name
+        for name, fn in inspect.getmembers(keys, inspect.isfunction)
+        if fn.__module__ == keys.__name__
+    }
+    assert builders == set(PER_KEY) | set(OTHERS)
+
+
+SAMPLE_IDS = ["key_0", "key_" + "f" * 16]
+SAMPLE_IDS += ["key_" + random.Random(i).randbytes(8).hex() for i in range(20)]
+
+
+@pytest.mark.parametrize("key_id", SAMPLE_IDS)
+def test_all_names_of_one_key_map_to_one_slot(key_id: str) -> None:
+    tag_slot = slot(f"k:{key_id}")  # Redis Cluster hashes only the text between { and }
+    builders: dict[str, Callable[[str], str]] = {n: getattr(keys, n) for n in PER_KEY}
+    assert {n: slot(b(key_id)) for n, b in builders.items()} == dict.fromkeys(PER_KEY, tag_slot)
+    for rid in ("r1", "0f3a" * 8, "rid-with-{braces}"):  # rids come after the tag: no effect
+        names = script_names(key_id, rid)
+        assert {n: slot(v) for n, v in names.items()} == dict.fromkeys(names, tag_slot)
+
+
+def test_global_and_model_names_share_their_own_slots() -> None:
+    g = slot("g")
+    global_names = [keys.KEY_INDEX, keys.INFLIGHT, keys.AUDIT, keys.lock("reaper")]
+    global_names += [f"{keys.GLOBAL_PREFIX}h:2026112314"]
+    assert {slot(n) for n in global_names} == {g}
+    for model, tag in (
+        ("gpt-4o", "m:gpt-4o"),
+        ("a{b}c", "m:a(b)c"),  # braces in client input cannot move the tag
+        ("}{", "m:)("),
+        ("", "m:unknown"),
+        ("x" * 500, "m:" + "x" * 128),
+    ):
+        prefix = keys.model_prefix(model)
+        assert slot(prefix) == slot(f"{prefix}h:2026112314") == slot(tag), model
+    # Secrets are looked up by hash without a tag: spread over the whole key space.
+    assert len({slot(keys.secret_index(f"{i:064x}")) for i in range(100)}) > 95
+
+
+def test_the_server_computes_the_same_slots(redis_sync: RedisCluster) -> None:
+    names = [*script_names("key_abc").values(), keys.KEY_INDEX, keys.model_prefix("a{b}")]
+    names += [keys.secret_index("ab" * 32), keys.GLOBAL_PREFIX]
+    assert [redis_sync.cluster_keyslot(n) for n in names] == [slot(n) for n in names]
+
+
+def test_different_api_keys_spread_over_slots_and_masters(redis_sync: RedisCluster) -> None:
+    rng = random.Random(20261123)
+    ids = ["key_" + rng.randbytes(8).hex() for _ in range(300)]
+    slots = [slot(keys.tag(kid)) for kid in ids]
+    assert len(set(slots)) >= 290  # about 2.7 collisions expected among 16384 slots
+    masters = Counter(redis_sync.get_node_from_key(keys.tag(kid)).name for kid in ids)
+    assert len(masters) == 3 and min(masters.values()) >= 70  # a third each, roughly
+    fresh = {slot(keys.tag(new_key_id())) for _ in range(300)}  # the real id generator
+    assert len(fresh) >= 280
+
+
+class Recorder:
+    """Stands in for a registered script: records the KEYS of every call, then runs it."""
+
+    def __init__(self, script: Any, calls: list[list[str]]) -> None:
+        self._script = script
+        self._calls = calls
+
+    async def __call__(self, keys: list[str], args: list[Any], **kw: Any) -> Any:
+        self._calls.append(list(keys))
+        return await self._script(keys=keys, args=args, **kw)
+
+    def __getattr__(self, name: str) -> Any:  # sha, script: used by the reap_keys pipeline
+        return getattr(self._script, name)
+
+
+async def test_scripts_touch_only_their_keys_slot_on_the_cluster(
+    ledger: RedisLedger, redis_sync: RedisCluster
+) -> None:
+    """Run admit (admitted and refused), settle and reap on keys of every master; record the
+    KEYS each script gets, and after each step find where the keys really landed."""
+    calls: list[list[str]] = []
+    for attr in ("_admit", "_settle", "_reap"):
+        setattr(ledger, attr, Recorder(getattr(ledger, attr), calls))
+    limits = {"burst": 1, "rate_per_sec": 0.01, "tokens_per_minute": 10**6}
+    recs = [key_record(f"s{i}" * 10, id=f"key_{i:02d}", **limits) for i in range(12)]
+    seen: dict[str, set[str]] = {rec.id: set() for rec in recs}
+
+    def snapshot() -> None:
+        for node in primaries(redis_sync):
+            port = node.get_connection_kwargs()["port"]
+            for name in node.scan_iter(match="atlas:{k:*", count=1000):
+                kid = name.split("{k:", 1)[1].split("}", 1)[0]
+                owner = redis_sync.get_node_from_key(keys.tag(kid))
+                assert owner.port == port, (name, "stored off its tag's master")
+                assert slot(name) == slot(keys.tag(kid)), name
+                seen[kid].add(name.split("}:", 1)[1].split(":", 1)[0])
+
+    for rec in recs:
+        assert (await ledger.admit(rec, AdmitRequest("r1", 5, 5, "normal", "m", 1.0))).admitted
+        refused = await ledger.admit(rec, AdmitRequest("r2", 5, 5, "normal", "m", 1.0))
+        assert refused.reason == "rate_limit_requests"
+    snapshot()
+    for rec in recs[:6]:
+        settle = Settlement(rec.id, "r1", 5, 1, "m", True, "completed", 10**6)
+        assert (await ledger.settle(settle)).status == "settled"
+    for rec in recs[6:]:
+        redis_sync.zadd(keys.reservation_expiry(rec.id), {"r1": 0})
+        assert await ledger.reap(rec.id) == (1, 10)
+    snapshot()
+    for key_calls in calls:
+        assert len({slot(k) for k in key_calls}) == 1, key_calls
+    assert len(calls) == 12 * 2 + 12
+    assert {redis_sync.get_node_from_key(keys.tag(r.id)).name for r in recs} == {
+        n.name for n in redis_sync.get_primaries()
+    }
+    for kid, kinds in seen.items():
+        assert kinds >= {"rb", "tb", "resv", "d", "m", "h", "done"}, kid
