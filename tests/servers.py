@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -102,3 +105,59 @@ def _cluster_ok(client: redis.Redis, masters: int) -> bool:
         and fields.get("cluster_known_nodes") == str(masters)
         and fields.get("cluster_slots_ok") == str(CLUSTER_SLOTS)
     )
+
+
+class DelayProxy:
+    """127.0.0.1 TCP proxy adding `delay_s` before forwarding each chunk upstream->client."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.delay_s = 0.0
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._handlers: set[asyncio.Task[Any]] = set()
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        task.add_done_callback(self._handlers.discard)
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, slow: bool) -> None:
+            with contextlib.suppress(ConnectionError):
+                while data := await src.read(65536):
+                    if slow and self.delay_s:
+                        await asyncio.sleep(self.delay_s)
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        tasks = [
+            asyncio.create_task(pipe(reader, up_writer, False)),
+            asyncio.create_task(pipe(up_reader, writer, True)),
+        ]
+        self._tasks.update(tasks)
+        try:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            self._tasks.difference_update(tasks)
+            for w in (writer, up_writer):
+                w.close()
+                with contextlib.suppress(Exception):
+                    await w.wait_closed()
+
+    async def stop(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for h in list(self._handlers):  # each closes both of its writers
+            h.cancel()
+        await asyncio.gather(*self._handlers, return_exceptions=True)
+        await self._server.wait_closed()

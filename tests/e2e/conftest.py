@@ -21,7 +21,11 @@ ADMIN_TOKEN = "e2e-admin-token"
 
 @contextlib.asynccontextmanager
 async def running_stack(
-    *, valkey_args: tuple[str, ...] = (), replicas: int = 1, **overrides: Any
+    *,
+    valkey_args: tuple[str, ...] = (),
+    replicas: int = 1,
+    redis_url: str | None = None,
+    **overrides: Any,
 ) -> AsyncIterator[Stack]:
     """A whole stack on free ports; `overrides` are settings."""
     settings = Settings(
@@ -38,7 +42,13 @@ async def running_stack(
         log_level="info",
         **overrides,
     )
-    the_stack = Stack(settings, out=io.StringIO(), valkey_args=valkey_args, replicas=replicas)
+    the_stack = Stack(
+        settings,
+        out=io.StringIO(),
+        valkey_args=valkey_args,
+        replicas=replicas,
+        redis_url=redis_url,
+    )
     try:
         await the_stack.start()
     except BaseException:

@@ -16,6 +16,7 @@ import pytest_asyncio
 
 from atlas.stack import Stack
 from tests.e2e.conftest import ADMIN_TOKEN, running_stack
+from tests.servers import DelayProxy, start_valkey, stop
 
 MESSAGES = [{"role": "user", "content": "Tell me about foxes."}]  # 5 prompt tokens
 
@@ -155,3 +156,37 @@ async def test_redis_restart_journals_settlements_and_loses_nothing(faulty: Stac
         assert not journal.exists()
     finally:
         await c.close()
+
+
+async def test_slow_redis_through_envoy_fails_fast_and_recovers(tmp_path: Path) -> None:
+    """Latency injected between every service and Redis: authz's Check gives up within its
+    Redis budget and Envoy answers 503 at once (fail mode deny); then service resumes."""
+    proc, url = start_valkey(tmp_path)
+    proxy = DelayProxy(int(url.rsplit(":", 1)[1].split("/")[0]))
+    proxy_url = f"redis://127.0.0.1:{await proxy.start()}/0"
+    try:
+        async with running_stack(redis_url=proxy_url) as stack:
+            key = await new_key(stack)
+            c = client(stack, key)
+            try:
+                await c.chat.completions.create(model="m", messages=MESSAGES, max_tokens=2)
+                proxy.delay_s = 1.0
+                start = time.monotonic()
+                with pytest.raises(openai.InternalServerError) as info:
+                    await c.chat.completions.create(model="m", messages=MESSAGES, max_tokens=2)
+                assert info.value.status_code == 503
+                assert time.monotonic() - start < 1.0  # Redis budget 0.25 s, not 1 s
+                proxy.delay_s = 0.0
+                deadline = time.monotonic() + 10
+                while True:  # connections broken by the timeouts are re-made
+                    try:
+                        await c.chat.completions.create(model="m", messages=MESSAGES, max_tokens=2)
+                        break
+                    except openai.InternalServerError:
+                        assert time.monotonic() < deadline
+                        await asyncio.sleep(0.1)
+            finally:
+                await c.close()
+    finally:
+        await proxy.stop()
+        stop(proc)

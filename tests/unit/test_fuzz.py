@@ -9,21 +9,49 @@ from hypothesis import strategies as st
 from atlas.requestbody import parse_llm_request
 from extproc.exchange import Exchange
 
-GRANT = {"key_id": "key_1", "reservation_id": "r1", "reserved": 100.0, "prompt_estimate": 5.0,
-         "model": "m", "tpm": 0.0, "granted_completion": -1.0}
+GRANT = {
+    "key_id": "key_1",
+    "reservation_id": "r1",
+    "reserved": 100.0,
+    "prompt_estimate": 5.0,
+    "model": "m",
+    "tpm": 0.0,
+    "granted_completion": -1.0,
+}
 JSONISH = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
-        st.sampled_from(["model", "stream", "messages", "max_tokens", "n", "stream_options",
-                         "prompt", "input", "content", "include_usage", "x"]), inner,
-        max_size=5),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(
+                [
+                    "model",
+                    "stream",
+                    "messages",
+                    "max_tokens",
+                    "n",
+                    "stream_options",
+                    "prompt",
+                    "input",
+                    "content",
+                    "include_usage",
+                    "x",
+                ]
+            ),
+            inner,
+            max_size=5,
+        )
+    ),
     max_leaves=20,
 )
 
 
 @settings(max_examples=300, deadline=None, database=None)
-@given(st.binary(max_size=2000) | JSONISH.map(lambda v: repr(v).encode()),
-       st.booleans(), st.integers(0, 10**9))
+@given(
+    st.binary(max_size=2000) | JSONISH.map(lambda v: repr(v).encode()),
+    st.booleans(),
+    st.integers(0, 10**9),
+)
 def test_request_parser_never_raises(body: bytes, complete: bool, size: int) -> None:
     r = parse_llm_request(body, complete=complete, size=size)
     assert r.prompt_tokens >= 0 and r.n >= 1
@@ -31,8 +59,9 @@ def test_request_parser_never_raises(body: bytes, complete: bool, size: int) -> 
 
 @settings(max_examples=300, deadline=None, database=None)
 @given(
-    path=st.sampled_from(["/v1/chat/completions", "/v1/completions", "/v1/responses",
-                          "/v1/embeddings", "/x"]),
+    path=st.sampled_from(
+        ["/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings", "/x"]
+    ),
     body=st.binary(max_size=500),
     status=st.sampled_from(["200", "500", "abc", ""]),
     ctype=st.sampled_from(["text/event-stream", "application/json", "", "text/plain"]),
@@ -41,7 +70,12 @@ def test_request_parser_never_raises(body: bytes, complete: bool, size: int) -> 
     route=st.booleans(),
 )
 def test_exchange_survives_anything_and_always_settles(
-    path: str, body: bytes, status: str, ctype: str, chunks: list[bytes], eos: bool,
+    path: str,
+    body: bytes,
+    status: str,
+    ctype: str,
+    chunks: list[bytes],
+    eos: bool,
     route: bool,
 ) -> None:
     ex = Exchange(route_by_model=route)
