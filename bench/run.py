@@ -21,8 +21,7 @@ from typing import Any
 
 import httpx
 
-from atlas.settings import Settings
-from atlas.stack import ComponentDied, Stack, free_port
+from atlas.stack import ComponentDied, Stack, free_port, free_port_settings
 from bench import report
 from bench.bare import bare_envoy
 from bench.procs import (
@@ -180,18 +179,8 @@ class Bench:
         self.bare_admin_url = f"http://127.0.0.1:{bare_admin}"
         self.bare = bare_envoy(self.upstream_url, self.bare_port, bare_admin, self.workdir)
         await self.bare.start()
-        settings = Settings(
-            admin_token=ADMIN_TOKEN,
-            proxy_port=free_port(),
-            admin_port=free_port(),
-            envoy_admin_port=free_port(),
-            authz_port=free_port(),
-            extproc_port=free_port(),
-            authz_metrics_port=free_port(),
-            extproc_metrics_port=free_port(),
-            demo_upstream_port=free_port(),
-            envoy_concurrency=1,
-            upstream=self.upstream_url,
+        settings = free_port_settings(
+            admin_token=ADMIN_TOKEN, envoy_concurrency=1, upstream=self.upstream_url
         )
         extra = {"replicas": self.args.replicas} if self.args.replicas != 1 else {}
         self.stack = Stack(settings, out=_Discard(), **extra)

@@ -20,7 +20,7 @@ import redis
 from redis.cluster import RedisCluster
 
 from atlas.settings import Settings
-from atlas.stack import Stack, free_port
+from atlas.stack import Stack, free_port_settings
 from tests.e2e.conftest import ADMIN_TOKEN
 from tests.e2e.conftest import admin as admin  # the e2e fixtures, on this package's `stack`
 from tests.e2e.conftest import client_for as client_for
@@ -94,17 +94,9 @@ def primaries(client: RedisCluster) -> list[redis.Redis]:
 async def cluster_stack(cluster_url: str, **overrides: Any) -> AsyncIterator[Stack]:
     """`tests.e2e.conftest.running_stack` on the cluster: an external Redis (no embedded
     valkey-server) and `redis_cluster`, which reaches the children through the environment."""
-    settings = Settings(
+    settings = free_port_settings(
         admin_token=ADMIN_TOKEN,
         redis_cluster=True,
-        proxy_port=free_port(),
-        admin_port=free_port(),
-        envoy_admin_port=free_port(),
-        authz_port=free_port(),
-        extproc_port=free_port(),
-        authz_metrics_port=free_port(),
-        extproc_metrics_port=free_port(),
-        demo_upstream_port=free_port(),
         envoy_concurrency=1,
         log_level="info",
         **overrides,

@@ -13,8 +13,7 @@ import httpx
 import openai
 import pytest_asyncio
 
-from atlas.settings import Settings
-from atlas.stack import Stack, free_port
+from atlas.stack import Stack, free_port_settings
 
 ADMIN_TOKEN = "e2e-admin-token"
 
@@ -28,19 +27,8 @@ async def running_stack(
     **overrides: Any,
 ) -> AsyncIterator[Stack]:
     """A whole stack on free ports; `overrides` are settings."""
-    settings = Settings(
-        admin_token=ADMIN_TOKEN,
-        proxy_port=free_port(),
-        admin_port=free_port(),
-        envoy_admin_port=free_port(),
-        authz_port=free_port(),
-        extproc_port=free_port(),
-        authz_metrics_port=free_port(),
-        extproc_metrics_port=free_port(),
-        demo_upstream_port=free_port(),
-        envoy_concurrency=1,
-        log_level="info",
-        **overrides,
+    settings = free_port_settings(
+        admin_token=ADMIN_TOKEN, envoy_concurrency=1, log_level="info", **overrides
     )
     the_stack = Stack(
         settings,
