@@ -4,28 +4,17 @@ sent, and every reservation ends settled."""
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
-from typing import Any
 
 import httpx
 import openai
 
 from atlas.stack import Stack
 from tests.e2e.conftest import MakeKey
+from tests.e2e.helpers import settled
 
 MESSAGES = [{"role": "user", "content": "Tell me about foxes."}]  # 5 prompt tokens
 Client = Callable[[str], openai.AsyncOpenAI]
-
-
-async def settled(admin: httpx.AsyncClient, key_id: str) -> dict[str, Any]:
-    deadline = time.monotonic() + 10
-    while True:
-        u: dict[str, Any] = (await admin.get(f"/v1/admin/keys/{key_id}/usage")).json()
-        if u["open_reservations"] == 0 and u["daily"]["reserved"] == 0:
-            return u
-        assert time.monotonic() < deadline, u
-        await asyncio.sleep(0.02)
 
 
 async def test_non_stream_and_stream_charge_exactly_total_tokens(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -13,19 +12,10 @@ import pytest
 
 from atlas.stack import Stack
 from tests.e2e.conftest import MakeKey
+from tests.e2e.helpers import settled as _wait_settled
 
 MESSAGES = [{"role": "user", "content": "Tell me about foxes."}]  # 5 prompt tokens
 Client = Callable[[str], openai.AsyncOpenAI]
-
-
-async def _wait_settled(admin: httpx.AsyncClient, key_id: str) -> dict[str, object]:
-    deadline = time.monotonic() + 5
-    while True:
-        u = (await admin.get(f"/v1/admin/keys/{key_id}/usage")).json()
-        if u["open_reservations"] == 0:
-            return u  # type: ignore[no-any-return]
-        assert time.monotonic() < deadline, u
-        await asyncio.sleep(0.02)
 
 
 async def test_rate_limit_is_a_rate_limit_error_with_retry_after(

@@ -10,6 +10,7 @@ import pytest
 
 from atlas.stack import Stack
 from tests.e2e.conftest import MakeKey
+from tests.e2e.helpers import settled as _settled_usage
 
 MESSAGES = [{"role": "user", "content": "Say something about foxes, please."}]
 
@@ -112,18 +113,6 @@ async def test_usage_is_recorded_for_non_streaming(
         )
     assert own.status_code == 200
     assert own.json()["daily_used"] == got.usage.total_tokens
-
-
-async def _settled_usage(admin: httpx.AsyncClient, key_id: str) -> dict[str, object]:
-    """Settlement runs after the response; poll until no reservation is open."""
-    import asyncio
-
-    for _ in range(100):
-        u = (await admin.get(f"/v1/admin/keys/{key_id}/usage")).json()
-        if u["open_reservations"] == 0:
-            return u  # type: ignore[no-any-return]
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"reservation never settled: {u}")
 
 
 async def test_healthz_reports_components(stack: Stack) -> None:

@@ -5,24 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import time
-from typing import Any
 
 import httpx
 import redis.asyncio as aioredis
 
 from atlas.stack import Stack
 from tests.e2e.conftest import MakeKey
-
-
-async def _settled(admin: httpx.AsyncClient, key_id: str) -> dict[str, Any]:
-    deadline = time.monotonic() + 5
-    while True:
-        u: dict[str, Any] = (await admin.get(f"/v1/admin/keys/{key_id}/usage")).json()
-        if u["open_reservations"] == 0:
-            return u
-        assert time.monotonic() < deadline, u
-        await asyncio.sleep(0.02)
+from tests.e2e.helpers import settled as _settled
 
 
 async def test_oversized_body_is_an_openai_shaped_413(make_key: MakeKey, stack: Stack) -> None:
