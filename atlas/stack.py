@@ -85,11 +85,34 @@ def valkey_argv(port: int, workdir: Path, *extra: str) -> list[str]:
     ]
 
 
-def _die_with_parent() -> None:
-    # Runs in the child before exec: a killed `atlas up` (even SIGKILL) takes its children.
+def die_with_parent() -> None:
+    """preexec_fn: a killed parent (even SIGKILL) takes its children; own process group, so
+    Ctrl-C reaches the parent only and it stops the children in order."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    os.setpgrp()  # Ctrl-C reaches `atlas up` only; it stops the children in order
+    os.setpgrp()
+
+
+async def poll_until_ready(
+    name: str,
+    proc: asyncio.subprocess.Process,
+    ready: Callable[[], Awaitable[Any]],
+    timeout_s: float,
+    exited: Callable[[], str],
+) -> None:
+    """Call `ready` every 50 ms until it succeeds. :raises ComponentDied: when the process
+    exits first (message from `exited`) or `timeout_s` passes."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.returncode is not None:
+            raise ComponentDied(exited())
+        try:
+            await ready()
+            return
+        except Exception as exc:
+            if time.monotonic() > deadline:
+                raise ComponentDied(f"{name} not ready after {timeout_s:.0f}s ({exc})") from exc
+        await asyncio.sleep(0.05)
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
@@ -301,22 +324,12 @@ class Stack:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
             env=child.env,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         child.pump = asyncio.create_task(self._pump(child))
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while True:
-            if child.proc.returncode is not None:
-                raise ComponentDied(self._death_message(child))
-            try:
-                await child.ready()
-                return
-            except Exception as exc:
-                if time.monotonic() > deadline:
-                    raise ComponentDied(
-                        f"{child.name} not ready after {READY_TIMEOUT_S:.0f}s ({exc})"
-                    ) from exc
-            await asyncio.sleep(0.05)
+        await poll_until_ready(
+            child.name, child.proc, child.ready, READY_TIMEOUT_S, lambda: self._death_message(child)
+        )
 
     async def _pump(self, child: Child) -> None:
         assert child.proc is not None and child.proc.stdout is not None

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import os
 import signal
 import subprocess
@@ -23,17 +22,11 @@ from typing import Any
 
 import httpx
 
+from atlas.stack import die_with_parent, poll_until_ready
+
 TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
 PR_SET_PDEATHSIG = 1
 REPO = Path(__file__).resolve().parent.parent
-
-
-def die_with_parent() -> None:
-    """preexec_fn: SIGTERM when the benchmark dies; own process group, so a Ctrl-C reaches the
-    benchmark only and it stops everything in order."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    os.setpgrp()
 
 
 # ---- CPU ----------------------------------------------------------------------------------
@@ -176,19 +169,14 @@ class Service:
             cwd=REPO,
         )
         self._drain = asyncio.create_task(self._read())
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if self.proc.returncode is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}: {self.log()}")
-            try:
-                await self.ready()
-                return
-            except Exception as exc:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"{self.name} not ready after {timeout_s:.0f}s: {exc}"
-                    ) from exc
-            await asyncio.sleep(0.05)
+        proc = self.proc
+        await poll_until_ready(
+            self.name,
+            proc,
+            self.ready,
+            timeout_s,
+            lambda: f"{self.name} exited with {proc.returncode}: {self.log()}",
+        )
 
     async def _read(self) -> None:
         # Envoy's access log goes here, like the Atlas Envoy's goes to the Stack's reader.

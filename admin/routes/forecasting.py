@@ -98,12 +98,17 @@ async def forecast(
         "note": fc.note,
         "interval": fc.interval,
         "history_hours": fc.history_hours,
-        "total": {
-            "value": round(sum(fc.values), 1),
-            "lower": round(sum(fc.lower), 1),
-            "upper": round(sum(fc.upper), 1),
-        },
+        "total": _total(fc),
         "points": _points(fc),
+    }
+
+
+def _total(fc: Forecast) -> dict[str, float]:
+    """The horizon's sum with its interval (summed bounds: a conservative interval)."""
+    return {
+        "value": round(sum(fc.values), 1),
+        "lower": round(sum(fc.lower), 1),
+        "upper": round(sum(fc.upper), 1),
     }
 
 
@@ -343,11 +348,7 @@ async def forecast_all(
                 "name": rec.name,
                 "method": fc.method,
                 "note": fc.note,
-                "total": {
-                    "value": round(sum(fc.values), 1),
-                    "lower": round(sum(fc.lower), 1),
-                    "upper": round(sum(fc.upper), 1),
-                },
+                "total": _total(fc),
             }
         )
     return {"horizon_hours": horizon_hours, "keys": out}

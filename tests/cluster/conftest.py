@@ -9,7 +9,6 @@ imported from `tests/e2e` (their `admin`, `make_key` and `client_for` fixtures a
 from __future__ import annotations
 
 import contextlib
-import io
 from collections.abc import AsyncIterator, Iterator
 from types import ModuleType
 from typing import Any
@@ -20,11 +19,11 @@ import redis
 from redis.cluster import RedisCluster
 
 from atlas.settings import Settings
-from atlas.stack import Stack, free_port_settings
-from tests.e2e.conftest import ADMIN_TOKEN
+from atlas.stack import Stack
 from tests.e2e.conftest import admin as admin  # the e2e fixtures, on this package's `stack`
 from tests.e2e.conftest import client_for as client_for
 from tests.e2e.conftest import make_key as make_key
+from tests.e2e.conftest import running_stack
 from tests.servers import start_valkey_cluster, stop
 
 #: the cluster stack's reaper pass interval (5 s by default), so a test can watch one pass.
@@ -94,24 +93,8 @@ def primaries(client: RedisCluster) -> list[redis.Redis]:
 async def cluster_stack(cluster_url: str, **overrides: Any) -> AsyncIterator[Stack]:
     """`tests.e2e.conftest.running_stack` on the cluster: an external Redis (no embedded
     valkey-server) and `redis_cluster`, which reaches the children through the environment."""
-    settings = free_port_settings(
-        admin_token=ADMIN_TOKEN,
-        redis_cluster=True,
-        envoy_concurrency=1,
-        log_level="info",
-        **overrides,
-    )
-    the_stack = Stack(settings, redis_url=cluster_url, out=io.StringIO())
-    try:
-        await the_stack.start()
-    except BaseException:
-        print(the_stack.logs())
-        await the_stack.stop()
-        raise
-    try:
-        yield the_stack
-    finally:
-        await the_stack.stop()
+    async with running_stack(redis_url=cluster_url, redis_cluster=True, **overrides) as stack:
+        yield stack
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")

@@ -16,6 +16,7 @@ import pytest_asyncio
 
 from atlas.stack import Stack
 from tests.e2e.conftest import ADMIN_TOKEN, running_stack
+from tests.e2e.helpers import settled
 from tests.servers import DelayProxy, start_valkey, stop
 
 MESSAGES = [{"role": "user", "content": "Tell me about foxes."}]  # 5 prompt tokens
@@ -46,18 +47,10 @@ async def new_key(stack: Stack, **fields: Any) -> dict[str, Any]:
 
 
 async def settled_usage(stack: Stack, key_id: str, timeout_s: float = 15) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout_s
     async with httpx.AsyncClient(
         base_url=stack.admin_url, headers={"authorization": f"Bearer {ADMIN_TOKEN}"}
     ) as admin:
-        while True:
-            r = await admin.get(f"/v1/admin/keys/{key_id}/usage")
-            if r.status_code == 200:
-                u: dict[str, Any] = r.json()
-                if u["open_reservations"] == 0 and u["daily"]["reserved"] == 0:
-                    return u
-            assert time.monotonic() < deadline, r.text
-            await asyncio.sleep(0.05)
+        return await settled(admin, key_id, timeout_s)
 
 
 def client(stack: Stack, key: dict[str, Any]) -> openai.AsyncOpenAI:

@@ -8,16 +8,8 @@ from hypothesis import strategies as st
 
 from atlas.requestbody import parse_llm_request
 from extproc.exchange import Exchange
+from tests.unit.test_exchange import GRANT
 
-GRANT = {
-    "key_id": "key_1",
-    "reservation_id": "r1",
-    "reserved": 100.0,
-    "prompt_estimate": 5.0,
-    "model": "m",
-    "tpm": 0.0,
-    "granted_completion": -1.0,
-}
 JSONISH = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(),
     lambda inner: (
