@@ -33,6 +33,8 @@ log = logging.getLogger("atlas.authz")
 
 SERVICE_NAME = "envoy.service.auth.v3.Authorization"
 _FALSE = wrappers_pb2.BoolValue(value=False)
+#: Looked up once: counted on every admitted Check.
+_ADMITTED = DECISIONS.labels(service="authz", decision="ok")
 _GRPC_CODE = {
     401: code_pb2.UNAUTHENTICATED,
     403: code_pb2.PERMISSION_DENIED,
@@ -167,7 +169,7 @@ class AuthorizationService(auth_grpc.AuthorizationServicer):
                     code="internal_error",
                 )
             )
-        DECISIONS.labels(service="authz", decision="ok").inc()
+        _ADMITTED.inc()
         return answer_ok(verdict, inp, self._settings)
 
 
