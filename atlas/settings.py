@@ -172,6 +172,17 @@ class Settings(BaseSettings):
         " each model gets a cluster with health checks, retries and outlier detection;"
         " other models go to the default upstream (environment only)",
     )
+    tracked_models: list[str] = Field(
+        default_factory=list,
+        description="Models (names or globs, JSON list) always kept by name in metrics and"
+        " history; priced and routed models are kept too",
+    )
+    max_tracked_models: int = Field(
+        100,
+        ge=0,
+        le=10_000,
+        description="Other distinct model names a process keeps by name; beyond, 'other'",
+    )
     upstream_capacity_tokens_per_s: float = Field(
         0, ge=0, description="What the upstream can serve, tokens/s (capacity advice; 0 unknown)"
     )

@@ -1,0 +1,28 @@
+"""Bounds on every number that crosses Atlas's edge (admin JSON, request bodies, settings).
+
+Redis Lua numbers are doubles: integers are exact only below 2**53, and `..` formats a
+double of 1e14 or more as `1e+14`. Every token count Atlas stores is a sum of a few of the
+numbers below, so keeping each under these bounds keeps every sum exact and printable as an
+integer. Values beyond a bound are refused at the edge (admin: 422; client: 400), never
+clipped silently.
+"""
+
+from __future__ import annotations
+
+#: A quota (daily/monthly tokens), a tokens/minute limit: 10**12 tokens.
+MAX_TOKEN_LIMIT = 10**12
+#: max_tokens (and its spellings) of one request: no model generates more per choice.
+MAX_COMPLETION_TOKENS = 10**8
+#: Choices (`n`, `best_of`) and prompts of one request.
+MAX_CHOICES = 128
+MAX_PROMPTS = 2048
+#: One request's reservation, all choices and prompts: far above any real request.
+MAX_RESERVATION_TOKENS = 10**13
+#: Requests per second, burst and max_concurrent of one key.
+MAX_RATE_PER_SEC = 10**6
+MAX_BURST = 10**9
+MAX_CONCURRENT = 10**6
+#: A monthly budget in USD (stored as micro-USD: 10**9 USD -> 10**15 micro-USD < 2**53).
+MAX_BUDGET_USD = 10**9
+#: Model names are client input; longer ones are refused or folded.
+MAX_MODEL_NAME_CHARS = 256
