@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
 
 from admin.routes import audit, dashboard, forecasting, health, history, keys, usage
+from admin.selfserve import SelfServe
 from atlas import metrics
-from atlas.errors import LedgerUnavailable
+from atlas.errors import Denied, LedgerUnavailable
 from atlas.ledger.redis import RedisLedger
+from atlas.openai_errors import error_body
 from atlas.settings import Settings
 
 
@@ -33,6 +39,7 @@ def create_app(settings: Settings, ledger: RedisLedger | None = None) -> FastAPI
     )
     app.state.settings = settings
     app.state.ledger = the_ledger
+    app.state.selfserve = SelfServe()
 
     @app.exception_handler(LedgerUnavailable)
     async def ledger_down(request: Request, exc: LedgerUnavailable) -> JSONResponse:
@@ -42,6 +49,25 @@ def create_app(settings: Settings, ledger: RedisLedger | None = None) -> FastAPI
             {"detail": "ledger unavailable"}, status_code=503, headers={"Retry-After": "1"}
         )
 
+    @app.exception_handler(Denied)
+    async def denied(request: Request, exc: Denied) -> Response:
+        """Self-serve refusals, shaped like authz's so OpenAI SDKs raise the right error."""
+        metrics.DECISIONS.labels(service="admin", decision=exc.code or "denied").inc()
+        headers = dict(exc.headers)
+        if exc.retry_after_s is not None:
+            headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
+        return Response(
+            error_body(exc.message, type=exc.type, code=exc.code),
+            status_code=exc.status,
+            media_type="application/json",
+            headers=headers,
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        """FastAPI's 422, without echoing body input: a body may carry a secret (`api_key`)."""
+        return JSONResponse({"detail": jsonable_encoder(_without_body_input(exc.errors()))}, 422)
+
     app.include_router(health.router)
     app.include_router(keys.router)
     app.include_router(usage.router)
@@ -50,3 +76,10 @@ def create_app(settings: Settings, ledger: RedisLedger | None = None) -> FastAPI
     app.include_router(forecasting.router)
     app.include_router(dashboard.router)
     return app
+
+
+def _without_body_input(errors: Any) -> list[dict[str, Any]]:
+    return [
+        {k: v for k, v in e.items() if k != "input"} if e["loc"][:1] == ("body",) else e
+        for e in errors
+    ]

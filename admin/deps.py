@@ -8,6 +8,8 @@ from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
 
+from admin.selfserve import SelfServe
+from atlas.errors import Denied
 from atlas.keymodel import KeyRecord, hash_secret
 from atlas.ledger.redis import RedisLedger
 from atlas.settings import Settings
@@ -21,8 +23,13 @@ def get_ledger(request: Request) -> RedisLedger:
     return request.app.state.ledger  # type: ignore[no-any-return]
 
 
+def get_selfserve(request: Request) -> SelfServe:
+    return request.app.state.selfserve  # type: ignore[no-any-return]
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 LedgerDep = Annotated[RedisLedger, Depends(get_ledger)]
+SelfServeDep = Annotated[SelfServe, Depends(get_selfserve)]
 
 
 def _presented_token(request: Request) -> str | None:
@@ -49,18 +56,22 @@ def require_admin(request: Request, settings: SettingsDep) -> str:
 AdminDep = Annotated[str, Depends(require_admin)]
 
 
-async def require_client_key(request: Request, ledger: LedgerDep) -> KeyRecord:
-    """Self-serve routes: the caller's own API key identifies (and limits) what they see."""
+async def require_client_key(request: Request, ledger: LedgerDep, guard: SelfServeDep) -> KeyRecord:
+    """Self-serve routes: the caller's own API key identifies (and limits) what they see.
+    Refusals are OpenAI-shaped, as authz's are for the same key."""
     auth = request.headers.get("authorization", "")
     scheme, _, token = auth.partition(" ")
     secret = token.strip() if scheme.lower() == "bearer" else request.headers.get("x-api-key")
     rec = await ledger.find_key(hash_secret(secret)) if secret else None
     if rec is None:
-        raise HTTPException(
-            status.HTTP_401_UNAUTHORIZED,
-            "a valid API key is required",
+        raise Denied(
+            401,
+            "Incorrect API key provided." if secret else "Missing API key.",
+            type="invalid_request_error",
+            code="invalid_api_key",
             headers={"WWW-Authenticate": "Bearer"},
         )
+    guard.admit(rec)
     return rec
 
 
@@ -78,12 +89,14 @@ class Caller:
         return self.key is None
 
 
-async def identify_caller(request: Request, settings: SettingsDep, ledger: LedgerDep) -> Caller:
+async def identify_caller(
+    request: Request, settings: SettingsDep, ledger: LedgerDep, guard: SelfServeDep
+) -> Caller:
     token = _presented_token(request)
     expected = settings.admin_token.get_secret_value() if settings.admin_token else None
     if token and expected and hmac.compare_digest(token.encode(), expected.encode()):
         return Caller(None)
-    return Caller(await require_client_key(request, ledger))
+    return Caller(await require_client_key(request, ledger, guard))
 
 
 CallerDep = Annotated[Caller, Depends(identify_caller)]

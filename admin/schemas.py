@@ -2,33 +2,70 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from atlas.keymodel import KeyRecord, KeyStatus
+from atlas.limits import (
+    MAX_BUDGET_USD,
+    MAX_BURST,
+    MAX_CONCURRENT,
+    MAX_KEY_MODELS,
+    MAX_METADATA_BYTES,
+    MAX_MODEL_NAME_CHARS,
+    MAX_RATE_PER_SEC,
+    MAX_TOKEN_LIMIT,
+    MIN_BUDGET_USD,
+    MIN_RATE_PER_SEC,
+)
 from atlas.settings import Priority
 
 
 class _Limits(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Every number is bounded (atlas/limits.py): Lua stores doubles, and a value refused here
+    # never reaches Redis. NaN and infinities are refused too.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    daily_limit: int | None = Field(None, ge=0, description="Tokens per day")
-    monthly_limit: int | None = Field(None, ge=0, description="Tokens per month")
-    rate_per_sec: float | None = Field(None, gt=0, le=1e6, description="Requests per second")
-    burst: int | None = Field(None, ge=1, le=1_000_000, description="Requests allowed at once")
-    tokens_per_minute: int | None = Field(None, ge=1, description="Token rate; unset = none")
-    max_concurrent: int | None = Field(None, ge=1, description="Open requests; unset = none")
-    monthly_budget_usd: float | None = Field(
-        None, gt=0, description="Monthly spend limit in USD (model prices); unset = none"
+    daily_limit: int | None = Field(None, ge=0, le=MAX_TOKEN_LIMIT, description="Tokens per day")
+    monthly_limit: int | None = Field(
+        None, ge=0, le=MAX_TOKEN_LIMIT, description="Tokens per month"
     )
-    priority: Priority | None = Field(None, description="Default priority of requests")
+    rate_per_sec: float | None = Field(
+        None, ge=MIN_RATE_PER_SEC, le=MAX_RATE_PER_SEC, description="Requests per second"
+    )
+    burst: int | None = Field(None, ge=1, le=MAX_BURST, description="Requests allowed at once")
+    tokens_per_minute: int | None = Field(
+        None, ge=1, le=MAX_TOKEN_LIMIT, description="Token rate; unset = none"
+    )
+    max_concurrent: int | None = Field(
+        None, ge=1, le=MAX_CONCURRENT, description="Open requests; unset = none"
+    )
+    monthly_budget_usd: float | None = Field(
+        None,
+        ge=MIN_BUDGET_USD,
+        le=MAX_BUDGET_USD,
+        description="Monthly spend limit in USD (model prices); unset = none",
+    )
+    priority: Priority | None = Field(
+        None, description="Default priority of requests (at most max_priority)"
+    )
     max_priority: Priority | None = Field(None, description="Highest priority a request may ask")
-    models: list[str] | None = Field(None, description="Allowed models; unset = any")
+    models: list[Annotated[str, Field(max_length=MAX_MODEL_NAME_CHARS)]] | None = Field(
+        None, max_length=MAX_KEY_MODELS, description="Allowed models; unset = any"
+    )
     expires_at: datetime | None = None
     shadow: bool | None = Field(None, description="Record verdicts but admit everything")
     metadata: dict[str, Any] | None = Field(None, description="owner, team, tags, ...")
+
+    @field_validator("metadata")
+    @classmethod
+    def _bounded_metadata(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None and len(json.dumps(value)) > MAX_METADATA_BYTES:
+            raise ValueError(f"metadata is limited to {MAX_METADATA_BYTES} bytes of JSON")
+        return value
 
 
 class KeyCreate(_Limits):

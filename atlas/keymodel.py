@@ -11,12 +11,18 @@ import secrets
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from atlas.errors import Denied
 from atlas.settings import PRIORITIES, Priority
 
 SECRET_PREFIX = "sk-atlas-"
 KeyStatus = Literal["active", "disabled"]
+#: Prefixes that say what kind of secret it is and hold none of its entropy: a hint may show them.
+PUBLIC_PREFIXES = (SECRET_PREFIX, "sk-")
+#: A hint shows at most this many of a secret's characters (its last ones).
+HINT_CHARS = 4
+ELLIPSIS = "…"
 
 
 def new_secret() -> str:
@@ -29,6 +35,29 @@ def new_key_id() -> str:
 
 def hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def _public_prefix(text: str) -> str:
+    return next((p for p in PUBLIC_PREFIXES if text.startswith(p)), "")
+
+
+def secret_hint(secret: str) -> str:
+    """`sk-atlas-…abcd`: a public prefix and at most the last 4 characters, fewer for a short
+    secret (never more than a quarter of what follows the prefix)."""
+    prefix = _public_prefix(secret)
+    rest = secret[len(prefix) :]
+    shown = min(HINT_CHARS, len(rest) // 4)
+    return prefix + ELLIPSIS + (rest[-shown:] if shown else "")
+
+
+def bounded_hint(hint: str) -> str:
+    """A stored hint with at most 4 secret characters. Hints of older versions held the
+    first 12 characters (`team-a-chose…`); those keep a public prefix and 4 more."""
+    prefix = _public_prefix(hint)
+    rest = hint[len(prefix) :]
+    if rest.startswith(ELLIPSIS) and len(rest) <= len(ELLIPSIS) + HINT_CHARS:
+        return hint
+    return prefix + rest.replace(ELLIPSIS, "")[:HINT_CHARS] + ELLIPSIS
 
 
 def priority_rank(p: Priority) -> int:
@@ -46,7 +75,7 @@ class KeyRecord(BaseModel):
     id: str
     name: str
     secret_hash: str
-    secret_hint: str = Field(description="first characters of the secret, for people")
+    secret_hint: str = Field(description="at most 4 characters of the secret, for people")
     daily_limit: int
     monthly_limit: int
     rate_per_sec: float
@@ -64,5 +93,19 @@ class KeyRecord(BaseModel):
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     updated_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
+    _hint = field_validator("secret_hint")(bounded_hint)
+
     def expired(self, now: datetime) -> bool:
         return self.expires_at is not None and self.expires_at <= now
+
+    def check_usable(self, now: datetime) -> None:
+        """Raise the 403 `Denied` for a disabled or expired key (authz and admin's self-serve
+        routes refuse them alike)."""
+        if self.status != "active":
+            raise Denied(
+                403, "This API key is disabled.", type="permission_denied", code="key_disabled"
+            )
+        if self.expired(now):
+            raise Denied(
+                403, "This API key has expired.", type="permission_denied", code="key_expired"
+            )

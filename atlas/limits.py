@@ -24,5 +24,21 @@ MAX_BURST = 10**9
 MAX_CONCURRENT = 10**6
 #: A monthly budget in USD (stored as micro-USD: 10**9 USD -> 10**15 micro-USD < 2**53).
 MAX_BUDGET_USD = 10**9
+#: Below one micro-USD a budget would be stored as 0, which means "no budget".
+MIN_BUDGET_USD = 1e-6
+#: Below this a key's Retry-After (1/rate) would run to days; 0.001/s is one per 17 min.
+MIN_RATE_PER_SEC = 1e-3
+#: Hours an admin query may look back or ahead (history is kept 90 days by default).
+MAX_QUERY_HOURS = 24 * 90
+#: Offsets into listings (keys, audit).
+MAX_LIST_OFFSET = 10**9
+#: Models a key may be restricted to, and the JSON size of its free-form metadata: a key
+#: record is cached by every authz replica.
+MAX_KEY_MODELS = 1000
+MAX_METADATA_BYTES = 16 * 1024
 #: Model names are client input; longer ones are refused or folded.
 MAX_MODEL_NAME_CHARS = 256
+#: Bytes above ATLAS_MAX_REQUEST_BYTES for headers and framing: Envoy's per-connection buffer
+#: is max_request_bytes plus this, and a gRPC message to authz or extproc carries a whole
+#: body plus its headers, so ATLAS_GRPC_MAX_MESSAGE_BYTES must be at least as large.
+ENVOY_HEADROOM_BYTES = 1 << 20

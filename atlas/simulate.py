@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from atlas.forecast import synthetic_series
-from atlas.keymodel import KeyRecord, hash_secret, new_key_id, new_secret
+from atlas.keymodel import KeyRecord, hash_secret, new_key_id, new_secret, secret_hint
 from atlas.ledger import keys as names_of
 from atlas.ledger.redis import RedisLedger
 from atlas.windows import window_names
@@ -69,7 +69,7 @@ async def backfill(
             id=new_key_id(),
             name=f"sim-{team.name}" + (f"-{i}" if i >= len(TEAMS) else ""),
             secret_hash=hash_secret(secret),
-            secret_hint=secret[:12] + "…",
+            secret_hint=secret_hint(secret),
             daily_limit=int(typical_day * team.daily_quota_share),
             monthly_limit=int(typical_day * 30 * max(1.1, team.daily_quota_share)),
             rate_per_sec=20,

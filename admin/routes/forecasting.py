@@ -1,5 +1,8 @@
 """Forecasting, Atlas-compatible paths: self-serve with the caller's own key (routed through
-Envoy like /v1/usage), or any key, model or everything with the admin token."""
+Envoy like /v1/usage), or any key, model or everything with the admin token.
+
+Every history read and computation here holds one of `SelfServe`'s few slots and computes in
+a worker thread, so a crowd of forecast calls cannot stall the rest of admin."""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, HTTPException, Query, status
 from pydantic import BaseModel, ConfigDict, Field
 
-from admin.deps import AdminDep, CallerDep, LedgerDep, SettingsDep
+from admin.deps import AdminDep, CallerDep, LedgerDep, SelfServeDep, SettingsDep
 from admin.planning import (
     Limits,
     daily_totals,
@@ -19,10 +22,13 @@ from admin.planning import (
     what_if,
 )
 from admin.routes.history import hour_out, recent_hours
+from admin.selfserve import SelfServe
 from atlas.forecast import Forecast, usage_patterns
 from atlas.keymodel import KeyRecord
 from atlas.ledger import keys
+from atlas.ledger.protocol import HourRow, KeyUsage
 from atlas.ledger.redis import RedisLedger
+from atlas.limits import MAX_QUERY_HOURS, MAX_RATE_PER_SEC, MAX_TOKEN_LIMIT, MIN_RATE_PER_SEC
 from atlas.pricing import usd
 from atlas.windows import window_names
 
@@ -34,6 +40,7 @@ HORIZONS = {"hourly": 24, "daily": 24 * 7, "weekly": 24 * 28, "monthly": 24 * 30
 HISTORY_HOURS = 24 * 28
 #: Keys per capacity-recommendations answer (each costs a forecast).
 MAX_KEYS_PER_PLAN = 200
+MAX_DAYS_BACK = MAX_QUERY_HOURS // 24
 
 KeyIdQuery = Annotated[str | None, Query(max_length=100, description="admin only: any key")]
 ModelQuery = Annotated[str | None, Query(max_length=200, description="admin only: one model")]
@@ -79,15 +86,18 @@ def _points(fc: Forecast) -> list[dict[str, float]]:
 async def forecast(
     caller: CallerDep,
     ledger: LedgerDep,
+    guard: SelfServeDep,
     horizon: Literal["hourly", "daily", "weekly", "monthly"] = "daily",
-    horizon_hours: Annotated[int | None, Query(ge=1, le=24 * 90)] = None,
+    horizon_hours: Annotated[int | None, Query(ge=1, le=MAX_QUERY_HOURS)] = None,
     key_id: KeyIdQuery = None,
     model: ModelQuery = None,
 ) -> dict[str, Any]:
     """Hourly token forecast with 90% prediction intervals, for a key, a model or all."""
     prefix, scope, rec = await _scope(caller, ledger, key_id, model)
     hours = horizon_hours or HORIZONS[horizon]
-    fc = forecast_rows(await complete_hours(ledger, prefix, HISTORY_HOURS), hours)
+    async with guard.slot():
+        rows = await complete_hours(ledger, prefix, HISTORY_HOURS)
+        fc = await guard.offload(forecast_rows, rows, hours)
     return {
         "scope": scope,
         "key_id": rec.id if rec else None,
@@ -125,14 +135,17 @@ def _trim_leading_zeros(rows: list[Any]) -> list[Any]:
 async def patterns(
     caller: CallerDep,
     ledger: LedgerDep,
-    days_back: Annotated[int, Query(ge=1, le=90)] = 28,
+    guard: SelfServeDep,
+    days_back: Annotated[int, Query(ge=1, le=MAX_DAYS_BACK)] = 28,
     key_id: KeyIdQuery = None,
     model: ModelQuery = None,
 ) -> dict[str, Any]:
     """Peak hours, weekday profile, trend and growth of token usage."""
     prefix, scope, rec = await _scope(caller, ledger, key_id, model)
-    rows = await complete_hours(ledger, prefix, 24 * days_back)
-    p = usage_patterns([float(r.total) for r in rows], rows[0].ts if rows else 0)
+    async with guard.slot():
+        rows = await complete_hours(ledger, prefix, 24 * days_back)
+        totals = [float(r.total) for r in rows]
+        p = await guard.offload(usage_patterns, totals, rows[0].ts if rows else 0)
     return {
         "scope": scope,
         "key_id": rec.id if rec else None,
@@ -150,12 +163,21 @@ async def patterns(
     }
 
 
-async def _plan_key(ledger: RedisLedger, rec: KeyRecord, now: float) -> dict[str, Any]:
-    usage = await ledger.usage(rec)
-    rows = await complete_hours(ledger, keys.window_prefix(rec.id), HISTORY_HOURS)
+async def _plan_key(
+    ledger: RedisLedger, guard: SelfServe, rec: KeyRecord, now: float
+) -> dict[str, Any]:
+    async with guard.slot():
+        usage = await ledger.usage(rec)
+        rows = await complete_hours(ledger, keys.window_prefix(rec.id), HISTORY_HOURS)
+        return await guard.offload(_plan, rec, usage, rows, now, ledger.tz_offset_s)
+
+
+def _plan(
+    rec: KeyRecord, usage: KeyUsage, rows: list[HourRow], now: float, tz_offset_s: int
+) -> dict[str, Any]:
     to_month_end = max(1, int((usage.monthly.resets_at_s - now) // 3600) + 1)
-    fc = forecast_rows(rows, min(to_month_end, 24 * 90))
-    days = list(daily_totals(rows, ledger.tz_offset_s).values())
+    fc = forecast_rows(rows, min(to_month_end, MAX_QUERY_HOURS))
+    days = list(daily_totals(rows, tz_offset_s).values())
     windows = []
     for name, w, whole in (
         ("daily", usage.daily, typical(days[:-1] or days)),
@@ -188,6 +210,7 @@ async def capacity_recommendations(
     caller: CallerDep,
     ledger: LedgerDep,
     settings: SettingsDep,
+    guard: SelfServeDep,
     key_id: KeyIdQuery = None,
 ) -> dict[str, Any]:
     """Keys forecast to exhaust a quota before it resets (with when), suggested limits, and
@@ -200,7 +223,7 @@ async def capacity_recommendations(
     else:
         ids = await ledger.list_key_ids(0, MAX_KEYS_PER_PLAN)
         recs = [r for r in await ledger.get_keys(ids) if r.status == "active"]
-    plans = [await _plan_key(ledger, r, now) for r in recs]
+    plans = [await _plan_key(ledger, guard, r, now) for r in recs]
     flat = [{"key_id": p["key_id"], "name": p["name"], **w} for p in plans for w in p["windows"]]
     answer: dict[str, Any] = {
         "generated_at": datetime.fromtimestamp(now, UTC),
@@ -208,12 +231,15 @@ async def capacity_recommendations(
         "at_risk": [f for f in flat if f["will_exhaust"]],
     }
     if caller.is_admin:
-        answer["capacity"] = await _capacity(ledger, settings.upstream_capacity_tokens_per_s)
+        capacity_tps = settings.upstream_capacity_tokens_per_s
+        async with guard.slot():
+            rows = await complete_hours(ledger, keys.GLOBAL_PREFIX, HISTORY_HOURS)
+            answer["capacity"] = await guard.offload(_capacity, rows, capacity_tps)
     return answer
 
 
-async def _capacity(ledger: RedisLedger, configured_tps: float) -> dict[str, Any]:
-    fc = forecast_rows(await complete_hours(ledger, keys.GLOBAL_PREFIX, HISTORY_HOURS), 24 * 7)
+def _capacity(rows: list[HourRow], configured_tps: float) -> dict[str, Any]:
+    fc = forecast_rows(rows, 24 * 7)
     peak_i = max(range(len(fc.upper)), key=fc.upper.__getitem__) if fc.upper else 0
     peak_tps = (fc.upper[peak_i] / 3600) if fc.upper else 0.0
     out: dict[str, Any] = {
@@ -240,29 +266,33 @@ async def _capacity(ledger: RedisLedger, configured_tps: float) -> dict[str, Any
 
 
 class WhatIfIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     key_id: str | None = Field(None, max_length=100, description="admin: any key; else own")
-    days_back: int = Field(28, ge=1, le=90)
-    daily_limit: int | None = Field(None, ge=0)
-    monthly_limit: int | None = Field(None, ge=0)
-    rate_per_sec: float | None = Field(None, gt=0)
-    tokens_per_minute: int | None = Field(None, ge=1)
+    days_back: int = Field(28, ge=1, le=MAX_DAYS_BACK)
+    daily_limit: int | None = Field(None, ge=0, le=MAX_TOKEN_LIMIT)
+    monthly_limit: int | None = Field(None, ge=0, le=MAX_TOKEN_LIMIT)
+    rate_per_sec: float | None = Field(None, ge=MIN_RATE_PER_SEC, le=MAX_RATE_PER_SEC)
+    tokens_per_minute: int | None = Field(None, ge=1, le=MAX_TOKEN_LIMIT)
 
 
 @router.post("/what-if")
-async def what_if_replay(body: WhatIfIn, caller: CallerDep, ledger: LedgerDep) -> dict[str, Any]:
+async def what_if_replay(
+    body: WhatIfIn, caller: CallerDep, ledger: LedgerDep, guard: SelfServeDep
+) -> dict[str, Any]:
     """Replay recorded hourly usage against proposed limits: what would have been refused."""
     if caller.is_admin and body.key_id is None:
         raise HTTPException(422, "key_id is required")
     _, _, rec = await _scope(caller, ledger, body.key_id, None)
     assert rec is not None
-    rows = await recent_hours(ledger, keys.window_prefix(rec.id), 24 * body.days_back)
     proposed = Limits(
         body.daily_limit, body.monthly_limit, body.rate_per_sec, body.tokens_per_minute
     )
     current = Limits(rec.daily_limit, rec.monthly_limit, rec.rate_per_sec, rec.tokens_per_minute)
-    result, baseline = (what_if(rows, lim, ledger.tz_offset_s) for lim in (proposed, current))
+    async with guard.slot():
+        rows = await recent_hours(ledger, keys.window_prefix(rec.id), 24 * body.days_back)
+        result = await guard.offload(what_if, rows, proposed, ledger.tz_offset_s)
+        baseline = await guard.offload(what_if, rows, current, ledger.tz_offset_s)
     return {
         "key_id": rec.id,
         "days_back": body.days_back,
@@ -334,14 +364,16 @@ async def system_metrics(
 async def forecast_all(
     _: AdminDep,
     ledger: LedgerDep,
+    guard: SelfServeDep,
     horizon_hours: Annotated[int, Query(ge=1, le=24 * 30)] = 24,
 ) -> dict[str, Any]:
     """Every key's forecast total for the next hours, with its interval."""
     ids = await ledger.list_key_ids(0, MAX_KEYS_PER_PLAN)
     out = []
     for rec in await ledger.get_keys(ids):
-        rows = await complete_hours(ledger, keys.window_prefix(rec.id), HISTORY_HOURS)
-        fc = forecast_rows(rows, horizon_hours)
+        async with guard.slot():
+            rows = await complete_hours(ledger, keys.window_prefix(rec.id), HISTORY_HOURS)
+            fc = await guard.offload(forecast_rows, rows, horizon_hours)
         out.append(
             {
                 "key_id": rec.id,

@@ -6,16 +6,25 @@ from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Request, status
+from fastapi.exceptions import RequestValidationError
 
 from admin.audit import record_change
 from admin.deps import AdminDep, LedgerDep, SettingsDep
 from admin.schemas import KeyCreate, KeyCreated, KeyList, KeyPublic, KeyUpdate
-from atlas.keymodel import KeyRecord, KeyStatus, hash_secret, new_key_id, new_secret
+from atlas.keymodel import (
+    KeyRecord,
+    KeyStatus,
+    hash_secret,
+    new_key_id,
+    new_secret,
+    priority_rank,
+    secret_hint,
+)
+from atlas.limits import MAX_LIST_OFFSET
 from atlas.settings import Priority
 
 router = APIRouter(prefix="/v1/admin/keys", tags=["keys"])
 
-SECRET_HINT_CHARS = 12
 #: Filtered listings read records this many at a time.
 LIST_SCAN_PAGE = 500
 
@@ -25,6 +34,25 @@ async def _get(ledger: LedgerDep, key_id: str) -> KeyRecord:
     if rec is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"key {key_id!r} not found")
     return rec
+
+
+def _check_priorities(rec: KeyRecord, sent: set[str]) -> None:
+    """A key's default priority may not exceed its max_priority (requests would run above
+    the cap). Checked on the record as it would be stored, so a create that names only one of
+    them (the other is the default) and an update that changes only one are both covered."""
+    if priority_rank(rec.priority) <= priority_rank(rec.max_priority):
+        return
+    field = "priority" if "priority" in sent or "max_priority" not in sent else "max_priority"
+    raise RequestValidationError(
+        [
+            {
+                "type": "value_error",
+                "loc": ("body", field),
+                "msg": f"priority {rec.priority!r} is above max_priority {rec.max_priority!r}",
+                "input": getattr(rec, field),
+            }
+        ]
+    )
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=KeyCreated)
@@ -37,7 +65,7 @@ async def create_key(
     rec = KeyRecord(
         id=new_key_id(),
         secret_hash=hash_secret(secret),
-        secret_hint=secret[:SECRET_HINT_CHARS] + "…",
+        secret_hint=secret_hint(secret),
         **{
             "daily_limit": settings.default_daily_limit,
             "monthly_limit": settings.default_monthly_limit,
@@ -46,6 +74,7 @@ async def create_key(
             **fields,
         },
     )
+    _check_priorities(rec, set(fields))
     try:
         await ledger.create_key(rec)
     except ValueError as exc:
@@ -58,7 +87,7 @@ async def create_key(
 async def list_keys(
     _: AdminDep,
     ledger: LedgerDep,
-    offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_LIST_OFFSET)] = 0,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     status_: Annotated[KeyStatus | None, Query(alias="status")] = None,
     priority: Priority | None = None,
@@ -112,6 +141,7 @@ async def update_key(
     changes = body.model_dump(exclude_unset=True)
     updated = rec.model_copy(update={**changes, "updated_at": datetime.now(UTC)})
     updated = KeyRecord.model_validate(updated.model_dump())
+    _check_priorities(updated, set(changes))
     await ledger.put_key(updated)
     await record_change(ledger, request, "key.update", before=rec, after=updated)
     return KeyPublic.of(updated)
@@ -135,7 +165,7 @@ async def rotate_key(key_id: str, _: AdminDep, ledger: LedgerDep, request: Reque
     updated = rec.model_copy(
         update={
             "secret_hash": hash_secret(secret),
-            "secret_hint": secret[:SECRET_HINT_CHARS] + "…",
+            "secret_hint": secret_hint(secret),
             "updated_at": datetime.now(UTC),
         }
     )

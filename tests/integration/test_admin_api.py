@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+import pytest
 import pytest_asyncio
+import redis
 
 from admin.app import create_app
+from atlas import limits
 from atlas.keymodel import hash_secret
+from atlas.ledger import keys
 from atlas.ledger.protocol import AdmitRequest, Settlement
 from atlas.ledger.redis import RedisLedger
 from atlas.settings import Settings
 
 ADMIN = {"authorization": "Bearer test-admin-token"}
+JSON = {"content-type": "application/json"}
 
 
 @pytest_asyncio.fixture
@@ -157,3 +164,147 @@ async def test_usage_history_and_spend(api: httpx.AsyncClient, ledger: RedisLedg
     g = (await api.get("/v1/admin/history?hours=1")).json()["hours"]
     m = (await api.get("/v1/admin/models/demo-small/history?hours=1")).json()["hours"]
     assert g[0]["total"] == m[0]["total"] == 400
+
+
+async def test_default_priority_may_not_exceed_max_priority(
+    api: httpx.AsyncClient, ledger: RedisLedger
+) -> None:
+    for body, field in (
+        ({"priority": "critical", "max_priority": "high"}, "priority"),
+        ({"max_priority": "low"}, "max_priority"),  # the default priority, normal, is above it
+    ):
+        r = await api.post("/v1/admin/keys", json=body)
+        assert r.status_code == 422, body
+        assert r.json()["detail"][0]["loc"] == ["body", field]
+    assert await ledger.count_keys() == 0
+    key = await create(api, priority="normal", max_priority="high")
+    for change in ({"priority": "critical"}, {"max_priority": "low"}):
+        r = await api.patch(f"/v1/admin/keys/{key['id']}", json=change)
+        assert r.status_code == 422, change
+        assert r.json()["detail"][0]["loc"] == ["body", *change]
+    stored = await ledger.get_key(key["id"])
+    assert stored is not None and (stored.priority, stored.max_priority) == ("normal", "high")
+    both = {"priority": "low", "max_priority": "low"}
+    assert (await api.patch(f"/v1/admin/keys/{key['id']}", json=both)).status_code == 200
+
+
+#: A value over each bound of the admin API, and the largest accepted (limits in atlas/limits.py).
+OVER_THE_EDGE: tuple[tuple[str, Any, Any], ...] = (
+    ("daily_limit", limits.MAX_TOKEN_LIMIT + 1, limits.MAX_TOKEN_LIMIT),
+    ("monthly_limit", 10**14, limits.MAX_TOKEN_LIMIT),
+    ("tokens_per_minute", limits.MAX_TOKEN_LIMIT + 1, limits.MAX_TOKEN_LIMIT),
+    ("rate_per_sec", limits.MAX_RATE_PER_SEC * 2, limits.MAX_RATE_PER_SEC),
+    ("rate_per_sec", 1e-300, limits.MIN_RATE_PER_SEC),
+    ("burst", limits.MAX_BURST + 1, limits.MAX_BURST),
+    ("max_concurrent", limits.MAX_CONCURRENT + 1, limits.MAX_CONCURRENT),
+    ("monthly_budget_usd", limits.MAX_BUDGET_USD * 10, limits.MAX_BUDGET_USD),
+    # Below a micro-USD the stored budget would round to 0, which means "no budget".
+    ("monthly_budget_usd", 1e-9, limits.MIN_BUDGET_USD),
+)
+
+
+async def test_every_number_is_bounded_at_the_edge_and_never_stored(
+    api: httpx.AsyncClient, ledger: RedisLedger
+) -> None:
+    key = await create(api)
+    for field, over, edge in OVER_THE_EDGE:
+        r = await api.post("/v1/admin/keys", json={field: over})
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"][-1] == field, (field, r.text)
+        r = await api.patch(f"/v1/admin/keys/{key['id']}", json={field: over})
+        assert r.status_code == 422, (field, over)
+        r = await api.patch(f"/v1/admin/keys/{key['id']}", json={field: edge})
+        assert r.status_code == 200 and r.json()[field] == edge, (field, r.text)
+    for raw in (b'{"rate_per_sec": NaN}', b'{"monthly_budget_usd": Infinity}'):
+        r = await api.post(
+            "/v1/admin/keys", content=raw, headers={"content-type": "application/json"}
+        )
+        assert r.status_code == 422, raw
+    assert await ledger.count_keys() == 1
+    for url in (
+        "/v1/forecasting/usage-patterns?days_back=91",
+        "/v1/forecasting/forecast?horizon_hours=100000",
+        "/v1/admin/history?hours=100000",
+        "/v1/admin/keys?offset=10000000000",
+    ):
+        assert (await api.get(url)).status_code == 422, url
+    what_if = {"key_id": key["id"], "daily_limit": 10**14}
+    assert (await api.post("/v1/forecasting/what-if", json=what_if)).status_code == 422
+
+
+async def test_every_number_in_the_openapi_schema_has_bounds(api: httpx.AsyncClient) -> None:
+    """The class, not the instances: a new numeric field or query parameter without a bound
+    fails here."""
+    spec = (await api.get("/openapi.json")).json()
+    unbounded: list[str] = []
+
+    def walk(where: str, schema: dict[str, Any]) -> None:
+        for option in schema.get("anyOf", []):
+            walk(where, option)
+        if schema.get("type") in ("integer", "number"):
+            if "maximum" not in schema and "exclusiveMaximum" not in schema:
+                unbounded.append(where + " (no maximum)")
+            if "minimum" not in schema and "exclusiveMinimum" not in schema:
+                unbounded.append(where + " (no minimum)")
+
+    for name, model in spec["components"]["schemas"].items():
+        if name.endswith(("Public", "Created", "Out", "List")) or "Error" in name:
+            continue  # responses
+        for field, schema in model.get("properties", {}).items():
+            walk(f"{name}.{field}", schema)
+    for path, ops in spec["paths"].items():
+        for method, op in ops.items():
+            for p in op.get("parameters", []):
+                walk(f"{method.upper()} {path} ?{p['name']}", p["schema"])
+    assert unbounded == []
+
+
+async def test_secret_hint_shows_at_most_its_last_four_characters(
+    api: httpx.AsyncClient, ledger: RedisLedger, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    imported = "team-a-chosen-secret-wxyz"
+    key = await create(api, api_key=imported)
+    assert key["secret_hint"] == "…wxyz"
+    generated = await create(api)
+    assert generated["secret_hint"] == "sk-atlas-…" + generated["api_key"][-4:]
+    openai_style = await create(api, api_key="sk-proj-0123456789abcd")
+    assert openai_style["secret_hint"] == "sk-…abcd"
+    rotated = (await api.post(f"/v1/admin/keys/{key['id']}/rotate")).json()
+    assert rotated["secret_hint"] == "sk-atlas-…" + rotated["api_key"][-4:]
+    # The secret appears in the one creation (or rotation) response and nowhere else: not in
+    # reads, listings, the audit log, a 422 (which echoes bad input) or a log line.
+    secrets_ = [imported, generated["api_key"], rotated["api_key"], "sk-proj-0123456789abcd"]
+    bad = await api.post(
+        "/v1/admin/keys", json={"api_key": "short-secret", "priority": "x", "nope": imported}
+    )
+    conflict = await api.post("/v1/admin/keys", json={"api_key": "sk-proj-0123456789abcd"})
+    mixed = await api.post(
+        "/v1/admin/keys",
+        json={"api_key": "another-chosen-secret-1", "priority": "critical", "max_priority": "low"},
+    )
+    assert (bad.status_code, conflict.status_code, mixed.status_code) == (422, 409, 422)
+    secrets_ += ["short-secret", "another-chosen-secret-1"]
+    seen = " ".join(
+        [
+            bad.text,
+            conflict.text,
+            mixed.text,
+            (await api.get("/v1/admin/keys")).text,
+            (await api.get(f"/v1/admin/keys/{key['id']}")).text,
+            (await api.get("/v1/admin/audit")).text,
+            caplog.text,
+        ]
+    )
+    assert [s for s in secrets_ if s in seen] == []
+    assert [s[-8:] for s in secrets_ if s[-8:] in seen] == []  # nor more than the hint
+
+
+async def test_hints_stored_by_older_versions_are_cut_to_four_characters(
+    api: httpx.AsyncClient, redis_sync: redis.Redis
+) -> None:
+    key = await create(api, api_key="team-b-chosen-secret-9876")
+    stored = json.loads(redis_sync.get(keys.record(key["id"])))  # type: ignore[arg-type]
+    stored["secret_hint"] = "team-b-chose…"  # 12 characters, as 0.1 stored them
+    redis_sync.set(keys.record(key["id"]), json.dumps(stored))
+    shown = (await api.get(f"/v1/admin/keys/{key['id']}")).json()["secret_hint"]
+    assert shown == "team…"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -143,3 +144,84 @@ async def test_system_metrics_and_forecast_all(
     assert bad.status_code == 422 and bad.json()["detail"][0]["loc"][-1] == "date"
     a = await get(api, "/v1/forecasting/admin/forecast-all?horizon_hours=24")
     assert len(a["keys"]) == 4 and all(k["total"]["value"] > 0 for k in a["keys"])
+
+
+def own(secret: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {secret}"}
+
+
+SELF_SERVE = (
+    ("GET", "/v1/usage", None),
+    ("GET", "/v1/forecasting/forecast", None),
+    ("GET", "/v1/forecasting/usage-patterns", None),
+    ("GET", "/v1/forecasting/capacity-recommendations", None),
+    ("POST", "/v1/forecasting/what-if", {"daily_limit": 1000}),
+)
+
+
+def assert_openai_error(r: httpx.Response, status: int, code: str) -> None:
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["code"] == code and error["message"] and set(error) >= {"type", "param"}
+
+
+async def test_self_serve_refuses_revoked_expired_and_unknown_keys(
+    api: httpx.AsyncClient, simulated: list[tuple[KeyRecord, str]]
+) -> None:
+    (revoked, revoked_secret), (expired, expired_secret) = simulated[0], simulated[1]
+    assert (await api.post(f"/v1/admin/keys/{revoked.id}/revoke", headers=ADMIN)).status_code == 200
+    past = {"expires_at": "2020-01-01T00:00:00Z"}
+    r = await api.patch(f"/v1/admin/keys/{expired.id}", headers=ADMIN, json=past)
+    assert r.status_code == 200
+    for method, url, body in SELF_SERVE:
+        r = await api.request(method, url, headers=own(revoked_secret), json=body)
+        assert_openai_error(r, 403, "key_disabled")
+        r = await api.request(method, url, headers=own(expired_secret), json=body)
+        assert_openai_error(r, 403, "key_expired")
+        r = await api.request(method, url, headers=own("sk-atlas-nobody-0123456789"), json=body)
+        assert_openai_error(r, 401, "invalid_api_key")
+        assert r.headers["www-authenticate"] == "Bearer"
+    # The admin still reads those keys.
+    r = await api.get(f"/v1/forecasting/forecast?key_id={revoked.id}", headers=ADMIN)
+    assert r.status_code == 200
+
+
+async def test_self_serve_is_limited_per_key_by_its_own_rate_and_burst(
+    api: httpx.AsyncClient, simulated: list[tuple[KeyRecord, str]]
+) -> None:
+    (slow, slow_secret), (_, other_secret) = simulated[0], simulated[1]
+    limits = {"rate_per_sec": 0.01, "burst": 3}
+    assert (await api.patch(f"/v1/admin/keys/{slow.id}", headers=ADMIN, json=limits)).is_success
+    for method, url, body in SELF_SERVE[:3]:
+        r = await api.request(method, url, headers=own(slow_secret), json=body)
+        assert r.status_code == 200, r.text
+    for method, url, body in SELF_SERVE:
+        r = await api.request(method, url, headers=own(slow_secret), json=body)
+        assert_openai_error(r, 429, "rate_limit_exceeded")
+        assert 1 <= int(r.headers["retry-after"]) <= 100  # 1 request per 100 s
+    # Another key and the admin token are not held back by it.
+    assert (await api.get("/v1/usage", headers=own(other_secret))).status_code == 200
+    for _ in range(5):
+        r = await api.get(f"/v1/forecasting/forecast?key_id={slow.id}", headers=ADMIN)
+        assert r.status_code == 200
+
+
+async def test_forecasts_run_off_the_event_loop_with_bounded_concurrency(
+    api: httpx.AsyncClient, simulated: list[tuple[KeyRecord, str]]
+) -> None:
+    guard = api._transport.app.state.selfserve  # type: ignore[attr-defined]
+    rec, secret = simulated[0]
+    r = await api.patch(f"/v1/admin/keys/{rec.id}", headers=ADMIN, json={"burst": 100})
+    assert r.status_code == 200
+    urls = [
+        "/v1/forecasting/forecast?horizon=monthly",
+        "/v1/forecasting/usage-patterns",
+        "/v1/forecasting/capacity-recommendations",
+    ]
+    answers = await asyncio.gather(
+        *(api.get(urls[i % 3], headers=own(secret)) for i in range(30)),
+        api.post("/v1/forecasting/what-if", headers=own(secret), json={"daily_limit": 1}),
+    )
+    assert [a.status_code for a in answers] == [200] * 31
+    assert 1 <= guard.peak_running <= guard.concurrency
+    assert guard.offloaded >= 31  # every forecast, pattern and replay ran in a worker thread
