@@ -242,7 +242,7 @@ def _render_envoy(ns: argparse.Namespace) -> int:
             upstream=ns.upstream,
             listen_address=ns.listen_address,
             listen_port=ns.port,
-            admin_address="0.0.0.0",
+            stats_address="0.0.0.0",  # containers: probes and Prometheus read /ready, stats
             authz=_hostports(ns.authz),
             extproc=_hostports(ns.extproc),
             atlas_admin=_hostports(ns.admin)[0],

@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from atlas.errors import ConfigError
+from atlas.limits import ENVOY_HEADROOM_BYTES
 
 _REPO_ENVOY = Path(__file__).resolve().parent.parent / "envoy"
 _PACKAGED_ENVOY = Path(__file__).resolve().parent / "_envoy_configs"
@@ -72,13 +73,17 @@ class EnvoyParams:
     upstream: str
     listen_address: str = "127.0.0.1"
     listen_port: int = 8080
+    #: The admin interface is unauthenticated and can stop Envoy: loopback, always (the
+    #: stats listener below is what other hosts may read).
     admin_address: str = "127.0.0.1"
     envoy_admin_port: int = 9901
+    #: GET /ready and /stats/prometheus only, proxied to the admin interface.
+    stats_address: str = "127.0.0.1"
+    stats_port: int = 9902
     authz: list[tuple[str, int]] = field(default_factory=lambda: [("127.0.0.1", 50051)])
     extproc: list[tuple[str, int]] = field(default_factory=lambda: [("127.0.0.1", 50052)])
     atlas_admin: tuple[str, int] = ("127.0.0.1", 8081)
     authz_timeout: str = "0.5s"
-    authz_body_bytes: int = 65536
     extproc_message_timeout: str = "2s"
     extproc_failure_mode_allow: bool = False
     #: model name (or `prefix*`) -> upstream URLs of one cluster with health checks,
@@ -213,11 +218,12 @@ def render(params: EnvoyParams, template: str = "atlas.yaml.tmpl") -> str:
         "listen_port": params.listen_port,
         "admin_address": params.admin_address,
         "envoy_admin_port": params.envoy_admin_port,
+        "stats_address": params.stats_address,
+        "stats_port": params.stats_port,
         "max_request_bytes": params.max_request_bytes,
         # Room above the body limit for headers and framing, so body_size_limit decides.
-        "buffer_limit_bytes": params.max_request_bytes + (1 << 20),
+        "buffer_limit_bytes": params.max_request_bytes + ENVOY_HEADROOM_BYTES,
         "authz_timeout": params.authz_timeout,
-        "authz_body_bytes": params.authz_body_bytes,
         "extproc_message_timeout": params.extproc_message_timeout,
         "extproc_failure_mode_allow": str(params.extproc_failure_mode_allow).lower(),
         "upstream_host": up.host,

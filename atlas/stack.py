@@ -270,6 +270,7 @@ class Stack:
                     upstream=upstream,
                     listen_port=s.proxy_port,
                     envoy_admin_port=s.envoy_admin_port,
+                    stats_port=free_port(),
                     authz=[(s.authz_host, s.authz_port), *self._replica_ports["authz"]],
                     extproc=[(s.extproc_host, s.extproc_port), *self._replica_ports["extproc"]],
                     atlas_admin=(s.admin_host, s.admin_port),
@@ -290,6 +291,9 @@ class Stack:
                     str(s.envoy_concurrency),
                     "--log-level",
                     "warn",
+                    # The access log reaches stdout at this interval (Envoy's default: 10 s).
+                    "--file-flush-interval-msec",
+                    "250",
                 ],
                 ready=lambda: _http_ok(self.envoy_admin_url + "/ready"),
             )

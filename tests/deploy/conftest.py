@@ -111,6 +111,12 @@ def k8s_kind_key(doc: dict[str, Any]) -> str:
     return f"kind.{doc['apiVersion'].replace('/', '.')}.{doc['kind']}"
 
 
+def stats_port(bootstrap: dict[str, Any]) -> int:
+    """The port of a bootstrap's stats listener (GET /ready and /stats/prometheus only)."""
+    (listener,) = [x for x in bootstrap["static_resources"]["listeners"] if x["name"] == "stats"]
+    return int(listener["address"]["socket_address"]["port_value"])
+
+
 def kubectl() -> str | None:
     return shutil.which("kubectl")
 

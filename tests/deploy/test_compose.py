@@ -19,7 +19,14 @@ import yaml
 
 from atlas.cli import build_parser
 from atlas.settings import Settings, load_settings
-from tests.deploy.conftest import DEPLOY, ROOT, load_yaml, schema_errors, validator
+from tests.deploy.conftest import (
+    DEPLOY,
+    ROOT,
+    load_yaml,
+    schema_errors,
+    stats_port,
+    validator,
+)
 
 COMPOSE = ROOT / "compose.yaml"
 ATLAS_SERVICES = ("authz", "extproc", "admin")
@@ -157,29 +164,34 @@ def test_every_service_has_a_healthcheck(compose: dict[str, Any]) -> None:
 
 
 def test_dependencies_wait_for_health_in_order(compose: dict[str, Any]) -> None:
+    """Starts wait only for what a service cannot work without, so one component that is
+    down (admin, the upstream) does not keep the others from starting."""
     svcs = services(compose)
     deps = {name: svc.get("depends_on", {}) for name, svc in svcs.items()}
     for name, d in deps.items():
         assert isinstance(d, dict), f"{name}: depends_on must name a condition"
         for dep, spec in d.items():
             assert dep in svcs, f"{name} depends on unknown {dep}"
-            assert spec == {"condition": "service_healthy"}, f"{name} -> {dep}: {spec}"
+            # `restart: true` would restart (stop) this service whenever the dependency does.
+            assert "restart" not in spec, f"{name} -> {dep}: a dependency's restart cascades"
+    healthy = {"condition": "service_healthy"}
+    started = {"condition": "service_started"}
     expected = {
-        "authz": {"valkey"},
-        "extproc": {"valkey"},
-        "admin": {"valkey", "authz", "extproc"},
-        "envoy": {"authz", "extproc", "admin", "upstream"},
-        "prometheus": {"envoy"},
-        "grafana": {"prometheus"},
+        "authz": {"valkey": healthy},
+        "extproc": {"valkey": healthy},
+        "admin": {"valkey": healthy},
+        "envoy": {"authz": healthy, "extproc": healthy, "admin": started, "upstream": started},
+        "prometheus": {"envoy": healthy},
+        "grafana": {"prometheus": healthy},
     }
     for name, want in expected.items():
-        assert set(deps[name]) == want, name
-    # A start order exists (no cycle).
-    started: list[str] = []
-    while len(started) < len(svcs):
-        ready = [n for n in svcs if n not in started and set(deps[n]) <= set(started)]
-        assert ready, f"dependency cycle among {set(svcs) - set(started)}"
-        started.extend(sorted(ready))
+        assert deps[name] == want, name
+    assert not deps["valkey"] and not deps["upstream"]
+
+
+def test_every_container_restarts_on_its_own(compose: dict[str, Any]) -> None:
+    for name, svc in services(compose).items():
+        assert svc.get("restart") == "unless-stopped", name
 
 
 def test_atlas_services_run_our_image(compose: dict[str, Any]) -> None:
@@ -224,8 +236,9 @@ def test_admin_probes_the_other_containers(compose: dict[str, Any]) -> None:
     assert env["ATLAS_AUTHZ_HOST"] == "authz" and "authz" in svcs
     assert env["ATLAS_EXTPROC_HOST"] == "extproc" and "extproc" in svcs
     bootstrap = yaml.safe_load((DEPLOY / "envoy" / "envoy.yaml").read_text())
-    admin_port = bootstrap["admin"]["address"]["socket_address"]["port_value"]
-    assert env["ATLAS_ENVOY_ADMIN_URL"] == f"http://envoy:{admin_port}"
+    # admin's /healthz asks Envoy's stats listener for /ready: the admin interface itself
+    # is on Envoy's loopback.
+    assert env["ATLAS_ENVOY_ADMIN_URL"] == f"http://envoy:{stats_port(bootstrap)}"
 
 
 def _listen_port(svcs: dict[str, dict[str, Any]], name: str) -> int:
@@ -247,6 +260,8 @@ def test_envoy_bootstrap_points_at_compose_services(compose: dict[str, Any]) -> 
     svcs = services(compose)
     bootstrap = yaml.safe_load((DEPLOY / "envoy" / "envoy.yaml").read_text())
     for cluster in bootstrap["static_resources"]["clusters"]:
+        if cluster["name"] == "envoy_admin":  # the stats listener -> Envoy's own loopback
+            continue
         for group in cluster["load_assignment"]["endpoints"]:
             for ep in group["lb_endpoints"]:
                 addr = ep["endpoint"]["address"]["socket_address"]

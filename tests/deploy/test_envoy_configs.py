@@ -19,6 +19,7 @@ import yaml
 
 from atlas.cli import main as atlas_main
 from atlas.envoy_config import EnvoyParams, render, validate
+from atlas.limits import ENVOY_HEADROOM_BYTES
 from tests.deploy.conftest import DEPLOY, K8S_BASE, header_command, load_docs, strip_header
 
 BOOTSTRAPS = {
@@ -57,13 +58,101 @@ def test_bootstrap_validates(name: str) -> None:
     validate(BOOTSTRAPS[name])
 
 
+def _all_bootstraps() -> dict[str, dict[str, Any]]:
+    """Every bootstrap Atlas renders or ships: the template's defaults, `atlas up`'s, the
+    generated ones and the examples."""
+    out = {name: yaml.safe_load(path.read_text()) for name, path in BOOTSTRAPS.items()}
+    out["template"] = yaml.safe_load(render(EnvoyParams(upstream="http://127.0.0.1:9000")))
+    for path in sorted((DEPLOY.parent / "envoy" / "examples").glob("*.yaml")):
+        out[f"examples/{path.name}"] = yaml.safe_load(path.read_text())
+    return out
+
+
 def test_container_bootstraps_listen_on_all_interfaces() -> None:
     for name, path in BOOTSTRAPS.items():
         cfg = yaml.safe_load(path.read_text())
         listener = cfg["static_resources"]["listeners"][0]["address"]["socket_address"]
         assert listener == {"address": "0.0.0.0", "port_value": 8080}, name
-        # Probes, Prometheus and admin's /healthz reach the admin interface from outside.
-        assert cfg["admin"]["address"]["socket_address"]["address"] == "0.0.0.0", name
+        # Probes, Prometheus and admin's /healthz read the stats listener from outside.
+        (stats,) = [x for x in cfg["static_resources"]["listeners"] if x["name"] == "stats"]
+        assert stats["address"]["socket_address"]["address"] == "0.0.0.0", name
+
+
+def test_admin_interface_is_loopback_everywhere() -> None:
+    """Envoy's admin interface is unauthenticated and can stop Envoy: loopback only."""
+    for name, cfg in _all_bootstraps().items():
+        assert cfg["admin"]["address"]["socket_address"]["address"] == "127.0.0.1", name
+
+
+def test_stats_listener_serves_two_read_only_paths() -> None:
+    for name, cfg in _all_bootstraps().items():
+        (stats,) = [x for x in cfg["static_resources"]["listeners"] if x["name"] == "stats"]
+        hcm = stats["filter_chains"][0]["filters"][0]["typed_config"]
+        assert [f["name"] for f in hcm["http_filters"]] == ["envoy.filters.http.router"], name
+        routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
+        forwarded = [r for r in routes if "route" in r]
+        assert {r["match"]["path"] for r in forwarded} == {"/ready", "/stats/prometheus"}, name
+        for r in forwarded:
+            assert r["match"]["headers"] == [
+                {"name": ":method", "string_match": {"exact": "GET"}}
+            ], name
+            assert r["route"]["cluster"] == "envoy_admin"
+        assert routes[-1] == {"match": {"prefix": "/"}, "direct_response": {"status": 404}}
+
+
+def test_ext_proc_stream_close_cannot_crash_envoy() -> None:
+    """Graceful ext_proc close segfaulted Envoy 1.40 on hang-ups during long pauses
+    (docs/envoy-notes.md); observability mode would bring deferred closes back."""
+    for name, cfg in _all_bootstraps().items():
+        runtime = cfg["layered_runtime"]["layers"][0]["static_layer"]
+        assert runtime["envoy.reloadable_features.ext_proc_graceful_grpc_close"] is False, name
+        hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+        (ext_proc,) = [
+            f["typed_config"] for f in hcm["typed_config"]["http_filters"] if f["name"] == EXT_PROC
+        ]
+        assert not ext_proc.get("observability_mode"), name
+        assert "deferred_close_timeout" not in ext_proc, name
+
+
+def test_client_facing_listener_normalizes_what_clients_send() -> None:
+    for name, cfg in _all_bootstraps().items():
+        hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+        tc = hcm["typed_config"]
+        assert tc["normalize_path"] is True and tc["merge_slashes"] is True, name
+        assert tc["path_with_escaped_slashes_action"] == "UNESCAPE_AND_REDIRECT", name
+        assert tc["strip_trailing_host_dot"] is True, name
+        assert tc["common_http_protocol_options"] == {
+            "headers_with_underscores_action": "DROP_HEADER"
+        }, name
+        assert tc["use_remote_address"] is True, name
+        assert tc["internal_address_config"] == {
+            "cidr_ranges": [{"address_prefix": "192.0.2.0", "prefix_len": 24}]
+        }, name
+        (log,) = tc["access_log"]
+        assert log["typed_config"]["log_format"]["json_format"]["path"] == "%REQ(:PATH)%", name
+        routes = tc["route_config"]["virtual_hosts"][0]["routes"]
+        not_found = {
+            r["match"].get("path_separated_prefix")
+            for r in routes
+            if r.get("direct_response", {}).get("status") == 404
+        }
+        assert {"/v1/admin", "/v1/forecasting/admin"} <= not_found, name
+        order = [
+            r["match"].get("path_separated_prefix") or r["match"].get("prefix") for r in routes
+        ]
+        assert order.index("/v1/forecasting/admin") < order.index("/v1/forecasting/"), name
+
+
+def test_authz_sees_every_body_envoy_forwards() -> None:
+    for name, cfg in _all_bootstraps().items():
+        hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+        filters = {f["name"]: f["typed_config"] for f in hcm["typed_config"]["http_filters"]}
+        limit = filters["envoy.filters.http.body_size_limit"]["max_request_bytes"]
+        body = filters[EXT_AUTHZ]["with_request_body"]
+        assert body["max_request_bytes"] == limit, name
+        assert body["allow_partial_message"] is True, name
+        buffer = cfg["static_resources"]["listeners"][0]["per_connection_buffer_limit_bytes"]
+        assert buffer == limit + ENVOY_HEADROOM_BYTES, name
 
 
 def _template_filters() -> dict[str, dict[str, Any]]:

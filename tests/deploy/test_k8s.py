@@ -30,6 +30,7 @@ from tests.deploy.conftest import (
     load_docs,
     load_yaml,
     schema_errors,
+    stats_port,
     validator,
 )
 
@@ -214,7 +215,11 @@ def test_envoy_probes_match_its_bootstrap(docs: list[dict[str, Any]]) -> None:
     admin_port = bootstrap["admin"]["address"]["socket_address"]["port_value"]
     listener = bootstrap["static_resources"]["listeners"][0]
     listen_port = listener["address"]["socket_address"]["port_value"]
-    assert resolve_port(envoy, c["readinessProbe"]["httpGet"]["port"]) == admin_port
+    # /ready through the stats listener: the admin interface is on the pod's loopback only.
+    assert bootstrap["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
+    assert resolve_port(envoy, c["readinessProbe"]["httpGet"]["port"]) == stats_port(bootstrap)
+    ports = {p["containerPort"] for p in c["ports"]}
+    assert admin_port not in ports, "the admin interface must not be a container port"
     assert c["readinessProbe"]["httpGet"]["path"] == "/ready"
     assert resolve_port(envoy, c["livenessProbe"]["httpGet"]["port"]) == listen_port
     hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]

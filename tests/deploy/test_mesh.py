@@ -114,7 +114,7 @@ def test_schemas_catch_mistakes() -> None:
     fds = copy.deepcopy(gw["EnvoyExtensionPolicy"])
     fds["spec"]["extProc"][0]["processingMode"]["response"]["body"] = "FullDuplexStreamed"
     fds["spec"]["extProc"][0]["failOpen"] = True  # CEL rule: not with FullDuplexStreamed
-    route = copy.deepcopy(gw["HTTPRoute"])
+    route = copy.deepcopy(next(d for d in resources(GATEWAY) if d["metadata"]["name"] == "llm-v1"))
     route["spec"]["rules"][0]["timeouts"]["request"] = "0"
     errors = []
     for doc in (eep, fds, route):
@@ -244,7 +244,7 @@ def test_gateway_routes_and_backends() -> None:
         for parent in doc["spec"]["parentRefs"]:
             assert parent["name"] == gateway["metadata"]["name"], key
         for rule in doc["spec"]["rules"]:
-            for ref in rule["backendRefs"]:
+            for ref in rule.get("backendRefs", []):
                 namespace = ref.get("namespace", doc["metadata"]["namespace"])
                 if namespace == "atlas":
                     service_port(ref["name"], ref["port"])

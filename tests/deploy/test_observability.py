@@ -17,7 +17,7 @@ import pytest
 from prometheus_client.metrics import MetricWrapperBase
 
 import atlas.metrics
-from tests.deploy.conftest import DEPLOY, ROOT, LocalEnvoy, load_yaml
+from tests.deploy.conftest import DEPLOY, ROOT, LocalEnvoy, load_yaml, stats_port
 from tests.deploy.test_compose import _listen_port, interpolate
 
 PROMETHEUS = DEPLOY / "prometheus" / "prometheus.yml"
@@ -98,7 +98,7 @@ def test_prometheus_scrapes_every_service(compose: dict[str, Any]) -> None:
     config = load_yaml(PROMETHEUS)
     services = compose["services"]
     bootstrap = load_yaml(DEPLOY / "envoy" / "envoy.yaml")
-    envoy_admin = bootstrap["admin"]["address"]["socket_address"]["port_value"]
+    envoy_stats = stats_port(bootstrap)
     jobs = {}
     for job in config["scrape_configs"]:
         (static,) = job["static_configs"]
@@ -107,7 +107,7 @@ def test_prometheus_scrapes_every_service(compose: dict[str, Any]) -> None:
         assert host in services, f"{job['job_name']}: {host} is not a compose service"
         jobs[host] = (int(port), job.get("metrics_path", "/metrics"))
     assert set(jobs) == {"envoy", "authz", "extproc", "admin"}
-    assert jobs["envoy"] == (envoy_admin, "/stats/prometheus")
+    assert jobs["envoy"] == (envoy_stats, "/stats/prometheus")
     for name in ("authz", "extproc"):
         metrics_port = {"authz": 9102, "extproc": 9103}[name]
         assert jobs[name] == (metrics_port, "/metrics")
