@@ -35,6 +35,8 @@ Test and fault hooks (request headers)
   ``chunk_delay_s``).
 * ``x-demo-abort-after: N`` -- in a stream, abort the TCP connection after N content events,
   like an upstream reset. A stream with fewer content events completes normally.
+* ``x-demo-json-tokens: N`` -- a non-streamed answer of exactly N tokens per choice
+  (0..2**23, i.e. up to 32 MiB of text), for responses bigger than any buffer on the way.
 
 ``GET /demo/requests`` lists the last 50 requests seen (method, path, query, lower-cased headers,
 body as JSON if it parses, else as a string) and ``DELETE /demo/requests`` clears them.
@@ -69,6 +71,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MODELS: Final = ("demo-small", "demo-large")
 DEFAULT_COMPLETION_TOKENS: Final = 16
 MAX_COMPLETION_TOKENS: Final = 4096
+MAX_JSON_TOKENS: Final = 1 << 23
 MAX_CHOICES: Final = 128
 EMBEDDING_DIMENSIONS: Final = 8
 MAX_EMBEDDING_DIMENSIONS: Final = 4096
@@ -92,6 +95,12 @@ _dumps = json.JSONEncoder(separators=(",", ":")).encode
 
 def _token_json(i: int) -> str:
     return _TOKEN_JSON[i % len(_TOKEN_JSON)]
+
+
+def _text(n_tokens: int) -> str:
+    if n_tokens <= MAX_COMPLETION_TOKENS:
+        return _TEXT[: 4 * n_tokens]
+    return (_TEXT * (n_tokens // MAX_COMPLETION_TOKENS + 1))[: 4 * n_tokens]
 
 
 def _tokens_for_chars(chars: int) -> int:
@@ -458,6 +467,7 @@ class _Hooks:
     no_usage: bool
     delay_s: float
     abort_after: int | None
+    json_tokens: int | None = None
 
 
 def _header_int(headers: dict[str, str], name: str, low: int, high: int) -> int | None:
@@ -513,7 +523,9 @@ def _include_usage(body: dict[str, Any]) -> bool:
 
 
 def _plan(limit: int | None, hooks: _Hooks) -> tuple[int, str]:
-    if hooks.tokens is not None:
+    if hooks.json_tokens is not None:
+        n = hooks.json_tokens
+    elif hooks.tokens is not None:
         n = hooks.tokens
     elif limit is not None:
         n = limit
@@ -636,7 +648,7 @@ def _chat(body: dict[str, Any], hooks: _Hooks) -> tuple[dict[str, Any] | None, _
     created = int(time.time())
 
     if not stream:
-        text = _TEXT[: 4 * n_tokens]
+        text = _text(n_tokens)
         response: dict[str, Any] = {
             "id": rid,
             "object": "chat.completion",
@@ -691,7 +703,7 @@ def _completions(
     created = int(time.time())
 
     if not stream:
-        text = _TEXT[: 4 * n_tokens]
+        text = _text(n_tokens)
         response: dict[str, Any] = {
             "id": rid,
             "object": "text_completion",
@@ -825,7 +837,7 @@ def _responses(
     model = _model(body)
     stream = _bool_field(body, "stream")
     n_tokens, _ = _plan(limit, hooks)
-    text = _TEXT[: 4 * n_tokens]
+    text = _text(n_tokens)
     usage: dict[str, Any] | None = None
     if not hooks.no_usage:
         usage = {
@@ -1202,6 +1214,8 @@ class DemoUpstream:
                     "The body must be a JSON object.",
                 )
             hooks = self._hooks(req.headers)
+            if hooks.json_tokens is not None and body.get("stream") is True:
+                raise _ApiError(400, "x-demo-json-tokens is for non-streamed responses")
             result, plan = handler(body, hooks)
         except _ApiError as e:
             return _json_response(e.status, _error_body(e.status, e.message, e.param), ka)
@@ -1233,6 +1247,7 @@ class DemoUpstream:
             no_usage=headers.get("x-demo-no-usage", "").lower() in ("1", "true", "yes"),
             delay_s=self.chunk_delay_s if delay_ms is None else delay_ms / 1000.0,
             abort_after=_header_int(headers, "x-demo-abort-after", 0, 1_000_000),
+            json_tokens=_header_int(headers, "x-demo-json-tokens", 0, MAX_JSON_TOKENS),
         )
 
 

@@ -27,6 +27,7 @@ class Denied(AtlasError):
         code: str | None,
         retry_after_s: float | None = None,
         headers: dict[str, str] | None = None,
+        param: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -35,6 +36,7 @@ class Denied(AtlasError):
         self.code = code
         self.retry_after_s = retry_after_s
         self.headers = headers or {}
+        self.param = param  # the request field at fault, as in OpenAI's error body
 
     def __repr__(self) -> str:
         return f"Denied({self.status}, {self.code!r}, {self.message!r})"

@@ -1,7 +1,10 @@
 """What authz and extproc need from an OpenAI-style request body, parsed defensively.
 
 The body is hostile input: anything that is not the JSON we expect yields a `LLMRequest` with
-`parsed=False` and a size-based estimate, never an exception.
+`parsed=False` and a size-based estimate, never an exception. Fields that decide what a
+request may cost (`max_tokens`, `n`, `best_of`, `stream`, prompt lists) are read the way vLLM
+reads them (pydantic v2 lax mode, see `lax_int`/`lax_bool`); a value vLLM would refuse, or one
+beyond `atlas.limits`, makes `invalid` non-empty and authz answers 400.
 """
 
 from __future__ import annotations
@@ -11,8 +14,47 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import TypeAdapter, ValidationError
+
+from atlas.limits import (
+    MAX_CHOICES,
+    MAX_COMPLETION_TOKENS,
+    MAX_MODEL_NAME_CHARS,
+    MAX_PROMPTS,
+    MAX_RESERVATION_TOKENS,
+)
+
 #: ~4 characters per token for English text with BPE tokenizers (OpenAI's rule of thumb).
 CHARS_PER_TOKEN = 4
+
+# vLLM's request models are pydantic v2 models in lax mode; the same adapters judge the same
+# way (`"stream": 1`, `"max_tokens": "4096"` or `4096.0` are accepted there, `"4096.5"` is not).
+_INT = TypeAdapter(int)
+_BOOL = TypeAdapter(bool)
+
+
+def lax_int(value: object) -> int | None:
+    """`value` as vLLM's `int` fields read it (ints, integral floats, integer strings), or
+    None when vLLM would refuse it."""
+    if type(value) is int:
+        return value
+    if isinstance(value, str) and len(value) > 64:  # no token count needs 64 digits
+        return None
+    try:
+        return _INT.validate_python(value)
+    except ValidationError:
+        return None
+
+
+def lax_bool(value: object) -> bool | None:
+    """`value` as vLLM's `bool` fields read it (true/false, 0/1, "yes"/"off"/"t"/...), or
+    None when vLLM would refuse it."""
+    if type(value) is bool:
+        return value
+    try:
+        return _BOOL.validate_python(value)
+    except ValidationError:
+        return None
 
 
 @dataclass(slots=True, frozen=True)
@@ -24,30 +66,59 @@ class LLMRequest:
     max_tokens: int | None  # max_tokens / max_completion_tokens / max_output_tokens
     n: int
     prompt_tokens: int  # estimate
+    best_of: int = 1  # completions: candidates generated per prompt (>= n)
+    prompts: int = 1  # completions: a list of prompts is that many generations
+    invalid: str = ""  # why the body must be refused (400); '' when it may go on
+    invalid_param: str | None = None
+
+    @property
+    def choices(self) -> int:
+        """Generations of up to `max_tokens` each that this request may cause."""
+        return max(self.n, self.best_of) * self.prompts
 
 
 _MAX_DEPTH = 8
+#: Values the prompt walk visits before it stops and falls back on the byte length.
+_MAX_VISITS = 200_000
 
 # Keys under which request bodies hold prompt text: message/part `content` and `text`, tool
 # call `arguments` (via `tool_calls`/`function`) and Responses `function_call_output` `output`.
 # Everything else (image URLs, base64 audio/files, ids, roles) is skipped on purpose.
 _TEXT_KEYS = ("content", "text", "tool_calls", "function", "arguments", "output")
 _PROMPT_KEYS = ("messages", "prompt", "input", "instructions")
+_MAX_TOKENS_KEYS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
 
 
-def _tally(value: object, depth: int, acc: list[int]) -> None:
-    """Add the characters of `value` to acc[0] and its token ids to acc[1]."""
+class _Tally:
+    __slots__ = ("budget", "chars", "ids", "truncated")
+
+    def __init__(self) -> None:
+        self.chars = 0
+        self.ids = 0
+        self.budget = _MAX_VISITS
+        self.truncated = False  # too deep or too many values: the count is a lower bound
+
+
+def _tally(value: object, depth: int, acc: _Tally) -> None:
+    """Add the characters of `value` to acc.chars and its token ids to acc.ids."""
+    acc.budget -= 1
+    if acc.budget < 0:
+        acc.truncated = True
+        return
     if isinstance(value, str):
-        acc[0] += len(value)
+        acc.chars += len(value)
     elif isinstance(value, bool):
         return
     elif isinstance(value, int):
-        acc[1] += 1
+        acc.ids += 1
     elif depth >= _MAX_DEPTH:
-        return
+        if isinstance(value, list | dict):
+            acc.truncated = True
     elif isinstance(value, list):
         for item in value:
             _tally(item, depth + 1, acc)
+            if acc.truncated:
+                return
     elif isinstance(value, dict):
         for key in _TEXT_KEYS:
             item = value.get(key)
@@ -55,16 +126,11 @@ def _tally(value: object, depth: int, acc: list[int]) -> None:
                 _tally(item, depth + 1, acc)
 
 
-def estimate_prompt_tokens(body: dict[str, Any]) -> int:
-    """Estimate the prompt tokens of a parsed request body, for any of the four endpoints.
-
-    Counts chat ``messages`` text, completions ``prompt``, embeddings/responses ``input`` and
-    responses ``instructions`` as ``ceil(chars / 4)``; integers in token-id arrays count one
-    token each.  A body with a non-empty prompt field is at least 1; anything malformed is 0.
-    """
+def _estimate(body: object) -> tuple[int, bool]:
+    """The prompt estimate and whether the walk saw all of it."""
     if not isinstance(body, dict):
-        return 0
-    acc = [0, 0]
+        return 0, True
+    acc = _Tally()
     present = False
     for key in _PROMPT_KEYS:
         value = body.get(key)
@@ -73,14 +139,104 @@ def estimate_prompt_tokens(body: dict[str, Any]) -> int:
         _tally(value, 0, acc)
         if not present and isinstance(value, str | list | dict) and len(value) > 0:
             present = True
-    tokens = math.ceil(acc[0] / CHARS_PER_TOKEN) + acc[1]
-    return max(tokens, 1) if present else tokens
+    tokens = math.ceil(acc.chars / CHARS_PER_TOKEN) + acc.ids
+    return (max(tokens, 1) if present else tokens), not acc.truncated
 
 
-def _positive_int(value: Any) -> int | None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+def estimate_prompt_tokens(body: dict[str, Any]) -> int:
+    """Estimate the prompt tokens of a parsed request body, for any of the four endpoints.
+
+    Counts chat ``messages`` text, completions ``prompt``, embeddings/responses ``input`` and
+    responses ``instructions`` as ``ceil(chars / 4)``; integers in token-id arrays count one
+    token each.  A body with a non-empty prompt field is at least 1; anything malformed is 0.
+    The walk is bounded (depth 8, 200k values): what lies beyond is not counted.
+    """
+    return _estimate(body)[0]
+
+
+def bytes_estimate(size: int) -> int:
+    """Prompt tokens of a body that could not be read as text: one per 4 bytes (UTF-8 text is
+    at least one byte a character, so this never falls below the text estimate)."""
+    return math.ceil(max(0, size) / CHARS_PER_TOKEN)
+
+
+def count_prompts(prompt: object) -> int:
+    """Generations a completions ``prompt`` asks for: a string or one token-id list is one;
+    a list of strings or of token-id lists is one per element."""
+    if isinstance(prompt, list) and prompt and not all(type(p) is int for p in prompt):
+        return len(prompt)
+    return 1
+
+
+class _Invalid(Exception):
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def _bounded_int(data: dict[str, Any], name: str, low: int, high: int) -> int | None:
+    value = data.get(name)
+    if value is None:
         return None
-    return value
+    n = lax_int(value)
+    if n is None:
+        raise _Invalid(name, f"'{name}' must be an integer.")
+    if not low <= n <= high:
+        raise _Invalid(name, f"'{name}' must be between {low} and {high}, got {n}.")
+    return n
+
+
+def _bool(data: dict[str, Any], name: str) -> bool:
+    value = data.get(name)
+    if value is None:
+        return False
+    b = lax_bool(value)
+    if b is None:
+        raise _Invalid(name, f"'{name}' must be a boolean.")
+    return b
+
+
+def _fields(data: dict[str, Any], size: int) -> LLMRequest:
+    model = data.get("model")
+    if model is None:
+        model = ""
+    elif not isinstance(model, str):
+        raise _Invalid("model", "'model' must be a string.")
+    elif len(model) > MAX_MODEL_NAME_CHARS:
+        raise _Invalid("model", f"'model' must be at most {MAX_MODEL_NAME_CHARS} characters.")
+    limits = [_bounded_int(data, f, 1, MAX_COMPLETION_TOKENS) for f in _MAX_TOKENS_KEYS]
+    present = [m for m in limits if m is not None]
+    # vLLM prefers max_completion_tokens; the largest is what may be generated at worst.
+    max_tokens = max(present) if present else None
+    n = _bounded_int(data, "n", 1, MAX_CHOICES) or 1
+    best_of = _bounded_int(data, "best_of", 1, MAX_CHOICES) or 1
+    prompts = count_prompts(data.get("prompt"))
+    if prompts > MAX_PROMPTS:
+        raise _Invalid("prompt", f"'prompt' may hold at most {MAX_PROMPTS} prompts.")
+    stream = _bool(data, "stream")
+    opts = data.get("stream_options")
+    include_usage = _bool(opts, "include_usage") if isinstance(opts, dict) else False
+    req_choices = max(n, best_of) * prompts
+    if max_tokens is not None and max_tokens * req_choices > MAX_RESERVATION_TOKENS:
+        raise _Invalid(
+            "max_tokens",
+            f"This request could generate {max_tokens * req_choices} tokens "
+            f"(max_tokens x choices x prompts); at most {MAX_RESERVATION_TOKENS} are allowed.",
+        )
+    tokens, whole = _estimate(data)
+    if not whole:  # too deep or too many parts to walk: fall back on the bytes
+        tokens = max(tokens, bytes_estimate(size))
+    return LLMRequest(
+        parsed=True,
+        model=model,
+        stream=stream,
+        include_usage=include_usage,
+        max_tokens=max_tokens,
+        n=n,
+        prompt_tokens=tokens,
+        best_of=best_of,
+        prompts=prompts,
+    )
 
 
 def parse_llm_request(body: bytes, *, complete: bool = True, size: int = 0) -> LLMRequest:
@@ -93,7 +249,7 @@ def parse_llm_request(body: bytes, *, complete: bool = True, size: int = 0) -> L
         include_usage=False,
         max_tokens=None,
         n=1,
-        prompt_tokens=math.ceil(max(size, len(body)) / CHARS_PER_TOKEN),
+        prompt_tokens=bytes_estimate(max(size, len(body))),
     )
     if not body or not complete:
         return fallback
@@ -103,19 +259,17 @@ def parse_llm_request(body: bytes, *, complete: bool = True, size: int = 0) -> L
         return fallback
     if not isinstance(data, dict):
         return fallback
-    model = data.get("model")
-    opts = data.get("stream_options")
-    max_tokens = None
-    for field in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
-        max_tokens = _positive_int(data.get(field))
-        if max_tokens is not None:
-            break
-    return LLMRequest(
-        parsed=True,
-        model=model if isinstance(model, str) else "",
-        stream=data.get("stream") is True,
-        include_usage=isinstance(opts, dict) and opts.get("include_usage") is True,
-        max_tokens=max_tokens,
-        n=min(_positive_int(data.get("n")) or 1, 128),
-        prompt_tokens=estimate_prompt_tokens(data),
-    )
+    try:
+        return _fields(data, max(size, len(body)))
+    except _Invalid as exc:
+        return LLMRequest(
+            parsed=True,
+            model="",
+            stream=False,
+            include_usage=False,
+            max_tokens=None,
+            n=1,
+            prompt_tokens=fallback.prompt_tokens,
+            invalid=str(exc),
+            invalid_param=exc.param,
+        )

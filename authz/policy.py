@@ -13,10 +13,14 @@ from datetime import UTC, datetime
 from atlas import metrics
 from atlas.errors import Denied, LedgerUnavailable
 from atlas.keymodel import KeyRecord, cap_priority, hash_secret
-from atlas.ledger.protocol import Admission, AdmitRequest, Ledger
+from atlas.ledger.protocol import Admission, AdmitRequest, Ledger, LedgerInputError
+from atlas.limits import MAX_RESERVATION_TOKENS
+from atlas.modelnames import ModelNames
 from atlas.pricing import PriceBook
 from atlas.requestbody import LLMRequest, parse_llm_request
 from atlas.settings import PRIORITIES, Priority, Settings
+from authz.bodyparse import BodyParser
+from authz.endpoints import Endpoints, Route, request_path
 from authz.keycache import KeyCache
 from authz.local_limiter import LocalLimiter
 from authz.shedding import Shedder
@@ -38,6 +42,7 @@ class CheckInput:
     body: bytes
     body_complete: bool
     body_size: int = 0  # the whole body's length when Envoy sent only its start
+    method: str = "POST"
 
 
 @dataclass(slots=True, frozen=True)
@@ -52,6 +57,11 @@ class Verdict:
     admission: Admission | None
     shadow_reason: str  # the rule that would have refused, in shadow mode
     degraded: bool = False  # decided without Redis (fail mode local)
+    route: str = ""  # the endpoint's bounded name (authz.endpoints.Route.name)
+
+
+#: Headers a client may carry its key in: OpenAI's, Anthropic-style and Azure's spellings.
+CLIENT_KEY_HEADERS = ("authorization", "x-api-key", "api-key")
 
 
 def bearer_token(headers: dict[str, str]) -> str | None:
@@ -59,8 +69,17 @@ def bearer_token(headers: dict[str, str]) -> str | None:
     scheme, _, token = auth.partition(" ")
     if scheme.lower() == "bearer" and token.strip():
         return token.strip()
-    api_key = headers.get("x-api-key", "").strip()
-    return api_key or None
+    for name in CLIENT_KEY_HEADERS[1:]:
+        api_key = headers.get(name, "").strip()
+        if api_key:
+            return api_key
+    return None
+
+
+#: What a request without an LLM body (GET /v1/models, ATLAS_EXTRA_ENDPOINTS) is counted as.
+_NO_BODY = LLMRequest(
+    parsed=False, model="", stream=False, include_usage=False, max_tokens=None, n=1, prompt_tokens=0
+)
 
 
 def _denied_401(message: str) -> Denied:
@@ -76,10 +95,17 @@ class Authorizer:
         *,
         shedder: Shedder | None = None,
         local: LocalLimiter | None = None,
+        names: ModelNames | None = None,
+        parser: BodyParser | None = None,
         new_id: Callable[[], str] = lambda: secrets.token_hex(12),
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """:param names: folds model names for the ledger (built once per process).
+        :param parser: parses bodies off the event loop when they are complex."""
         self._ledger = ledger
+        self._names = names if names is not None else ModelNames.from_settings(settings)
+        self._parser = parser if parser is not None else BodyParser(workers=0)
+        self._endpoints = Endpoints(settings.extra_endpoints)
         self._cache = cache
         self._s = settings
         self._shedder = shedder
@@ -105,22 +131,17 @@ class Authorizer:
             return Verdict(None, "", "normal", parse_llm_request(b""), None, d.code or "")
 
     async def _check(self, inp: CheckInput) -> Verdict:
+        request_path(inp.path)  # 400 before anything else: the path is malformed
         secret = bearer_token(inp.headers)
         if secret is None:
             raise _denied_401("Missing API key. Send it as 'Authorization: Bearer <key>'.")
         key, degraded = await self._find_key(hash_secret(secret))
         if key is None:
             raise _denied_401("Incorrect API key provided.")
-        if key.status != "active":
-            raise Denied(
-                403, "This API key is disabled.", type="permission_denied", code="key_disabled"
-            )
-        if key.expired(datetime.fromtimestamp(self._clock(), UTC)):
-            raise Denied(
-                403, "This API key has expired.", type="permission_denied", code="key_expired"
-            )
-        req = parse_llm_request(inp.body, complete=inp.body_complete, size=inp.body_size)
-        if key.models is not None and req.model not in key.models:
+        key.check_usable(datetime.fromtimestamp(self._clock(), UTC))
+        route = self._endpoints.route(inp.method, inp.path)
+        req = await self._request(inp, route)
+        if route.reads_body and key.models is not None and req.model not in key.models:
             raise Denied(
                 403,
                 f"This API key may not use model '{req.model}'.",
@@ -128,7 +149,7 @@ class Authorizer:
                 code="model_not_allowed",
             )
         priority = self._priority(inp.headers, key)
-        completion = self._completion_estimate(req, key, priority)
+        completion = self._completion_estimate(req, key, priority, route)
         estimate = req.prompt_tokens + completion
         shadow = key.shadow or self._s.shadow_mode
         if self._shedder is not None and self._shedder.sheds(priority, estimate):
@@ -147,28 +168,60 @@ class Authorizer:
             prompt_tokens=req.prompt_tokens,
             completion_tokens=completion,
             priority=priority,
-            model=req.model,
+            # The allowlist and prices see the real name; the ledger's history a bounded one.
+            model=self._names.fold(req.model) if route.reads_body else route.name,
             ceiling=self._ceilings[priority],
             shadow=shadow,
-            clamp=self._s.clamp_max_tokens,
-            cost_micros=self._prices.cost_micros(req.model, req.prompt_tokens, completion),
+            clamp=self._s.clamp_max_tokens and route.generates,
+            cost_micros=self._prices.cost_micros(req.model, req.prompt_tokens, completion)
+            if route.reads_body
+            else 0,
+            choices=req.choices if route.generates else 1,
         )
         if degraded:
-            return self._admit_locally(key, admit, req)
+            return self._admit_locally(key, admit, req, route)
         try:
             admission = await self._ledger.admit(key, admit)
+        except LedgerInputError as exc:
+            raise Denied(
+                400, f"Request out of bounds: {exc}", type="invalid_request_error", code=None
+            ) from exc
         except LedgerUnavailable as exc:
             metrics.LEDGER_ERRORS.labels(service="authz", op="admit").inc()
             if self._s.fail_mode != "local":
                 raise self._unavailable() from exc
-            return self._admit_locally(key, admit, req)
+            return self._admit_locally(key, admit, req, route)
         if admission.reason:
             _count_refusal(admission.reason, key.id)
         if not admission.admitted:
             raise refusal(admission, key)
         if self._shedder is not None:
             self._shedder.gauge.add(admission.reserved)
-        return Verdict(key, rid, priority, req, admission, admission.reason)
+        return Verdict(key, rid, priority, req, admission, admission.reason, route=route.name)
+
+    async def _request(self, inp: CheckInput, route: Route) -> LLMRequest:
+        """What the body asks for; refuses what cannot be accounted for."""
+        if not route.reads_body:
+            return _NO_BODY
+        if not inp.body_complete:
+            # Envoy reads up to max_request_bytes for authz: a partial body is one it did not
+            # let us see whole, and a reservation for its unseen part would be a guess.
+            raise Denied(
+                413,
+                "Request body too large for this gateway.",
+                type="invalid_request_error",
+                code="request_too_large",
+            )
+        req = await self._parser.parse(inp.body, size=inp.body_size)
+        if req.invalid:
+            raise Denied(
+                400,
+                req.invalid,
+                type="invalid_request_error",
+                code="invalid_value",
+                param=req.invalid_param,
+            )
+        return req
 
     async def _find_key(self, secret_hash: str) -> tuple[KeyRecord | None, bool]:
         """The key record, and whether it came from the stale cache (Redis unreachable)."""
@@ -181,7 +234,9 @@ class Authorizer:
                 raise self._unavailable() from exc
             return stale, True
 
-    def _admit_locally(self, key: KeyRecord, admit: AdmitRequest, req: LLMRequest) -> Verdict:
+    def _admit_locally(
+        self, key: KeyRecord, admit: AdmitRequest, req: LLMRequest, route: Route
+    ) -> Verdict:
         estimate = admit.prompt_tokens + admit.completion_tokens
         wait_s = self._local.admit(key, estimate)
         metrics.DECISIONS.labels(
@@ -214,12 +269,21 @@ class Authorizer:
             month_reset_s=now_ms // 1000,
             now_ms=now_ms,
         )
-        return Verdict(key, admit.reservation_id, admit.priority, req, admission, "", degraded=True)
+        return Verdict(
+            key,
+            admit.reservation_id,
+            admit.priority,
+            req,
+            admission,
+            "",
+            degraded=True,
+            route=route.name,
+        )
 
     def _priority(self, headers: dict[str, str], key: KeyRecord) -> Priority:
         asked = headers.get("x-request-priority")
-        if asked is None:
-            return key.priority
+        if asked is None:  # records stored before admin refused priority > max_priority
+            return cap_priority(key.priority, key.max_priority)
         asked = asked.strip().lower()
         for p in PRIORITIES:
             if p == asked:
@@ -231,11 +295,19 @@ class Authorizer:
             code="invalid_priority",
         )
 
-    def _completion_estimate(self, req: LLMRequest, key: KeyRecord, priority: str) -> int:
+    def _completion_estimate(
+        self, req: LLMRequest, key: KeyRecord, priority: str, route: Route
+    ) -> int:
+        """Per choice times every choice of every prompt (`n`, `best_of`, prompt lists)."""
+        if not route.generates:
+            return 0
         if req.max_tokens is not None:
-            return req.max_tokens * req.n
+            return req.max_tokens * req.choices  # bounded by parse_llm_request
         share = math.ceil(key.daily_limit * DEFAULT_RESERVATION_SHARE[priority])
-        return max(1, min(share or self._s.default_stream_reservation, self._s.max_reservation))
+        per_choice = max(
+            1, min(share or self._s.default_stream_reservation, self._s.max_reservation)
+        )
+        return min(per_choice * req.choices, MAX_RESERVATION_TOKENS - req.prompt_tokens)
 
     def _unavailable(self) -> Denied:
         return Denied(

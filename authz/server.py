@@ -23,10 +23,12 @@ from atlas.grpc_service import grpc_server, stop_tasks, wait_for_shutdown
 from atlas.inflight import InflightGauge
 from atlas.ledger.redis import RedisLedger
 from atlas.metrics import DECISIONS
+from atlas.modelnames import ModelNames
 from atlas.openai_errors import error_body
 from atlas.settings import Settings
+from authz.bodyparse import BodyParser
 from authz.keycache import KeyCache
-from authz.policy import Authorizer, CheckInput, Verdict, ratelimit_headers
+from authz.policy import CLIENT_KEY_HEADERS, Authorizer, CheckInput, Verdict, ratelimit_headers
 from authz.shedding import Shedder
 
 log = logging.getLogger("atlas.authz")
@@ -36,6 +38,9 @@ _FALSE = wrappers_pb2.BoolValue(value=False)
 #: Looked up once: counted on every admitted Check.
 _ADMITTED = DECISIONS.labels(service="authz", decision="ok")
 _GRPC_CODE = {
+    400: code_pb2.INVALID_ARGUMENT,
+    404: code_pb2.NOT_FOUND,
+    413: code_pb2.INVALID_ARGUMENT,
     401: code_pb2.UNAUTHENTICATED,
     403: code_pb2.PERMISSION_DENIED,
     429: code_pb2.RESOURCE_EXHAUSTED,
@@ -67,12 +72,33 @@ def check_input(req: auth_pb2.CheckRequest) -> CheckInput:
         body=body,
         body_complete=not partial,
         body_size=int(length) if length.isdigit() else 0,
+        method=http.method or headers.get(":method", ""),
     )
 
 
+def _normalized(name: str) -> str:
+    # Upstreams that fold `_` into `-` (gunicorn, Werkzeug, CGI-style servers) would read
+    # `x_atlas_key_id` as ours.
+    return name.lower().replace("_", "-")
+
+
+def client_headers_to_remove(headers: dict[str, str], *, strip_key: bool) -> list[str]:
+    """Client headers that must not reach the upstream: anything posing as Atlas
+    (`x-atlas-*` in any spelling), the raw `x-request-priority` (Atlas sends the capped
+    `x-atlas-priority`), and with `strip_key` every header that can carry the client's key."""
+    remove = []
+    for h in headers:
+        n = _normalized(h)
+        ours = n.startswith("x-atlas-") or n == "x-request-priority"
+        if ours or (strip_key and n in CLIENT_KEY_HEADERS):
+            remove.append(h)
+    return remove
+
+
 def answer_ok(v: Verdict, inp: CheckInput, settings: Settings) -> auth_pb2.CheckResponse:
-    # Clients must not be able to pose as Atlas towards the upstream.
-    remove = [h for h in inp.headers if h.startswith("x-atlas-")]
+    # With an upstream credential of our own, the client's key is never needed upstream.
+    strip_key = settings.strip_client_key or settings.upstream_api_key is not None
+    remove = client_headers_to_remove(inp.headers, strip_key=strip_key)
     metadata = struct_pb2.Struct()
     if v.key is None or v.admission is None:  # global shadow mode, refused before the ledger
         metadata.update({"shadow_decision": v.shadow_reason})
@@ -89,8 +115,6 @@ def answer_ok(v: Verdict, inp: CheckInput, settings: Settings) -> auth_pb2.Check
         to_upstream.append(
             _header("authorization", "Bearer " + settings.upstream_api_key.get_secret_value())
         )
-    elif settings.strip_client_key:
-        remove += [h for h in ("authorization", "x-api-key") if h in inp.headers]
     # Envoy applies removals after sets: a header we set must not also be removed.
     ours = {o.header.key for o in to_upstream}
     remove = [h for h in remove if h not in ours]
@@ -111,6 +135,8 @@ def answer_ok(v: Verdict, inp: CheckInput, settings: Settings) -> auth_pb2.Check
             "include_usage": v.request.include_usage,
             "shadow_decision": v.shadow_reason,
             "degraded": v.degraded,
+            "route": v.route,
+            "choices": v.request.choices,
         }
     )
     if v.degraded:
@@ -141,7 +167,7 @@ def answer_denied(d: Denied) -> auth_pb2.CheckResponse:
         denied_response=auth_pb2.DeniedHttpResponse(
             status=http_status_pb2.HttpStatus(code=d.status),  # type: ignore[arg-type]
             headers=headers,
-            body=error_body(d.message, type=d.type, code=d.code).decode(),
+            body=error_body(d.message, type=d.type, code=d.code, param=d.param).decode(),
         ),
     )
 
@@ -182,7 +208,19 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
         gauge = InflightGauge(ledger.add_inflight, interval_s=settings.inflight_sync_s)
         shedder = Shedder(gauge, settings)
         background.append(asyncio.create_task(gauge.run()))
-    service = AuthorizationService(Authorizer(ledger, cache, settings, shedder=shedder), settings)
+    parser = BodyParser(
+        workers=settings.authz_parse_workers, timeout_s=settings.authz_parse_timeout_s
+    )
+    parser.start()
+    authorizer = Authorizer(
+        ledger,
+        cache,
+        settings,
+        shedder=shedder,
+        names=ModelNames.from_settings(settings),
+        parser=parser,
+    )
+    service = AuthorizationService(authorizer, settings)
     address = f"{settings.authz_host}:{settings.authz_port}"
     try:
         async with grpc_server(
@@ -198,6 +236,7 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
             await wait_for_shutdown()
     finally:
         await stop_tasks(background)
+        parser.close()
         if shedder is not None:
             await shedder.gauge.flush()
         await ledger.close()

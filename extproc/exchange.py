@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,20 +20,31 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2 as pm
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from google.protobuf import wrappers_pb2
 
+from atlas.jsonbound import loads_bounded
 from atlas.ledger.protocol import Settlement
+from atlas.modelnames import ModelNames
 from atlas.pricing import PriceBook
-from atlas.requestbody import CHARS_PER_TOKEN, estimate_prompt_tokens
+from atlas.requestbody import CHARS_PER_TOKEN, estimate_prompt_tokens, lax_bool
 from extproc.sse import SSEDecoder
-from extproc.usage import Endpoint, StreamAccountant, Usage, endpoint_for_path, usage_from_json
+from extproc.usage import (
+    Endpoint,
+    JsonBodyAccountant,
+    StreamAccountant,
+    Usage,
+    endpoint_for_path,
+)
 
 AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"
 #: JSON responses up to this size are BUFFERED by Envoy (below its per-connection limit).
 MAX_BUFFERED_RESPONSE_BYTES = 4 << 20
-#: A JSON response is copied for counting up to this size; beyond, usage is estimated.
-MAX_COPIED_RESPONSE_BYTES = 16 << 20
+#: A JSON response up to this size is kept whole and parsed (with bounded work); beyond, only
+#: its usage object is kept (scanned for as it passes) or its bytes are the estimate.
+MAX_COPIED_RESPONSE_BYTES = 4 << 20
 #: Model names are client input; a header carries a bounded, printable one.
 MAX_MODEL_HEADER_CHARS = 256
 _FALSE = wrappers_pb2.BoolValue(value=False)
+#: Every exchange folds its model names through one bounded set, unless given its own.
+_DEFAULT_MODEL_NAMES = ModelNames()
 
 _CONTINUE_REQUEST_HEADERS = ep.ProcessingResponse(
     request_headers=ep.HeadersResponse(
@@ -47,11 +59,13 @@ _CONTINUE_SKIP_REQUEST_BODY = ep.ProcessingResponse()
 _CONTINUE_SKIP_REQUEST_BODY.CopyFrom(_CONTINUE_REQUEST_HEADERS)
 _CONTINUE_SKIP_REQUEST_BODY.mode_override.request_body_mode = pm.ProcessingMode.NONE
 # A non-streamed completion: neither its request body nor its response headers are needed;
-# the response body (small: bounded by max_tokens) is read whole. Two messages per request.
+# the response body is STREAMED past us: its size is unknown here, and BUFFERED over Envoy's
+# buffer limit fails the response (an empty 200 once the headers went out). A small body
+# still arrives as one message (the upstream's last data frame carries end_of_stream).
 _CONTINUE_BODY_ONLY = ep.ProcessingResponse()
 _CONTINUE_BODY_ONLY.CopyFrom(_CONTINUE_SKIP_REQUEST_BODY)
 _CONTINUE_BODY_ONLY.mode_override.response_header_mode = pm.ProcessingMode.SKIP
-_CONTINUE_BODY_ONLY.mode_override.response_body_mode = pm.ProcessingMode.BUFFERED
+_CONTINUE_BODY_ONLY.mode_override.response_body_mode = pm.ProcessingMode.STREAMED
 _PASS_REQUEST_BODY = ep.ProcessingResponse(request_body=ep.BodyResponse())
 _PASS_RESPONSE_BODY = ep.ProcessingResponse(response_body=ep.BodyResponse())
 _CLEAR_RESPONSE_BODY = ep.ProcessingResponse(
@@ -72,15 +86,16 @@ def _set(key: str, value: str) -> base_pb2.HeaderValueOption:
 
 
 _SMALL_RESPONSE_ENDPOINTS = (Endpoint.CHAT, Endpoint.COMPLETIONS, Endpoint.RESPONSES)
+_USAGE_INJECTED_ENDPOINTS = (Endpoint.CHAT, Endpoint.COMPLETIONS)
 
 
-def _is_error_body(body: bytes | bytearray) -> bool:
+def _is_error_body(body: bytes) -> bool:
     """An OpenAI-style error answer: `{"error": {...}}` (without usage)."""
-    head = bytes(body[:64]).lstrip()
+    head = body[:64].lstrip()
     if not head.startswith(b"{") or b'"error"' not in body[:4096]:
         return False
-    data = _json_object(bytes(body))
-    return data is not None and isinstance(data.get("error"), dict) and "usage" not in data
+    data = loads_bounded(body)
+    return isinstance(data, dict) and isinstance(data.get("error"), dict) and "usage" not in data
 
 
 def _header_safe(value: str) -> str:
@@ -88,33 +103,106 @@ def _header_safe(value: str) -> str:
     return "".join(c for c in value[:MAX_MODEL_HEADER_CHARS] if " " <= c <= "~")
 
 
-def _json_object(body: bytes) -> dict[str, Any] | None:
+# ---- request body rewrites by splicing ---------------------------------------------------
+# The body is never parsed and re-serialised: members are appended before the object's
+# closing brace, and JSON readers (Python's json, hence vLLM's pydantic models; authz too)
+# keep the last of duplicate keys. Work is linear in the body, whatever its shape, and any
+# string the client sent (a lone `\ud800` escape included) passes byte for byte.
+_JSON_BLANKS = b" \t\r\n"
+#: Bytes after a member's `{` read to decode a small object member (stream_options).
+_MEMBER_CAPTURE = 4096
+_DECODER = json.JSONDecoder()
+
+
+class _Key:
+    """Finds the last `"key":` member of a JSON text. Inside a JSON string every quote is
+    escaped, so only a real key (or a string value equal to it, which no colon follows) can
+    match; a memchr-speed rfind finds candidates, the regex confirms one."""
+
+    __slots__ = ("_needle", "_pattern")
+
+    def __init__(self, key: str, value_start: bytes = b"") -> None:
+        self._needle = b'"' + key.encode() + b'"'
+        self._pattern = re.compile(re.escape(self._needle) + rb"\s*:\s*" + re.escape(value_start))
+
+    def last(self, body: bytes) -> re.Match[bytes] | None:
+        i = len(body)
+        while (i := body.rfind(self._needle, 0, i)) >= 0:
+            m = self._pattern.match(body, i)
+            if m is not None:
+                return m
+        return None
+
+
+_STREAM_OPTIONS = _Key("stream_options", b"{")
+_MAX_COMPLETION_TOKENS = _Key("max_completion_tokens")
+
+
+def _utf8(body: bytes) -> bytes | None:
+    """`body` as UTF-8 (JSON may come as UTF-16/32, which json.loads and vLLM accept)."""
+    enc = json.detect_encoding(body)
+    if enc in ("utf-8", "utf-8-sig"):
+        return body
     try:
-        data = json.loads(body)
+        return body.decode(enc, "surrogatepass").encode("utf-8", "surrogatepass")
+    except (UnicodeError, LookupError):
+        return None
+
+
+def _append_members(body: bytes, members: list[tuple[str, object]]) -> bytes | None:
+    """The JSON object `body` with `members` appended (overriding earlier duplicates)."""
+    utf8 = _utf8(body)
+    if utf8 is None:
+        return None
+    end = _rstrip_at(utf8, len(utf8))
+    if end < 2 or utf8[end - 1] != _CLOSE_BRACE:
+        return None
+    inner = _rstrip_at(utf8, end - 1)
+    if inner == 0:
+        return None
+    # ensure_ascii: a client's lone surrogate in stream_options is written back escaped.
+    extra = ",".join(f"{json.dumps(k)}:{json.dumps(v, separators=(',', ':'))}" for k, v in members)
+    sep = b"" if utf8[inner - 1] == _OPEN_BRACE else b","
+    # One copy of the body, whatever its size.
+    return b"".join((memoryview(utf8)[:inner], sep, extra.encode(), memoryview(utf8)[end - 1 :]))
+
+
+_OPEN_BRACE, _CLOSE_BRACE = ord("{"), ord("}")
+
+
+def _rstrip_at(buf: bytes, end: int) -> int:
+    """Where `buf[:end]` ends without its trailing JSON blanks (no copy)."""
+    while end > 0 and buf[end - 1] in _JSON_BLANKS:
+        end -= 1
+    return end
+
+
+def _object_member(body: bytes, key: _Key) -> dict[str, Any] | None:
+    """The last (winning) small object member `key`, read from a bounded slice."""
+    last = key.last(body)
+    if last is None:
+        return None
+    brace = last.end() - 1
+    text = body[brace : brace + _MEMBER_CAPTURE].decode("utf-8", "replace")
+    try:
+        obj, _ = _DECODER.raw_decode(text)
     except (ValueError, RecursionError):
         return None
-    return data if isinstance(data, dict) else None
+    return obj if isinstance(obj, dict) else None
 
 
-def _json_completion_chars(body: bytes) -> int:
-    """Generated text in a JSON response without usage, for an estimate."""
-    try:
-        data = json.loads(body)
-    except (ValueError, RecursionError):
-        return 0
-    if not isinstance(data, dict):
-        return 0
-    chars = 0
-    for choice in data.get("choices") or []:
-        if isinstance(choice, dict):
-            msg = choice.get("message")
-            if isinstance(msg, dict) and isinstance(msg.get("content"), str):
-                chars += len(msg["content"])
-            if isinstance(choice.get("text"), str):
-                chars += len(choice["text"])
-    if isinstance(data.get("output_text"), str):
-        chars += len(data["output_text"])
-    return chars
+def _clamp_field(endpoint: Endpoint | None, body: bytes, data: dict[str, Any] | None) -> str:
+    """Where a request's per-choice completion limit goes, as the upstream reads it."""
+    if endpoint is Endpoint.RESPONSES:
+        return "max_output_tokens"
+    if endpoint is Endpoint.CHAT:
+        used = (
+            "max_completion_tokens" in data
+            if data is not None
+            else _MAX_COMPLETION_TOKENS.last(body) is not None
+        )
+        return "max_completion_tokens" if used else "max_tokens"
+    return "max_tokens"
 
 
 @dataclass(slots=True)
@@ -162,12 +250,19 @@ class Grant:
 
 class Exchange:
     def __init__(
-        self, *, route_by_model: bool = False, clock: Callable[[], float] = time.monotonic
+        self,
+        *,
+        route_by_model: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+        models: ModelNames | None = None,
     ) -> None:
         """:param route_by_model: tell Envoy the body's model (`x-atlas-model`) and have it
-        match routes again, for per-model upstream clusters."""
+        match routes again, for per-model upstream clusters.
+        :param models: folds the model name of the settlement (metric labels, Redis history)
+        into a bounded set."""
         self._route_by_model = route_by_model
         self._clock = clock
+        self._models = models if models is not None else _DEFAULT_MODEL_NAMES
         self.grant: Grant | None = None
         self.endpoint: Endpoint | None = None
         self.model = ""
@@ -179,14 +274,14 @@ class Exchange:
         self.headers_skipped = False  # response headers not sent to us (see _CONTINUE_BODY_ONLY)
         self.response_done = False
         self.usage: Usage | None = None
-        self.completion_chars = 0
+        #: Completion tokens to charge when no usage is reported.
+        self.completion_estimate = 0
         self.started_at = clock()
         self.first_chunk_at: float | None = None
         self.finished_at: float | None = None
         self._decoder: SSEDecoder | None = None
         self._accountant: StreamAccountant | None = None
-        self._json_body = bytearray()
-        self._json_overflow = False
+        self._json: JsonBodyAccountant | None = None
 
     # ---- request path ----------------------------------------------------------------
     def on_request_headers(self, headers: dict[str, str], metadata: dict[str, Any]) -> Any:
@@ -210,22 +305,40 @@ class Exchange:
         # trip less per request.
         if not g.stream and self.endpoint in _SMALL_RESPONSE_ENDPOINTS:
             self.headers_skipped = True
+            self._json = JsonBodyAccountant(MAX_COPIED_RESPONSE_BYTES)
             return _CONTINUE_BODY_ONLY
         return _CONTINUE_SKIP_REQUEST_BODY
 
     def on_request_body(self, body: bytes) -> Any:
-        """BUFFERED: the whole request body. Rewrites it only when Atlas must."""
-        if self.grant is None:
+        """BUFFERED: the whole request body. Rewrites it only when Atlas must, by splicing.
+
+        When authz parsed the body, its metadata says all we need and the body is not parsed
+        again; otherwise it is parsed with bounded work, and a body too costly to parse is
+        passed as it is (estimated by its size, settled from the response)."""
+        g = self.grant
+        if g is None:
             return _PASS_REQUEST_BODY
-        data = _json_object(body)
-        new: bytes | None = None
-        if data is not None:
-            if isinstance(data.get("model"), str):
-                self.model = data["model"]
-            self.prompt_estimate = estimate_prompt_tokens(data)
-            self.stream = data.get("stream") is True
-            if self._rewrite(data):
-                new = json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()
+        data: dict[str, Any] | None = None
+        include_usage = g.include_usage
+        if not g.body_parsed:
+            parsed = loads_bounded(body)
+            if isinstance(parsed, dict):
+                data = parsed
+                if isinstance(data.get("model"), str):
+                    self.model = data["model"]
+                self.prompt_estimate = estimate_prompt_tokens(data)
+                self.stream = lax_bool(data.get("stream")) is True
+                opts = data.get("stream_options")
+                include_usage = (
+                    isinstance(opts, dict) and lax_bool(opts.get("include_usage")) is True
+                )
+            else:
+                self.prompt_estimate = max(
+                    self.prompt_estimate, math.ceil(len(body) / CHARS_PER_TOKEN)
+                )
+        new = (
+            self._rewrite(body, data, include_usage) if data is not None or g.body_parsed else None
+        )
         if new is None and not self._route_by_model:
             return _PASS_REQUEST_BODY
         common = ep.CommonResponse()
@@ -242,29 +355,31 @@ class Exchange:
             common.clear_route_cache = True
         return ep.ProcessingResponse(request_body=ep.BodyResponse(response=common))
 
-    def _rewrite(self, data: dict[str, Any]) -> bool:
-        """Apply Atlas's request changes to `data`; whether anything changed."""
-        changed = False
-        opts = data.get("stream_options")
-        if (
-            self.stream
-            and self.endpoint in (Endpoint.CHAT, Endpoint.COMPLETIONS)
-            and not (isinstance(opts, dict) and opts.get("include_usage") is True)
-        ):
-            # Ask the upstream for exact usage; the extra chunk is stripped on the way back.
-            data["stream_options"] = {
-                **(opts if isinstance(opts, dict) else {}),
-                "include_usage": True,
-            }
-            self.injected_usage = True
-            changed = True
+    def _rewrite(
+        self, body: bytes, data: dict[str, Any] | None, include_usage: bool
+    ) -> bytes | None:
+        """`body` with Atlas's request changes, or None when it needs none (or is not an
+        object we can append to)."""
         assert self.grant is not None
+        members: list[tuple[str, object]] = []
+        inject = self.stream and self.endpoint in _USAGE_INJECTED_ENDPOINTS and not include_usage
+        if inject:
+            # Ask the upstream for exact usage; the extra chunk is stripped on the way back.
+            opts = data.get("stream_options") if data is not None else None
+            if data is None:
+                opts = _object_member(body, _STREAM_OPTIONS)
+            merged = {**(opts if isinstance(opts, dict) else {}), "include_usage": True}
+            members.append(("stream_options", merged))
         if self.grant.granted_completion is not None:
-            fields = ("max_completion_tokens", "max_tokens", "max_output_tokens")
-            field = next((f for f in fields if f in data), "max_tokens")
-            data[field] = self.grant.granted_completion
-            changed = True
-        return changed
+            # Per choice, as the upstream reads it (authz reserved for every choice).
+            field = _clamp_field(self.endpoint, body, data)
+            members.append((field, self.grant.granted_completion))
+        if not members:
+            return None
+        new = _append_members(body, members)
+        if new is not None and inject:
+            self.injected_usage = True
+        return new
 
     # ---- response path ---------------------------------------------------------------
     def on_response_headers(self, headers: dict[str, str], end_of_stream: bool) -> Any:
@@ -285,32 +400,18 @@ class Exchange:
             reply.mode_override.CopyFrom(_mode(pm.ProcessingMode.STREAMED))
         else:
             # A JSON body with a known, modest length is read whole (Envoy keeps its
-            # Content-Length); anything else streams past in chunks that we copy, since a
-            # body over Envoy's buffer limit in BUFFERED mode would fail the response.
+            # Content-Length); anything else streams past in chunks, since a body over
+            # Envoy's buffer limit in BUFFERED mode would fail the response.
             length = headers.get("content-length", "")
             small = length.isdigit() and int(length) <= MAX_BUFFERED_RESPONSE_BYTES
             mode = pm.ProcessingMode.BUFFERED if small else pm.ProcessingMode.STREAMED
+            self._json = JsonBodyAccountant(MAX_COPIED_RESPONSE_BYTES)
             reply.mode_override.CopyFrom(_mode(mode))
         return reply
 
     def on_response_body(self, body: bytes, end_of_stream: bool) -> Any:
         if self._decoder is None or self._accountant is None:
-            if len(self._json_body) + len(body) <= MAX_COPIED_RESPONSE_BYTES:
-                self._json_body += body
-            else:
-                self._json_overflow = True  # too big to parse: the estimate stands
-            if end_of_stream and self._json_overflow:
-                self.response_done = True
-                self._json_body.clear()
-            elif end_of_stream:
-                self.response_done = True
-                if self.headers_skipped and _is_error_body(self._json_body):
-                    self.status = 599  # no status seen: an OpenAI error body is the sign
-                self.usage = usage_from_json(bytes(self._json_body))
-                if self.usage is None:
-                    self.completion_chars = _json_completion_chars(bytes(self._json_body))
-                self._json_body.clear()
-            return _PASS_RESPONSE_BODY
+            return self._on_json_body(body, end_of_stream)
         if self.first_chunk_at is None and body:
             self.first_chunk_at = self._clock()
         events = self._decoder.feed(body)
@@ -325,7 +426,6 @@ class Exchange:
             if not (self.injected_usage and usage_only):
                 out.append(ev.raw)
         self.usage = acc.usage
-        self.completion_chars = acc.content_chars
         if not self.injected_usage:
             return _PASS_RESPONSE_BODY
         # Re-emit only whole events, so the usage chunk we caused can be cut out exactly;
@@ -340,6 +440,28 @@ class Exchange:
                 response=ep.CommonResponse(body_mutation=ep.BodyMutation(body=new))
             )
         )
+
+    def _on_json_body(self, body: bytes, end_of_stream: bool) -> Any:
+        if self._json is None:  # a body Envoy sends without our asking: count it all the same
+            self._json = JsonBodyAccountant(MAX_COPIED_RESPONSE_BYTES)
+        acc = self._json
+        acc.feed(body)
+        if end_of_stream:
+            self.response_done = True
+            whole = acc.body
+            if self.headers_skipped and whole is not None and _is_error_body(whole):
+                self.status = 599  # no status seen: an OpenAI error body is the sign
+            self.usage, self.completion_estimate = acc.result()
+            self._json = JsonBodyAccountant(0)  # frees the copy; a stray later chunk counts
+        return _PASS_RESPONSE_BODY
+
+    def _estimated_completion(self) -> int:
+        if self._accountant is not None:
+            return self._accountant.estimated_completion_tokens
+        if self._json is not None and self._json.bytes:
+            # Cut off before its end (client or upstream gone): what passed is the estimate.
+            return max(self.completion_estimate, self._json.result()[1])
+        return self.completion_estimate
 
     # ---- outcome -----------------------------------------------------------------------
     def settlement(self, prices: PriceBook | None = None) -> Settlement | None:
@@ -356,10 +478,10 @@ class Exchange:
         else:
             outcome = "completed" if self.response_done else "disconnected"
             prompt = self.prompt_estimate
-            completion = math.ceil(self.completion_chars / CHARS_PER_TOKEN)
+            completion = self._estimated_completion()
             exact = False
         prompt, completion = max(0, prompt), max(0, completion)
-        model = self.model or g.model
+        model = self._models.fold(self.model or g.model)
         return Settlement(
             key_id=g.key_id,
             reservation_id=g.reservation_id,

@@ -47,7 +47,8 @@ class Event:
     the spec would not dispatch it; ``event`` is None and ``data`` is empty.
     ``overflow``: part of a block larger than the decoder's ``max_event_size``; it was not parsed
     (``event`` None, ``data`` empty) and only ``raw`` is meaningful.  One oversized block may come
-    back as several overflow events; the last one ends with the block's blank line.
+    back as several overflow events; the last one ends with the block's blank line, every one
+    before it has ``continued=True``.
     ``truncated``: returned by ``flush()`` for trailing bytes that never got their blank line.
     """
 
@@ -57,6 +58,7 @@ class Event:
     comment: bool = False
     overflow: bool = False
     truncated: bool = False
+    continued: bool = False
 
 
 def _parse_block(raw: bytes, skip: int, cr: bool, truncated: bool) -> Event:
@@ -206,7 +208,8 @@ class SSEDecoder:
             return events
 
         if (self._discarding or n - pos > self._max) and n - pos > _TAIL:
-            events.append(Event(None, b"", bytes(buf[pos : n - _TAIL]), overflow=True))
+            part = bytes(buf[pos : n - _TAIL])
+            events.append(Event(None, b"", part, overflow=True, continued=True))
             pos = n - _TAIL
             self._discarding = True
             self._at_start = False

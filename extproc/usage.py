@@ -14,16 +14,20 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from atlas.jsonbound import loads_bounded
 from atlas.requestbody import CHARS_PER_TOKEN as _CHARS_PER_TOKEN
 from atlas.requestbody import estimate_prompt_tokens
 from extproc.sse import Event
 
 __all__ = [
     "Endpoint",
+    "JsonBodyAccountant",
     "StreamAccountant",
     "Usage",
     "endpoint_for_path",
     "estimate_prompt_tokens",
+    "json_completion_chars",
+    "scan_usage",
     "usage_from_json",
 ]
 
@@ -92,20 +96,167 @@ def _usage_from_obj(obj: object) -> Usage | None:
 
 
 def _loads(data: bytes | bytearray) -> object:
-    try:
-        return json.loads(data)
-    except (ValueError, RecursionError):
-        return None
+    return loads_bounded(data)
 
 
 def usage_from_json(body: bytes | bytearray) -> Usage | None:
-    """Usage of a non-streaming response body (chat, completions, embeddings, responses)."""
+    """Usage of a whole non-streaming response body (chat, completions, embeddings,
+    responses), parsed with bounded work; see `JsonBodyAccountant` for bodies of any size."""
     if not isinstance(body, bytes | bytearray) or b'"usage"' not in body:
         return None
     obj = _loads(body)
     if not isinstance(obj, dict):
         return None
     return _usage_from_obj(obj.get("usage"))
+
+
+#: Bytes after a `"usage":{` taken to decode its object (a usage object is ~300 bytes).
+_USAGE_CAPTURE = 4096
+#: `"usage":{` candidates tried per scan, from the last one back.
+_USAGE_TRIES = 8
+_DECODER = json.JSONDecoder()
+
+
+def _usage_at(buf: bytes | bytearray, brace: int) -> Usage | None:
+    """The usage object whose `{` is at `brace` in `buf`, read from a bounded slice."""
+    text = bytes(buf[brace : brace + _USAGE_CAPTURE]).decode("utf-8", "replace")
+    try:
+        obj, _ = _DECODER.raw_decode(text)
+    except (ValueError, RecursionError):
+        return None
+    return _usage_from_obj(obj)
+
+
+def scan_usage(buf: bytes | bytearray) -> Usage | None:
+    """The last decodable `"usage": {...}` object in `buf`, without parsing the rest.
+
+    Only a real object key can match (inside a JSON string every quote is escaped), so
+    generated text cannot forge one. Linear in `buf`; each candidate reads <= 4 KiB."""
+    starts = [m.end() - 1 for m in _USAGE_OBJECT.finditer(buf)]
+    for brace in reversed(starts[-_USAGE_TRIES:]):
+        usage = _usage_at(buf, brace)
+        if usage is not None:
+            return usage
+    return None
+
+
+def _text_len(value: object) -> int:
+    return len(value) if isinstance(value, str) else 0
+
+
+def _parts_text(parts: object) -> int:
+    if not isinstance(parts, list):
+        return 0
+    return sum(_text_len(p.get("text")) for p in parts if isinstance(p, dict))
+
+
+def json_completion_chars(obj: object) -> int:
+    """Generated text of a parsed JSON response (any endpoint), for an estimate without usage.
+
+    Chat: message ``content``, ``reasoning_content`` (else ``reasoning``), ``refusal``, tool
+    call ``arguments``; completions: choice ``text``; Responses: ``output[]`` message
+    ``content[].text``, reasoning ``summary[].text`` and ``content[].text``, function call
+    ``arguments``, custom tool call ``input`` (else the SDK-style ``output_text``)."""
+    if not isinstance(obj, dict):
+        return 0
+    chars = 0
+    choices = obj.get("choices")
+    for choice in choices if isinstance(choices, list) else ():
+        if not isinstance(choice, dict):
+            continue
+        chars += _text_len(choice.get("text"))
+        msg = choice.get("message")
+        if not isinstance(msg, dict):
+            continue
+        chars += _text_len(msg.get("content")) + _text_len(msg.get("refusal"))
+        chars += _text_len(msg.get("reasoning_content")) or _text_len(msg.get("reasoning"))
+        calls = msg.get("tool_calls")
+        for call in calls if isinstance(calls, list) else ():
+            fn = call.get("function") if isinstance(call, dict) else None
+            if isinstance(fn, dict):
+                chars += _text_len(fn.get("arguments"))
+    output = obj.get("output")
+    out_chars = 0
+    for item in output if isinstance(output, list) else ():
+        if not isinstance(item, dict):
+            continue
+        out_chars += _parts_text(item.get("content")) + _parts_text(item.get("summary"))
+        out_chars += _text_len(item.get("arguments")) + _text_len(item.get("input"))
+    return chars + (out_chars or _text_len(obj.get("output_text")))
+
+
+class JsonBodyAccountant:
+    """Follows a JSON (non-streamed) response body of any size, in bounded memory.
+
+    A body up to ``max_whole`` bytes is kept and parsed (with bounded work) once it is
+    complete. Every chunk is also scanned for ``"usage":{`` as it passes, so the usage of a
+    bigger body is still read (it sits at the end of the JSON); the last few candidates are
+    kept (<= 4 KiB each). Without usage, the estimate is the text of a parsed body, else a
+    regex scan of the kept body, else ``ceil(bytes / 4)`` of everything that passed: never 0
+    for a non-empty body we could not read.
+    """
+
+    __slots__ = ("_caps", "_carry", "_max", "_whole", "bytes", "overflowed")
+
+    def __init__(self, max_whole: int) -> None:
+        self._max = max_whole
+        self._whole = bytearray()
+        self.overflowed = False
+        self.bytes = 0
+        self._carry = b""
+        self._caps: list[bytearray] = []
+
+    def feed(self, chunk: bytes) -> None:
+        if not chunk:
+            return
+        self.bytes += len(chunk)
+        for cap in self._caps:
+            if len(cap) < _USAGE_CAPTURE:
+                cap += chunk[: _USAGE_CAPTURE - len(cap)]
+        if not self.overflowed:
+            if len(self._whole) + len(chunk) <= self._max:
+                self._whole += chunk
+                return
+            # Too big to keep: from here on only the usage candidates are.
+            self.overflowed = True
+            window, seen = bytes(self._whole) + chunk, 0
+            self._whole = bytearray()
+        else:
+            window, seen = self._carry + chunk, len(self._carry)
+        for m in _USAGE_OBJECT.finditer(window):
+            if m.end() <= seen:
+                continue  # matched in the previous chunk already
+            self._caps.append(bytearray(window[m.end() - 1 : m.end() - 1 + _USAGE_CAPTURE]))
+            del self._caps[:-_USAGE_TRIES]
+        # Enough for `"usage"`, blanks and `:{` straddling two chunks.
+        self._carry = window[-64:]
+
+    @property
+    def body(self) -> bytes | None:
+        """The whole body when it was small enough to keep."""
+        return None if self.overflowed else bytes(self._whole)
+
+    def result(self) -> tuple[Usage | None, int]:
+        """(usage, estimated completion tokens), once the body is complete."""
+        body = self.body
+        if body is not None:
+            obj = loads_bounded(body)
+            if isinstance(obj, dict):
+                usage = _usage_from_obj(obj.get("usage"))
+                return usage, _ceil_tokens(json_completion_chars(obj))
+            usage = scan_usage(body)
+            if usage is not None:
+                return usage, 0
+        for cap in reversed(self._caps):
+            usage = _usage_at(cap, 0)
+            if usage is not None:
+                return usage, 0
+        if body is not None:
+            chars = sum(_string_chars(m.group(2)) for m in _CHAT_TEXT.finditer(body))
+            chars += sum(_string_chars(m.group(1)) for m in _COMPLETIONS_TEXT.finditer(body))
+            if chars or not body.strip():
+                return None, _ceil_tokens(chars)
+        return None, _ceil_tokens(self.bytes)
 
 
 # The body of a JSON string literal, unrolled so matching stays linear on hostile input.
@@ -134,6 +285,20 @@ _RESPONSES_TEXT_DELTAS = frozenset(
 )
 # Every way a Responses stream ends; each carries the final `response` object with its usage.
 _RESPONSES_TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
+
+
+#: What is kept of an event over the decoder's limit: its first bytes name its type, its
+#: last bytes hold a terminal event's usage (Responses: `response.usage` ends the object).
+_OVERFLOW_HEAD = 4096
+_OVERFLOW_TAIL = 64 << 10
+_EVENT_FIELD = re.compile(rb"^event:[ ]?([^\r\n]*)", re.MULTILINE)
+
+
+def _overflow_event_type(head: bytes) -> str | None:
+    """The type of an oversized event from its first bytes: its `event:` field, else the
+    `"type"` its data starts with."""
+    m = _EVENT_FIELD.search(head) or _TYPE.search(head)
+    return m.group(1).decode("utf-8", "replace") if m else None
 
 
 def _string_chars(literal: bytes) -> int:
@@ -166,10 +331,26 @@ class StreamAccountant:
     ``reasoning_content`` or else ``reasoning``, ``refusal``, tool-call ``arguments``;
     completions ``text``; responses text ``*.delta`` events), the basis of
     ``estimated_completion_tokens`` when no usage arrives.
+    ``content_chunks``: events that carried generated text (vLLM sends one token per chunk).
     ``saw_done``: ``data: [DONE]`` or a terminal Responses event (completed/incomplete/failed).
+
+    An event over the decoder's size limit arrives as ``overflow`` parts: its first bytes (for
+    the event type) and last 64 KiB (where a terminal event's usage sits) are kept and read
+    when the block ends; its bytes count as generated text unless it is a Responses event
+    that repeats text already counted.
     """
 
-    __slots__ = ("_chat", "_endpoint", "content_chars", "saw_done", "usage")
+    __slots__ = (
+        "_chat",
+        "_endpoint",
+        "_ov_bytes",
+        "_ov_head",
+        "_ov_tail",
+        "content_chars",
+        "content_chunks",
+        "saw_done",
+        "usage",
+    )
 
     def __init__(self, endpoint: Endpoint) -> None:
         self._endpoint = endpoint
@@ -177,12 +358,17 @@ class StreamAccountant:
         self._chat = endpoint is not Endpoint.COMPLETIONS
         self.usage: Usage | None = None
         self.content_chars = 0
+        self.content_chunks = 0
         self.saw_done = False
+        self._ov_head = b""
+        self._ov_tail = b""
+        self._ov_bytes = 0
 
     @property
     def estimated_completion_tokens(self) -> int:
-        """``ceil(content_chars / 4)``."""
-        return _ceil_tokens(self.content_chars)
+        """``max(content_chunks, ceil(content_chars / 4))``: at least one token per chunk of
+        text, since upstreams stream one token (or more) per chunk."""
+        return max(self.content_chunks, _ceil_tokens(self.content_chars))
 
     def observe(self, ev: Event) -> bool:
         """Account for `ev`; True when it is a usage-only chunk the caller may strip.
@@ -191,7 +377,10 @@ class StreamAccountant:
         ``choices`` is ``[]``, null or absent: it carries nothing but the usage that
         ``stream_options.include_usage`` asked for.
         """
-        if ev.comment or ev.overflow:
+        if ev.overflow:
+            self._observe_overflow(ev)
+            return False
+        if ev.comment:
             return False
         data = ev.data
         if _is_done(data):
@@ -213,10 +402,39 @@ class StreamAccountant:
         choices = obj.get("choices")
         return choices is None or choices == []
 
+    def _observe_overflow(self, ev: Event) -> None:
+        raw = ev.raw
+        if self._ov_bytes < _OVERFLOW_HEAD:
+            self._ov_head += raw[: _OVERFLOW_HEAD - self._ov_bytes]
+        self._ov_bytes += len(raw)
+        tail = self._ov_tail + raw if len(raw) < _OVERFLOW_TAIL else raw
+        self._ov_tail = tail[-_OVERFLOW_TAIL:]
+        if ev.continued:
+            return
+        head, tail, size = self._ov_head, self._ov_tail, self._ov_bytes
+        self._ov_head, self._ov_tail, self._ov_bytes = b"", b"", 0
+        usage = scan_usage(tail)
+        event_type = _overflow_event_type(head)
+        if self._endpoint is Endpoint.RESPONSES:
+            if event_type in _RESPONSES_TERMINAL:
+                self.saw_done = True
+            elif event_type in _RESPONSES_TEXT_DELTAS:
+                self.content_chars += size
+                self.content_chunks += 1
+        else:
+            # Chat/completions: too big to read, so all of it counts as text (conservative).
+            self.content_chars += size
+            self.content_chunks += 1
+        if usage is not None:
+            self.usage = usage
+
     def _count_text(self, data: bytes) -> None:
         if not self._chat:
+            before = self.content_chars
             for m in _COMPLETIONS_TEXT.finditer(data):
                 self.content_chars += _string_chars(m.group(1))
+            if self.content_chars != before:
+                self.content_chunks += 1
             return
         chars = 0
         reasoning = 0
@@ -234,7 +452,9 @@ class StreamAccountant:
             chars += n
         if not has_reasoning_content:
             chars += reasoning
-        self.content_chars += chars
+        if chars:
+            self.content_chars += chars
+            self.content_chunks += 1
 
     def _observe_responses(self, event_type: str | None, data: bytes) -> None:
         if event_type is None:
@@ -245,7 +465,10 @@ class StreamAccountant:
         if event_type in _RESPONSES_TEXT_DELTAS:
             d = _DELTA_TEXT.search(data)
             if d is not None:
-                self.content_chars += _string_chars(d.group(1))
+                n = _string_chars(d.group(1))
+                if n:
+                    self.content_chars += n
+                    self.content_chunks += 1
         elif event_type in _RESPONSES_TERMINAL:
             self.saw_done = True
             obj = _loads(data)

@@ -20,20 +20,28 @@ from authz.server import serve
 
 
 def check_request(
-    secret: str | None, body: dict[str, Any] | None = None, **headers: str
+    secret: str | None,
+    body: dict[str, Any] | None = None,
+    *,
+    raw: bytes | None = None,
+    path: str = "/v1/chat/completions",
+    method: str = "POST",
+    **headers: str,
 ) -> auth_pb2.CheckRequest:
-    h = {":path": "/v1/chat/completions", ":method": "POST", **headers}
+    h = {":path": path, ":method": method, **headers}
     if secret is not None:
         h["authorization"] = f"Bearer {secret}"
-    raw = json.dumps(
-        body or {"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": "hello"}]}
-    ).encode()
+    if raw is None:
+        raw = json.dumps(
+            body
+            or {"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": "hello"}]}
+        ).encode()
     return auth_pb2.CheckRequest(
         attributes=ac.AttributeContext(
             request=ac.AttributeContext.Request(
                 http=ac.AttributeContext.HttpRequest(
-                    method="POST",
-                    path="/v1/chat/completions",
+                    method=method,
+                    path=path,
                     raw_body=raw,
                     header_map=base_pb2.HeaderMap(
                         headers=[

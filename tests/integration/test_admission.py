@@ -168,6 +168,7 @@ async def test_reservation_ttl_reap_and_late_settlement(
     try:
         rec = key()
         a = await short.admit(rec, req("r1", 10, 90))
+        assert await short.lease({rec.id: ["r1"]}) == 1  # an ext_proc stream claimed it
         assert await short.reap(rec.id) == (0, 0)  # not expired yet
         deadline = time.monotonic() + 5
         while (reaped := await short.reap(rec.id)) == (0, 0):
@@ -213,6 +214,7 @@ async def test_invariants_under_concurrency(
     # The rest are never settled: the reaper charges their reservations and reserved drops to 0.
     reaper = RedisLedger.from_settings(settings.model_copy(update={"reservation_ttl_s": 1}))
     try:
+        assert await reaper.lease({rec.id: [rid for rid, _ in left_open]}) == 50  # streams seen
         redis_sync.zadd(
             keys.reservation_expiry(rec.id), {rid: 0 for rid, _ in left_open}
         )  # expire them now

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import subprocess
 import threading
 import time
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from pydantic import SecretStr
 
 from atlas.keymodel import KeyRecord
 from atlas.ledger.redis import RedisLedger
@@ -158,3 +160,92 @@ async def test_global_shedding_by_priority(
         while redis_sync.get("atlas:{g}:inflight") != "1200":
             assert time.monotonic() < deadline, redis_sync.get("atlas:{g}:inflight")
             await asyncio.sleep(0.02)
+
+
+async def test_client_headers_never_reach_the_upstream_raw(
+    settings: Settings, ledger: RedisLedger
+) -> None:
+    await ledger.create_key(key())
+    sent = {
+        "x-request-priority": "high",
+        "x_atlas_key_id": "key_forged",
+        "X-Atlas-Key-Id": "key_forged",
+        "x-atlas-priority": "critical",
+        "X_Atlas_Whatever": "1",
+        "api-key": SECRET,
+        "x-api-key": SECRET,
+    }
+    async with running_authz(settings) as stub:
+        resp = await stub.Check(check_request(SECRET, **sent))
+    ok = resp.ok_response
+    removed = set(ok.headers_to_remove)
+    assert {
+        "x-request-priority",
+        "x_atlas_key_id",
+        "x_atlas_whatever",
+        "api-key",
+        "x-api-key",
+    } <= removed
+    assert "authorization" in removed
+    set_ = {o.header.key: o.header.value for o in ok.headers}
+    assert set_["x-atlas-key-id"] == "key_i" and set_["x-atlas-priority"] == "high"
+    assert not removed & set(set_)  # Envoy removes after it sets: never remove ours
+
+
+async def test_upstream_credential_replaces_every_client_key_header(
+    settings: Settings, ledger: RedisLedger
+) -> None:
+    await ledger.create_key(key())
+    own = settings.model_copy(
+        update={"strip_client_key": False, "upstream_api_key": SecretStr("sk-upstream")}
+    )
+    async with running_authz(own) as stub:
+        resp = await stub.Check(check_request(None, **{"api-key": SECRET, "x-api-key": SECRET}))
+    assert {"api-key", "x-api-key"} <= set(resp.ok_response.headers_to_remove)
+    set_ = {o.header.key: o.header.value for o in resp.ok_response.headers}
+    assert set_["authorization"] == "Bearer sk-upstream"
+
+
+async def test_complex_bodies_parse_off_the_event_loop(
+    settings: Settings, ledger: RedisLedger
+) -> None:
+    """Prose with many commas parses in the pool; 8 MB of tiny arrays is refused unparsed;
+    a body the pool cannot finish in time is a 400; other keys are answered meanwhile."""
+    await ledger.create_key(key())
+    prose = ("a, " * 100_000)[:-2]  # 100k commas: over the inline bound, cheap to parse
+    legit = json.dumps(
+        {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": prose}]}
+    ).encode()
+    huge = b'{"model":"m","messages":[' + b"[]," * 2_600_000 + b"[]]}"  # ~8 MB, 5.2M values
+    slow = b'{"model":"m","messages":[' + b"[]," * 400_000 + b"[]]}"  # under the pool bound
+    async with running_authz(settings) as stub:
+        ok = await stub.Check(check_request(SECRET, raw=legit))
+        assert status_of(ok) == 200
+        assert ok.dynamic_metadata["prompt_estimate"] == len(prose) // 4 + 1
+        refused = await stub.Check(check_request(SECRET, raw=huge))
+        assert status_of(refused) == 400
+        assert json.loads(refused.denied_response.body)["error"]["code"] == "body_too_complex"
+    hurried = settings.model_copy(update={"authz_parse_timeout_s": 0.001})
+    async with running_authz(hurried) as stub:
+        attack = asyncio.ensure_future(stub.Check(check_request(SECRET, raw=slow)))
+        victims = [await stub.Check(check_request(SECRET)) for _ in range(5)]
+        assert [status_of(v) for v in victims] == [200] * 5
+        timed_out = await attack
+    assert status_of(timed_out) == 400
+    assert json.loads(timed_out.denied_response.body)["error"]["code"] == "body_too_complex"
+
+
+async def test_unknown_endpoints_are_404_through_the_service(
+    settings: Settings, ledger: RedisLedger
+) -> None:
+    await ledger.create_key(key())
+    async with running_authz(settings) as stub:
+        r = await stub.Check(check_request(SECRET, path="/v1/batches"))
+        assert status_of(r) == 404
+        err = json.loads(r.denied_response.body)["error"]
+        assert (err["type"], err["code"]) == ("invalid_request_error", "unknown_endpoint")
+        r = await stub.Check(check_request(SECRET, raw=b'{"max_tokens": "x"}'))
+        assert status_of(r) == 400
+        assert json.loads(r.denied_response.body)["error"]["param"] == "max_tokens"
+        r = await stub.Check(check_request(SECRET, raw=b"", path="/v1/models", method="GET"))
+        assert status_of(r) == 200 and r.dynamic_metadata["reserved"] == 0

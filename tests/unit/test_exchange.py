@@ -68,7 +68,7 @@ def test_client_options_are_kept_and_unchanged_bodies_pass() -> None:
 
 
 def test_hostile_request_bodies_pass_through() -> None:
-    for body in (b"\xff\xfe", b"[1]", b'{"stream": "yes"}', b"{" * 10_000):
+    for body in (b"\xff\xfe", b"[1]", b'{"stream": "maybe"}', b"{" * 10_000):
         ex = Exchange()
         ex.on_request_headers({":path": "/v1/chat/completions"}, GRANT)
         assert body_of(ex.on_request_body(body), "request_body") is None
@@ -162,3 +162,248 @@ def test_route_by_model_sets_the_header_and_clears_the_route_cache() -> None:
     assert common.clear_route_cache
     (hdr,) = common.header_mutation.set_headers
     assert (hdr.header.key, hdr.header.raw_value) == ("x-atlas-model", b"llama-3-8b")
+
+
+# ---- request rewrites by splicing (items 4, 8, 16 of issue 11) --------------------------
+PARSED = {**GRANT, "body_parsed": True}
+
+
+def rewritten(body: bytes, grant: dict[str, Any], path: str = "/v1/chat/completions") -> bytes:
+    ex = Exchange()
+    ex.on_request_headers({":path": path}, grant)
+    new = body_of(ex.on_request_body(body), "request_body")
+    assert new is not None
+    return new
+
+
+def test_include_usage_is_spliced_in_and_strings_pass_byte_for_byte() -> None:
+    # A lone surrogate escape made json.dumps(ensure_ascii=False).encode() throw: the usage
+    # was never asked for and the stream was estimated.
+    body = b'{"model":"m","stream":true,"messages":[{"role":"user","content":"\\ud800 x"}]} \n'
+    ex = Exchange()
+    ex.on_request_headers({":path": "/v1/chat/completions"}, {**PARSED, "stream": True})
+    new = body_of(ex.on_request_body(body), "request_body")
+    assert new is not None and ex.injected_usage
+    assert new.startswith(body.rstrip()[:-1])  # the client's bytes, untouched
+    assert json.loads(new)["stream_options"] == {"include_usage": True}
+    assert json.loads(new)["messages"][0]["content"] == "\ud800 x"
+
+
+def test_client_stream_options_are_kept_and_overridden_last() -> None:
+    body = b'{"stream":1,"stream_options":{"continuous_usage_stats":true,"include_usage":false}}'
+    for grant in ({**PARSED, "stream": True}, GRANT):  # authz parsed it, or extproc did
+        new = rewritten(body, grant)
+        assert json.loads(new)["stream_options"] == {
+            "continuous_usage_stats": True,
+            "include_usage": True,
+        }
+
+
+def test_clamp_writes_the_field_the_upstream_reads_per_endpoint() -> None:
+    cases = [
+        ("/v1/chat/completions", b'{"max_completion_tokens":500,"n":3}', "max_completion_tokens"),
+        ("/v1/chat/completions", b'{"max_tokens":"4096","n":3}', "max_tokens"),
+        ("/v1/chat/completions", b"{}", "max_tokens"),
+        ("/v1/completions", b'{"max_tokens":500,"prompt":"p"}', "max_tokens"),
+        ("/v1/responses", b'{"max_output_tokens":500,"input":"i"}', "max_output_tokens"),
+        ("/v1/responses", b'{"input":"i"}', "max_output_tokens"),
+    ]
+    for path, body, field in cases:
+        for grant in (PARSED, GRANT):
+            new = json.loads(rewritten(body, {**grant, "granted_completion": 7}, path))
+            assert new[field] == 7, (path, body)  # per choice: n is the upstream's business
+            others = {"max_tokens", "max_completion_tokens", "max_output_tokens"} - {field}
+            assert all(new.get(f) != 7 for f in others), (path, body)
+
+
+def test_utf16_bodies_are_rewritten_too() -> None:
+    body = '{"max_tokens": 500, "messages": []}'.encode("utf-16")
+    assert json.loads(rewritten(body, {**PARSED, "granted_completion": 7}))["max_tokens"] == 7
+
+
+def test_pathological_body_is_not_parsed_and_is_estimated_by_size() -> None:
+    body = b'{"messages":' + b"[]," * 1_000_000 + b"[]}"  # ~3 MB of tiny arrays
+    ex = Exchange()
+    ex.on_request_headers({":path": "/v1/chat/completions"}, GRANT)
+    assert body_of(ex.on_request_body(body), "request_body") is None
+    assert ex.prompt_estimate == -(-len(body) // 4)
+
+
+def test_a_parsed_body_is_not_parsed_again(monkeypatch: Any) -> None:
+    import extproc.exchange as exchange
+
+    def boom(*_: object, **__: object) -> None:
+        raise AssertionError("parsed")
+
+    monkeypatch.setattr(exchange, "loads_bounded", boom)
+    monkeypatch.setattr(exchange.json, "loads", boom)
+    new = rewritten(b'{"stream":true}', {**PARSED, "stream": True})
+    assert new == b'{"stream":true,"stream_options":{"include_usage":true}}'
+
+
+# ---- JSON responses of any size (items 2 and 9) ------------------------------------------
+def json_exchange(path: str = "/v1/chat/completions", length: int | None = None) -> Exchange:
+    ex = started(path=path)
+    headers = {":status": "200", "content-type": "application/json"}
+    if length is not None:
+        headers["content-length"] = str(length)
+    ex.on_response_headers(headers, False)
+    return ex
+
+
+def feed(ex: Exchange, body: bytes, chunk: int = 1 << 16, eos: bool = True) -> None:
+    for i in range(0, len(body), chunk):
+        ex.on_response_body(body[i : i + chunk], False)
+    if eos:
+        ex.on_response_body(b"", True)
+
+
+def big_completion(chars: int, usage: bool = True) -> bytes:
+    obj: dict[str, Any] = {
+        "id": "c",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "x" * chars}}],
+    }
+    if usage:
+        obj["usage"] = {"prompt_tokens": 3, "completion_tokens": chars // 4, "total_tokens": 0}
+        obj["usage"]["total_tokens"] = 3 + chars // 4
+    obj["prompt_logprobs"] = None
+    return json.dumps(obj).encode()
+
+
+def test_usage_of_a_json_body_of_any_size_is_read() -> None:
+    for chars in (100, 4 << 20, 18_000_000):
+        for chunk in (1 << 14, 1 << 20):
+            ex = json_exchange()
+            feed(ex, big_completion(chars), chunk)
+            s = ex.settlement()
+            assert s is not None and s.exact, chars
+            assert (s.prompt_tokens, s.completion_tokens) == (3, chars // 4)
+
+
+def test_json_body_without_usage_is_estimated_never_zero() -> None:
+    for chars in (400, 18_000_000):
+        ex = json_exchange()
+        body = big_completion(chars, usage=False)
+        feed(ex, body)
+        s = ex.settlement()
+        assert s is not None and not s.exact
+        assert chars // 4 <= s.completion_tokens <= -(-len(body) // 4)
+
+
+def test_json_body_cut_off_is_charged_what_passed() -> None:
+    body = big_completion(8_000_000)
+    ex = json_exchange()
+    feed(ex, body[: len(body) // 2], eos=False)
+    s = ex.settlement()
+    assert s is not None and s.outcome == "disconnected"
+    assert s.completion_tokens >= len(body) // 2 // 4 - 100
+
+
+def test_pathological_json_response_is_not_parsed_and_still_counted() -> None:
+    body = b'{"choices":[{"message":{"content":"hello world!"}}],"x":' + b"[]," * 200_000 + b"[]"
+    body += b',"usage":{"prompt_tokens":2,"completion_tokens":3,"total_tokens":5}}'
+    ex = json_exchange()
+    feed(ex, body)
+    s = ex.settlement()
+    assert s is not None and s.exact and s.completion_tokens == 3
+
+
+def test_responses_json_without_usage_is_estimated_from_its_output() -> None:
+    body = {
+        "object": "response",
+        "output": [
+            {"type": "reasoning", "summary": [{"type": "summary_text", "text": "t" * 40}]},
+            {"type": "function_call", "arguments": '{"a":"' + "b" * 34 + '"}'},
+            {"type": "message", "content": [{"type": "output_text", "text": "w" * 400}]},
+        ],
+        "usage": None,
+    }
+    ex = json_exchange("/v1/responses", length=2000)
+    feed(ex, json.dumps(body).encode())
+    s = ex.settlement()
+    assert s is not None and not s.exact and s.completion_tokens == (40 + 42 + 400 + 3) // 4
+
+
+def test_body_only_path_streams_the_response_body() -> None:
+    # Its size is unknown when the response headers are skipped: BUFFERED over Envoy's limit
+    # would fail the response.
+    reply = Exchange().on_request_headers({":path": "/v1/chat/completions"}, PARSED)
+    assert reply.mode_override.response_header_mode == pm.ProcessingMode.SKIP
+    assert reply.mode_override.response_body_mode == pm.ProcessingMode.STREAMED
+
+
+# ---- streams that hang up or overflow (item 8) -------------------------------------------
+def test_hang_up_right_after_finish_reason_is_charged_at_least_a_token_per_chunk() -> None:
+    raw = (STREAMS / "openai_chat_usage.sse").read_bytes()
+    cut = raw.index(b'"finish_reason":"stop"')
+    cut = raw.index(b"\n\n", cut) + 2
+    ex = started({"stream": True, "messages": []})
+    ex.on_response_headers({":status": "200", "content-type": "text/event-stream"}, False)
+    ex.on_response_body(raw[:cut], False)
+    s = ex.settlement()
+    assert s is not None and s.outcome == "disconnected" and not s.exact
+    assert s.completion_tokens >= 9  # 9 chunks of text (the upstream counted 10 tokens)
+
+
+def test_responses_terminal_event_over_the_decoder_limit_still_settles_exactly() -> None:
+    text = "w" * (3 << 20)
+    final = {
+        "type": "response.completed",
+        "response": {
+            "output": [{"type": "message", "content": [{"type": "output_text", "text": text}]}],
+            "usage": {"input_tokens": 4, "output_tokens": len(text) // 4, "total_tokens": 0},
+            "metadata": {},
+        },
+    }
+    final["response"]["usage"]["total_tokens"] = 4 + len(text) // 4  # type: ignore[index]
+    stream = b"event: response.completed\ndata: " + json.dumps(final).encode() + b"\n\n"
+    ex = started(path="/v1/responses")
+    ex.on_response_headers({":status": "200", "content-type": "text/event-stream"}, False)
+    feed(ex, stream, 1 << 16)
+    s = ex.settlement()
+    assert s is not None and s.exact and s.completion_tokens == len(text) // 4
+
+
+# ---- bounded model names (item 10) -------------------------------------------------------
+async def test_a_thousand_model_names_make_at_most_max_tracked_plus_two_labels() -> None:
+    from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+    from google.protobuf import struct_pb2
+
+    from atlas import metrics
+    from atlas.modelnames import ModelNames
+    from extproc.server import ExternalProcessor, Settler
+    from tests.unit.fakes import FakeLedger
+
+    ledger = FakeLedger()
+    settler = Settler(ledger)
+    processor = ExternalProcessor(settler, models=ModelNames(max_tracked=10))
+    key_id = "key_cardinality"
+
+    async def one(i: int) -> None:
+        md = struct_pb2.Struct()
+        md.update({**GRANT, "key_id": key_id, "reservation_id": f"r{i}", "model": f"m{i}"})
+        req = ep.ProcessingRequest()
+        req.request_headers.headers.headers.add(key=":path", raw_value=b"/v1/chat/completions")
+        req.metadata_context.filter_metadata["envoy.filters.http.ext_authz"].CopyFrom(md)
+        bodies = [req, ep.ProcessingRequest()]
+        bodies[1].response_headers.end_of_stream = True
+
+        async def messages() -> Any:
+            for m in bodies:
+                yield m
+
+        async for _ in processor.Process(messages(), None):
+            pass
+
+    for i in range(1000):
+        await one(i)
+    await settler.drain()
+    assert len(ledger.settlements) == 1000
+    assert len({s.model for s in ledger.settlements}) <= 10 + 2
+    labels = {
+        sample.labels["model"]
+        for family in metrics.REQUESTS.collect()
+        for sample in family.samples
+        if sample.labels.get("key_id") == key_id
+    }
+    assert 0 < len(labels) <= 10 + 2

@@ -8,6 +8,7 @@ import pytest
 
 from atlas.errors import Denied
 from atlas.keymodel import KeyRecord
+from atlas.modelnames import ModelNames
 from atlas.settings import Settings
 from authz.keycache import KeyCache
 from authz.policy import Authorizer, CheckInput, bearer_token, ratelimit_headers
@@ -162,3 +163,148 @@ async def test_key_cache_hits_and_invalidation(fake: FakeLedger) -> None:
     now[0] += timedelta(seconds=31).total_seconds()
     await cache.get(key.secret_hash)
     assert lookups == 5
+
+
+def raw_inp(body: bytes, path: str = "/v1/chat/completions", **kw: Any) -> CheckInput:
+    h = {"authorization": f"Bearer {SECRET}", **kw.pop("headers", {})}
+    return CheckInput(headers=h, path=path, body=body, body_complete=True, **kw)
+
+
+async def refused(a: Authorizer, request: CheckInput) -> Denied:
+    with pytest.raises(Denied) as info:
+        await a.check(request)
+    return info.value
+
+
+async def test_partial_body_is_refused_413_never_admitted_at_a_guess(fake: FakeLedger) -> None:
+    a = authorizer(fake, make_key(models=["m"]))
+    head = b'{"model":"m","max_tokens":10,"messages":[{"role":"user","content":"' + b"x" * 500
+    d = await refused(
+        a,
+        CheckInput(
+            {"authorization": f"Bearer {SECRET}"}, "/v1/completions", head, False, body_size=4 << 20
+        ),
+    )
+    assert (d.status, d.code, d.type) == (413, "request_too_large", "invalid_request_error")
+    assert fake.admits == []
+
+
+async def test_completions_reserve_every_prompt_and_choice(fake: FakeLedger) -> None:
+    a = authorizer(fake, make_key(daily_limit=10**9))
+    prompts = json.dumps(["x" * 40] * 128)
+    body = f'{{"model":"m","prompt":{prompts},"n":5,"max_tokens":200}}'.encode()
+    await a.check(raw_inp(body, "/v1/completions"))
+    req = fake.admits[-1]
+    assert (req.prompt_tokens, req.completion_tokens, req.choices) == (1280, 128_000, 640)
+    # Without max_tokens the default reservation is per choice too.
+    await a.check(raw_inp(b'{"model":"m","prompt":["a","b"],"n":3}', "/v1/completions"))
+    assert (fake.admits[-1].completion_tokens, fake.admits[-1].choices) == (2000 * 6, 6)
+
+
+async def test_numbers_out_of_bounds_are_400_and_never_reach_the_ledger(
+    fake: FakeLedger,
+) -> None:
+    a = authorizer(fake, make_key())
+    for body, param in (
+        (b'{"model":"m","max_tokens":100000000000000,"prompt":"x"}', "max_tokens"),
+        (b'{"model":"m","n":1000,"prompt":"x"}', "n"),
+        (b'{"model":"m","stream":"maybe","prompt":"x"}', "stream"),
+    ):
+        d = await refused(a, raw_inp(body))
+        assert (d.status, d.type, d.param) == (400, "invalid_request_error", param)
+    assert fake.admits == []
+    await a.check(raw_inp(b'{"model":"m","max_tokens":"40","n":2.0,"stream":1,"prompt":"x"}'))
+    assert fake.admits[-1].completion_tokens == 80
+
+
+async def test_only_accounted_endpoints_are_forwarded(fake: FakeLedger) -> None:
+    a = authorizer(fake, make_key(models=["m"]))
+    for method, path in (
+        ("POST", "/v1/batches"),
+        ("POST", "/v1/images/generations"),
+        ("DELETE", "/v1/files/x"),
+        ("POST", "/v1/realtime/sessions"),
+        ("GET", "/v1/chat/completions"),
+        ("POST", "/v1/Chat/Completions"),
+        ("POST", "/v1/chat/completions/"),
+    ):
+        d = await refused(a, raw_inp(b"{}", path, method=method))
+        assert (d.status, d.code, d.type) == (404, "unknown_endpoint", "invalid_request_error")
+    for path in (
+        "/v1/chat/completions/../batches",
+        "/v1/chat/completions/%2e%2e/batches",
+        "/v1/chat%2Fcompletions",
+        "/v1//chat/completions",
+        "/v1/./chat/completions",
+        "/v1/chat\\completions",
+    ):
+        assert (await refused(a, raw_inp(b"{}", path))).status == 400, path
+    assert fake.admits == []
+    body = b'{"model":"m","max_tokens":1,"prompt":"x"}'
+    v = await a.check(raw_inp(body, "/v1/chat/completions?api-version=1"))
+    assert v.route == "chat"
+    # GET /v1/models: rate limited (one admit), nothing reserved, no model to check.
+    v = await a.check(raw_inp(b"", "/v1/models", method="GET"))
+    req = fake.admits[-1]
+    assert (v.route, req.prompt_tokens, req.completion_tokens, req.model) == (
+        "models",
+        0,
+        0,
+        "models",
+    )
+    await a.check(raw_inp(b"", "/v1/models/m", method="GET"))
+    # Embeddings generate nothing: only the prompt is reserved.
+    await a.check(raw_inp(b'{"model":"m","input":"abcdefgh"}', "/v1/embeddings"))
+    assert (fake.admits[-1].prompt_tokens, fake.admits[-1].completion_tokens) == (2, 0)
+
+
+async def test_extra_endpoints_are_admitted_under_the_request_limit(fake: FakeLedger) -> None:
+    a = authorizer(fake, make_key(), extra_endpoints=["POST /v1/images/*", "* /v1/files/*"])
+    for method, path in (("POST", "/v1/images/generations"), ("DELETE", "/v1/files/f-1")):
+        v = await a.check(raw_inp(b"{}", path, method=method))
+        assert v.route == "extra"
+        assert (fake.admits[-1].prompt_tokens, fake.admits[-1].completion_tokens) == (0, 0)
+    assert (await refused(a, raw_inp(b"{}", "/v1/batches"))).status == 404
+    assert (await refused(a, raw_inp(b"{}", "/v1/files/%2e%2e/batches"))).status == 400
+    fake.next_admission = admission(False, "rate_limit_requests", retry_after_ms=500)
+    d = await refused(a, raw_inp(b"{}", "/v1/images/edits"))
+    assert (d.status, d.code) == (429, "rate_limit_exceeded")
+
+
+def test_extra_endpoints_setting_is_validated() -> None:
+    with pytest.raises(ValueError, match="METHOD /path"):
+        Settings(extra_endpoints=["/v1/batches"])
+    with pytest.raises(ValueError, match="METHOD /path"):
+        Settings(extra_endpoints=["POST v1/batches"])
+
+
+async def test_api_key_header_carries_the_key(fake: FakeLedger) -> None:
+    assert bearer_token({"api-key": " k "}) == "k"
+    a = authorizer(fake, make_key())
+    body = b'{"model":"m","max_tokens":1,"prompt":"x"}'
+    req = CheckInput({"api-key": SECRET}, "/v1/chat/completions", body, True)
+    assert (await a.check(req)).key is not None
+
+
+async def test_model_is_folded_for_the_ledger_but_checked_by_its_real_name(
+    fake: FakeLedger,
+) -> None:
+    names = ModelNames(["m"], max_tracked=0)
+    key = make_key(models=["m", "private-7b"])
+    fake.keys[key.secret_hash] = key
+    a = Authorizer(fake, KeyCache(fake.find_key, ttl_s=30), Settings(), names=names)
+    await a.check(raw_inp(b'{"model":"private-7b","max_tokens":1,"prompt":"x"}'))
+    await a.check(raw_inp(b'{"model":"m","max_tokens":1,"prompt":"x"}'))
+    assert [r.model for r in fake.admits] == ["other", "m"]
+    d = await refused(a, raw_inp(b'{"model":"other","max_tokens":1,"prompt":"x"}'))
+    assert d.code == "model_not_allowed"
+
+
+async def test_bodies_too_complex_for_the_loop_are_refused_without_a_pool(
+    fake: FakeLedger,
+) -> None:
+    a = authorizer(fake, make_key())
+    body = b'{"model":"m","messages":[' + b"[]," * 60_000 + b"[]]}"
+    d = await refused(a, raw_inp(body))
+    assert (d.status, d.code) == (400, "body_too_complex")
+    assert fake.admits == []

@@ -450,3 +450,13 @@ def test_small_max_size_keeps_raw_and_bounds_memory(
     for e in events:
         if not e.overflow:
             assert len(e.raw) <= max_size
+
+
+def test_oversized_block_parts_say_whether_more_follow() -> None:
+    block = b"data: " + b"x" * 100 + b"\n\n"
+    for cuts in ([], [10], [10, 50, 90], list(range(1, len(block)))):
+        events = decode(split_at(block + b"data: y\n\n", cuts), max_event_size=32)
+        parts = [e for e in events if e.overflow]
+        assert b"".join(e.raw for e in parts) == block
+        assert [e.continued for e in parts] == [True] * (len(parts) - 1) + [False]
+        assert events[-1].data == b"y" and not events[-1].continued

@@ -41,10 +41,10 @@ class Expected:
 
 # Mirrors tests/data/streams/README.md.
 EXPECTED: dict[str, Expected] = {
-    "openai_chat_usage.sse": Expected(Endpoint.CHAT, Usage(19, 10, 29), 32, 8, True, 1),
-    "openai_chat_no_usage.sse": Expected(Endpoint.CHAT, None, 32, 8, True, 0),
+    "openai_chat_usage.sse": Expected(Endpoint.CHAT, Usage(19, 10, 29), 32, 9, True, 1),
+    "openai_chat_no_usage.sse": Expected(Endpoint.CHAT, None, 32, 9, True, 0),
     "openai_chat_tool_calls.sse": Expected(Endpoint.CHAT, Usage(81, 15, 96), 28, 7, True, 1),
-    "vllm_chat_usage_final_chunk.sse": Expected(Endpoint.CHAT, Usage(9, 12, 21), 31, 8, True, 0),
+    "vllm_chat_usage_final_chunk.sse": Expected(Endpoint.CHAT, Usage(9, 12, 21), 31, 9, True, 0),
     "vllm_chat_continuous_usage.sse": Expected(Endpoint.CHAT, Usage(12, 4, 16), 13, 4, True, 1),
     "chat_crlf.sse": Expected(Endpoint.CHAT, Usage(23, 9, 32), 24, 6, True, 1),
     "chat_cr_only.sse": Expected(Endpoint.CHAT, Usage(7, 3, 10), 21, 6, True, 0),
@@ -52,7 +52,7 @@ EXPECTED: dict[str, Expected] = {
     "chat_multiline_data.sse": Expected(Endpoint.CHAT, Usage(11, 8, 19), 26, 7, True, 1),
     "chat_truncated.sse": Expected(Endpoint.CHAT, None, 14, 4, False, 0),
     "openai_completions.sse": Expected(Endpoint.COMPLETIONS, Usage(5, 16, 21), 33, 9, True, 1),
-    "openai_responses.sse": Expected(Endpoint.RESPONSES, Usage(24, 8, 32), 20, 5, True, 0),
+    "openai_responses.sse": Expected(Endpoint.RESPONSES, Usage(24, 8, 32), 20, 7, True, 0),
 }
 
 Outcome = tuple[Usage | None, int, int, bool, list[bytes]]
@@ -332,12 +332,14 @@ def test_done_on_completions_and_not_on_lookalikes() -> None:
     assert acc.saw_done
 
 
-def test_comment_and_overflow_events_are_ignored() -> None:
+def test_comments_are_ignored_and_oversized_chat_events_count_as_text() -> None:
     acc = StreamAccountant(Endpoint.CHAT)
     assert acc.observe(Event(None, b"", b": ping\n\n", comment=True)) is False
+    assert acc.content_chars == 0
+    # Too big to parse: never a usage-only chunk, never [DONE]; all of it counts as text.
     assert acc.observe(Event(None, b"", b"data: [DONE]", overflow=True)) is False
     assert not acc.saw_done
-    assert acc.content_chars == 0
+    assert acc.content_chars == len(b"data: [DONE]")
 
 
 def test_truncated_event_is_still_read() -> None:
@@ -360,15 +362,20 @@ def chars_of(endpoint: Endpoint, events: Iterable[Event]) -> int:
     return acc.content_chars
 
 
-def test_estimate_is_ceil_of_quarter_chars() -> None:
+def test_estimate_is_ceil_of_quarter_chars_and_at_least_one_per_text_chunk() -> None:
     acc = StreamAccountant(Endpoint.CHAT)
     assert acc.estimated_completion_tokens == 0
-    acc.observe(delta({"content": "a"}))
-    assert acc.estimated_completion_tokens == 1
-    acc.observe(delta({"content": "bcd"}))
-    assert acc.estimated_completion_tokens == 1
-    acc.observe(delta({"content": "e"}))
-    assert acc.estimated_completion_tokens == 2
+    acc.observe(delta({"content": "abcdefghijkl"}))
+    assert acc.estimated_completion_tokens == 3
+    acc.observe(delta({"content": "m"}))
+    assert acc.estimated_completion_tokens == 4
+    acc.observe(delta({"content": ""}))  # no text: not a token
+    acc.observe(delta({"role": "assistant"}))
+    assert (acc.content_chunks, acc.estimated_completion_tokens) == (2, 4)
+    # vLLM streams one token per chunk: single-character tokens are not ceil(chars / 4).
+    for _ in range(10):
+        acc.observe(delta({"content": "x"}))
+    assert (acc.content_chunks, acc.estimated_completion_tokens) == (12, 12)
 
 
 def test_chat_counts_decoded_characters() -> None:
@@ -776,3 +783,34 @@ def test_estimate_prompt_tokens_never_raises(value: object) -> None:
         n = estimate_prompt_tokens(body)  # type: ignore[arg-type]
         assert type(n) is int
         assert n >= 0
+
+
+# --- oversized events and JSON bodies of any size (issue 11, items 2 and 8) ------------------
+
+
+def test_oversized_chat_event_is_scanned_for_usage_and_counted_as_text() -> None:
+    big = {**CHUNK, "choices": [{"index": 0, "delta": {"content": "z" * 50_000}}]}
+    big["usage"] = {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
+    stream = b"data: " + json.dumps(big).encode() + b"\n\ndata: [DONE]\n\n"
+    dec = SSEDecoder(max_event_size=4096)
+    acc = StreamAccountant(Endpoint.CHAT)
+    for i in range(0, len(stream), 1000):
+        for ev in dec.feed(stream[i : i + 1000]):
+            assert acc.observe(ev) is False  # never stripped
+    assert acc.usage == Usage(1, 2, 3) and acc.saw_done
+    assert acc.content_chars >= 50_000 and acc.content_chunks == 1
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 4096, 1 << 20])
+def test_json_body_accountant_finds_usage_across_chunks_in_bounded_memory(chunk: int) -> None:
+    from extproc.usage import JsonBodyAccountant
+
+    body = (
+        b'{"choices":[{"text":"' + b"a" * 20_000 + b'"}],"usage" : {"prompt_tokens":5,'
+        b'"completion_tokens":6,"total_tokens":11},"prompt_logprobs":[' + b"1," * 9_000 + b"1]}"
+    )
+    acc = JsonBodyAccountant(max_whole=1024)
+    for i in range(0, len(body), chunk):
+        acc.feed(body[i : i + chunk])
+    assert acc.body is None and acc.bytes == len(body)
+    assert acc.result() == (Usage(5, 6, 11), 0)
