@@ -30,7 +30,7 @@ test-unit: $(STAMP) ## unit tests only (no sockets)
 
 lint: $(STAMP) ## ruff
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check . || true
+	$(BIN)/ruff format --check .
 
 bench: $(STAMP) ## benchmarks: bare Envoy vs Envoy+Atlas, writes docs/benchmarks.md
 	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)

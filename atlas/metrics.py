@@ -67,8 +67,17 @@ EXTPROC_MESSAGES = Counter(
 JOURNAL = Counter(
     "atlas_journal_settlements_total",
     "Settlements journaled on disk while Redis was unreachable, by event",
-    ["event"],  # written | replayed | dropped
+    ["event"],  # written | replayed | dropped | rejected (unsettleable, kept aside)
 )
 REAPED = Counter(
     "atlas_reaped_reservations_total", "Reservations settled by the reaper (never settled)"
+)
+ABANDONED = Counter(
+    "atlas_abandoned_reservations_total",
+    "Reaped reservations no ext_proc stream claimed (never reached the upstream), charged 0",
+)
+LEASES = Counter(
+    "atlas_reservation_leases_total",
+    "Reservation claims and renewals written for live ext_proc streams",
+    ["op"],  # claim | renew
 )

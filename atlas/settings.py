@@ -21,6 +21,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from atlas.errors import ConfigError
+from atlas.limits import ENVOY_HEADROOM_BYTES
 from atlas.pricing import ModelPrice
 
 Priority = Literal["low", "normal", "high", "critical"]
@@ -159,6 +160,21 @@ class Settings(BaseSettings):
     upstream_api_key: SecretStr | None = Field(
         None, description="Credential sent upstream as `Authorization: Bearer` instead"
     )
+    extra_endpoints: list[str] = Field(
+        default_factory=list,
+        description='More endpoints to forward, JSON list of "METHOD /path" (`*` globs), e.g.'
+        ' ["POST /v1/images/*"]; rate limited per key, no tokens reserved',
+    )
+    authz_parse_workers: int = Field(
+        1,
+        ge=0,
+        le=64,
+        description="Processes that parse request bodies too complex to parse on authz's event"
+        " loop (0 = refuse such bodies with 400)",
+    )
+    authz_parse_timeout_s: float = Field(
+        0.3, gt=0, description="A body not parsed within this is refused (400), seconds"
+    )
 
     model_prices: dict[str, ModelPrice] = Field(
         default_factory=dict,
@@ -190,6 +206,11 @@ class Settings(BaseSettings):
     # --- accounting -----------------------------------------------------------------------
     reservation_ttl_s: int = Field(
         600, ge=1, description="A reservation not settled after this is reaped, seconds"
+    )
+    claim_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="A reservation no ext_proc stream claims within this is released, charged 0, s",
     )
     window_utc_offset_min: int = Field(
         0, ge=-14 * 60, le=14 * 60, description="Offset of quota day/month windows from UTC, min"
@@ -227,6 +248,18 @@ class Settings(BaseSettings):
                 raise ValueError(f"{model}: not http(s) URLs: {bad}")
         return v
 
+    @field_validator("extra_endpoints")
+    @classmethod
+    def _endpoint_specs(cls, v: list[str]) -> list[str]:
+        bad = [
+            e
+            for e in v
+            if len(e.split()) != 2 or not e.split()[1].startswith("/") or e.split()[0] == "/"
+        ]
+        if bad:
+            raise ValueError(f'each entry must be "METHOD /path", got: {bad}')
+        return v
+
     @field_validator("upstream")
     @classmethod
     def _upstream_url(cls, v: str | None) -> str | None:
@@ -236,10 +269,11 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _bodies_fit_grpc(self) -> Settings:
-        if self.grpc_max_message_bytes <= self.max_request_bytes:
+        if self.grpc_max_message_bytes < self.max_request_bytes + ENVOY_HEADROOM_BYTES:
             raise ValueError(
-                "grpc_max_message_bytes must exceed max_request_bytes: extproc receives "
-                "whole request bodies in one gRPC message"
+                "grpc_max_message_bytes must be at least max_request_bytes + "
+                f"{ENVOY_HEADROOM_BYTES}: authz and extproc receive whole request bodies "
+                "(with their headers) in one gRPC message"
             )
         return self
 

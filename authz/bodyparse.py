@@ -22,7 +22,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import ctypes
 import multiprocessing
+import signal
 from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
 
@@ -33,6 +35,16 @@ from atlas.requestbody import LLMRequest, parse_llm_request
 #: Beyond this many JSON values no LLM request is plausible (a 1M-token prompt of token ids
 #: is ~7 MB); parsing 1M tiny arrays takes ~0.4 s even in the pool: refused at once.
 MAX_POOL_STRUCTURE = 1_000_000
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _worker_init() -> None:
+    """A pool process dies with authz, even when authz is SIGKILLed (no orphans)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    import atlas.requestbody  # noqa: F401  (imported once per process, not per body)
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[[], None]) -> None:
@@ -69,10 +81,13 @@ class BodyParser:
 
     def _executor(self) -> concurrent.futures.ProcessPoolExecutor:
         if self._pool is None:
-            # forkserver: forking a process that runs gRPC threads is unsafe.
-            ctx = multiprocessing.get_context("forkserver")
-            ctx.set_forkserver_preload(["atlas.requestbody"])
-            self._pool = concurrent.futures.ProcessPoolExecutor(self._workers, mp_context=ctx)
+            # spawn: forking a process that runs gRPC threads is unsafe, and a forkserver
+            # (with its workers) outlived a killed authz; spawned workers are authz's own
+            # children and die with it.
+            ctx = multiprocessing.get_context("spawn")
+            self._pool = concurrent.futures.ProcessPoolExecutor(
+                self._workers, mp_context=ctx, initializer=_worker_init
+            )
         return self._pool
 
     def start(self) -> None:

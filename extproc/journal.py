@@ -3,6 +3,9 @@
 An append-only JSON-lines file, bounded in size. Settling is idempotent by reservation id, so
 a replay after a crash, or of an entry the ledger already has, changes nothing. Replayed
 after the reaper charged a reservation, a settlement corrects that charge (`late`).
+
+An entry the ledger can never take (unreadable, or numbers out of bounds) must not block the
+entries after it: replay moves it to a `.rejected` side file, counts and logs it, and goes on.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from pathlib import Path
 
 from atlas import metrics
 from atlas.errors import LedgerUnavailable
-from atlas.ledger.protocol import Settlement, SettleResult
+from atlas.ledger.protocol import LedgerInputError, Settlement, SettleResult
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +64,23 @@ class SettlementJournal:
         return True
 
     def entries(self) -> list[Settlement]:
-        return _read(self._path) + _read(self._replaying)
+        return [s for path in (self._path, self._replaying) for _, s in _read(path) if s]
 
     @property
     def _replaying(self) -> Path:
         return self._path.with_suffix(".replaying")
+
+    @property
+    def rejected_path(self) -> Path:
+        """Entries replay could not settle, kept for an operator (JSON lines with a reason)."""
+        return self._path.with_suffix(".rejected")
+
+    def _reject(self, line: bytes, reason: str) -> None:
+        metrics.JOURNAL.labels(event="rejected").inc()
+        log.error("journal entry rejected (%s): %r", reason, line[:200])
+        record = {"reason": reason[:500], "line": line.decode("utf-8", "replace")}
+        with self.rejected_path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record, separators=(",", ":")) + "\n")
 
     async def replay(self, settle: Callable[[Settlement], Awaitable[SettleResult]]) -> int:
         """Settle every entry; those that still fail go back to the journal. Returns how many
@@ -78,14 +93,20 @@ class SettlementJournal:
             os.replace(self._path, work)
         pending = _read(work)
         done = 0
-        for i, s in enumerate(pending):
+        for i, (line, s) in enumerate(pending):
+            if s is None:
+                self._reject(line, "unreadable")
+                continue
             try:
                 await settle(s)
                 done += 1
             except LedgerUnavailable:
-                for rest in pending[i:]:
-                    self.append(rest)
+                for _, rest in pending[i:]:
+                    if rest is not None:
+                        self.append(rest)
                 break
+            except LedgerInputError as exc:
+                self._reject(line, str(exc))
         work.unlink(missing_ok=True)
         metrics.JOURNAL.labels(event="replayed").inc(done)
         if done:
@@ -93,15 +114,18 @@ class SettlementJournal:
         return done
 
 
-def _read(path: Path) -> list[Settlement]:
+def _read(path: Path) -> list[tuple[bytes, Settlement | None]]:
+    """Each line with its settlement, or None when it does not parse as one."""
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
         return []
-    out = []
+    out: list[tuple[bytes, Settlement | None]] = []
     for line in raw.splitlines():
+        if not line.strip():
+            continue
         try:
-            out.append(Settlement(**json.loads(line)))
-        except (ValueError, TypeError):
-            log.error("unreadable journal line skipped: %r", line[:200])
+            out.append((line, Settlement(**json.loads(line))))
+        except (ValueError, TypeError, RecursionError):
+            out.append((line, None))
     return out

@@ -1,7 +1,10 @@
 """Settles reservations whose stream never settled (extproc crashed, a gRPC stream was lost).
 
 One extproc replica at a time reaps (a lease in Redis); each pass walks every key in
-pipelined batches and runs `reap.lua`, which only touches reservations past their TTL.
+pipelined batches and runs `reap.lua`, which only touches reservations past their deadline:
+unclaimed ones (no ext_proc stream ever saw the request) are released and charged 0, claimed
+ones charged what they reserved. A key whose script fails is reported and skipped; the
+other keys are still reaped.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+from dataclasses import astuple
 
 from atlas import metrics
 from atlas.errors import LedgerUnavailable
@@ -41,25 +45,34 @@ class Reaper:
         """One pass, or None when another replica holds the lease."""
         if not await self._ledger.try_lock("reaper", self._owner, int(self._interval_s * 1000)):
             return None
-        reaped = charged = released = 0
+        total = ReapTotals(0, 0, 0)
         offset = 0
         while True:
             ids = await self._ledger.list_key_ids(offset, KEYS_PER_ROUND_TRIP)
             if not ids:
                 break
             t = await self._ledger.reap_keys(ids, charge=self._charge)
-            reaped, charged, released = (
-                reaped + t.reaped,
-                charged + t.charged,
-                released + t.released,
-            )
+            total = ReapTotals(*(a + b for a, b in zip(astuple(total), astuple(t), strict=True)))
             offset += len(ids)
-        if reaped:
-            log.warning("reaped %d unsettled reservations (%d tokens charged)", reaped, charged)
-            metrics.REAPED.inc(reaped)
+        if total.reaped:
+            log.warning(
+                "reaped %d unsettled reservations (%d abandoned; %d tokens charged)",
+                total.reaped,
+                total.abandoned,
+                total.charged,
+            )
+            metrics.REAPED.inc(total.reaped)
+            metrics.ABANDONED.inc(total.abandoned)
             if self._inflight is not None:
-                self._inflight.add(-released)
-        return ReapTotals(reaped, charged, released)
+                self._inflight.add(-total.released)
+        if total.failed_keys or total.malformed:
+            metrics.LEDGER_ERRORS.labels(service="extproc", op="reap_key").inc(total.failed_keys)
+            log.error(
+                "reaper: %d keys failed, %d malformed reservations removed",
+                total.failed_keys,
+                total.malformed,
+            )
+        return total
 
     async def run(self) -> None:
         while True:

@@ -23,12 +23,14 @@ from atlas import metrics
 from atlas.errors import LedgerUnavailable
 from atlas.grpc_service import grpc_server, stop_tasks, wait_for_shutdown
 from atlas.inflight import InflightGauge
-from atlas.ledger.protocol import Ledger, Settlement
+from atlas.ledger.protocol import Ledger, LedgerInputError, Settlement
 from atlas.ledger.redis import RedisLedger
+from atlas.modelnames import ModelNames
 from atlas.pricing import PriceBook
 from atlas.settings import Settings
 from extproc.exchange import AUTHZ_NAMESPACE, Exchange
 from extproc.journal import SettlementJournal
+from extproc.leases import LeaseKeeper
 from extproc.reaper import Reaper
 
 log = logging.getLogger("atlas.extproc")
@@ -95,9 +97,17 @@ class Settler:
                     return
                 await self._sleep(delay)
                 delay *= 4
+            except LedgerInputError as exc:
+                # Numbers no ledger takes (beyond atlas.limits): retrying or journaling cannot
+                # help. The claimed reservation is no longer renewed: the reaper charges it.
+                metrics.SETTLEMENTS.labels(
+                    outcome=s.outcome, source="exact" if s.exact else "estimated", status="rejected"
+                ).inc()
+                log.error("settle %s rejected, left to the reaper: %s", s.reservation_id, exc)
+                return
         if (
             self._inflight is not None
-            and result.status == "settled"
+            and result.status in ("settled", "malformed")
             and ex.grant is not None
             and not ex.grant.degraded
         ):
@@ -137,11 +147,19 @@ _PASS_THROUGH: dict[str, Callable[[], Any]] = {
 
 class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
     def __init__(
-        self, settler: Settler, prices: PriceBook | None = None, *, route_by_model: bool = False
+        self,
+        settler: Settler,
+        prices: PriceBook | None = None,
+        *,
+        route_by_model: bool = False,
+        leases: LeaseKeeper | None = None,
+        models: ModelNames | None = None,
     ) -> None:
         self._settler = settler
         self._prices = prices
         self._route_by_model = route_by_model
+        self._leases = leases
+        self._models = models if models is not None else ModelNames()  # bounded label values
 
     @staticmethod
     def _handle(ex: Exchange, req: ep.ProcessingRequest, kind: str | None) -> Any:
@@ -167,7 +185,7 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
     async def Process(
         self, request_iterator: AsyncIterator[ep.ProcessingRequest], context: Any
     ) -> AsyncIterator[ep.ProcessingResponse]:
-        ex = Exchange(route_by_model=self._route_by_model)
+        ex = Exchange(route_by_model=self._route_by_model, models=self._models)
         try:
             async for req in request_iterator:
                 kind = req.WhichOneof("request")
@@ -180,12 +198,19 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
                     log.exception("extproc could not process %s; passing it through", kind)
                     metrics.DECISIONS.labels(service="extproc", decision="error").inc()
                     reply = ep.ProcessingResponse(**{kind: _PASS_THROUGH[kind]()})
+                if kind == "request_headers" and self._leases is not None:
+                    g = ex.grant
+                    if g is not None and not g.degraded:  # degraded: nothing was reserved
+                        # The request reached us: claim its reservation (batched, no I/O).
+                        self._leases.claim(g.key_id, g.reservation_id)
                 yield reply
         finally:
             # Reached on normal end, on half-close without end_of_stream and on cancellation.
             settlement = ex.settlement(self._prices)
             if settlement is not None:
                 self._settler.submit(settlement, ex)
+            if self._leases is not None and ex.grant is not None:
+                self._leases.release(ex.grant.key_id, ex.grant.reservation_id)
             if ex.first_chunk_at is not None:
                 metrics.TIME_TO_FIRST_TOKEN.observe(ex.first_chunk_at - ex.started_at)
 
@@ -241,9 +266,15 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
         inflight=inflight,
     )
     background.append(asyncio.create_task(reaper.run()))
+    leases = LeaseKeeper(ledger, ttl_s=settings.reservation_ttl_s)
+    background.append(asyncio.create_task(leases.run()))
     background.append(asyncio.create_task(_flush_history_forever(ledger)))
     processor = ExternalProcessor(
-        settler, PriceBook(settings.model_prices), route_by_model=bool(settings.model_routes)
+        settler,
+        PriceBook(settings.model_prices),
+        route_by_model=bool(settings.model_routes),
+        models=ModelNames.from_settings(settings),
+        leases=leases,
     )
     address = f"{settings.extproc_host}:{settings.extproc_port}"
     try:

@@ -65,6 +65,12 @@ def reservation_expiry(key_id: str) -> str:
     return tag(key_id) + "resv:exp"
 
 
+def reservation_claims(key_id: str) -> str:
+    """Set of rids an ext_proc stream has claimed (the request reached Envoy's upstream side);
+    an expired reservation outside it was abandoned before any stream saw it."""
+    return tag(key_id) + "resv:claimed"
+
+
 def window_prefix(key_id: str) -> str:
     """Prefix for `d:<YYYYMMDD>`, `m:<YYYYMM>`, `h:<YYYYMMDDHH>` and `done:<rid>` keys."""
     return tag(key_id)

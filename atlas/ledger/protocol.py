@@ -6,8 +6,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from atlas import limits
 from atlas.keymodel import KeyRecord
 from atlas.settings import Priority
+
+#: Completions one request may generate (`n` x `best_of` x prompts), at most.
+MAX_REQUEST_CHOICES = limits.MAX_CHOICES * limits.MAX_CHOICES * limits.MAX_PROMPTS
+#: Reservation ids and key ids are ours (short tokens); anything longer is not.
+MAX_ID_CHARS = 128
+
+
+class LedgerInputError(ValueError):
+    """A number or id handed to the ledger is outside `atlas.limits` bounds (or a script
+    refused its input). Nothing was written; retrying the same input cannot succeed."""
 
 
 @dataclass(slots=True, frozen=True)
@@ -21,6 +32,9 @@ class AdmitRequest:
     shadow: bool = False
     clamp: bool = False
     cost_micros: int = 0  # price of the estimate (monthly budgets)
+    #: completions the request generates (n x best_of x prompts); with clamp, the granted
+    #: max_tokens is per choice and `completion_tokens` is the total over all choices.
+    choices: int = 1
 
 
 @dataclass(slots=True, frozen=True)
@@ -59,7 +73,7 @@ class Settlement:
 
 @dataclass(slots=True, frozen=True)
 class SettleResult:
-    status: str  # settled | duplicate | late | unreserved
+    status: str  # settled | duplicate | late | unreserved | malformed
     charged: int
     refunded: int
 
@@ -82,6 +96,9 @@ class ReapTotals:
     reaped: int  # reservations settled by the reaper
     charged: int  # tokens charged for them
     released: int  # tokens they had reserved
+    abandoned: int = 0  # of those, never claimed by an ext_proc stream (charged 0)
+    failed_keys: int = 0  # keys whose reap script failed (the others were still reaped)
+    malformed: int = 0  # unreadable reservation entries removed
 
 
 @dataclass(slots=True, frozen=True)
@@ -122,3 +139,45 @@ class Ledger(Protocol):
     async def reap(self, key_id: str, *, charge: bool = True) -> tuple[int, int]: ...
 
     async def usage(self, rec: KeyRecord) -> KeyUsage: ...
+
+
+def _check(name: str, value: object, low: int, high: int) -> None:
+    if type(value) is not int or not low <= value <= high:
+        raise LedgerInputError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+
+
+def _check_id(name: str, value: object) -> None:
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_ID_CHARS:
+        raise LedgerInputError(f"{name} must be 1..{MAX_ID_CHARS} characters")
+
+
+def check_admit(req: AdmitRequest) -> None:
+    """Bounds of an admission (Lua numbers are doubles: exact and printable only this far).
+
+    :raises LedgerInputError: naming the field.
+    """
+    _check_id("reservation_id", req.reservation_id)
+    _check("prompt_tokens", req.prompt_tokens, 0, limits.MAX_RESERVATION_TOKENS)
+    _check("completion_tokens", req.completion_tokens, 0, limits.MAX_RESERVATION_TOKENS)
+    _check(
+        "prompt_tokens + completion_tokens",
+        req.prompt_tokens + req.completion_tokens,
+        0,
+        limits.MAX_RESERVATION_TOKENS,
+    )
+    _check("choices", req.choices, 1, MAX_REQUEST_CHOICES)
+    _check("cost_micros", req.cost_micros, 0, limits.MAX_BUDGET_USD * 1_000_000)
+    if not 0 < req.ceiling <= 1:
+        raise LedgerInputError(f"ceiling must be in (0, 1], got {req.ceiling!r}")
+
+
+def check_settlement(s: Settlement) -> None:
+    """Bounds of a settlement (usage beyond one request's bound is not believable).
+
+    :raises LedgerInputError: naming the field.
+    """
+    _check_id("key_id", s.key_id)
+    _check_id("reservation_id", s.reservation_id)
+    _check("prompt_tokens", s.prompt_tokens, 0, limits.MAX_RESERVATION_TOKENS)
+    _check("completion_tokens", s.completion_tokens, 0, limits.MAX_RESERVATION_TOKENS)
+    _check("cost_micros", s.cost_micros, 0, limits.MAX_BUDGET_USD * 1_000_000)

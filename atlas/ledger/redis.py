@@ -9,14 +9,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from importlib import resources
 from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
+from atlas import limits
 from atlas.errors import LedgerUnavailable
 from atlas.keymodel import KeyRecord
 from atlas.ledger import keys
@@ -25,10 +26,13 @@ from atlas.ledger.protocol import (
     AdmitRequest,
     HourRow,
     KeyUsage,
+    LedgerInputError,
     ReapTotals,
     Settlement,
     SettleResult,
     Window,
+    check_admit,
+    check_settlement,
 )
 from atlas.pricing import MICROS_PER_USD
 from atlas.settings import Settings
@@ -73,7 +77,32 @@ def connect(settings: Settings) -> Any:
 
 
 def _reap_keys(key_id: str) -> list[str]:
-    return [keys.reservations(key_id), keys.reservation_expiry(key_id), keys.window_prefix(key_id)]
+    return [
+        keys.reservations(key_id),
+        keys.reservation_expiry(key_id),
+        keys.window_prefix(key_id),
+        keys.reservation_claims(key_id),
+    ]
+
+
+def _lease_keys(key_id: str) -> list[str]:
+    return [
+        keys.reservations(key_id),
+        keys.reservation_expiry(key_id),
+        keys.reservation_claims(key_id),
+    ]
+
+
+def _script_error(exc: BaseException) -> bool:
+    """A script that ran and failed on its input (Redis prefixes the place `@user_script`),
+    as opposed to a server that cannot answer now (BUSY, LOADING, READONLY, ...): retrying
+    the same call cannot help, so it must not be retried or journaled forever."""
+    text = str(exc)
+    return (
+        isinstance(exc, ResponseError)
+        and "user_script" in text
+        and not text.startswith(("BUSY", "NOSCRIPT"))
+    )
 
 
 class RedisLedger:
@@ -91,10 +120,12 @@ class RedisLedger:
         self._slots = asyncio.Semaphore(settings.redis_max_connections) if self._cluster else None
         self._tz_s = settings.window_utc_offset_min * 60
         self._ttl_ms = settings.reservation_ttl_s * 1000
+        self._claim_ms = round(settings.claim_timeout_s * 1000)
         self._hist_ttl_s = settings.history_days * 86400
         self._admit = client.register_script(_load_script("admit"))
         self._settle = client.register_script(_load_script("settle"))
         self._reap = client.register_script(_load_script("reap"))
+        self._lease = client.register_script(_load_script("lease"))
 
     @classmethod
     def from_settings(cls, settings: Settings, *, buffer_history: bool = False) -> RedisLedger:
@@ -118,6 +149,10 @@ class RedisLedger:
                 # retries them: a script could run twice.
                 await self._r.initialize()
             return await fn()
+        except ResponseError as exc:
+            if _script_error(exc):
+                raise LedgerInputError(f"{what}: {exc}") from exc
+            raise LedgerUnavailable(f"{what}: {exc}") from exc
         # RedisClusterException is no RedisError: "cannot be connected", SlotNotCoveredError.
         except (TimeoutError, RedisError, RedisClusterException, OSError) as exc:
             raise LedgerUnavailable(f"{what}: {exc}") from exc
@@ -217,6 +252,8 @@ class RedisLedger:
 
     # ---- admission and settlement ------------------------------------------------------
     async def admit(self, rec: KeyRecord, req: AdmitRequest) -> Admission:
+        """:raises LedgerInputError: a number of `req` outside `atlas.limits` (nothing written)."""
+        check_admit(req)
         kid = rec.id
         ks = [
             keys.request_bucket(kid),
@@ -229,13 +266,15 @@ class RedisLedger:
             req.reservation_id,
             req.prompt_tokens,
             req.completion_tokens,
-            repr(float(rec.rate_per_sec)),
-            rec.burst,
-            rec.tokens_per_minute or 0,
-            rec.daily_limit,
-            rec.monthly_limit,
+            # A record stored before its limits were bounded still works: past the bounds
+            # a limit means "unlimited" either way, and only bounded numbers stay exact.
+            repr(float(min(rec.rate_per_sec, limits.MAX_RATE_PER_SEC))),
+            min(rec.burst, limits.MAX_BURST),
+            min(rec.tokens_per_minute or 0, limits.MAX_TOKEN_LIMIT),
+            min(rec.daily_limit, limits.MAX_TOKEN_LIMIT),
+            min(rec.monthly_limit, limits.MAX_TOKEN_LIMIT),
             repr(float(req.ceiling)),
-            rec.max_concurrent or 0,
+            min(rec.max_concurrent or 0, limits.MAX_CONCURRENT),
             self._ttl_ms,
             self._tz_s,
             int(req.shadow),
@@ -243,8 +282,10 @@ class RedisLedger:
             req.priority,
             req.model,
             self._hist_ttl_s,
-            round((rec.monthly_budget_usd or 0) * MICROS_PER_USD),
+            round(min(rec.monthly_budget_usd or 0, limits.MAX_BUDGET_USD) * MICROS_PER_USD),
             req.cost_micros,
+            self._claim_ms,
+            req.choices,
         ]
         r: Sequence[Any] = await self._call("admit", lambda: self._admit(keys=ks, args=args))
         granted = int(r[3])
@@ -269,19 +310,22 @@ class RedisLedger:
         )
 
     async def settle(self, s: Settlement) -> SettleResult:
+        """:raises LedgerInputError: a number of `s` outside `atlas.limits` (nothing written)."""
+        check_settlement(s)
         kid = s.key_id
         ks = [
             keys.reservations(kid),
             keys.reservation_expiry(kid),
             keys.token_bucket(kid),
             keys.window_prefix(kid),
+            keys.reservation_claims(kid),
         ]
         args = [
             s.reservation_id,
-            max(0, s.prompt_tokens),
-            max(0, s.completion_tokens),
+            s.prompt_tokens,
+            s.completion_tokens,
             self._tz_s,
-            s.tokens_per_minute,
+            min(max(0, s.tokens_per_minute), limits.MAX_TOKEN_LIMIT),
             int(s.exact),
             DONE_MARKER_TTL_S,
             self._hist_ttl_s,
@@ -289,7 +333,7 @@ class RedisLedger:
         ]
         r = await self._call("settle", lambda: self._settle(keys=ks, args=args))
         result = SettleResult(status=str(r[0]), charged=int(r[1]), refunded=int(r[2]))
-        if result.status in ("settled", "unreserved", "late"):
+        if result.status in ("settled", "unreserved", "late", "malformed"):
             await self._record_shared_history(s, hour=str(r[4]), counted=result.status != "late")
         return result
 
@@ -339,43 +383,72 @@ class RedisLedger:
 
     async def reap(self, key_id: str, *, charge: bool = True) -> tuple[int, int]:
         """Settle one key's expired reservations: (count, tokens charged)."""
-        ks = [
-            keys.reservations(key_id),
-            keys.reservation_expiry(key_id),
-            keys.window_prefix(key_id),
-        ]
+        ks = _reap_keys(key_id)
         r = await self._call("reap", lambda: self._reap(keys=ks, args=self._reap_args(charge)))
         return int(r[0]), int(r[1])
 
     def _reap_args(self, charge: bool) -> list[int]:
         return [self._tz_s, int(charge), REAP_BATCH, DONE_MARKER_TTL_S, self._hist_ttl_s]
 
-    async def reap_keys(self, key_ids: Sequence[str], *, charge: bool = True) -> ReapTotals:
-        """Reap many keys in one pipelined round trip."""
+    async def _run_per_key(
+        self, what: str, script: Any, calls: Sequence[tuple[list[str], list[Any]]]
+    ) -> list[Any]:
+        """Run `script` once per (keys, args), all in one pipelined round trip. Each call's
+        keys share one slot; in a cluster the pipeline splits by node. A call that fails
+        comes back as its exception, so one bad key does not stop the others."""
 
         async def run() -> list[Any]:
             pipe = self._r.pipeline(transaction=False)
-            args = self._reap_args(charge)
             if self._cluster:
                 # redis-py refuses Script calls (evalsha) in a cluster pipeline. Send EVALSHA
-                # itself (one key's keys share a slot; the pipeline splits by node), once
-                # every primary has the script, as a plain pipeline's load_scripts() does.
-                if not all(await self._r.script_exists(self._reap.sha)):
-                    self._reap.sha = await self._r.script_load(self._reap.script)
-                for kid in key_ids:
-                    ks = _reap_keys(kid)
-                    pipe.execute_command("EVALSHA", self._reap.sha, len(ks), *ks, *args)
+                # itself, once every primary has the script, as a plain pipeline's
+                # load_scripts() does.
+                if not all(await self._r.script_exists(script.sha)):
+                    script.sha = await self._r.script_load(script.script)
+                for ks, args in calls:
+                    pipe.execute_command("EVALSHA", script.sha, len(ks), *ks, *args)
             else:
-                for kid in key_ids:
-                    await self._reap(keys=_reap_keys(kid), args=args, client=pipe)
-            return cast(list[Any], await pipe.execute())
+                for ks, args in calls:
+                    await script(keys=ks, args=args, client=pipe)
+            return cast(list[Any], await pipe.execute(raise_on_error=False))
 
-        rows = await self._call("reap", run)
+        return cast(list[Any], await self._call(what, run))
+
+    def _failed(self, what: str, key_id: str, row: Any) -> bool:
+        if not isinstance(row, BaseException):
+            return False
+        if not _script_error(row):
+            # The server did not run it (unreachable, failover): a later pass retries.
+            raise LedgerUnavailable(f"{what} {key_id}: {row}") from row
+        log.error("%s of key %s failed, other keys go on: %s", what, key_id, row)
+        return True
+
+    async def reap_keys(self, key_ids: Sequence[str], *, charge: bool = True) -> ReapTotals:
+        """Reap many keys in one pipelined round trip; a key whose script fails is counted in
+        `failed_keys` and skipped."""
+        args = self._reap_args(charge)
+        rows = await self._run_per_key("reap", self._reap, [(_reap_keys(k), args) for k in key_ids])
+        ok = [r for k, r in zip(key_ids, rows, strict=True) if not self._failed("reap", k, r)]
         return ReapTotals(
-            reaped=sum(int(r[0]) for r in rows),
-            charged=sum(int(r[1]) for r in rows),
-            released=sum(int(r[2]) for r in rows),
+            reaped=sum(int(r[0]) for r in ok),
+            charged=sum(int(r[1]) for r in ok),
+            released=sum(int(r[2]) for r in ok),
+            abandoned=sum(int(r[3]) for r in ok),
+            failed_keys=len(rows) - len(ok),
+            malformed=sum(int(r[4]) for r in ok),
         )
+
+    async def lease(self, leases: Mapping[str, Collection[str]]) -> int:
+        """Claim or renew open reservations (key id -> reservation ids) for live streams:
+        each deadline moves to now + the reservation TTL, in one pipelined round trip. Ids
+        already settled or reaped are skipped. Returns how many were claimed or renewed."""
+        kids = [k for k, rids in leases.items() if rids]
+        if not kids:
+            return 0
+        calls = [(_lease_keys(k), [self._ttl_ms, *leases[k]]) for k in kids]
+        rows = await self._run_per_key("lease", self._lease, calls)
+        ok = [r for k, r in zip(kids, rows, strict=True) if not self._failed("lease", k, r)]
+        return sum(int(r) for r in ok)
 
     async def try_lock(self, name: str, owner: str, ttl_ms: int) -> bool:
         """A lease held by one process among replicas until `ttl_ms` passes."""

@@ -23,7 +23,7 @@ from tests.factories import key_record
 
 #: builders of one API key's names: all under its tag `{k:<id>}`.
 PER_KEY = ("tag", "record", "request_bucket", "token_bucket", "reservations")
-PER_KEY += ("reservation_expiry", "window_prefix")
+PER_KEY += ("reservation_expiry", "reservation_claims", "window_prefix")
 #: `lock` is global state ({g}); `model_prefix` is per model; `secret_index` has its own
 #: slot and is never touched by a script.
 OTHERS = ("lock", "model_prefix", "secret_index")
@@ -43,6 +43,7 @@ def script_names(key_id: str, rid: str = "r1", now_s: int = 1_795_435_200) -> di
         "token_bucket": keys.token_bucket(key_id),
         "reservations": keys.reservations(key_id),
         "reservation_expiry": keys.reservation_expiry(key_id),
+        "reservation_claims": keys.reservation_claims(key_id),
         "day": f"{prefix}d:{w.day}",
         "month": f"{prefix}m:{w.month}",
         "hour": f"{prefix}h:{w.hour}",
@@ -156,6 +157,7 @@ async def test_scripts_touch_only_their_keys_slot_on_the_cluster(
         settle = Settlement(rec.id, "r1", 5, 1, "m", True, "completed", 10**6)
         assert (await ledger.settle(settle)).status == "settled"
     for rec in recs[6:]:
+        assert await ledger.lease({rec.id: ["r1"]}) == 1  # claimed by a stream, then lost
         redis_sync.zadd(keys.reservation_expiry(rec.id), {"r1": 0})
         assert await ledger.reap(rec.id) == (1, 10)
     snapshot()

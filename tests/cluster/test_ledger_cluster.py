@@ -151,6 +151,9 @@ async def test_scripts_unknown_to_the_nodes_are_loaded_again(
     redis_sync.script_flush()
     settled = await ledger.settle(Settlement(recs[25].id, f"a-{recs[25].id}", 1, 1, "m", True, ""))
     assert (settled.status, settled.charged) == ("settled", 2)
+    redis_sync.script_flush()
+    # Streams claimed them (the lease pipeline, EVALSHA on every node, loads its script too).
+    assert await ledger.lease({r.id: [f"a-{r.id}", f"b-{r.id}"] for r in recs[:20]}) == 40
     for rec in recs[:20]:  # these streams were lost: their TTL is over
         redis_sync.zadd(keys.reservation_expiry(rec.id), {f"a-{rec.id}": 0, f"b-{rec.id}": 0})
     redis_sync.script_flush()

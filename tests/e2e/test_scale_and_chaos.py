@@ -6,17 +6,14 @@ import asyncio
 import random
 import time
 from collections.abc import AsyncIterator
-from typing import Any
 
 import httpx
 import openai
 import pytest_asyncio
-import redis.asyncio as aioredis
 
-from atlas.ledger import keys
 from atlas.stack import Stack
-from atlas.windows import window_names
 from tests.e2e.conftest import ADMIN_TOKEN, running_stack
+from tests.e2e.helpers import charged_vs_window
 
 MESSAGES = [{"role": "user", "content": "Tell me about foxes."}]  # 5 prompt tokens
 
@@ -130,16 +127,5 @@ async def test_conservation_under_chaos(replicated: Stack) -> None:
     used = u["daily"]["used"]
     assert used > 0
     # What was settled or reaped, from the key's hourly history: it must equal the window.
-    r = aioredis.Redis.from_url(replicated.settings.redis_url, decode_responses=True)
-    try:
-        day = window_names(int((await r.time())[0])).day
-        charged = 0
-        for hour in range(24):
-            h: dict[str, Any] = await r.hgetall(f"{keys.window_prefix(key['id'])}h:{day}{hour:02d}")
-            charged += sum(int(h.get(f, 0)) for f in ("prompt", "completion", "reaped_tokens"))
-            assert all(int(v) >= 0 for f, v in h.items() if f != "reaped_tokens")
-        window = await r.hgetall(f"{keys.window_prefix(key['id'])}d:{day}")
-    finally:
-        await r.aclose()
+    charged, window = await charged_vs_window(replicated.settings.redis_url, key["id"])
     assert charged == used, (outcomes, window)
-    assert all(int(v) >= 0 for v in window.values())

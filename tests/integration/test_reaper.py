@@ -27,6 +27,8 @@ async def test_reaper_settles_expired_reservations_of_every_key_once(
         await ledger.create_key(rec)
         a = await ledger.admit(rec, AdmitRequest(f"r-{rec.id}", 10, 40, "normal", "m", 1.0))
         now_ms = a.now_ms
+    # Every request reached an ext_proc stream, which claimed its reservation.
+    assert await ledger.lease({rec.id: [f"r-{rec.id}"] for rec in recs}) == 250
     for rec in recs[:200]:  # these streams were lost: their TTL is over
         redis_sync.zadd(keys.reservation_expiry(rec.id), {f"r-{rec.id}": 0})
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+from prometheus_client import REGISTRY
+
 from atlas.errors import LedgerUnavailable
-from atlas.ledger.protocol import Settlement, SettleResult
+from atlas.ledger.protocol import LedgerInputError, Settlement, SettleResult
 from extproc.journal import SettlementJournal
 
 
@@ -49,3 +52,32 @@ def test_journal_is_bounded_and_survives_garbage(tmp_path: Path) -> None:
     with path.open("ab") as f:
         f.write(b"{not json\n")
     assert len(j.entries()) == written
+
+
+async def test_a_poisoned_entry_is_set_aside_and_the_rest_replayed(tmp_path: Path) -> None:
+    """An entry no ledger takes (numbers beyond the bounds, a line that is no settlement)
+    used to stop the replay there forever, holding every later settlement of every key."""
+    j = SettlementJournal(tmp_path / "j.journal", max_bytes=1 << 20)
+    assert j.append(s("a"))
+    assert j.append(Settlement("key_1", "poison", 10, 10**14, "m", True, "completed"))
+    with j.path.open("ab") as f:
+        f.write(b'{"key_id": "key_1"}\n')  # JSON, but no settlement
+    assert j.append(s("c"))
+    seen: list[str] = []
+
+    async def ledger(x: Settlement) -> SettleResult:
+        if x.completion_tokens > 10**13:
+            raise LedgerInputError("completion_tokens out of bounds")
+        seen.append(x.reservation_id)
+        return SettleResult("settled", 30, 0)
+
+    before = (
+        REGISTRY.get_sample_value("atlas_journal_settlements_total", {"event": "rejected"}) or 0
+    )
+    assert await j.replay(ledger) == 2
+    assert seen == ["a", "c"] and j.entries() == []
+    rejected = [json.loads(line) for line in j.rejected_path.read_text().splitlines()]
+    assert [r["reason"].split()[0] for r in rejected] == ["completion_tokens", "unreadable"]
+    assert '"poison"' in rejected[0]["line"]
+    after = REGISTRY.get_sample_value("atlas_journal_settlements_total", {"event": "rejected"})
+    assert after == before + 2

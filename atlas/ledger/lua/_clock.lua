@@ -74,10 +74,30 @@ local function incr_window(key, field, by, ttl_s)
   end
 end
 
+-- An integer as its decimal digits. Lua's `..` and tostring() format numbers with %.14g, so
+-- 10^14 would become '1e+14', which no later parse (nor HINCRBY) takes: every number a
+-- script stores in a string or concatenates goes through int().
+local function int(x)
+  return string.format('%.0f', x)
+end
+
 -- Never let a counter go below zero (a late correction may refund more than a window holds).
 local function decr_floor(key, field, by)
-  local v = tonumber(redis.call('HGET', key, field) or '0')
+  local v = tonumber(redis.call('HGET', key, field) or '0') or 0
   local n = v - by
   if n < 0 then n = 0 end
-  redis.call('HSET', key, field, n)
+  redis.call('HSET', key, field, int(n))
+end
+
+-- A reservation entry "amount|day|month|cost|priority|model" -> amount, day, month, cost, or
+-- nil when it is malformed. Entries written before int() (amount '1e+14') still parse: the
+-- amount is read as a number and floored.
+local function parse_reservation(entry)
+  local amount, rday, rmonth, rcost = string.match(entry, '^([^|]+)|(%d%d%d%d%d%d%d%d)|(%d%d%d%d%d%d)|([^|]+)|')
+  local a, cost = tonumber(amount), tonumber(rcost)
+  if a == nil or cost == nil or a ~= a or a < 0 or a == math.huge
+    or cost ~= cost or cost < 0 or cost == math.huge then
+    return nil
+  end
+  return math.floor(a), rday, rmonth, math.floor(cost)
 end

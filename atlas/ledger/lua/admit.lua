@@ -9,6 +9,8 @@
 -- ARGV[13] shadow (1 = record the verdict but admit)  ARGV[14] clamp (1 = lower max_tokens)
 -- ARGV[15] priority   ARGV[16] model   ARGV[17] history ttl s
 -- ARGV[18] monthly budget in micro-USD (0 none)   ARGV[19] cost of the estimate in micro-USD
+-- ARGV[20] claim timeout ms: a new reservation is "unclaimed" and reaped (charged 0) unless
+--   an ext_proc stream claims it (lease.lua) by then   ARGV[21] choices (completions generated)
 -- Returns {admitted, reason, retry_after_ms, granted_completion (-1 = unchanged), reserved,
 --   req_remaining, req_reset_ms, tok_remaining (-1 none), tok_reset_ms,
 --   day_used, day_reserved, day_reset_s, month_used, month_reserved, month_reset_s, now_ms,
@@ -31,6 +33,8 @@ local clamp = ARGV[14] == '1'
 local hist_ttl = tonumber(ARGV[17])
 local budget = tonumber(ARGV[18])
 local est_cost = tonumber(ARGV[19])
+local claim_ms = math.min(tonumber(ARGV[20]), ttl_ms)
+local choices = tonumber(ARGV[21])
 
 local c = clock(tz)
 local now = c.now_ms
@@ -61,10 +65,12 @@ local day_room = math.floor(daily_limit * ceiling) - day_used - day_res
 local mon_room = math.floor(monthly_limit * ceiling) - mon_used - mon_res
 local room = math.min(day_room, mon_room)
 if reason == '' and estimate > room then
-  -- Rule: clamp lowers max_tokens to what is left, if the prompt itself still fits.
-  if clamp and room >= prompt + 1 then
-    granted = room - prompt
-    estimate = room
+  -- Rule: clamp lowers max_tokens to what is left, if the prompt and one token per choice
+  -- still fit. max_tokens is per choice: the request generates `choices` completions.
+  local per_choice = math.floor((room - prompt) / choices)
+  if clamp and per_choice >= 1 then
+    granted = per_choice
+    estimate = prompt + per_choice * choices
   else
     if day_room <= mon_room then
       reason = 'quota_daily'
@@ -112,9 +118,11 @@ if admitted then
   end
   -- The reservation remembers the windows it was counted in, so settle releases exactly there.
   -- amount|day|month|cost|priority|model: the model (client input) comes last.
-  redis.call('HSET', KEYS[3], rid, estimate .. '|' .. c.day .. '|' .. c.month .. '|'
-    .. est_cost .. '|' .. ARGV[15] .. '|' .. ARGV[16])
-  redis.call('ZADD', KEYS[4], now + ttl_ms, rid)
+  redis.call('HSET', KEYS[3], rid, int(estimate) .. '|' .. c.day .. '|' .. c.month .. '|'
+    .. int(est_cost) .. '|' .. ARGV[15] .. '|' .. ARGV[16])
+  -- Rule: the reservation lives claim_ms unless an ext_proc stream claims it (then ttl_ms,
+  -- renewed while the stream lives): a request Envoy never sent on is not held for the TTL.
+  redis.call('ZADD', KEYS[4], now + claim_ms, rid)
   incr_window(day_key, 'reserved', estimate, DAY_TTL_S)
   incr_window(day_key, 'requests', 1, DAY_TTL_S)
   incr_window(month_key, 'reserved', estimate, MONTH_TTL_S)

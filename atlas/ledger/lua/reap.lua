@@ -1,9 +1,14 @@
--- reap: settle the reservations of one API key whose TTL passed without a settlement
--- (extproc crashed, the gRPC stream was lost). Units: time in ms (Redis TIME), tokens.
+-- reap: settle the reservations of one API key whose deadline passed without a settlement.
+-- Units: time in ms (Redis TIME), tokens.
+-- An UNCLAIMED reservation (no ext_proc stream ever claimed it: the client reset before Envoy
+-- sent the request on) is released and charged 0 ("abandoned"). A CLAIMED one (extproc
+-- crashed, the gRPC stream was lost) is charged what it reserved when ARGV[2] says so.
 -- KEYS[1] reservations hash   KEYS[2] reservation expiry zset   KEYS[3] window prefix
+-- KEYS[4] claimed set
 -- ARGV[1] tz offset s   ARGV[2] charge (1 = charge the reserved amount, 0 = release only)
 -- ARGV[3] max reservations per call   ARGV[4] done-marker ttl s   ARGV[5] history ttl s
--- Returns {reaped count, tokens charged, tokens released from reservations}
+-- Returns {reaped count, tokens charged, tokens released from reservations, abandoned count,
+--   malformed entries removed}
 
 local tz = tonumber(ARGV[1])
 local charge = ARGV[2] == '1'
@@ -15,29 +20,44 @@ local hour_key = KEYS[3] .. 'h:' .. c.hour
 local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', c.now_ms, 'LIMIT', 0, tonumber(ARGV[3]))
 local charged_total = 0
 local released_total = 0
+local abandoned = 0
+local malformed = 0
 for _, rid in ipairs(expired) do
   local resv = redis.call('HGET', KEYS[1], rid)
+  local claimed = redis.call('SREM', KEYS[4], rid) == 1
   if resv then
-    local amount, rday, rmonth, rcost = string.match(resv, '^(%d+)|(%d+)|(%d+)|(%d+)|')
-    local reserved = tonumber(amount)
-    decr_floor(KEYS[3] .. 'd:' .. rday, 'reserved', reserved)
-    decr_floor(KEYS[3] .. 'm:' .. rmonth, 'reserved', reserved)
-    decr_floor(KEYS[3] .. 'm:' .. rmonth, 'spend_reserved', tonumber(rcost))
-    -- Rule: an unsettled request is charged what it reserved (the safe side for a quota);
-    -- a late settlement corrects it via the `reaped:` marker.
-    local charged = charge and reserved or 0
-    incr_window(KEYS[3] .. 'd:' .. c.day, 'used', charged, DAY_TTL_S)
-    incr_window(KEYS[3] .. 'm:' .. c.month, 'used', charged, MONTH_TTL_S)
-    local charged_cost = charge and tonumber(rcost) or 0
-    incr_window(KEYS[3] .. 'm:' .. c.month, 'spend', charged_cost, MONTH_TTL_S)
-    incr_window(hour_key, 'reaped', 1, hist_ttl)
-    incr_window(hour_key, 'reaped_tokens', charged, hist_ttl)
-    redis.call('SET', KEYS[3] .. 'done:' .. rid, 'reaped:' .. charged .. ':' .. charged_cost,
-      'EX', done_ttl)
-    charged_total = charged_total + charged
-    released_total = released_total + reserved
+    local reserved, rday, rmonth, rcost = parse_reservation(resv)
+    if reserved == nil then
+      -- Rule: an entry no script can read is removed and counted, never left to block the
+      -- key's reaping; its windows cannot be released (the amount is unknown).
+      malformed = malformed + 1
+      incr_window(hour_key, 'malformed', 1, hist_ttl)
+      redis.call('SET', KEYS[3] .. 'done:' .. rid, 'reaped:0:0', 'EX', done_ttl)
+    else
+      decr_floor(KEYS[3] .. 'd:' .. rday, 'reserved', reserved)
+      decr_floor(KEYS[3] .. 'm:' .. rmonth, 'reserved', reserved)
+      decr_floor(KEYS[3] .. 'm:' .. rmonth, 'spend_reserved', rcost)
+      -- Rule: a claimed, unsettled request is charged what it reserved (the safe side for a
+      -- quota); an unclaimed one never reached the upstream and is charged nothing. A late
+      -- settlement corrects either via the `reaped:` marker.
+      local charged, charged_cost = 0, 0
+      if claimed and charge then charged, charged_cost = reserved, rcost end
+      if not claimed then
+        abandoned = abandoned + 1
+        incr_window(hour_key, 'abandoned', 1, hist_ttl)
+      end
+      incr_window(KEYS[3] .. 'd:' .. c.day, 'used', charged, DAY_TTL_S)
+      incr_window(KEYS[3] .. 'm:' .. c.month, 'used', charged, MONTH_TTL_S)
+      incr_window(KEYS[3] .. 'm:' .. c.month, 'spend', charged_cost, MONTH_TTL_S)
+      incr_window(hour_key, 'reaped', 1, hist_ttl)
+      incr_window(hour_key, 'reaped_tokens', charged, hist_ttl)
+      redis.call('SET', KEYS[3] .. 'done:' .. rid,
+        'reaped:' .. int(charged) .. ':' .. int(charged_cost), 'EX', done_ttl)
+      charged_total = charged_total + charged
+      released_total = released_total + reserved
+    end
     redis.call('HDEL', KEYS[1], rid)
   end
   redis.call('ZREM', KEYS[2], rid)
 end
-return {#expired, charged_total, released_total}
+return {#expired, charged_total, released_total, abandoned, malformed}

@@ -2,12 +2,13 @@
 -- Idempotent by reservation id: a `done:<rid>` marker records the outcome.
 -- Units: tokens are integers, time in ms (Redis TIME).
 -- KEYS[1] reservations hash   KEYS[2] reservation expiry zset   KEYS[3] token bucket
--- KEYS[4] window prefix (d:/m:/h:/done: keys built from TIME and the rid)
+-- KEYS[4] window prefix (d:/m:/h:/done: keys built from TIME and the rid)   KEYS[5] claimed set
 -- ARGV[1] reservation id   ARGV[2] prompt tokens   ARGV[3] completion tokens
 -- ARGV[4] tz offset s      ARGV[5] tokens_per_minute (0 none)   ARGV[6] exact (1) or estimated (0)
 -- ARGV[7] done-marker ttl s   ARGV[8] history ttl s   ARGV[9] cost of the actual usage, micro-USD
 -- Returns {status, charged, refunded, now_ms, hour}; status is one of
 --   settled | duplicate | late (corrected a reaped charge) | unreserved (no reservation found)
+--   | malformed (an unreadable reservation entry: removed, usage charged, nothing released)
 
 local rid = ARGV[1]
 local prompt = tonumber(ARGV[2])
@@ -55,7 +56,7 @@ if done then
     decr_floor(day_key, 'used', -delta)
     decr_floor(month_key, 'used', -delta)
   end
-  redis.call('SET', done_key, 'settled:' .. actual, 'EX', done_ttl)
+  redis.call('SET', done_key, 'settled:' .. int(actual), 'EX', done_ttl)
   -- History: the reaped estimate is replaced by the real usage.
   incr_window(hour_key, 'reaped_tokens', -tonumber(amount), hist_ttl)
   record_history(delta, 0, 0)
@@ -65,14 +66,22 @@ end
 local resv = redis.call('HGET', KEYS[1], rid)
 local reserved = 0
 local status = 'unreserved'
+redis.call('SREM', KEYS[5], rid)
 if resv then
-  status = 'settled'
-  local amount, rday, rmonth, rcost = string.match(resv, '^(%d+)|(%d+)|(%d+)|(%d+)|')
-  reserved = tonumber(amount)
-  -- Rule: release the reservation in the windows it was taken from (it may be yesterday's).
-  decr_floor(KEYS[4] .. 'd:' .. rday, 'reserved', reserved)
-  decr_floor(KEYS[4] .. 'm:' .. rmonth, 'reserved', reserved)
-  decr_floor(KEYS[4] .. 'm:' .. rmonth, 'spend_reserved', tonumber(rcost))
+  local amount, rday, rmonth, rcost = parse_reservation(resv)
+  if amount == nil then
+    -- Rule: an unreadable entry must not make the settlement fail (it would be retried and
+    -- journaled forever): remove it, charge the usage, count it; its windows stay as they are.
+    status = 'malformed'
+    incr_window(hour_key, 'malformed', 1, hist_ttl)
+  else
+    status = 'settled'
+    reserved = amount
+    -- Rule: release the reservation in the windows it was taken from (it may be yesterday's).
+    decr_floor(KEYS[4] .. 'd:' .. rday, 'reserved', reserved)
+    decr_floor(KEYS[4] .. 'm:' .. rmonth, 'reserved', reserved)
+    decr_floor(KEYS[4] .. 'm:' .. rmonth, 'spend_reserved', rcost)
+  end
   redis.call('HDEL', KEYS[1], rid)
   redis.call('ZREM', KEYS[2], rid)
 end
@@ -83,7 +92,7 @@ incr_window(month_key, 'used', actual, MONTH_TTL_S)
 incr_window(month_key, 'spend', cost, MONTH_TTL_S)
 
 -- Rule: the tokens/minute bucket gets back what was reserved and not used (or pays the excess).
-if tpm > 0 and resv then
+if tpm > 0 and status == 'settled' then
   local rate = tpm / 60000
   local t = refill(KEYS[3], rate, tpm, c.now_ms)
   store_bucket(KEYS[3], math.min(tpm, t + reserved - actual), rate, tpm, c.now_ms)
@@ -91,6 +100,6 @@ end
 
 local refunded = reserved - actual
 if refunded < 0 then refunded = 0 end
-redis.call('SET', done_key, 'settled:' .. actual, 'EX', done_ttl)
+redis.call('SET', done_key, 'settled:' .. int(actual), 'EX', done_ttl)
 record_history(actual, refunded, 1)
 return {status, actual, refunded, c.now_ms, c.hour}
