@@ -13,8 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import socket
-import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -26,7 +24,7 @@ import pytest_asyncio
 
 from atlas.stack import Stack
 from tests.e2e.conftest import ADMIN_TOKEN, running_stack
-from tests.e2e.helpers import charged_vs_window
+from tests.e2e.helpers import charged_vs_window, send_and_reset
 
 SOAK_S = 40.0
 CLAIM_TIMEOUT_S = 3
@@ -57,17 +55,6 @@ def _request(path: str, body: bytes, api_key: str, *, chunked: bool = False) -> 
         head.append(f"content-length: {len(body)}")
         framed = body
     return ("\r\n".join(head) + "\r\n\r\n").encode() + framed
-
-
-async def _send_and_reset(port: int, data: bytes, after_s: float) -> None:
-    """Send a whole request, then reset the connection (RST, not FIN) after `after_s`."""
-    _, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(data)
-    await writer.drain()
-    await asyncio.sleep(after_s)
-    sock = writer.get_extra_info("socket")
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    writer.transport.abort()
 
 
 async def _send_and_read_status(port: int, data: bytes) -> int:
@@ -147,7 +134,7 @@ async def test_soak_hostile_clients_at_once(soak_stack: Stack) -> None:
         async def reset_after_send() -> None:
             body = json.dumps({"model": "m", "messages": MESSAGES, "max_tokens": 20}).encode()
             data = _request("/v1/chat/completions", body, keys["reset"]["api_key"])
-            await _send_and_reset(port, data, rng.uniform(0.001, 0.003))
+            await send_and_reset(port, data, rng.uniform(0.001, 0.003))
             seen["reset"].append(0)
 
         async def oversized() -> None:
