@@ -59,6 +59,8 @@ async def test_the_stacks_reaper_settles_a_lost_reservation(
         assert rec is not None
         lost = await ledger.admit(rec, AdmitRequest("lost-1", 10, 40, "normal", "demo", 1.0))
         assert lost.admitted
+        # Its stream claimed it (so it reached the upstream), then was lost.
+        assert await ledger.lease({key["id"]: ["lost-1"]}) == 1
     finally:
         await ledger.close()
     with sync_cluster(stack.settings.redis_url) as client:
