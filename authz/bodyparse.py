@@ -94,8 +94,10 @@ class BodyParser:
         """Start the pool's processes now rather than on the first complex body."""
         if self._workers:
             pool = self._executor()
-            for _ in range(self._workers):
-                pool.submit(parse_llm_request, b"{}")
+            # Wait for them: a spawned worker imports Atlas first (~0.5 s), longer than the
+            # parse timeout, so the first complex body must not pay for it.
+            warm = [pool.submit(parse_llm_request, b"{}") for _ in range(self._workers)]
+            concurrent.futures.wait(warm, timeout=30)
 
     async def parse(self, body: bytes, *, size: int = 0) -> LLMRequest:
         values = structure_count(body)
