@@ -21,6 +21,20 @@ def structure_count(body: bytes | bytearray | memoryview) -> int:
     return b.count(b"[") + b.count(b"{") + b.count(b",")
 
 
+_DECODER = json.JSONDecoder()
+
+
+def object_at(buf: bytes | bytearray, start: int, max_bytes: int) -> dict[str, Any] | None:
+    """The JSON object whose `{` is at `buf[start]`, read from at most `max_bytes` bytes
+    (so a member found by a scan is decoded without parsing the rest of the body)."""
+    text = bytes(buf[start : start + max_bytes]).decode("utf-8", "replace")
+    try:
+        obj, _ = _DECODER.raw_decode(text)
+    except (ValueError, RecursionError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
 def loads_bounded(body: bytes | bytearray, max_structure: int = MAX_INLINE_STRUCTURE) -> Any | None:
     """The parsed JSON, or None when it is not JSON or would cost more than `max_structure`."""
     if structure_count(body) > max_structure:

@@ -10,9 +10,9 @@ beyond `atlas.limits`, makes `invalid` non-empty and authz answers 400.
 from __future__ import annotations
 
 import json
-import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import TypeAdapter, ValidationError
 
@@ -26,6 +26,7 @@ from atlas.limits import (
 
 #: ~4 characters per token for English text with BPE tokenizers (OpenAI's rule of thumb).
 CHARS_PER_TOKEN = 4
+T = TypeVar("T")
 
 # vLLM's request models are pydantic v2 models in lax mode; the same adapters judge the same
 # way (`"stream": 1`, `"max_tokens": "4096"` or `4096.0` are accepted there, `"4096.5"` is not).
@@ -139,7 +140,7 @@ def _estimate(body: object) -> tuple[int, bool]:
         _tally(value, 0, acc)
         if not present and isinstance(value, str | list | dict) and len(value) > 0:
             present = True
-    tokens = math.ceil(acc.chars / CHARS_PER_TOKEN) + acc.ids
+    tokens = tokens_for_chars(acc.chars) + acc.ids
     return (max(tokens, 1) if present else tokens), not acc.truncated
 
 
@@ -154,10 +155,15 @@ def estimate_prompt_tokens(body: dict[str, Any]) -> int:
     return _estimate(body)[0]
 
 
+def tokens_for_chars(chars: int) -> int:
+    """The token estimate of `chars` characters of text: ceil(chars / CHARS_PER_TOKEN)."""
+    return -(-max(0, chars) // CHARS_PER_TOKEN)
+
+
 def bytes_estimate(size: int) -> int:
     """Prompt tokens of a body that could not be read as text: one per 4 bytes (UTF-8 text is
     at least one byte a character, so this never falls below the text estimate)."""
-    return math.ceil(max(0, size) / CHARS_PER_TOKEN)
+    return tokens_for_chars(size)
 
 
 def count_prompts(prompt: object) -> int:
@@ -174,26 +180,28 @@ class _Invalid(Exception):
         self.param = param
 
 
-def _bounded_int(data: dict[str, Any], name: str, low: int, high: int) -> int | None:
+def _lax_field(
+    data: dict[str, Any], name: str, read: Callable[[object], T | None], kind: str
+) -> T | None:
+    """Field `name` as vLLM reads it; None when absent, 400 when vLLM would refuse it."""
     value = data.get(name)
     if value is None:
         return None
-    n = lax_int(value)
-    if n is None:
-        raise _Invalid(name, f"'{name}' must be an integer.")
-    if not low <= n <= high:
+    read_value = read(value)
+    if read_value is None:
+        raise _Invalid(name, f"'{name}' must be {kind}.")
+    return read_value
+
+
+def _bounded_int(data: dict[str, Any], name: str, low: int, high: int) -> int | None:
+    n = _lax_field(data, name, lax_int, "an integer")
+    if n is not None and not low <= n <= high:
         raise _Invalid(name, f"'{name}' must be between {low} and {high}, got {n}.")
     return n
 
 
 def _bool(data: dict[str, Any], name: str) -> bool:
-    value = data.get(name)
-    if value is None:
-        return False
-    b = lax_bool(value)
-    if b is None:
-        raise _Invalid(name, f"'{name}' must be a boolean.")
-    return b
+    return _lax_field(data, name, lax_bool, "a boolean") is True
 
 
 def _fields(data: dict[str, Any], size: int) -> LLMRequest:

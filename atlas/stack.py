@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
 import os
 import secrets
@@ -30,11 +29,11 @@ import redis.asyncio as aioredis
 from pydantic import SecretStr
 
 from atlas.envoy_config import EnvoyParams, envoy_binary, render
+from atlas.lifetime import die_with_parent_signal
 from atlas.settings import Settings
 
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
-PR_SET_PDEATHSIG = 1
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -88,8 +87,7 @@ def valkey_argv(port: int, workdir: Path, *extra: str) -> list[str]:
 def die_with_parent() -> None:
     """preexec_fn: a killed parent (even SIGKILL) takes its children; own process group, so
     Ctrl-C reaches the parent only and it stops the children in order."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    die_with_parent_signal(signal.SIGTERM)
     os.setpgrp()
 
 

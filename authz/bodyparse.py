@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import ctypes
 import multiprocessing
 import signal
 from collections.abc import Callable
@@ -30,6 +29,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 from atlas.errors import Denied
 from atlas.jsonbound import MAX_INLINE_STRUCTURE, structure_count
+from atlas.lifetime import die_with_parent_signal
 from atlas.requestbody import LLMRequest, parse_llm_request
 
 #: Beyond this many JSON values no LLM request is plausible (a 1M-token prompt of token ids
@@ -37,14 +37,9 @@ from atlas.requestbody import LLMRequest, parse_llm_request
 MAX_POOL_STRUCTURE = 1_000_000
 
 
-PR_SET_PDEATHSIG = 1
-
-
 def _worker_init() -> None:
     """A pool process dies with authz, even when authz is SIGKILLed (no orphans)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    import atlas.requestbody  # noqa: F401  (imported once per process, not per body)
+    die_with_parent_signal(signal.SIGKILL)
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[[], None]) -> None:

@@ -60,8 +60,8 @@ class Endpoints:
         """:param extra: `"METHOD /path"` entries; both parts may use `fnmatch` globs."""
         self._extra = [tuple(e.split(None, 1)) for e in extra]
 
-    def route(self, method: str, raw_path: str) -> Route:
-        path = request_path(raw_path)
+    def route(self, method: str, path: str) -> Route:
+        """:param path: as `request_path` returned it (checked, without its query)."""
         method = method.upper()
         if method == "POST":
             found = LLM_ROUTES.get(path)

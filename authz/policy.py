@@ -131,7 +131,7 @@ class Authorizer:
             return Verdict(None, "", "normal", parse_llm_request(b""), None, d.code or "")
 
     async def _check(self, inp: CheckInput) -> Verdict:
-        request_path(inp.path)  # 400 before anything else: the path is malformed
+        path = request_path(inp.path)  # 400 before anything else: the path is malformed
         secret = bearer_token(inp.headers)
         if secret is None:
             raise _denied_401("Missing API key. Send it as 'Authorization: Bearer <key>'.")
@@ -139,7 +139,7 @@ class Authorizer:
         if key is None:
             raise _denied_401("Incorrect API key provided.")
         key.check_usable(datetime.fromtimestamp(self._clock(), UTC))
-        route = self._endpoints.route(inp.method, inp.path)
+        route = self._endpoints.route(inp.method, path)
         req = await self._request(inp, route)
         if route.reads_body and key.models is not None and req.model not in key.models:
             raise Denied(

@@ -8,7 +8,6 @@ hands the settlement to the ledger.
 from __future__ import annotations
 
 import json
-import math
 import re
 import time
 from collections.abc import Callable
@@ -20,11 +19,11 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2 as pm
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from google.protobuf import wrappers_pb2
 
-from atlas.jsonbound import loads_bounded
+from atlas.jsonbound import loads_bounded, object_at
 from atlas.ledger.protocol import Settlement
 from atlas.modelnames import ModelNames
 from atlas.pricing import PriceBook
-from atlas.requestbody import CHARS_PER_TOKEN, estimate_prompt_tokens, lax_bool
+from atlas.requestbody import bytes_estimate, estimate_prompt_tokens, lax_bool
 from extproc.sse import SSEDecoder
 from extproc.usage import (
     Endpoint,
@@ -111,7 +110,6 @@ def _header_safe(value: str) -> str:
 _JSON_BLANKS = b" \t\r\n"
 #: Bytes after a member's `{` read to decode a small object member (stream_options).
 _MEMBER_CAPTURE = 4096
-_DECODER = json.JSONDecoder()
 
 
 class _Key:
@@ -180,15 +178,7 @@ def _rstrip_at(buf: bytes, end: int) -> int:
 def _object_member(body: bytes, key: _Key) -> dict[str, Any] | None:
     """The last (winning) small object member `key`, read from a bounded slice."""
     last = key.last(body)
-    if last is None:
-        return None
-    brace = last.end() - 1
-    text = body[brace : brace + _MEMBER_CAPTURE].decode("utf-8", "replace")
-    try:
-        obj, _ = _DECODER.raw_decode(text)
-    except (ValueError, RecursionError):
-        return None
-    return obj if isinstance(obj, dict) else None
+    return None if last is None else object_at(body, last.end() - 1, _MEMBER_CAPTURE)
 
 
 def _clamp_field(endpoint: Endpoint | None, body: bytes, data: dict[str, Any] | None) -> str:
@@ -333,9 +323,7 @@ class Exchange:
                     isinstance(opts, dict) and lax_bool(opts.get("include_usage")) is True
                 )
             else:
-                self.prompt_estimate = max(
-                    self.prompt_estimate, math.ceil(len(body) / CHARS_PER_TOKEN)
-                )
+                self.prompt_estimate = max(self.prompt_estimate, bytes_estimate(len(body)))
         new = (
             self._rewrite(body, data, include_usage) if data is not None or g.body_parsed else None
         )
@@ -365,9 +353,11 @@ class Exchange:
         inject = self.stream and self.endpoint in _USAGE_INJECTED_ENDPOINTS and not include_usage
         if inject:
             # Ask the upstream for exact usage; the extra chunk is stripped on the way back.
-            opts = data.get("stream_options") if data is not None else None
-            if data is None:
-                opts = _object_member(body, _STREAM_OPTIONS)
+            opts = (
+                data.get("stream_options")
+                if data is not None
+                else _object_member(body, _STREAM_OPTIONS)
+            )
             merged = {**(opts if isinstance(opts, dict) else {}), "include_usage": True}
             members.append(("stream_options", merged))
         if self.grant.granted_completion is not None:

@@ -14,9 +14,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from atlas.jsonbound import loads_bounded
-from atlas.requestbody import CHARS_PER_TOKEN as _CHARS_PER_TOKEN
-from atlas.requestbody import estimate_prompt_tokens
+from atlas.jsonbound import loads_bounded, object_at
+from atlas.requestbody import estimate_prompt_tokens, tokens_for_chars
 from extproc.sse import Event
 
 __all__ = [
@@ -114,17 +113,11 @@ def usage_from_json(body: bytes | bytearray) -> Usage | None:
 _USAGE_CAPTURE = 4096
 #: `"usage":{` candidates tried per scan, from the last one back.
 _USAGE_TRIES = 8
-_DECODER = json.JSONDecoder()
 
 
 def _usage_at(buf: bytes | bytearray, brace: int) -> Usage | None:
     """The usage object whose `{` is at `brace` in `buf`, read from a bounded slice."""
-    text = bytes(buf[brace : brace + _USAGE_CAPTURE]).decode("utf-8", "replace")
-    try:
-        obj, _ = _DECODER.raw_decode(text)
-    except (ValueError, RecursionError):
-        return None
-    return _usage_from_obj(obj)
+    return _usage_from_obj(object_at(buf, brace, _USAGE_CAPTURE))
 
 
 def scan_usage(buf: bytes | bytearray) -> Usage | None:
@@ -243,7 +236,7 @@ class JsonBodyAccountant:
             obj = loads_bounded(body)
             if isinstance(obj, dict):
                 usage = _usage_from_obj(obj.get("usage"))
-                return usage, _ceil_tokens(json_completion_chars(obj))
+                return usage, tokens_for_chars(json_completion_chars(obj))
             usage = scan_usage(body)
             if usage is not None:
                 return usage, 0
@@ -255,8 +248,8 @@ class JsonBodyAccountant:
             chars = sum(_string_chars(m.group(2)) for m in _CHAT_TEXT.finditer(body))
             chars += sum(_string_chars(m.group(1)) for m in _COMPLETIONS_TEXT.finditer(body))
             if chars or not body.strip():
-                return None, _ceil_tokens(chars)
-        return None, _ceil_tokens(self.bytes)
+                return None, tokens_for_chars(chars)
+        return None, tokens_for_chars(self.bytes)
 
 
 # The body of a JSON string literal, unrolled so matching stays linear on hostile input.
@@ -313,10 +306,6 @@ def _string_chars(literal: bytes) -> int:
     return len(literal.decode("utf-8", "replace"))
 
 
-def _ceil_tokens(chars: int) -> int:
-    return -(-chars // _CHARS_PER_TOKEN)
-
-
 def _is_done(data: bytes) -> bool:
     return data == b"[DONE]" or (len(data) < 32 and data.strip() == b"[DONE]")
 
@@ -368,7 +357,7 @@ class StreamAccountant:
     def estimated_completion_tokens(self) -> int:
         """``max(content_chunks, ceil(content_chars / 4))``: at least one token per chunk of
         text, since upstreams stream one token (or more) per chunk."""
-        return max(self.content_chunks, _ceil_tokens(self.content_chars))
+        return max(self.content_chunks, tokens_for_chars(self.content_chars))
 
     def observe(self, ev: Event) -> bool:
         """Account for `ev`; True when it is a usage-only chunk the caller may strip.
