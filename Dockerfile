@@ -46,9 +46,11 @@ RUN pip install --no-cache-dir /tmp/wheels/*.whl \
     && install -d -o 10001 -g 10001 -m 0700 /var/lib/atlas/journal
 COPY --chmod=0755 deploy/docker/healthcheck.py /usr/local/bin/atlas-healthcheck
 USER 10001:10001
-# authz gRPC, extproc gRPC, admin HTTP (+ /metrics), authz metrics, extproc metrics
+# authz (Envoy's HTTP ext_authz protocol, or gRPC with ATLAS_AUTHZ_PROTOCOL=grpc), extproc
+# gRPC, admin HTTP (+ /metrics), authz metrics, extproc metrics
 EXPOSE 50051 50052 8081 9102 9103
-# Finds the service this container runs (authz/extproc: gRPC health; admin: /livez).
+# Finds the service this container runs (authz: GET /healthz, or gRPC health in its gRPC
+# mode; extproc: gRPC health; admin: /livez).
 HEALTHCHECK --interval=10s --timeout=5s --start-period=20s --retries=3 \
     CMD ["atlas-healthcheck"]
 ENTRYPOINT ["atlas"]

@@ -32,6 +32,15 @@ async def http_ready(url: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
         raise RuntimeError(f"HTTP {r.status_code}")
 
 
+async def authz_serving(settings: Settings, timeout_s: float = PROBE_TIMEOUT_S) -> None:
+    """authz's own health, in the protocol it serves (GET /healthz, or gRPC health)."""
+    host, port = settings.authz_host, settings.authz_port
+    if settings.authz_protocol == "grpc":
+        await grpc_serving(f"{host}:{port}", timeout_s=timeout_s)
+    else:
+        await http_ready(f"http://{host}:{port}/healthz", timeout_s=timeout_s)
+
+
 async def _timed(probe: Callable[[], Awaitable[Any]]) -> dict[str, Any]:
     start = time.perf_counter()
     try:
@@ -44,7 +53,7 @@ async def _timed(probe: Callable[[], Awaitable[Any]]) -> dict[str, Any]:
 async def check_components(settings: Settings, ledger: RedisLedger) -> dict[str, Any]:
     probes: dict[str, Callable[[], Awaitable[Any]]] = {
         "redis": ledger.ping,
-        "authz": lambda: grpc_serving(f"{settings.authz_host}:{settings.authz_port}"),
+        "authz": lambda: authz_serving(settings),
         "extproc": lambda: grpc_serving(f"{settings.extproc_host}:{settings.extproc_port}"),
     }
     if settings.envoy_admin_url:

@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     helps = {
         "up": "run the whole local stack (Valkey, Envoy, authz, extproc, admin, demo upstream)",
-        "authz": "run the Envoy ext_authz gRPC service",
+        "authz": "run the Envoy ext_authz service (HTTP or gRPC)",
         "extproc": "run the Envoy ext_proc gRPC service",
         "admin": "run the admin REST API",
     }
@@ -182,6 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="MODEL=URL[,URL...]",
         help="route a model (or prefix*) to its own upstream cluster; repeatable",
+    )
+    render.add_argument(
+        "--authz-protocol",
+        choices=("http", "grpc"),
+        default="http",
+        help="how Envoy calls authz (must match the authz service's ATLAS_AUTHZ_PROTOCOL)",
     )
     render.add_argument("--validate", action="store_true", help="check with envoy --mode validate")
     return parser
@@ -247,6 +253,7 @@ def _render_envoy(ns: argparse.Namespace) -> int:
             extproc=_hostports(ns.extproc),
             atlas_admin=_hostports(ns.admin)[0],
             model_routes=_model_routes(ns.model_route),
+            authz_protocol=ns.authz_protocol,
         )
     )
     if ns.validate:
@@ -295,7 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_up(settings, explicit=set(overrides))
         if ns.command == "authz":
             from atlas.metrics_server import start_metrics
-            from authz.server import serve as serve_authz
+            from authz.service import serve as serve_authz
 
             start_metrics(settings.authz_host, settings.authz_metrics_port)
             return _run(serve_authz, settings)

@@ -13,6 +13,15 @@ from urllib.parse import urlsplit
 import yaml
 
 from atlas.errors import ConfigError
+from atlas.grant import (
+    AUTHZ_NAMESPACE,
+    DEGRADED_HEADER,
+    GRANT_HEADER,
+    KEY_ID_HEADER,
+    PRIORITY_HEADER,
+    PROC_HEADER,
+    ProcMode,
+)
 from atlas.limits import ENVOY_HEADROOM_BYTES
 
 _REPO_ENVOY = Path(__file__).resolve().parent.parent / "envoy"
@@ -90,6 +99,8 @@ class EnvoyParams:
     #: retries, outlier detection and circuit breakers.
     model_routes: dict[str, list[str]] = field(default_factory=dict)
     max_request_bytes: int = 8 << 20
+    #: How Envoy calls authz: "http" (http_service) or "grpc" (grpc_service).
+    authz_protocol: str = "http"
 
 
 #: Resilience of model clusters (see docs): a failing replica is retried on another, ejected
@@ -205,6 +216,189 @@ def _tls_socket(sni: str) -> dict[str, object]:
     }
 
 
+H2_OPTIONS = {
+    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+        "explicit_http_config": {"http2_protocol_options": {}},
+    }
+}
+
+
+def _json_line(obj: dict[str, object]) -> str:
+    """`{"a": ...}` as one YAML line of its members (`a: ...`), for a mapping's body."""
+    return ", ".join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in obj.items())
+
+
+def _patterns(*exact: str, prefix: tuple[str, ...] = ()) -> dict[str, object]:
+    return {"patterns": [{"exact": e} for e in exact] + [{"prefix": p} for p in prefix]}
+
+
+def authz_service(protocol: str, timeout: str) -> dict[str, object]:
+    """ext_authz's service block. Over HTTP the grant and headers cross as HTTP headers:
+
+    - to authz: every request header (authz strips any `x-atlas-*` a client sent, and finds
+      the key in any of its spellings), under `/check` (authz's own paths are outside it);
+    - to the upstream: who, at what priority, the upstream credential;
+    - to the client: `x-ratelimit-*` on success; a refusal's own headers;
+    - to dynamic metadata (string values, namespace envoy.filters.http.ext_authz): the grant
+      for extproc, the ext_proc configuration for Envoy's matchers (`x-atlas-proc`) and the
+      key id for the access log."""
+    if protocol == "grpc":
+        return {"grpc_service": {"envoy_grpc": {"cluster_name": "atlas_authz"}, "timeout": timeout}}
+    return {
+        "http_service": {
+            "server_uri": {
+                "uri": "http://atlas-authz",
+                "cluster": "atlas_authz",
+                "timeout": timeout,
+            },
+            "path_prefix": "/check",
+            "authorization_response": {
+                "allowed_upstream_headers": _patterns(
+                    KEY_ID_HEADER, PRIORITY_HEADER, "authorization"
+                ),
+                "allowed_client_headers": _patterns(
+                    "content-type",
+                    "retry-after",
+                    "retry-after-ms",
+                    prefix=("x-ratelimit-", "x-atlas-"),
+                ),
+                "allowed_client_headers_on_success": _patterns(
+                    DEGRADED_HEADER, prefix=("x-ratelimit-",)
+                ),
+                "dynamic_metadata_from_headers": _patterns(
+                    GRANT_HEADER, KEY_ID_HEADER, PROC_HEADER
+                ),
+            },
+        }
+    }
+
+
+#: ext_proc's processing mode per configuration (atlas.grant.ProcMode). Header modes not
+#: listed are SEND, body modes NONE; extproc overrides the response body mode per exchange.
+_PROC_MODES: dict[str, dict[str, str]] = {
+    ProcMode.REWRITE: {
+        "request_header_mode": "SKIP",
+        "request_body_mode": "BUFFERED",  # extproc fixes Content-Length when it rewrites
+        "response_body_mode": "STREAMED",
+    },
+    ProcMode.OBSERVE: {"request_header_mode": "SKIP", "response_body_mode": "STREAMED"},
+    ProcMode.JSON: {
+        "request_header_mode": "SKIP",
+        "response_header_mode": "SKIP",
+        # Its size is unknown here: BUFFERED over Envoy's buffer limit would fail the
+        # response; a small body still arrives as one message.
+        "response_body_mode": "STREAMED",
+    },
+}
+#: The filter names (also the keys of per-route `disabled` configs).
+PROC_FILTER_NAMES = {
+    ProcMode.REWRITE: "envoy.filters.http.ext_proc",
+    ProcMode.OBSERVE: "atlas.ext_proc.observe",
+    ProcMode.JSON: "atlas.ext_proc.json",
+}
+_SKIP = {
+    "action": {
+        "name": "skip",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.common.matcher.action.v3"
+            ".SkipFilter"
+        },
+    }
+}
+
+
+def _proc_is(value_match: dict[str, object], *, invert: bool = False) -> dict[str, object]:
+    """A predicate on authz's `x-atlas-proc` dynamic metadata. Stream info is there from the
+    start, so it decides on a local reply too (whose request headers never reached these
+    filters: a request-header matcher could not decide there, and the filter would run)."""
+    return {
+        "single_predicate": {
+            "input": {
+                "name": "proc",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.matching.common_inputs"
+                    ".network.v3.DynamicMetadataInput",
+                    "filter": AUTHZ_NAMESPACE,
+                    "path": [{"key": PROC_HEADER}],
+                },
+            },
+            "custom_match": {
+                "name": "proc",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.matching.input_matchers"
+                    ".metadata.v3.Metadata",
+                    "value": value_match,
+                    "invert": invert,
+                },
+            },
+        }
+    }
+
+
+def ext_proc_filters(params: EnvoyParams) -> list[dict[str, object]]:
+    """One ext_proc filter per configuration, each behind a matcher on x-atlas-proc."""
+    filters = []
+    for mode, name in PROC_FILTER_NAMES.items():
+        pm = {
+            "request_header_mode": "SEND",
+            "response_header_mode": "SEND",
+            "request_body_mode": "NONE",
+            "response_body_mode": "NONE",
+            "request_trailer_mode": "SKIP",
+            "response_trailer_mode": "SKIP",
+            **_PROC_MODES[mode],
+        }
+        if mode == ProcMode.REWRITE and params.model_routes:
+            # Envoy 1.40 re-matches routes after a body response's header mutation only when it
+            # sent the request headers (tests/e2e/test_model_routing.py: with them skipped,
+            # requests stayed on the default route); extproc answers them with no override.
+            pm["request_header_mode"] = "SEND"
+        ext_proc = {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3"
+            ".ExternalProcessor",
+            "grpc_service": {"envoy_grpc": {"cluster_name": "atlas_extproc"}},
+            "failure_mode_allow": params.extproc_failure_mode_allow,
+            "message_timeout": params.extproc_message_timeout,
+            "max_message_timeout": "10s",
+            "allow_mode_override": True,  # extproc picks BUFFERED (JSON) or STREAMED (SSE)
+            "processing_mode": pm,
+            "metadata_options": {
+                "forwarding_namespaces": {"untyped": [AUTHZ_NAMESPACE]},
+                "receiving_namespaces": {"untyped": ["atlas.extproc"]},
+            },
+            # RETAIN: never re-route after ext_authz approved the route. With model routes,
+            # DEFAULT: extproc may re-route only between /v1/ routes (same ext_authz config).
+            "route_cache_action": "DEFAULT" if params.model_routes else "RETAIN",
+        }
+        if mode == ProcMode.REWRITE:
+            # Run it for `rewrite` and any unknown value; skip it without a grant (a refusal,
+            # or nothing admitted) and for the values the others serve.
+            others = "|".join(m for m in (*PROC_FILTER_NAMES, ProcMode.NONE) if m != mode)
+            skips = [
+                _proc_is({"present_match": True}, invert=True),
+                _proc_is({"string_match": {"safe_regex": {"regex": f"^(?:{others})$"}}}),
+            ]
+        else:
+            # Run it only for its own value.
+            skips = [_proc_is({"string_match": {"exact": mode}}, invert=True)]
+        matcher = {
+            "matcher_list": {"matchers": [{"predicate": p, "on_match": _SKIP} for p in skips]}
+        }
+        filters.append(
+            {
+                "name": name,
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.common.matching.v3"
+                    ".ExtensionWithMatcher",
+                    "extension_config": {"name": name, "typed_config": ext_proc},
+                    "xds_matcher": matcher,
+                },
+            }
+        )
+    return filters
+
+
 def render(params: EnvoyParams, template: str = "atlas.yaml.tmpl") -> str:
     up = Upstream.parse(params.upstream)
     tls_line = "transport_socket: " + json.dumps(_tls_socket(up.host)) if up.tls else ""
@@ -239,7 +433,20 @@ def render(params: EnvoyParams, template: str = "atlas.yaml.tmpl") -> str:
         "extproc_endpoints_json": _endpoints(params.extproc),
         "model_routes_lines": routes,
         "model_clusters_lines": clusters,
-        "extproc_route_cache_action": "DEFAULT" if params.model_routes else "RETAIN",
+        "authz_service_line": _json_line(
+            authz_service(params.authz_protocol, params.authz_timeout)
+        ),
+        "authz_grpc": str(params.authz_protocol == "grpc").lower(),
+        # Every request header reaches authz (HTTP sends only these; gRPC sends all anyway).
+        "authz_allowed_headers_line": _json_line(
+            {"allowed_headers": {"patterns": [{"safe_regex": {"regex": ".*"}}]}}
+        ),
+        "authz_protocol_options_line": ""
+        if params.authz_protocol != "grpc"
+        else _json_line({"typed_extension_protocol_options": H2_OPTIONS}),
+        "ext_proc_filters": "".join(
+            f"          - {json.dumps(f)}\n" for f in ext_proc_filters(params)
+        ),
     }
     text = (config_dir() / template).read_text()
     try:

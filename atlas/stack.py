@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import random
@@ -268,7 +269,7 @@ class Stack:
                     "authz",
                     [*py, "authz"],
                     env=env,
-                    ready=lambda: _grpc_ok(f"{s.authz_host}:{s.authz_port}"),
+                    ready=lambda: _authz_ok(s, s.authz_host, s.authz_port),
                 )
             ),
             self._spawn(
@@ -302,6 +303,7 @@ class Stack:
                     atlas_admin=(s.admin_host, s.admin_port),
                     max_request_bytes=s.max_request_bytes,
                     model_routes=s.model_routes,
+                    authz_protocol=s.authz_protocol,
                 )
             )
         )
@@ -336,13 +338,16 @@ class Stack:
                 f"ATLAS_{name.upper()}_PORT": str(port),
                 f"ATLAS_{name.upper()}_METRICS_PORT": "0",
             }
-            target = f"127.0.0.1:{port}"
+            if name == "authz":
+                ready = functools.partial(_authz_ok, self.settings, "127.0.0.1", port)
+            else:
+                ready = functools.partial(_grpc_ok, f"127.0.0.1:{port}")
             await self._spawn(
                 Child(
                     f"{name}-{i}",
                     [sys.executable, "-m", "atlas.cli", name],
                     env=child_env,
-                    ready=lambda t=target: _grpc_ok(t),
+                    ready=ready,
                 )
             )
 
@@ -446,6 +451,12 @@ async def _http_ok(url: str) -> None:
         r = await client.get(url)
     if r.status_code != 200:
         raise RuntimeError(f"{url}: HTTP {r.status_code}")
+
+
+async def _authz_ok(s: Settings, host: str, port: int) -> None:
+    from admin.health import authz_serving
+
+    await authz_serving(s.model_copy(update={"authz_host": host, "authz_port": port}))
 
 
 async def _grpc_ok(target: str) -> None:

@@ -1,12 +1,24 @@
-"""gRPC load on the ext_authz service alone: unary `Check` calls like Envoy makes them.
+"""Load on the ext_authz service alone, over the protocol the stack's Envoy speaks to it.
 
-    python -m bench.authzload --target 127.0.0.1:P --key SECRET --duration S [--concurrency N]
+    python -m bench.authzload --target 127.0.0.1:P --key SECRET --duration S \
+        [--concurrency N] [--protocol http|grpc]
 
-`--concurrency` calls are kept in flight over a few HTTP/2 channels (Envoy multiplexes its
-Checks the same way). The CheckRequest is what Envoy 1.40 sends with `encode_raw_headers` and
-`with_request_body` (`pack_as_bytes`): the request's headers as raw bytes, the JSON body, the
-addresses and the time; it is serialised once, so the client spends its CPU on gRPC only.
-Prints one JSON line: Checks completed, allowed/denied, errors, latency percentiles (ms).
+*http* (Atlas's default, `ATLAS_AUTHZ_PROTOCOL` unset): what Envoy's HTTP ext_authz client
+sends with `with_request_body`: `POST <path_prefix>/v1/chat/completions HTTP/1.1` (the
+prefix of Atlas's `http_service`, from `atlas.envoy_config`) with the client's headers,
+`content-length` of the body, `x-envoy-auth-partial-body: false`, the headers Envoy adds
+(`x-forwarded-for`, `x-envoy-*`) and the JSON body.
+Envoy's HTTP/1.1 connection pool runs one request per connection at a time, so `--concurrency`
+keep-alive connections each carry one Check after another; a 200 is "allowed".
+
+*grpc* (`ATLAS_AUTHZ_PROTOCOL=grpc`): unary `Check` calls, `--concurrency` in flight over a
+few HTTP/2 channels (Envoy multiplexes its Checks the same way). The CheckRequest is what
+Envoy 1.40 sends with `encode_raw_headers` and `with_request_body` (`pack_as_bytes`): the
+request's headers as raw bytes, the JSON body, the addresses and the time.
+
+Either request is built once, so the client spends its CPU on the transport only. Prints one
+JSON line: Checks completed, allowed/denied (`codes`: HTTP status, 200 = allowed), errors,
+latency percentiles (ms).
 """
 
 from __future__ import annotations
@@ -24,26 +36,69 @@ from envoy.service.auth.v3 import attribute_context_pb2 as ac
 from envoy.service.auth.v3 import external_auth_pb2 as auth_pb2
 from google.protobuf import timestamp_pb2
 
-from bench.loadgen import percentiles
+from bench.loadgen import Conn, percentiles
 
 METHOD = "/envoy.service.auth.v3.Authorization/Check"
+PATH = "/v1/chat/completions"
+BODY = {
+    "model": "demo-small",
+    "max_tokens": 16,
+    "messages": [{"role": "user", "content": "Write one short sentence about benchmarks."}],
+}
 
 
-def check_request(secret: str, body: dict[str, Any], host: str = "127.0.0.1:8080") -> bytes:
-    raw = json.dumps(body, separators=(",", ":")).encode()
-    headers = {
-        ":authority": host,
-        ":path": "/v1/chat/completions",
-        ":method": "POST",
-        ":scheme": "http",
-        "content-type": "application/json",
-        "content-length": str(len(raw)),
+def client_headers(secret: str, host: str) -> dict[str, str]:
+    """What an OpenAI SDK sends (after Envoy: x-forwarded-proto, x-request-id)."""
+    return {
+        "host": host,
         "authorization": f"Bearer {secret}",
+        "content-type": "application/json",
         "user-agent": "OpenAI/Python 1.54.0",
         "accept": "application/json",
         "x-stainless-lang": "python",
         "x-forwarded-proto": "http",
         "x-request-id": "5f0c6c2e-9c1b-4a57-8a1e-2f7d9b1c3e44",
+    }
+
+
+def check_path_prefix() -> str:
+    """What Atlas's Envoy puts before the client's path when it asks authz over HTTP."""
+    from atlas.envoy_config import authz_service
+
+    service = authz_service("http", "1s")["http_service"]
+    return str(service.get("path_prefix", ""))  # type: ignore[union-attr]
+
+
+def http_check_request(
+    secret: str, body: dict[str, Any], host: str = "127.0.0.1:8080", prefix: str = ""
+) -> bytes:
+    """The request Envoy's HTTP ext_authz client makes for one client request (seen on the
+    wire from Envoy 1.40 with Atlas's bootstrap: the client's headers, the body's length,
+    and the headers Envoy adds as the edge and as the caller)."""
+    raw = json.dumps(body, separators=(",", ":")).encode()
+    headers = client_headers(secret, host)
+    headers["content-length"] = str(len(raw))
+    headers["x-envoy-auth-partial-body"] = "false"
+    headers["x-envoy-external-address"] = "127.0.0.1"
+    headers["x-forwarded-for"] = "127.0.0.1"
+    headers["x-envoy-internal"] = "true"
+    headers["x-envoy-expected-rq-timeout-ms"] = "500"
+    line = f"POST {prefix}{PATH} HTTP/1.1\r\n"
+    head = line + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    return (head + "\r\n").encode("latin-1") + raw
+
+
+def check_request(secret: str, body: dict[str, Any], host: str = "127.0.0.1:8080") -> bytes:
+    raw = json.dumps(body, separators=(",", ":")).encode()
+    client = client_headers(secret, host)
+    del client["host"]
+    headers = {
+        ":authority": host,
+        ":path": PATH,
+        ":method": "POST",
+        ":scheme": "http",
+        "content-length": str(len(raw)),
+        **client,
     }
     now = timestamp_pb2.Timestamp()
     now.GetCurrentTime()
@@ -64,7 +119,7 @@ def check_request(secret: str, body: dict[str, Any], host: str = "127.0.0.1:8080
                 http=ac.AttributeContext.HttpRequest(
                     id="16108155243254346391",
                     method="POST",
-                    path="/v1/chat/completions",
+                    path=PATH,
                     host=host,
                     scheme="http",
                     protocol="HTTP/1.1",
@@ -83,13 +138,72 @@ def check_request(secret: str, body: dict[str, Any], host: str = "127.0.0.1:8080
     return req.SerializeToString()
 
 
-async def run(args: argparse.Namespace) -> dict[str, Any]:
-    body = {
-        "model": "demo-small",
-        "max_tokens": 16,
-        "messages": [{"role": "user", "content": "Write one short sentence about benchmarks."}],
+async def run_http(args: argparse.Namespace) -> dict[str, Any]:
+    prefix = check_path_prefix() if args.path_prefix is None else args.path_prefix
+    request = http_check_request(args.key, BODY, prefix=prefix)
+    host, _, port = args.target.rpartition(":")
+    loop = asyncio.get_running_loop()
+    latencies: list[float] = []
+    codes: dict[str, int] = {}
+    errors: dict[str, int] = {}
+    perf = time.perf_counter
+    deadline = 0.0
+
+    async def connect() -> tuple[Conn, list[asyncio.Future[Conn]]]:
+        slot: list[asyncio.Future[Conn]] = [loop.create_future()]
+
+        def on_done(c: Conn) -> None:
+            if not slot[0].done():
+                slot[0].set_result(c)
+
+        def lost(c: Conn) -> None:
+            if not slot[0].done():
+                slot[0].set_exception(ConnectionError("connection closed"))
+
+        _, conn = await loop.create_connection(lambda: Conn(on_done, lost), host, int(port))
+        return conn, slot
+
+    conns = await asyncio.gather(*(connect() for _ in range(args.concurrency)))
+
+    async def worker(conn: Conn, slot: list[asyncio.Future[Conn]]) -> None:
+        while perf() < deadline:
+            slot[0] = loop.create_future()
+            conn.send(request, perf())
+            try:
+                c = await asyncio.wait_for(slot[0], 5)
+            except (ConnectionError, TimeoutError) as exc:
+                name = type(exc).__name__
+                errors[name] = errors.get(name, 0) + 1
+                if conn.transport is not None:
+                    conn.transport.close()
+                conn, slot = await connect()
+                continue
+            latencies.append(c.t_done - c.t_sent)
+            codes[str(c.status)] = codes.get(str(c.status), 0) + 1
+
+    t0 = perf()
+    deadline = t0 + args.duration
+    await asyncio.gather(*(worker(c, s) for c, s in conns))
+    elapsed = perf() - t0
+    for c, _ in conns:
+        if c.transport is not None:
+            c.transport.close()
+    return {
+        "protocol": "http",
+        "path": prefix + PATH,
+        "checks": len(latencies),
+        "elapsed_s": elapsed,
+        "rate": len(latencies) / elapsed,
+        "codes": codes,
+        "errors": errors,
+        "concurrency": args.concurrency,
+        "connections": args.concurrency,
+        "latency_ms": percentiles(latencies),
     }
-    payload = check_request(args.key, body)
+
+
+async def run_grpc(args: argparse.Namespace) -> dict[str, Any]:
+    payload = check_request(args.key, BODY)
     channels = [grpc.aio.insecure_channel(args.target) for _ in range(args.channels)]
     # No (de)serialisers: the request goes as prepared bytes, the answer comes back as bytes.
     calls = [ch.unary_unary(METHOD) for ch in channels]
@@ -125,25 +239,31 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     for ch in channels:
         await ch.close()
     return {
+        "protocol": "grpc",
         "checks": len(latencies),
         "elapsed_s": elapsed,
         "rate": len(latencies) / elapsed,
         "codes": codes,
         "errors": errors,
         "concurrency": args.concurrency,
-        "channels": args.channels,
+        "connections": args.channels,
         "latency_ms": percentiles(latencies),
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.authzload")
-    p.add_argument("--target", required=True, help="host:port of the authz gRPC service")
+    p.add_argument("--target", required=True, help="host:port of the authz service")
+    p.add_argument("--protocol", choices=("http", "grpc"), default="http")
+    p.add_argument(
+        "--path-prefix", default=None, help="http: before the path (default: Atlas's Envoy's)"
+    )
     p.add_argument("--key", required=True, help="API key secret to send")
     p.add_argument("--duration", type=float, default=10.0)
     p.add_argument("--concurrency", type=int, default=32, help="Checks in flight")
-    p.add_argument("--channels", type=int, default=2, help="HTTP/2 connections")
+    p.add_argument("--channels", type=int, default=2, help="grpc: HTTP/2 connections")
     args = p.parse_args(argv)
+    run = run_http if args.protocol == "http" else run_grpc
     try:
         import uvloop
     except ImportError:

@@ -4,8 +4,9 @@ process so the benchmark's event loop (which drains the services' logs) cannot d
 
     python -m bench.loadgen rate   --port P --rate R --duration S --body JSON [--header K:V]
     python -m bench.loadgen stream --port P --connections C --duration S --body JSON [...]
+    python -m bench.loadgen serial --port P --requests N --body JSON [--header K:V]
 
-Both print one JSON line with percentiles (milliseconds) and counts.
+Each prints one JSON line with percentiles (milliseconds) and counts.
 
 *rate*: request i is due at t0 + i/R whether or not earlier ones have answered (open loop,
 like wrk2); each goes out on an idle keep-alive connection of a pre-opened pool. Latency is
@@ -16,6 +17,10 @@ scheduler's lateness (written - due) is reported too, and so is the latency from
 *stream*: C connections, each sending the next request when the previous stream ended
 (closed loop). Per stream: time to first body byte (from the request written), duration of
 the body (first to last byte), the gaps between body reads, and the SSE events received.
+
+*serial*: N requests one at a time over one keep-alive connection, the next written as soon as
+the previous answer's last byte arrived: what one request costs on a quiet machine, with no
+queueing and no batching anywhere. Latency runs from the write to the answer's last byte.
 """
 
 from __future__ import annotations
@@ -274,6 +279,52 @@ async def run_rate(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+# ---- one at a time ------------------------------------------------------------------------
+
+
+async def run_serial(args: argparse.Namespace) -> dict[str, Any]:
+    request = build_request(args.host, args.port, args.path, args.body.encode(), args.header)
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[Conn] = loop.create_future()
+
+    def on_done(c: Conn) -> None:
+        if not fut.done():
+            fut.set_result(c)
+
+    def lost(c: Conn) -> None:
+        if not fut.done():
+            fut.set_exception(ConnectionError("connection closed"))
+
+    conn = await _connect(args.host, args.port, on_done, lost)
+    latency: list[float] = []
+    statuses: dict[int, int] = {}
+    error = ""
+    t0 = perf()
+    for _ in range(args.requests):
+        fut = loop.create_future()
+        conn.send(request, perf())
+        try:
+            c = await asyncio.wait_for(fut, 30)
+        except (ConnectionError, TimeoutError) as exc:
+            error = f"{type(exc).__name__}: {exc}"  # one connection: the run ends here
+            break
+        statuses[c.status] = statuses.get(c.status, 0) + 1
+        latency.append(c.t_done - c.t_sent)
+    elapsed = perf() - t0
+    if conn.transport is not None:
+        conn.transport.close()
+    return {
+        "mode": "serial",
+        "requests": args.requests,
+        "completed": len(latency),
+        "elapsed_s": elapsed,
+        "rate": len(latency) / elapsed if elapsed else 0.0,
+        "statuses": {str(k): v for k, v in statuses.items()},
+        "error": error,
+        "latency_ms": percentiles(latency),
+    }
+
+
 # ---- streaming client ---------------------------------------------------------------------
 
 
@@ -344,7 +395,7 @@ async def run_stream(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.loadgen")
-    p.add_argument("mode", choices=("rate", "stream"))
+    p.add_argument("mode", choices=("rate", "stream", "serial"))
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--path", default="/v1/chat/completions")
@@ -354,8 +405,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=100.0, help="rate mode: requests/s")
     p.add_argument("--pool", type=int, default=64, help="rate mode: keep-alive connections")
     p.add_argument("--connections", type=int, default=8, help="stream mode: concurrent streams")
+    p.add_argument("--requests", type=int, default=1000, help="serial mode: requests to send")
     args = p.parse_args(argv)
-    run = run_rate if args.mode == "rate" else run_stream
+    run = {"rate": run_rate, "stream": run_stream, "serial": run_serial}[args.mode]
     try:
         import uvloop  # optional: lower client overhead
     except ImportError:

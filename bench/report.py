@@ -129,6 +129,8 @@ class Target:
     higher_is_better: bool
     fmt: Callable[[float], str]
     how: str
+    #: The same figure for the floor (do-nothing servers behind Atlas's Envoy), when measured.
+    floor: float | None = None
 
     def verdict(self) -> str:
         if self.value is None:
@@ -143,6 +145,14 @@ class Target:
         if v <= t:
             return "**met**" + (f" ({t - v:.2f} to spare)" if self.fmt is _ms else "")
         return f"**not met**: {v / t:.1f}× the limit" if t > 0 else "**not met**"
+
+    def vs_floor(self) -> str:
+        """Atlas's distance from its design's floor: a difference, or a share for ratios."""
+        if self.value is None or self.floor is None:
+            return "–"
+        if self.higher_is_better:
+            return f"{self.value / self.floor:.0%} of the floor's" if self.floor else "–"
+        return self.fmt(self.value - self.floor)
 
 
 def _get(results: Mapping[str, Measured], key: str) -> Measured | None:
@@ -160,39 +170,86 @@ def _diff(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else a - b
 
 
+def _added(
+    r: Mapping[str, Measured], phase: str, which: str, q: str, path: str = "atlas"
+) -> float | None:
+    """`path`'s percentile minus bare Envoy's in the same phase."""
+    return _diff(_lat(r.get(f"{phase}/{path}"), which, q), _lat(r.get(f"{phase}/bare"), which, q))
+
+
+def _vs_bare(r: Mapping[str, Measured], phase: str, path: str = "atlas") -> float | None:
+    m, bare = r.get(f"{phase}/{path}"), r.get(f"{phase}/bare")
+    return m.rps / bare.rps if m and bare and bare.rps else None
+
+
 def targets(results: Mapping[str, Measured]) -> list[Target]:
+    """The performance issue's targets (issue 12), in its order."""
     r = results
-    ns_b, ns_a = _get(r, "nonstream-max/bare"), _get(r, "nonstream-max/atlas")
-    hl_b, hl_a = _get(r, "half-load/bare"), _get(r, "half-load/atlas")
-    ps_b, ps_a = _get(r, "paced-stream/bare"), _get(r, "paced-stream/atlas")
+    hl_a = _get(r, "half-load/atlas")
+    ps_a = _get(r, "paced-stream/atlas")
     az = _get(r, "authz/authz")
-    ratio = ns_a.rps / ns_b.rps if ns_a and ns_b and ns_b.rps else None
     chunk = ps_a.cpu["extproc"] / (ps_a.requests * CHUNKS) * 1e6 if ps_a else None
     per_core = az.requests / az.cpu["authz"] if az and az.cpu.get("authz") else None
+    protocol = az.data.get("protocol", "grpc") if az else "?"
     return [
         Target(
-            "Non-streaming throughput, Atlas / bare Envoy",
-            ratio,
-            0.35,
-            True,
-            _pct,
-            "wrk max load, same connections",
+            "Added latency on a quiet machine, median, plain completion",
+            _added(r, "serial", "latency_ms", "p50"),
+            1.0,
+            False,
+            _ms,
+            "one keep-alive connection, one request at a time (serial phase)",
+            floor=_added(r, "serial", "latency_ms", "p50", "floor"),
         ),
         Target(
-            "Added latency p50 at half of Atlas's max load",
-            _diff(_lat(hl_a, "latency_ms", "p50"), _lat(hl_b, "latency_ms", "p50")),
+            "Added time to first byte on a quiet machine, median, stream",
+            _added(r, "single-stream", "ttfb_ms", "p50"),
             1.5,
             False,
             _ms,
-            "open-loop generator, same rate on both",
+            "one stream at a time, paced upstream (single-stream phase)",
+            floor=_added(r, "single-stream", "ttfb_ms", "p50", "floor"),
         ),
         Target(
-            "Added latency p99 at half of Atlas's max load",
-            _diff(_lat(hl_a, "latency_ms", "p99"), _lat(hl_b, "latency_ms", "p99")),
-            5.0,
+            "Added latency at half of Atlas's max: p50",
+            _added(r, "half-load", "latency_ms", "p50"),
+            1.0,
             False,
             _ms,
             "open-loop generator, same rate on both",
+        ),
+        Target(
+            "Added latency at half of Atlas's max: p99",
+            _added(r, "half-load", "latency_ms", "p99"),
+            3.0,
+            False,
+            _ms,
+            "open-loop generator, same rate on both",
+        ),
+        Target(
+            "Non-streamed max throughput vs bare Envoy",
+            _vs_bare(r, "nonstream-max"),
+            0.20,
+            True,
+            _pct,
+            "wrk max load, same connections",
+            floor=_vs_bare(r, "nonstream-max", "floor"),
+        ),
+        Target(
+            "Streamed max throughput vs bare Envoy",
+            _vs_bare(r, "stream-max"),
+            0.15,
+            True,
+            _pct,
+            f"wrk max load, {CHUNKS}-token streams",
+        ),
+        Target(
+            "Python CPU per plain completion, all Atlas processes (authz+extproc+admin)",
+            hl_a.python_us_per_request() if hl_a else None,
+            300.0,
+            False,
+            _us,
+            "half-load phase: authz + extproc + admin CPU / completions",
         ),
         Target(
             "extproc CPU per streamed chunk",
@@ -203,20 +260,12 @@ def targets(results: Mapping[str, Measured]) -> list[Target]:
             f"extproc CPU / (streams × {CHUNKS}), paced streams; includes per-request messages",
         ),
         Target(
-            "Added time to first byte p50 (streaming)",
-            _diff(_lat(ps_a, "ttfb_ms", "p50"), _lat(ps_b, "ttfb_ms", "p50")),
-            2.0,
-            False,
-            _ms,
-            "streaming client, paced streams",
-        ),
-        Target(
-            "authz Checks per CPU-second (per core), with Redis",
+            "authz Checks per CPU-second, with Redis",
             per_core,
-            3000.0,
+            6000.0,
             True,
             _num,
-            "gRPC load on authz alone; Checks / authz CPU-seconds",
+            f"{protocol} load on authz alone; Checks / authz CPU-seconds",
         ),
     ]
 
@@ -266,19 +315,49 @@ def _upstream_check(r: Mapping[str, Measured], n_up: int) -> tuple[str, list[str
     return _table(head, rows) if rows else "", verdicts
 
 
+#: Proxied paths in report order, with their row labels.
+PATH_LABELS = (
+    ("bare", "bare Envoy"),
+    ("floor", "floor: Atlas's Envoy + do-nothing servers"),
+    ("atlas", "Envoy + Atlas"),
+)
+#: "a minus b" rows under a table: (label, a, b).
+DIFF_ROWS = (
+    ("**added by Atlas** (Atlas − bare)", "atlas", "bare"),
+    ("floor − bare", "floor", "bare"),
+    ("**Atlas − floor**", "atlas", "floor"),
+)
+
+
+def _ext_proc_msgs(m: Measured) -> int:
+    """Messages Envoy sent to ext_proc, over every ext_proc filter (one per mode)."""
+    return sum(
+        n
+        for k, n in m.stats.items()
+        if k.startswith("http.atlas.ext_proc.") and k.endswith("stream_msgs_sent")
+    )
+
+
+def _diff_rows(
+    r: Mapping[str, Measured], phase: str, cells: Callable[[Measured, Measured], list[str]]
+) -> list[list[str]]:
+    rows = []
+    for label, a, b in DIFF_ROWS:
+        ma, mb = r.get(f"{phase}/{a}"), r.get(f"{phase}/{b}")
+        if ma and mb:
+            rows.append([label, *cells(ma, mb)])
+    return rows
+
+
 def _max_table(r: Mapping[str, Measured], phase: str) -> str:
     bare = r.get(f"{phase}/bare")
     rows = []
-    for path, label in (
-        ("upstream", "upstream directly"),
-        ("bare", "bare Envoy"),
-        ("atlas", "Envoy + Atlas"),
-    ):
+    for path, label in (("upstream", "upstream directly"), *PATH_LABELS):
         m = r.get(f"{phase}/{path}")
         if m is None:
             continue
         lat = m.data["latency_ms"]
-        msgs = m.stats.get("http.atlas.ext_proc.stream_msgs_sent")
+        msgs = _ext_proc_msgs(m)
         rows.append(
             [
                 label,
@@ -289,28 +368,28 @@ def _max_table(r: Mapping[str, Measured], phase: str) -> str:
                 _ms(lat["max"]),
                 str(sum(m.data["errors"].values())),
                 _us(m.proxy_us_per_request()) if path != "upstream" else "–",
-                f"{m.rps / bare.rps:.0%}" if bare and path == "atlas" else "–",
+                _us(m.python_us_per_request()) if path in ("floor", "atlas") else "–",
+                f"{m.rps / bare.rps:.0%}" if bare and path in ("floor", "atlas") else "–",
                 f"{msgs / m.requests:.1f}" if msgs and m.requests else "–",
                 _slices(m),
             ]
         )
-    a = r.get(f"{phase}/atlas")
-    if a and bare:
-        rows.append(
-            [
-                "**added by Atlas**",
-                "",
-                _ms(a.data["latency_ms"]["p50"] - bare.data["latency_ms"]["p50"]),
-                _ms(a.data["latency_ms"]["p90"] - bare.data["latency_ms"]["p90"]),
-                _ms(a.data["latency_ms"]["p99"] - bare.data["latency_ms"]["p99"]),
-                "",
-                "",
-                _us(a.proxy_us_per_request() - bare.proxy_us_per_request()),
-                "",
-                "",
-                "",
-            ]
-        )
+
+    def cells(a: Measured, b: Measured) -> list[str]:
+        la, lb = a.data["latency_ms"], b.data["latency_ms"]
+        return [
+            "",
+            *(_ms(la[q] - lb[q]) for q in ("p50", "p90", "p99")),
+            "",
+            "",
+            _us(a.proxy_us_per_request() - b.proxy_us_per_request()),
+            _us(a.python_us_per_request() - b.python_us_per_request()),
+            "",
+            "",
+            "",
+        ]
+
+    rows += _diff_rows(r, phase, cells)
     head = [
         "path",
         "req/s",
@@ -320,11 +399,111 @@ def _max_table(r: Mapping[str, Measured], phase: str) -> str:
         "max",
         "errors",
         "proxy CPU / req",
+        "Python CPU / req",
         "vs bare",
         "ext_proc msgs / req",
         "req/s per slice",
     ]
     return _table(head, rows)
+
+
+def _serial_table(r: Mapping[str, Measured]) -> str:
+    rows = []
+    for path, label in PATH_LABELS:
+        m = r.get(f"serial/{path}")
+        if m is None:
+            continue
+        lat = m.data["latency_ms"]
+        msgs = _ext_proc_msgs(m)
+        rows.append(
+            [
+                label,
+                f"{m.requests:,}",
+                f"{m.rps:,.0f}",
+                *(_ms(lat[q]) for q in ("p50", "p90", "p99", "p999")),
+                _us(m.us_per_request("envoy")),
+                _us(m.python_us_per_request()) if path != "bare" else "–",
+                f"{msgs / m.requests:.1f}" if msgs and m.requests else "–",
+            ]
+        )
+
+    def cells(a: Measured, b: Measured) -> list[str]:
+        la, lb = a.data["latency_ms"], b.data["latency_ms"]
+        return [
+            "",
+            "",
+            *(_ms(la[q] - lb[q]) for q in ("p50", "p90", "p99", "p999")),
+            _us(a.us_per_request("envoy") - b.us_per_request("envoy")),
+            _us(a.python_us_per_request() - b.python_us_per_request()),
+            "",
+        ]
+
+    rows += _diff_rows(r, "serial", cells)
+    head = [
+        "path",
+        "requests",
+        "req/s",
+        "p50",
+        "p90",
+        "p99",
+        "p99.9",
+        "Envoy CPU / req",
+        "Python CPU / req",
+        "ext_proc msgs / req",
+    ]
+    return _table(head, rows)
+
+
+def _floor_table(r: Mapping[str, Measured]) -> str:
+    """The design's floor next to bare Envoy and Atlas, one figure per row."""
+    figures: list[tuple[str, str, Callable[[Measured], float], Callable[[float], str]]] = [
+        ("serial", "plain completion, one at a time: p50", _pctl("latency_ms", "p50"), _ms),
+        ("serial", "plain completion, one at a time: p99", _pctl("latency_ms", "p99"), _ms),
+        ("single-stream", "stream, one at a time: TTFB p50", _pctl("ttfb_ms", "p50"), _ms),
+        ("single-stream", "stream, one at a time: TTFB p99", _pctl("ttfb_ms", "p99"), _ms),
+        ("nonstream-max", "non-streamed max throughput, req/s", lambda m: m.rps, _num),
+        ("serial", "Envoy CPU / plain completion (one at a time)", _cpu("envoy"), _us),
+        ("serial", "Python CPU / plain completion (one at a time)", _py_cpu, _us),
+        ("nonstream-max", "Envoy CPU / plain completion (max load)", _cpu("envoy"), _us),
+        ("nonstream-max", "Python CPU / plain completion (max load)", _py_cpu, _us),
+    ]
+    rows = []
+    for phase, label, get, fmt in figures:
+        ms = {p: r.get(f"{phase}/{p}") for p in ("bare", "floor", "atlas")}
+        if ms["floor"] is None:
+            continue
+        v = {p: get(m) if m is not None else None for p, m in ms.items()}
+        rel = []
+        for a, b in (("floor", "bare"), ("atlas", "floor")):
+            x, y = v[a], v[b]
+            if x is None or y is None:
+                rel.append("–")
+            elif fmt is _num:  # throughput: a share
+                rel.append(f"{x / y:.0%}" if y else "–")
+            else:
+                rel.append(fmt(x - y))
+        rows.append([label, *(fmt(x) if x is not None else "–" for x in v.values()), *rel])
+    head = [
+        "figure",
+        "bare Envoy",
+        "floor",
+        "Envoy + Atlas",
+        "floor − bare (req/s: floor / bare)",
+        "Atlas − floor (req/s: Atlas / floor)",
+    ]
+    return _table(head, rows) if rows else ""
+
+
+def _pctl(which: str, q: str) -> Callable[[Measured], float]:
+    return lambda m: float(m.data[which][q])
+
+
+def _cpu(name: str) -> Callable[[Measured], float]:
+    return lambda m: m.us_per_request(name)
+
+
+def _py_cpu(m: Measured) -> float:
+    return m.python_us_per_request()
 
 
 def _half_table(r: Mapping[str, Measured]) -> str:
@@ -387,7 +566,7 @@ def _half_table(r: Mapping[str, Measured]) -> str:
 
 def _paced_table(r: Mapping[str, Measured], phase: str) -> str:
     rows = []
-    for path, label in (("bare", "bare Envoy"), ("atlas", "Envoy + Atlas")):
+    for path, label in PATH_LABELS:
         m = r.get(f"{phase}/{path}")
         if m is None:
             continue
@@ -407,23 +586,20 @@ def _paced_table(r: Mapping[str, Measured], phase: str) -> str:
                 events,
             ]
         )
-    a, b = r.get(f"{phase}/atlas"), r.get(f"{phase}/bare")
-    if a and b:
+
+    def cells(a: Measured, b: Measured) -> list[str]:
         da, db = a.data, b.data
-        rows.append(
-            [
-                "**added by Atlas**",
-                "",
-                _ms(da["ttfb_ms"]["p50"] - db["ttfb_ms"]["p50"]),
-                _ms(da["ttfb_ms"]["p99"] - db["ttfb_ms"]["p99"]),
-                _ms(da["body_ms"]["p50"] - db["body_ms"]["p50"]),
-                _ms(da["total_ms"]["p99"] - db["total_ms"]["p99"]),
-                _ms(da["read_gap_ms"]["p50"] - db["read_gap_ms"]["p50"]),
-                _ms(da["read_gap_ms"]["p99"] - db["read_gap_ms"]["p99"]),
-                "",
-                "",
-            ]
+        pairs = (
+            ("ttfb_ms", "p50"),
+            ("ttfb_ms", "p99"),
+            ("body_ms", "p50"),
+            ("total_ms", "p99"),
+            ("read_gap_ms", "p50"),
+            ("read_gap_ms", "p99"),
         )
+        return ["", *(_ms(da[w][q] - db[w][q]) for w, q in pairs), "", ""]
+
+    rows += _diff_rows(r, phase, cells)
     head = [
         "path",
         "streams/s",
@@ -445,7 +621,7 @@ def _chunk_lines(r: Mapping[str, Measured]) -> list[str]:
         return []
     ext = a.cpu["extproc"]
     n = a.requests
-    msgs = a.stats.get("http.atlas.ext_proc.stream_msgs_sent", 0)
+    msgs = _ext_proc_msgs(a)
     lines = [
         f"- extproc CPU per streamed chunk (all-in): {_us(ext / (n * CHUNKS) * 1e6)} = "
         f"{ext:.2f} CPU-s / ({n:,} streams × {CHUNKS} chunks); this includes each stream's "
@@ -477,8 +653,10 @@ def _authz_table(r: Mapping[str, Measured]) -> str:
     d = m.data
     rows = [
         [
+            d.get("protocol", "grpc"),
             f"{m.rps:,.0f}",
             str(d["concurrency"]),
+            str(d.get("connections", d.get("channels", "?"))),
             _ms(d["latency_ms"]["p50"]),
             _ms(d["latency_ms"]["p99"]),
             _pct(m.util("authz")),
@@ -489,8 +667,10 @@ def _authz_table(r: Mapping[str, Measured]) -> str:
         ]
     ]
     head = [
+        "protocol",
         "Check/s",
         "in flight",
+        "connections",
         "p50",
         "p99",
         "authz CPU (of a core)",
@@ -509,7 +689,7 @@ def _cpu_tables(r: Mapping[str, Measured]) -> tuple[str, str]:
         per_req.append(
             [key, f"{m.requests:,}"]
             + [_us(m.us_per_request(n)) if n in names else "" for n in ORDER]
-            + [_us(m.proxy_us_per_request()) if m.path in ("bare", "atlas") else "–"]
+            + [_us(m.proxy_us_per_request()) if m.path in ("bare", "floor", "atlas") else "–"]
         )
         util.append(
             [key, f"{m.rps:,.0f}"]
@@ -558,6 +738,23 @@ def _bottlenecks(r: Mapping[str, Measured]) -> list[str]:
 def _context(r: Mapping[str, Measured], connections: int) -> list[str]:
     """One line per headline number, for the summary."""
     out = []
+    se_b, se_f, se_a = (r.get(f"serial/{p}") for p in ("bare", "floor", "atlas"))
+    if se_b and se_a:
+        lb, la = se_b.data["latency_ms"], se_a.data["latency_ms"]
+        line = (
+            f"One plain completion at a time ({se_a.requests:,} per path, one keep-alive "
+            f"connection): bare Envoy p50 {lb['p50']:.2f} / p99 {lb['p99']:.2f} ms, Envoy + "
+            f"Atlas p50 {la['p50']:.2f} / p99 {la['p99']:.2f} ms: added "
+            f"{la['p50'] - lb['p50']:.2f} ms p50, {la['p99'] - lb['p99']:.2f} ms p99"
+        )
+        if se_f:
+            lf = se_f.data["latency_ms"]
+            line += (
+                f"; the floor (do-nothing servers) adds {lf['p50'] - lb['p50']:.2f} ms p50, "
+                f"{lf['p99'] - lb['p99']:.2f} ms p99, so Atlas's own logic costs "
+                f"{la['p50'] - lf['p50']:.2f} ms p50"
+            )
+        out.append(line + ".")
     ns_b, ns_a = r.get("nonstream-max/bare"), r.get("nonstream-max/atlas")
     if ns_b and ns_a:
         out.append(
@@ -565,6 +762,13 @@ def _context(r: Mapping[str, Measured], connections: int) -> list[str]:
             f"{ns_b.rps:,.0f} req/s (p50 {ns_b.data['latency_ms']['p50']:.2f} ms), Envoy + Atlas "
             f"{ns_a.rps:,.0f} req/s (p50 {ns_a.data['latency_ms']['p50']:.2f} ms); half load "
             f"= {HALF * ns_a.rps:,.0f} req/s. The issue's reference: {REFERENCE}."
+        )
+    ns_f = r.get("nonstream-max/floor")
+    if ns_b and ns_f:
+        out.append(
+            f"The floor at maximum load: {ns_f.rps:,.0f} req/s ({ns_f.rps / ns_b.rps:.0%} of "
+            f"bare Envoy), {ns_f.python_us_per_request():.0f} µs of Python and "
+            f"{ns_f.us_per_request('envoy'):.0f} µs of Envoy CPU per request."
         )
     for path in ("bare", "atlas"):
         m = r.get(f"half-load/{path}")
@@ -596,8 +800,23 @@ def _context(r: Mapping[str, Measured], connections: int) -> list[str]:
         out.append(
             f"Time to first byte with one stream at a time (no queueing): added {added:.2f} ms "
             f"p50 (bare {one_b.data['ttfb_ms']['p50']:.2f} ms, Atlas "
-            f"{one_a.data['ttfb_ms']['p50']:.2f} ms); the target row uses "
-            f"{PACED_CONNECTIONS} concurrent streams."
+            f"{one_a.data['ttfb_ms']['p50']:.2f} ms"
+            + (
+                f", floor {one_f.data['ttfb_ms']['p50']:.2f} ms"
+                if (one_f := r.get("single-stream/floor"))
+                else ""
+            )
+            + ")."
+        )
+    hl_a = r.get("half-load/atlas")
+    if hl_a:
+        parts = ", ".join(
+            f"{n} {hl_a.us_per_request(n):.0f} µs" for n in ("authz", "extproc", "admin")
+        )
+        out.append(
+            f"Python CPU per plain completion at half load: {hl_a.python_us_per_request():.0f} "
+            f"µs ({parts}); one at a time: "
+            + (f"{se_a.python_us_per_request():.0f} µs." if se_a else "not run.")
         )
     return out
 
@@ -623,6 +842,8 @@ def _summary_rows(r: Mapping[str, Measured], n_up: int) -> list[list[str]]:
             t.fmt(t.value) if t.value is not None else "–",
             ("≥ " if t.higher_is_better else "≤ ") + t.fmt(t.limit),
             t.verdict(),
+            t.fmt(t.floor) if t.floor is not None else "–",
+            t.vs_floor(),
         ]
         for t in targets(r)
     ]
@@ -638,6 +859,8 @@ def _summary_rows(r: Mapping[str, Measured], n_up: int) -> list[list[str]]:
                 + f"; alone {alone.rps / bare.rps:.1f}× bare's req/s",
                 f"< {SATURATED:.0%} of a core; > 1.2×",
                 "**met**" if ok else "**not met**: see the upstream section",
+                "",
+                "",
             ]
         )
     return rows
@@ -650,7 +873,8 @@ def render(
     args: argparse.Namespace,
 ) -> tuple[str, str]:
     summary = _table(
-        ["target", "measured", "target", "met?"], _summary_rows(results, args.upstreams)
+        ["target", "measured", "target", "met?", "floor", "Atlas vs floor"],
+        _summary_rows(results, args.upstreams),
     )
     up_table, up_verdicts = _upstream_check(results, args.upstreams)
     ctx = _context(results, args.connections) + up_verdicts
@@ -703,8 +927,19 @@ def render(
             else f"{args.upstreams} `atlas.demo_upstream` processes sharing one port"
         )
         + "); both get the same requests (a chat completion with `max_tokens` 16, or "
-        f"{CHUNKS} tokens with `stream: true`, and the key in `Authorization`). Both Envoys' "
-        "access logs are read by the benchmark process.",
+        f"{CHUNKS} tokens with `stream: true`, and the key in `Authorization`). *floor*: "
+        "the Atlas bootstrap (`atlas.envoy_config.render`, HTTP ext_authz, the per-request "
+        "ext_proc modes) in front of do-nothing servers (`bench/floor.py`): an HTTP authz "
+        "(uvloop `asyncio.Protocol` + httptools) that answers every Check 200 with a fixed "
+        "grant and `x-atlas-proc: json` (`observe` for streams), and a grpc.aio ext_proc that "
+        "answers every message with an empty (pass-through) response: what the design costs "
+        "before any of Atlas's logic, Redis included. Every Envoy's access log is read by the "
+        "benchmark process.",
+        "- **One at a time** (quiet-machine latency): `bench/loadgen.py serial`, "
+        f"{args.serial_requests:,} plain completions per path, each written as soon as the "
+        "previous answer's last byte arrived, over one keep-alive connection, on bare, floor "
+        "and Atlas in alternating slices, before any load phase. Latency runs from the write "
+        "to the answer's last byte.",
         "- **Maximum load**: `wrk -t1 -c<connections> --latency` with a Lua script (closed "
         "loop: at saturation, latency is mostly queueing). Any socket error or status >= 400 "
         "stops the run, as does any Envoy 4xx/5xx, ext_authz denial or error, or ext_proc "
@@ -723,9 +958,16 @@ def render(
         f"more with a single connection), the upstream pausing {PACED_DELAY_MS} ms between "
         "events (`x-demo-chunk-delay-ms`), so every chunk crosses Envoy and extproc on its "
         "own, as with a real model. TTFB runs from the request's write to the first body byte.",
-        "- **authz alone**: `bench/authzload.py`, grpc.aio unary `Check` calls with a "
-        "CheckRequest like Envoy's (raw headers, JSON body) against the stack's authz with "
-        'Valkey; Checks per CPU-second of authz is the "per core" figure.',
+        "- **authz alone**: `bench/authzload.py` against the stack's authz with Valkey, over "
+        "the protocol the stack's Envoy uses (`ATLAS_AUTHZ_PROTOCOL`): *http*, what Envoy's "
+        "HTTP ext_authz client sends (`POST /v1/chat/completions`, the client's headers, "
+        "`x-envoy-auth-partial-body: false`, the JSON body) over keep-alive HTTP/1.1 "
+        "connections, one Check at a time on each (Envoy's pool); *grpc*, grpc.aio unary "
+        "`Check` calls with a CheckRequest like Envoy's (raw headers, JSON body). Checks per "
+        'CPU-second of authz is the "per core" figure.',
+        "- **Python CPU per plain completion**: authz + extproc + admin CPU over the half-load "
+        "phase / its completions (the floor's do-nothing servers count as authz and "
+        "extproc).",
         "- **CPU**: utime+stime from `/proc/<pid>/stat` (whole process trees) before and after "
         "each phase; wrk and the generators from `wait4`. *client* is the load generator, "
         "*harness* this benchmark's own process (it drains both Envoys' access logs). *proxy "
@@ -737,6 +979,14 @@ def render(
         up_table or "not run",
         "",
         *[f"- {v}" for v in up_verdicts],
+        "",
+        "## The design's floor: do-nothing servers behind Atlas's Envoy",
+        "",
+        _floor_table(results) or "not run",
+        "",
+        "## One plain completion at a time (quiet machine)",
+        "",
+        _serial_table(results) if "serial/bare" in results else "not run",
         "",
         "## Non-streaming, maximum load (wrk)",
         "",
@@ -768,7 +1018,8 @@ def render(
         "",
         per_req,
         "",
-        "At low load (half load, paced and single streams) a process's CPU per request includes "
+        "At low load (one at a time, half load, paced and single streams) a process's CPU per "
+        "request includes "
         "its fixed cost per wake-up and its idle timers, so it is higher than at maximum load, "
         "where work is batched.",
         "",

@@ -8,6 +8,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -24,6 +25,7 @@ import httpx
 from atlas.stack import ComponentDied, Stack, free_port, free_port_settings
 from bench import report
 from bench.bare import bare_envoy
+from bench.floor import floor_services
 from bench.procs import (
     Service,
     cpu_delta,
@@ -45,22 +47,22 @@ from bench.shapes import (
 from bench.wrk import WrkResult, run_wrk, write_script
 
 ADMIN_TOKEN = "bench-admin-token-0123456789"
-#: Envoy counters (both Envoys use stat_prefix "atlas") checked and reported per phase.
+#: Envoy counters (every Envoy here uses stat_prefix "atlas") checked and reported per phase.
 STATS_FILTER = r"^http\.atlas\.(downstream_rq_[1-5]xx|ext_authz\.|ext_proc\.)"
-#: Envoy counters that must not move during a phase.
-MUST_STAY_ZERO = (
-    "http.atlas.downstream_rq_4xx",
-    "http.atlas.downstream_rq_5xx",
-    "http.atlas.ext_authz.denied",
-    "http.atlas.ext_authz.error",
-    "http.atlas.ext_authz.failure_mode_allowed",
-    "http.atlas.ext_proc.streams_failed",
-    "http.atlas.ext_proc.message_timeouts",
-    "http.atlas.ext_proc.failure_mode_allowed",
-    "http.atlas.ext_proc.spurious_msgs_received",
+#: Envoy counters that must not move during a phase: 4xx/5xx, and any ext_authz or ext_proc
+#: filter's failures (each ext_proc filter of the per-request modes may have its own prefix).
+MUST_STAY_ZERO = re.compile(
+    r"^http\.atlas\.(downstream_rq_[45]xx"
+    r"|ext_authz\.(.+\.)?(denied|error|failure_mode_allowed)"
+    r"|ext_proc\.(.+\.)?(streams_failed|message_timeouts|failure_mode_allowed"
+    r"|spurious_msgs_received))$"
 )
 SERVICE_ORDER = ("envoy", "authz", "extproc", "valkey", "admin", "upstream", "client", "harness")
 PROXY_PROCS = ("envoy", "authz", "extproc", "valkey", "admin")
+#: Atlas's Python processes (the floor's do-nothing servers count under the same names).
+PYTHON_PROCS = ("authz", "extproc", "admin")
+#: Paths with an Envoy in front of the upstream.
+PROXIED = ("bare", "floor", "atlas")
 
 
 class BenchError(RuntimeError):
@@ -72,7 +74,7 @@ class Measured:
     """One load phase on one path, with the CPU every process spent during it."""
 
     phase: str
-    path: str  # upstream | bare | atlas | authz
+    path: str  # upstream | bare | floor | atlas | authz
     tool: str
     requests: int
     seconds: float  # the load's own measuring window
@@ -96,6 +98,10 @@ class Measured:
 
     def proxy_us_per_request(self) -> float:
         return sum(self.us_per_request(n) for n in PROXY_PROCS if n in self.cpu)
+
+    def python_us_per_request(self) -> float:
+        """authz + extproc + admin CPU per request (the Python side of the proxy)."""
+        return sum(self.us_per_request(n) for n in PYTHON_PROCS if n in self.cpu)
 
     def other_util(self) -> float:
         """Cores used by processes this run did not start (another workload on the machine)."""
@@ -136,6 +142,7 @@ class Bench:
         self.workdir = Path(self.tmp.name)
         self.upstreams: list[Service] = []
         self.bare: Service | None = None
+        self.floor: dict[str, Service] = {}
         self.stack: Stack | None = None
         self.key = ""
         self.authz_key = ""
@@ -192,11 +199,27 @@ class Bench:
         self.atlas_port = self.stack.settings.proxy_port
         self.key = await self._create_key("bench")
         self.authz_key = await self._create_key("bench-authz")
+        self.floor_port, floor_admin = free_port(), free_port()
+        self.floor_admin_url = f"http://127.0.0.1:{floor_admin}"
+        self.floor = floor_services(
+            self.upstream_url,
+            self.floor_port,
+            floor_admin,
+            self.workdir,
+            self.stack.settings.max_request_bytes,
+        )
+        for svc in self.floor.values():
+            await svc.start()
 
     async def stop(self) -> None:
-        # Atlas first (its Envoy stops sending), then the baseline, then the shared upstream.
+        # Atlas and the floor first (their Envoys stop sending), then the baseline, then the
+        # shared upstream.
         if self.stack is not None:
             await self.stack.stop()
+        floor = self.floor
+        for svc in (floor.get("envoy"), floor.get("extproc"), floor.get("authz")):
+            if svc is not None:
+                await svc.stop()
         for svc in (self.bare, *self.upstreams):
             if svc is not None:
                 await svc.stop()
@@ -222,9 +245,11 @@ class Bench:
             if child.proc is not None:
                 atlas.setdefault(name.split("-", 1)[0], []).append(child.proc.pid)
         up = [svc.pid for svc in self.upstreams]
+        floor = {name: [svc.pid] for name, svc in self.floor.items()}
         return {
             "upstream": {"upstream": up},
             "bare": {"envoy": [self.bare.pid], "upstream": up},
+            "floor": {**floor, "upstream": up},
             "atlas": {**atlas, "upstream": up},
         }
 
@@ -232,16 +257,20 @@ class Bench:
         assert self.stack is not None
         if self.stack.died is not None and self.stack.died.done():
             raise BenchError(f"the Atlas stack lost a process: {self.stack.died.result()}")
-        for svc in (*self.upstreams, self.bare):
+        for svc in (*self.upstreams, self.bare, *self.floor.values()):
             if svc is not None and not svc.alive():
                 raise BenchError(f"{svc.name} exited: {svc.log()}")
 
     # ---- measuring ----------------------------------------------------------------------
     async def envoy_stats(self, path: str) -> dict[str, int]:
-        if path not in ("bare", "atlas"):
+        if path not in PROXIED:
             return {}
         assert self.stack is not None
-        base = self.bare_admin_url if path == "bare" else self.stack.envoy_admin_url
+        base = {
+            "bare": self.bare_admin_url,
+            "floor": self.floor_admin_url,
+            "atlas": self.stack.envoy_admin_url,
+        }[path]
         async with httpx.AsyncClient(timeout=5) as client:
             r = await client.get(f"{base}/stats", params={"filter": STATS_FILTER})
         out = {}
@@ -255,7 +284,7 @@ class Bench:
         """Run `load` (a coroutine returning (requests, seconds, client_cpu_s, data)) with CPU
         and Envoy counters sampled around it; check the phase was clean."""
         self.check_alive()
-        pids = self.pids()[path if path in ("upstream", "bare") else "atlas"]
+        pids = self.pids()["atlas" if path == "authz" else path]
         stats0 = await self.envoy_stats(path)
         cpu0 = cpu_snapshot(pids)
         own0 = os.times()
@@ -274,7 +303,7 @@ class Bench:
             phase, path, tool, requests, seconds, wall, cpu, busy1 - busy0, irq1 - irq0, data, stats
         )
         self.check_alive()
-        bad = {k: stats[k] for k in MUST_STAY_ZERO if stats.get(k)}
+        bad = {k: n for k, n in stats.items() if n and MUST_STAY_ZERO.match(k)}
         if bad:
             raise BenchError(f"{phase} on {path}: Envoy counted failures: {bad}")
         return m
@@ -307,7 +336,8 @@ class Bench:
         return h
 
     def url(self, path: str) -> str:
-        port = {"upstream": None, "bare": self.bare_port, "atlas": self.atlas_port}[path]
+        ports = {"bare": self.bare_port, "floor": self.floor_port, "atlas": self.atlas_port}
+        port = ports.get(path)
         return self.upstream_url if port is None else f"http://127.0.0.1:{port}"
 
     def port(self, path: str) -> int:
@@ -340,6 +370,17 @@ class Bench:
             raise BenchError(f"open-loop load on {path} saw errors: {d}")
         return d["completed"], d["completed"] / d["achieved_rate"], d.pop("_cpu_s"), d
 
+    async def _serial(self, path: str, requests: int) -> Any:
+        argv = ["bench.loadgen", "serial", "--port", str(self.port(path))]
+        argv += ["--requests", str(requests), "--body", json.dumps(NONSTREAM_BODY)]
+        for k, v in self._headers().items():
+            if k != "Content-Type":
+                argv += ["--header", f"{k}: {v}"]
+        d = await self._loadgen(argv)
+        if d["error"] or set(d["statuses"]) != {"200"} or d["completed"] != requests:
+            raise BenchError(f"serial requests on {path} saw errors: {d}")
+        return d["completed"], d["elapsed_s"], d.pop("_cpu_s"), d
+
     async def _streams(self, path: str, seconds: float, connections: int) -> Any:
         argv = ["bench.loadgen", "stream", "--port", str(self.port(path))]
         argv += ["--connections", str(connections), "--duration", str(seconds)]
@@ -356,6 +397,7 @@ class Bench:
         assert self.stack is not None
         s = self.stack.settings
         argv = ["bench.authzload", "--target", f"{s.authz_host}:{s.authz_port}"]
+        argv += ["--protocol", s.authz_protocol]
         argv += ["--key", self.authz_key, "--duration", str(seconds)]
         argv += ["--concurrency", str(concurrency)]
         d = await self._loadgen(argv)
@@ -374,16 +416,25 @@ class Bench:
         )
         warm = 1 if self.args.quick else 2
         print("bench: warming up (not measured)", flush=True)
-        for path in ("bare", "atlas"):
+        for path in PROXIED:
             for script in (ns, st):
                 r = await run_wrk(self.url(path), script, warm, self.args.connections)
                 if r.error_count:
                     raise BenchError(f"warm-up against {path}: errors {r.errors}\n{r.output}")
         three = ("upstream", "bare", "atlas")
         two = ("bare", "atlas")
+        if only in (None, "nonstream", "serial"):
+            # First, while the machine is quiet: one request at a time, nothing queues.
+            per_slice = max(1, self.args.serial_requests // self.args.rounds)
+            await self.compare(
+                "serial", "loadgen serial", PROXIED, lambda p, _t: self._serial(p, per_slice)
+            )
         if only in (None, "nonstream"):
             got = await self.compare(
-                "nonstream-max", "wrk", three, lambda p, t: self._wrk(p, ns, t)
+                "nonstream-max",
+                "wrk",
+                ("upstream", *PROXIED),
+                lambda p, t: self._wrk(p, ns, t),
             )
             rate = HALF * got["atlas"].rps
             if rate < 10:
@@ -400,7 +451,7 @@ class Bench:
                 lambda p, t: self._streams(p, t, PACED_CONNECTIONS),
             )
             await self.compare(
-                "single-stream", "loadgen stream", two, lambda p, t: self._streams(p, t, 1)
+                "single-stream", "loadgen stream", PROXIED, lambda p, t: self._streams(p, t, 1)
             )
         if only in (None, "authz"):
             conc = self.args.authz_concurrency
@@ -412,7 +463,15 @@ class Bench:
 # ---- merging the slices of a phase -------------------------------------------------------
 
 #: Counters that add up across slices; other numbers (rates, settings) take the median.
-_SUMMED = {"issued", "completed", "dropped", "queued_for_connection", "incomplete", "checks"}
+_SUMMED = {
+    "issued",
+    "completed",
+    "dropped",
+    "queued_for_connection",
+    "incomplete",
+    "checks",
+    "requests",
+}
 
 
 def _merge_data(items: list[Any], key: str = "") -> Any:
@@ -484,7 +543,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, default=None, help="seconds per load phase")
     p.add_argument("--connections", type=int, default=16, help="wrk connections (default 16)")
     p.add_argument("--quick", action="store_true", help="short phases (~1 minute in all)")
-    p.add_argument("--only", choices=("nonstream", "stream", "authz"), default=None)
+    p.add_argument("--only", choices=("serial", "nonstream", "stream", "authz"), default=None)
+    p.add_argument(
+        "--serial-requests",
+        type=int,
+        default=None,
+        help="requests per path in the one-at-a-time phase (default 1000, --quick 300)",
+    )
     p.add_argument(
         "--authz-concurrency", type=int, default=32, help="Checks in flight in the authz phase"
     )
@@ -521,6 +586,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.duration = 3.0 if args.quick else 15.0
     if args.rounds is None:
         args.rounds = 1 if args.quick else 3
+    if args.serial_requests is None:
+        args.serial_requests = 300 if args.quick else 1000
+    if args.serial_requests < args.rounds:
+        p.error("--serial-requests must be >= --rounds")
     if args.rounds < 1 or args.duration / args.rounds < 1:
         p.error("--rounds must be >= 1 and leave >= 1 s per slice")
     if args.duration < 1:
@@ -545,6 +614,8 @@ async def _main(args: argparse.Namespace, command: str) -> tuple[int, str, str]:
         print(f"bench: FAILED: {exc}", file=sys.stderr, flush=True)
         if bench.stack is not None:
             print(bench.stack.logs(), file=sys.stderr)
+        for svc in bench.floor.values():
+            print(f"--- {svc.name} ---\n    {svc.log()}", file=sys.stderr)
         return 1, "", ""
     finally:
         with contextlib.suppress(Exception):

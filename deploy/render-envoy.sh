@@ -4,6 +4,10 @@
 # render, so run this after changing the template or `atlas render-envoy`:
 #
 #   sh deploy/render-envoy.sh            (uses `atlas` on PATH; ATLAS=.venv/bin/atlas to pick one)
+#
+# authz speaks Envoy's HTTP ext_authz protocol (ATLAS_AUTHZ_PROTOCOL=http, the default). To run
+# it over gRPC instead, set ATLAS_AUTHZ_PROTOCOL=grpc for authz and admin and render with
+# `--authz-protocol grpc` here: Envoy's side and authz's must agree.
 set -eu
 cd "$(dirname "$0")/.."
 ATLAS="${ATLAS:-atlas}"
@@ -26,12 +30,13 @@ render() {
 # docker compose: services reach each other by compose service name.
 render deploy/envoy/envoy.yaml "Envoy bootstrap for compose.yaml (mounted at /etc/envoy/envoy.yaml)." \
     --upstream http://upstream:9000 --authz authz:50051 --extproc extproc:50052 \
-    --admin admin:8081 --listen-address 0.0.0.0 --port 8080 --validate
+    --admin admin:8081 --listen-address 0.0.0.0 --port 8080 --authz-protocol http --validate
 
-# Kubernetes (deploy/k8s/base): headless Services, so Envoy balances gRPC calls per request
-# over every authz/extproc pod; the LLM upstream is yours (here vLLM in namespace llm).
+# Kubernetes (deploy/k8s/base): headless Services, so Envoy sees every authz/extproc pod and
+# balances Checks (HTTP/1.1 keep-alive connections) and gRPC streams over all of them rather
+# than one kube-proxy connection; the LLM upstream is yours (here vLLM in namespace llm).
 render deploy/k8s/base/bootstrap/envoy.yaml "Envoy bootstrap for the standalone envoy Deployment in deploy/k8s/base." \
     --upstream http://vllm.llm.svc.cluster.local:8000 \
     --authz authz-headless.atlas.svc.cluster.local:50051 \
     --extproc extproc-headless.atlas.svc.cluster.local:50052 \
-    --admin admin.atlas.svc.cluster.local:8081 --listen-address 0.0.0.0 --port 8080 --validate
+    --admin admin.atlas.svc.cluster.local:8081 --listen-address 0.0.0.0 --port 8080 --authz-protocol http --validate

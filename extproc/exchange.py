@@ -11,7 +11,6 @@ import json
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from envoy.config.core.v3 import base_pb2
@@ -19,6 +18,7 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2 as pm
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from google.protobuf import wrappers_pb2
 
+from atlas.grant import GRANT_HEADER, MODEL_HEADER, Grant, ProcMode, proc_mode
 from atlas.jsonbound import loads_bounded, object_at
 from atlas.ledger.protocol import Settlement
 from atlas.modelnames import ModelNames
@@ -33,7 +33,6 @@ from extproc.usage import (
     endpoint_for_path,
 )
 
-AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"
 #: JSON responses up to this size are BUFFERED by Envoy (below its per-connection limit).
 MAX_BUFFERED_RESPONSE_BYTES = 4 << 20
 #: A JSON response up to this size is kept whole and parsed (with bounded work); beyond, only
@@ -45,26 +44,38 @@ _FALSE = wrappers_pb2.BoolValue(value=False)
 #: Every exchange folds its model names through one bounded set, unless given its own.
 _DEFAULT_MODEL_NAMES = ModelNames()
 
-_CONTINUE_REQUEST_HEADERS = ep.ProcessingResponse(
-    request_headers=ep.HeadersResponse(
-        # Compressed responses would be unreadable to us (and Envoy's decompressor would
-        # run after ext_proc on the response path).
-        response=ep.CommonResponse(
-            header_mutation=ep.HeaderMutation(remove_headers=["accept-encoding"])
+
+# With Envoy's request headers (meshes whose ext_authz cannot make dynamic metadata: the
+# grant comes as a request header, read and removed here), extproc applies the ProcMode
+# itself by mode overrides.
+def _headers_reply(mode: str | None) -> ep.ProcessingResponse:
+    reply = ep.ProcessingResponse(
+        request_headers=ep.HeadersResponse(
+            response=ep.CommonResponse(
+                header_mutation=ep.HeaderMutation(remove_headers=[GRANT_HEADER])
+            )
         )
     )
-)
-_CONTINUE_SKIP_REQUEST_BODY = ep.ProcessingResponse()
-_CONTINUE_SKIP_REQUEST_BODY.CopyFrom(_CONTINUE_REQUEST_HEADERS)
-_CONTINUE_SKIP_REQUEST_BODY.mode_override.request_body_mode = pm.ProcessingMode.NONE
-# A non-streamed completion: neither its request body nor its response headers are needed;
-# the response body is STREAMED past us: its size is unknown here, and BUFFERED over Envoy's
-# buffer limit fails the response (an empty 200 once the headers went out). A small body
-# still arrives as one message (the upstream's last data frame carries end_of_stream).
-_CONTINUE_BODY_ONLY = ep.ProcessingResponse()
-_CONTINUE_BODY_ONLY.CopyFrom(_CONTINUE_SKIP_REQUEST_BODY)
-_CONTINUE_BODY_ONLY.mode_override.response_header_mode = pm.ProcessingMode.SKIP
-_CONTINUE_BODY_ONLY.mode_override.response_body_mode = pm.ProcessingMode.STREAMED
+    o = reply.mode_override
+    if mode == ProcMode.REWRITE:
+        return reply
+    o.request_body_mode = pm.ProcessingMode.NONE
+    if mode == ProcMode.JSON:
+        # Its size is unknown here: BUFFERED over Envoy's buffer limit would fail the
+        # response (an empty 200 once the headers went out); a small body still arrives as
+        # one message.
+        o.response_header_mode = pm.ProcessingMode.SKIP
+        o.response_body_mode = pm.ProcessingMode.STREAMED
+    elif mode is None or mode == ProcMode.NONE:
+        o.response_header_mode = pm.ProcessingMode.SKIP
+        o.response_body_mode = pm.ProcessingMode.NONE
+    return reply
+
+
+_HEADERS_REPLIES = {
+    m: _headers_reply(m)
+    for m in (ProcMode.REWRITE, ProcMode.OBSERVE, ProcMode.JSON, ProcMode.NONE, None)
+}
 _PASS_REQUEST_BODY = ep.ProcessingResponse(request_body=ep.BodyResponse())
 _PASS_RESPONSE_BODY = ep.ProcessingResponse(response_body=ep.BodyResponse())
 _CLEAR_RESPONSE_BODY = ep.ProcessingResponse(
@@ -84,7 +95,7 @@ def _set(key: str, value: str) -> base_pb2.HeaderValueOption:
     )
 
 
-_SMALL_RESPONSE_ENDPOINTS = (Endpoint.CHAT, Endpoint.COMPLETIONS, Endpoint.RESPONSES)
+_ENDPOINTS = {e.value: e for e in Endpoint}
 _USAGE_INJECTED_ENDPOINTS = (Endpoint.CHAT, Endpoint.COMPLETIONS)
 
 
@@ -195,49 +206,6 @@ def _clamp_field(endpoint: Endpoint | None, body: bytes, data: dict[str, Any] | 
     return "max_tokens"
 
 
-@dataclass(slots=True)
-class Grant:
-    """What authz decided, from its dynamic metadata."""
-
-    key_id: str
-    reservation_id: str
-    reserved: int
-    prompt_estimate: int
-    model: str
-    tpm: int
-    granted_completion: int | None
-    degraded: bool  # admitted without Redis: nothing was reserved in the ledger
-    body_parsed: bool  # authz read the whole body as JSON (so the flags below are known)
-    stream: bool
-    include_usage: bool
-
-    @classmethod
-    def from_metadata(cls, md: dict[str, Any]) -> Grant | None:
-        key_id, rid = md.get("key_id"), md.get("reservation_id")
-        if not isinstance(key_id, str) or not isinstance(rid, str) or not key_id or not rid:
-            return None
-
-        def num(name: str) -> int:
-            v = md.get(name)
-            return int(v) if isinstance(v, int | float) else 0
-
-        granted = num("granted_completion")
-        model = md.get("model")
-        return cls(
-            key_id=key_id,
-            reservation_id=rid,
-            reserved=num("reserved"),
-            prompt_estimate=num("prompt_estimate"),
-            model=model if isinstance(model, str) else "",
-            tpm=num("tpm"),
-            granted_completion=granted if granted > 0 else None,
-            degraded=md.get("degraded") is True,
-            body_parsed=md.get("body_parsed") is True,
-            stream=md.get("stream") is True,
-            include_usage=md.get("include_usage") is True,
-        )
-
-
 class Exchange:
     def __init__(
         self,
@@ -261,7 +229,8 @@ class Exchange:
         self.injected_usage = False
         self.status = 0
         self.streaming_response = False
-        self.headers_skipped = False  # response headers not sent to us (see _CONTINUE_BODY_ONLY)
+        self.headers_seen = False
+        self.headers_skipped = False  # a response body came first (ProcMode.JSON)
         self.response_done = False
         self.usage: Usage | None = None
         #: Completion tokens to charge when no usage is reported.
@@ -274,30 +243,30 @@ class Exchange:
         self._json: JsonBodyAccountant | None = None
 
     # ---- request path ----------------------------------------------------------------
-    def on_request_headers(self, headers: dict[str, str], metadata: dict[str, Any]) -> Any:
-        self.grant = Grant.from_metadata(metadata)
-        self.endpoint = endpoint_for_path(headers.get(":path", ""))
+    def start(self, grant: Grant | None, path: str = "") -> None:
+        """The exchange's grant, from the first message that carries Envoy's metadata (which
+        message that is depends on the ext_proc configuration authz chose)."""
+        self.grant = grant
+        if grant is None:
+            self.endpoint = endpoint_for_path(path) if path else None
+            return
+        self.endpoint = _ENDPOINTS.get(grant.route) or (endpoint_for_path(path) if path else None)
+        self.model = grant.model
+        self.prompt_estimate = grant.prompt_estimate
+        self.stream = grant.stream
+
+    def on_request_headers(self, headers: dict[str, str]) -> Any:
+        """Only with a configuration that sends request headers: Atlas's own bootstrap does
+        not (Envoy picks the configuration); a mesh's single ext_proc filter does."""
+        path = headers.get(":path", "")
+        if self.grant is None:
+            text = headers.get(GRANT_HEADER)
+            self.start(Grant.decode(text) if text else None, path)
+        elif self.endpoint is None:
+            self.endpoint = endpoint_for_path(path)
         g = self.grant
-        if g is None:
-            return _CONTINUE_REQUEST_HEADERS
-        self.model = g.model
-        self.prompt_estimate = g.prompt_estimate
-        self.stream = g.stream
-        needs_body = (
-            self._route_by_model
-            or g.granted_completion is not None
-            or not g.body_parsed
-            or (g.stream and not g.include_usage)
-        )
-        if needs_body:
-            return _CONTINUE_REQUEST_HEADERS
-        # authz already read this body and there is nothing to change in it: one gRPC round
-        # trip less per request.
-        if not g.stream and self.endpoint in _SMALL_RESPONSE_ENDPOINTS:
-            self.headers_skipped = True
-            self._json = JsonBodyAccountant(MAX_COPIED_RESPONSE_BYTES)
-            return _CONTINUE_BODY_ONLY
-        return _CONTINUE_SKIP_REQUEST_BODY
+        mode = None if g is None else proc_mode(g, route_by_model=self._route_by_model)
+        return _HEADERS_REPLIES[mode]
 
     def on_request_body(self, body: bytes) -> Any:
         """BUFFERED: the whole request body. Rewrites it only when Atlas must, by splicing.
@@ -331,14 +300,14 @@ class Exchange:
             return _PASS_REQUEST_BODY
         common = ep.CommonResponse()
         if new is not None:
-            # BUFFERED with headers SENT: Envoy keeps Content-Length; it must match the body.
+            # BUFFERED: Envoy holds the headers and keeps Content-Length; it must match.
             common.header_mutation.set_headers.append(_set("content-length", str(len(new))))
             common.body_mutation.body = new
         if self._route_by_model:
             # authz removed any client-sent x-atlas-* header; the route follows the body.
             if self.model:
                 common.header_mutation.set_headers.append(
-                    _set("x-atlas-model", _header_safe(self.model))
+                    _set(MODEL_HEADER, _header_safe(self.model))
                 )
             common.clear_route_cache = True
         return ep.ProcessingResponse(request_body=ep.BodyResponse(response=common))
@@ -373,6 +342,7 @@ class Exchange:
 
     # ---- response path ---------------------------------------------------------------
     def on_response_headers(self, headers: dict[str, str], end_of_stream: bool) -> Any:
+        self.headers_seen = True
         try:
             self.status = int(headers.get(":status", "0"))
         except ValueError:
@@ -432,7 +402,10 @@ class Exchange:
         )
 
     def _on_json_body(self, body: bytes, end_of_stream: bool) -> Any:
-        if self._json is None:  # a body Envoy sends without our asking: count it all the same
+        if self._json is None:
+            # ProcMode.JSON: the body without its headers (or one Envoy sends without our
+            # asking: counted all the same).
+            self.headers_skipped = not self.headers_seen
             self._json = JsonBodyAccountant(MAX_COPIED_RESPONSE_BYTES)
         acc = self._json
         acc.feed(body)

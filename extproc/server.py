@@ -21,6 +21,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 
 from atlas import metrics
 from atlas.errors import LedgerUnavailable
+from atlas.grant import AUTHZ_NAMESPACE, GRANT_HEADER, Grant
 from atlas.grpc_service import grpc_server, stop_tasks, wait_for_shutdown
 from atlas.inflight import InflightGauge
 from atlas.ledger.protocol import Ledger, LedgerInputError, Settlement
@@ -28,7 +29,7 @@ from atlas.ledger.redis import RedisLedger
 from atlas.modelnames import ModelNames
 from atlas.pricing import PriceBook
 from atlas.settings import Settings
-from extproc.exchange import AUTHZ_NAMESPACE, Exchange
+from extproc.exchange import Exchange
 from extproc.journal import SettlementJournal
 from extproc.leases import LeaseKeeper
 from extproc.reaper import Reaper
@@ -40,18 +41,24 @@ SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
 SETTLE_RETRIES = 3
 
 
-def struct_values(s: Any) -> dict[str, Any]:
-    """The scalar fields of a protobuf Struct (MessageToDict is ~10x slower)."""
-    out: dict[str, Any] = {}
-    for name, v in s.fields.items():
-        kind = v.WhichOneof("kind")
-        if kind == "string_value":
-            out[name] = v.string_value
-        elif kind == "number_value":
-            out[name] = v.number_value
-        elif kind == "bool_value":
-            out[name] = v.bool_value
-    return out
+def grant_of(req: ep.ProcessingRequest) -> Grant | None:
+    """authz's grant, from the ext_authz metadata Envoy forwards (a string on both protocols)."""
+    md = req.metadata_context.filter_metadata.get(AUTHZ_NAMESPACE)
+    if md is None:
+        return None
+    v = md.fields.get(GRANT_HEADER)
+    if v is None or v.WhichOneof("kind") != "string_value":
+        return None
+    return Grant.decode(v.string_value)
+
+
+def _path_of(req: ep.ProcessingRequest, kind: str | None) -> str:
+    if kind != "request_headers":
+        return ""
+    for h in req.request_headers.headers.headers:
+        if h.key == ":path":
+            return (h.raw_value or h.value.encode()).decode("latin-1")
+    return ""
 
 
 def _headers(msg: Any) -> dict[str, str]:
@@ -164,9 +171,7 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
     @staticmethod
     def _handle(ex: Exchange, req: ep.ProcessingRequest, kind: str | None) -> Any:
         if kind == "request_headers":
-            md_struct = req.metadata_context.filter_metadata.get(AUTHZ_NAMESPACE)
-            md = struct_values(md_struct) if md_struct is not None else {}
-            return ex.on_request_headers(_headers(req.request_headers), md)
+            return ex.on_request_headers(_headers(req.request_headers))
         if kind == "request_body":
             return ex.on_request_body(req.request_body.body)
         if kind == "response_headers":
@@ -186,10 +191,14 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
         self, request_iterator: AsyncIterator[ep.ProcessingRequest], context: Any
     ) -> AsyncIterator[ep.ProcessingResponse]:
         ex = Exchange(route_by_model=self._route_by_model, models=self._models)
+        started = claimed = False
         try:
             async for req in request_iterator:
                 kind = req.WhichOneof("request")
                 MESSAGES[kind].inc()
+                if not started:
+                    started = True
+                    ex.start(grant_of(req), _path_of(req, kind))
                 try:
                     reply = self._handle(ex, req, kind)
                 except Exception:
@@ -198,10 +207,11 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
                     log.exception("extproc could not process %s; passing it through", kind)
                     metrics.DECISIONS.labels(service="extproc", decision="error").inc()
                     reply = ep.ProcessingResponse(**{kind: _PASS_THROUGH[kind]()})
-                if kind == "request_headers" and self._leases is not None:
-                    g = ex.grant
-                    if g is not None and not g.degraded:  # degraded: nothing was reserved
+                if not claimed and (g := ex.grant) is not None:
+                    claimed = True
+                    if self._leases is not None and not g.degraded:
                         # The request reached us: claim its reservation (batched, no I/O).
+                        # Degraded: nothing was reserved.
                         self._leases.claim(g.key_id, g.reservation_id)
                 yield reply
         finally:

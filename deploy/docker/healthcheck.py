@@ -6,7 +6,9 @@ this reads the command line of the container's Atlas process (PID 1, or the firs
 process when an init such as `docker run --init` is PID 1) and checks that service the way
 Envoy or Kubernetes would:
 
-    authz, extproc   gRPC health (grpc.health.v1 Check, service "") on the gRPC port
+    authz            GET /healthz on its port (Envoy's HTTP ext_authz protocol, the
+                     default), or gRPC health when ATLAS_AUTHZ_PROTOCOL=grpc
+    extproc          gRPC health (grpc.health.v1 Check, service "") on the gRPC port
     admin            GET /livez on the admin port
     demo-upstream    GET /health on the demo upstream's port
 
@@ -115,7 +117,12 @@ def target_of(args: Sequence[str]) -> tuple[str, str]:
         raise ValueError(f"atlas {command}: bad arguments {rest}") from exc
     settings = load_settings({k: v for k, v in vars(ns).items() if k in Settings.model_fields})
     if command == "authz":
-        return "grpc", f"{_local(settings.authz_host)}:{settings.authz_port}"
+        # One port, the protocol authz serves on it: HTTP answers /healthz itself, and a
+        # gRPC probe against it would fail on the HTTP/2 preface (and the reverse).
+        address = f"{_local(settings.authz_host)}:{settings.authz_port}"
+        if settings.authz_protocol == "grpc":
+            return "grpc", address
+        return "http", f"http://{address}/healthz"
     if command == "extproc":
         return "grpc", f"{_local(settings.extproc_host)}:{settings.extproc_port}"
     return "http", f"http://{_local(settings.admin_host)}:{settings.admin_port}/livez"

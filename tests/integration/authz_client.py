@@ -14,9 +14,10 @@ from envoy.service.auth.v3 import attribute_context_pb2 as ac
 from envoy.service.auth.v3 import external_auth_pb2 as auth_pb2
 from envoy.service.auth.v3 import external_auth_pb2_grpc as auth_grpc
 
+from atlas.grant import GRANT_HEADER
 from atlas.settings import Settings
 from atlas.stack import free_port
-from authz.server import serve
+from authz.service import serve
 
 
 def check_request(
@@ -58,6 +59,12 @@ def status_of(resp: auth_pb2.CheckResponse) -> int:
     return resp.denied_response.status.code if resp.HasField("denied_response") else 200
 
 
+def grant_of(resp: auth_pb2.CheckResponse) -> dict[str, Any]:
+    """The grant authz put in its dynamic metadata (atlas.grant: one JSON string)."""
+    grant: dict[str, Any] = json.loads(resp.dynamic_metadata[GRANT_HEADER])
+    return grant
+
+
 def headers_of(resp: auth_pb2.CheckResponse) -> dict[str, str]:
     opts = (
         resp.denied_response.headers
@@ -69,7 +76,7 @@ def headers_of(resp: auth_pb2.CheckResponse) -> dict[str, str]:
 
 @contextlib.asynccontextmanager
 async def running_authz(settings: Settings) -> AsyncIterator[auth_grpc.AuthorizationStub]:
-    settings = settings.model_copy(update={"authz_port": free_port()})
+    settings = settings.model_copy(update={"authz_port": free_port(), "authz_protocol": "grpc"})
     ready = asyncio.Event()
     task = asyncio.create_task(serve(settings, ready=ready))
     waiter = asyncio.create_task(ready.wait())

@@ -21,7 +21,13 @@ from atlas.ledger.redis import RedisLedger
 from atlas.settings import Settings
 from atlas.stack import free_port
 from tests.factories import key_record
-from tests.integration.authz_client import check_request, headers_of, running_authz, status_of
+from tests.integration.authz_client import (
+    check_request,
+    grant_of,
+    headers_of,
+    running_authz,
+    status_of,
+)
 from tests.servers import start_valkey, stop
 
 SECRET = "sk-atlas-integration-0123456789"
@@ -128,7 +134,7 @@ async def test_local_fail_mode_limits_known_keys_when_redis_stops(
         # Known key: admitted under the per-replica limiter (burst 3), marked degraded...
         assert [status_of(a) for a in answers] == [200, 200, 200, 429, 429]
         assert headers_of(answers[0])["x-atlas-degraded"] == "ledger-unavailable"
-        assert answers[0].dynamic_metadata["degraded"] is True
+        assert grant_of(answers[0])["degraded"] is True
         # ...and never an unknown one.
         assert status_of(await stub.Check(check_request("sk-atlas-unknown-000000000"))) == 503
 
@@ -221,7 +227,7 @@ async def test_complex_bodies_parse_off_the_event_loop(
     async with running_authz(settings) as stub:
         ok = await stub.Check(check_request(SECRET, raw=legit))
         assert status_of(ok) == 200
-        assert ok.dynamic_metadata["prompt_estimate"] == len(prose) // 4 + 1
+        assert grant_of(ok)["prompt_estimate"] == len(prose) // 4 + 1
         refused = await stub.Check(check_request(SECRET, raw=huge))
         assert status_of(refused) == 400
         assert json.loads(refused.denied_response.body)["error"]["code"] == "body_too_complex"
@@ -248,4 +254,4 @@ async def test_unknown_endpoints_are_404_through_the_service(
         assert status_of(r) == 400
         assert json.loads(r.denied_response.body)["error"]["param"] == "max_tokens"
         r = await stub.Check(check_request(SECRET, raw=b"", path="/v1/models", method="GET"))
-        assert status_of(r) == 200 and r.dynamic_metadata["reserved"] == 0
+        assert status_of(r) == 200 and grant_of(r)["reserved"] == 0

@@ -40,7 +40,7 @@ def test_validate_reports_envoys_message(tmp_path: Path) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text(
         render(CASES["local"]).replace(
-            "route_cache_action: RETAIN", "route_cache_action: SOMETIMES"
+            '"route_cache_action": "RETAIN"', '"route_cache_action": "SOMETIMES"'
         )
     )
     with pytest.raises(ConfigError, match="SOMETIMES"):
@@ -78,7 +78,7 @@ def test_model_routing_example_is_current_and_valid(
     assert shipped == fresh, "regenerate envoy/examples/model-routing.yaml (see its header)"
     validate(EXAMPLE)
     assert "outlier_detection" in fresh and "health_checks" in fresh
-    assert "route_cache_action: DEFAULT" in fresh
+    assert '"route_cache_action": "DEFAULT"' in fresh
 
 
 def test_bad_model_route_is_a_clear_error() -> None:

@@ -8,6 +8,7 @@ from typing import Any
 
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2 as pm
 
+from atlas.grant import GRANT_HEADER, Grant
 from extproc.exchange import Exchange
 
 STREAMS = Path(__file__).resolve().parents[1] / "data" / "streams"
@@ -28,7 +29,7 @@ def started(
     grant: dict[str, Any] | None = GRANT,
 ) -> Exchange:
     ex = Exchange()
-    ex.on_request_headers({":path": path}, grant or {})
+    ex.start(Grant.from_dict(grant or {}), path)
     if body is not None:
         ex.on_request_body(json.dumps(body).encode())
     return ex
@@ -50,7 +51,7 @@ def test_local_reply_without_request_state_settles_nothing() -> None:
 
 def test_streaming_request_gets_include_usage_and_a_matching_content_length() -> None:
     ex = Exchange()
-    ex.on_request_headers({":path": "/v1/chat/completions"}, GRANT)
+    ex.start(Grant.from_dict(GRANT), "/v1/chat/completions")
     reply = ex.on_request_body(b'{"model":"m","stream":true,"messages":[]}')
     new = body_of(reply, "request_body")
     assert new is not None and json.loads(new)["stream_options"] == {"include_usage": True}
@@ -61,7 +62,7 @@ def test_streaming_request_gets_include_usage_and_a_matching_content_length() ->
 
 def test_client_options_are_kept_and_unchanged_bodies_pass() -> None:
     ex = Exchange()
-    ex.on_request_headers({":path": "/v1/chat/completions"}, GRANT)
+    ex.start(Grant.from_dict(GRANT), "/v1/chat/completions")
     body = b'{"stream":true,"stream_options":{"include_usage":true}}'
     assert body_of(ex.on_request_body(body), "request_body") is None
     assert not ex.injected_usage
@@ -70,13 +71,13 @@ def test_client_options_are_kept_and_unchanged_bodies_pass() -> None:
 def test_hostile_request_bodies_pass_through() -> None:
     for body in (b"\xff\xfe", b"[1]", b'{"stream": "maybe"}', b"{" * 10_000):
         ex = Exchange()
-        ex.on_request_headers({":path": "/v1/chat/completions"}, GRANT)
+        ex.start(Grant.from_dict(GRANT), "/v1/chat/completions")
         assert body_of(ex.on_request_body(body), "request_body") is None
 
 
 def test_clamp_rewrites_max_tokens() -> None:
     ex = Exchange()
-    ex.on_request_headers({":path": "/v1/chat/completions"}, {**GRANT, "granted_completion": 7})
+    ex.start(Grant.from_dict({**GRANT, "granted_completion": 7}), "/v1/chat/completions")
     new = body_of(ex.on_request_body(b'{"max_completion_tokens": 500}'), "request_body")
     assert new is not None and json.loads(new) == {"max_completion_tokens": 7}
 
@@ -134,29 +135,9 @@ def test_json_response_and_upstream_error() -> None:
     assert s.prompt_tokens + s.completion_tokens == 0
 
 
-def test_request_body_is_skipped_only_when_nothing_needs_it() -> None:
-    parsed = {**GRANT, "body_parsed": True}
-    cases = [
-        (parsed, False, pm.ProcessingMode.NONE),  # plain JSON request: authz read it all
-        ({**parsed, "stream": True}, False, 0),  # include_usage must be injected
-        ({**parsed, "stream": True, "include_usage": True}, False, pm.ProcessingMode.NONE),
-        ({**parsed, "granted_completion": 9}, False, 0),  # clamp rewrites max_tokens
-        (GRANT, False, 0),  # authz saw only part of the body
-        (parsed, True, 0),  # routing by model reads the body
-    ]
-    for grant, route, mode in cases:
-        reply = Exchange(route_by_model=route).on_request_headers(
-            {":path": "/v1/chat/completions"}, grant
-        )
-        assert reply.mode_override.request_body_mode == mode, (grant, route)
-        assert list(reply.request_headers.response.header_mutation.remove_headers) == [
-            "accept-encoding"
-        ]
-
-
 def test_route_by_model_sets_the_header_and_clears_the_route_cache() -> None:
     ex = Exchange(route_by_model=True)
-    ex.on_request_headers({":path": "/v1/chat/completions"}, GRANT)
+    ex.start(Grant.from_dict(GRANT), "/v1/chat/completions")
     reply = ex.on_request_body(b'{"model": "llama-3\\n-8b\\u0000"}')
     common = reply.request_body.response
     assert common.clear_route_cache
@@ -170,7 +151,7 @@ PARSED = {**GRANT, "body_parsed": True}
 
 def rewritten(body: bytes, grant: dict[str, Any], path: str = "/v1/chat/completions") -> bytes:
     ex = Exchange()
-    ex.on_request_headers({":path": path}, grant)
+    ex.start(Grant.from_dict(grant), path)
     new = body_of(ex.on_request_body(body), "request_body")
     assert new is not None
     return new
@@ -181,7 +162,7 @@ def test_include_usage_is_spliced_in_and_strings_pass_byte_for_byte() -> None:
     # was never asked for and the stream was estimated.
     body = b'{"model":"m","stream":true,"messages":[{"role":"user","content":"\\ud800 x"}]} \n'
     ex = Exchange()
-    ex.on_request_headers({":path": "/v1/chat/completions"}, {**PARSED, "stream": True})
+    ex.start(Grant.from_dict({**PARSED, "stream": True}), "/v1/chat/completions")
     new = body_of(ex.on_request_body(body), "request_body")
     assert new is not None and ex.injected_usage
     assert new.startswith(body.rstrip()[:-1])  # the client's bytes, untouched
@@ -224,7 +205,7 @@ def test_utf16_bodies_are_rewritten_too() -> None:
 def test_pathological_body_is_not_parsed_and_is_estimated_by_size() -> None:
     body = b'{"messages":' + b"[]," * 1_000_000 + b"[]}"  # ~3 MB of tiny arrays
     ex = Exchange()
-    ex.on_request_headers({":path": "/v1/chat/completions"}, GRANT)
+    ex.start(Grant.from_dict(GRANT), "/v1/chat/completions")
     assert body_of(ex.on_request_body(body), "request_body") is None
     assert ex.prompt_estimate == -(-len(body) // 4)
 
@@ -324,14 +305,6 @@ def test_responses_json_without_usage_is_estimated_from_its_output() -> None:
     assert s is not None and not s.exact and s.completion_tokens == (40 + 42 + 400 + 3) // 4
 
 
-def test_body_only_path_streams_the_response_body() -> None:
-    # Its size is unknown when the response headers are skipped: BUFFERED over Envoy's limit
-    # would fail the response.
-    reply = Exchange().on_request_headers({":path": "/v1/chat/completions"}, PARSED)
-    assert reply.mode_override.response_header_mode == pm.ProcessingMode.SKIP
-    assert reply.mode_override.response_body_mode == pm.ProcessingMode.STREAMED
-
-
 # ---- streams that hang up or overflow (item 8) -------------------------------------------
 def test_hang_up_right_after_finish_reason_is_charged_at_least_a_token_per_chunk() -> None:
     raw = (STREAMS / "openai_chat_usage.sse").read_bytes()
@@ -381,7 +354,8 @@ async def test_a_thousand_model_names_make_at_most_max_tracked_plus_two_labels()
 
     async def one(i: int) -> None:
         md = struct_pb2.Struct()
-        md.update({**GRANT, "key_id": key_id, "reservation_id": f"r{i}", "model": f"m{i}"})
+        grant = {**GRANT, "key_id": key_id, "reservation_id": f"r{i}", "model": f"m{i}"}
+        md.update({GRANT_HEADER: json.dumps(grant)})
         req = ep.ProcessingRequest()
         req.request_headers.headers.headers.add(key=":path", raw_value=b"/v1/chat/completions")
         req.metadata_context.filter_metadata["envoy.filters.http.ext_authz"].CopyFrom(md)

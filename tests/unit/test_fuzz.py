@@ -6,6 +6,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from atlas.grant import Grant
 from atlas.requestbody import parse_llm_request
 from extproc.exchange import Exchange
 from tests.unit.test_exchange import GRANT
@@ -71,7 +72,7 @@ def test_exchange_survives_anything_and_always_settles(
     route: bool,
 ) -> None:
     ex = Exchange(route_by_model=route)
-    ex.on_request_headers({":path": path}, GRANT)
+    ex.start(Grant.from_dict(GRANT), path)
     ex.on_request_body(body)
     ex.on_response_headers({":status": status, "content-type": ctype}, False)
     for i, chunk in enumerate(chunks):

@@ -1,0 +1,158 @@
+"""The authz -> Envoy -> extproc contract: what authz decided about a request, how it travels.
+
+authz answers Envoy (over HTTP or gRPC ext_authz) with a *grant*; Envoy keeps it as dynamic
+metadata in the ext_authz namespace and forwards it to extproc with its messages
+(`metadata_options.forwarding_namespaces`). Over HTTP, Envoy can only turn response headers
+into string metadata (`dynamic_metadata_from_headers`), so the grant is one compact JSON text
+in one header (`x-atlas-grant`) on both protocols: one encoder, one decoder, one place to
+rename a field.
+
+Header names that cross Envoy between Atlas's services live here too.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+#: The ext_authz filter's dynamic metadata namespace (its filter name).
+AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"
+#: authz -> Envoy (-> dynamic metadata): the grant's JSON text.
+GRANT_HEADER = "x-atlas-grant"
+#: authz -> upstream: who is calling, at what priority.
+KEY_ID_HEADER = "x-atlas-key-id"
+PRIORITY_HEADER = "x-atlas-priority"
+#: authz -> Envoy: which ext_proc configuration serves this exchange (see `ProcMode`).
+PROC_HEADER = "x-atlas-proc"
+#: authz -> client, on admission without the ledger.
+DEGRADED_HEADER = "x-atlas-degraded"
+#: authz (and Envoy's own local replies, by local_reply_config) -> client: why a request was
+#: refused (the error code, or `gateway`). ext_proc skips responses that carry it.
+REFUSAL_HEADER = "x-atlas-refusal"
+#: extproc -> Envoy: the body's model, for per-model routes.
+MODEL_HEADER = "x-atlas-model"
+#: Envoy -> authz: set by ext_authz when the body it forwarded is cut at max_request_bytes.
+PARTIAL_BODY_HEADER = "x-envoy-auth-partial-body"
+#: authz -> Envoy (HTTP ext_authz): request headers to remove, comma separated.
+HEADERS_TO_REMOVE_HEADER = "x-envoy-auth-headers-to-remove"
+
+#: Model names are client input; the grant carries a bounded prefix (the ledger folds names).
+MAX_GRANT_MODEL_CHARS = 256
+
+
+class ProcMode:
+    """How much of an exchange extproc must see, chosen by authz per request.
+
+    - `rewrite`: the request body changes (usage injection, clamp, model routing): request
+      body BUFFERED, then the response.
+    - `observe`: nothing on the request changes: no request-phase message; response headers
+      and body as they come (a stream whose usage the client asked for itself).
+    - `json`: a non-streamed completion that needs no rewrite: only its response body.
+    - `none`: nothing to account (global shadow mode refused it before the ledger).
+
+    Envoy runs the `rewrite` configuration for any other value, or none: an exchange is
+    never left unaccounted because the header went missing.
+    """
+
+    REWRITE = "rewrite"
+    OBSERVE = "observe"
+    JSON = "json"
+    NONE = "none"
+
+
+@dataclass(slots=True)
+class Grant:
+    """What authz decided for one admitted request."""
+
+    key_id: str
+    reservation_id: str
+    reserved: int
+    prompt_estimate: int
+    model: str = ""
+    tpm: int = 0
+    #: Per-choice completion limit authz clamped the request to (None: not clamped).
+    granted_completion: int | None = None
+    #: Admitted without Redis: nothing was reserved in the ledger.
+    degraded: bool = False
+    #: authz read the whole body as JSON, so `stream` and `include_usage` are known.
+    body_parsed: bool = False
+    stream: bool = False
+    include_usage: bool = False
+    priority: str = "normal"
+    shadow_decision: str = ""
+    route: str = ""
+    choices: int = 1
+
+    def encode(self) -> str:
+        """Printable ASCII JSON (a header value): non-ASCII and control characters escaped."""
+        d = asdict(self)
+        d["model"] = self.model[:MAX_GRANT_MODEL_CHARS]
+        return json.dumps(d, separators=(",", ":"), ensure_ascii=True)
+
+    @classmethod
+    def decode(cls, text: str) -> Grant | None:
+        """The grant in `text`, or None for anything that is not one (never raises)."""
+        try:
+            d = json.loads(text)
+        except (ValueError, RecursionError):
+            return None
+        return cls.from_dict(d) if isinstance(d, dict) else None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Grant | None:
+        key_id, rid = d.get("key_id"), d.get("reservation_id")
+        if not isinstance(key_id, str) or not isinstance(rid, str) or not key_id or not rid:
+            return None
+
+        def num(name: str) -> int:
+            v = d.get(name)
+            return int(v) if isinstance(v, int | float) and not isinstance(v, bool) else 0
+
+        def text(name: str) -> str:
+            v = d.get(name)
+            return v if isinstance(v, str) else ""
+
+        granted = num("granted_completion")
+        return cls(
+            key_id=key_id,
+            reservation_id=rid,
+            reserved=num("reserved"),
+            prompt_estimate=num("prompt_estimate"),
+            model=text("model")[:MAX_GRANT_MODEL_CHARS],
+            tpm=num("tpm"),
+            granted_completion=granted if granted > 0 else None,
+            degraded=d.get("degraded") is True,
+            body_parsed=d.get("body_parsed") is True,
+            stream=d.get("stream") is True,
+            include_usage=d.get("include_usage") is True,
+            priority=text("priority") or "normal",
+            shadow_decision=text("shadow_decision"),
+            route=text("route"),
+            choices=max(1, num("choices")),
+        )
+
+
+#: Endpoints whose streams Atlas asks for usage (stream_options.include_usage).
+_USAGE_INJECTED_ROUTES = frozenset(("chat", "completions"))
+#: Non-streamed endpoints whose response extproc reads without its headers (ProcMode.JSON).
+_JSON_ROUTES = frozenset(("chat", "completions", "responses"))
+
+
+def proc_mode(grant: Grant, *, route_by_model: bool) -> str:
+    """The ext_proc configuration an exchange needs (see `ProcMode`): authz names it for
+    Envoy's matchers; extproc applies it itself when Envoy sends it the request headers."""
+    if not grant.body_parsed:
+        # Not an LLM body (GET /v1/models, extra endpoints), or one authz could not read:
+        # extproc reads it (or, with nothing to read, waits for the response).
+        return ProcMode.OBSERVE if grant.route not in _JSON_ROUTES else ProcMode.REWRITE
+    rewrite = (
+        route_by_model
+        or grant.granted_completion is not None
+        or (grant.stream and grant.route in _USAGE_INJECTED_ROUTES and not grant.include_usage)
+    )
+    if rewrite:
+        return ProcMode.REWRITE
+    if not grant.stream and grant.route in _JSON_ROUTES:
+        return ProcMode.JSON
+    return ProcMode.OBSERVE

@@ -1,0 +1,102 @@
+"""What authz tells Envoy about an admitted request, whatever the protocol (HTTP or gRPC).
+
+`admitted()` turns a `Verdict` into an `Answer`: headers for the upstream, client headers to
+remove, headers for the client's response, the grant for extproc and the ext_proc mode. The
+protocol modules only spell it (`authz.http_server`, `authz.server`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from atlas.grant import (
+    DEGRADED_HEADER,
+    GRANT_HEADER,
+    KEY_ID_HEADER,
+    PRIORITY_HEADER,
+    Grant,
+    ProcMode,
+    proc_mode,
+)
+from atlas.settings import Settings
+from authz.policy import CLIENT_KEY_HEADERS, CheckInput, Verdict, ratelimit_headers
+
+#: Removed from every admitted request: compressed responses would be unreadable to extproc
+#: (Envoy's decompressor would run after ext_proc on the response path).
+_ALWAYS_REMOVED = ("accept-encoding",)
+
+
+@dataclass(slots=True)
+class Answer:
+    upstream_headers: list[tuple[str, str]] = field(default_factory=list)
+    remove_headers: list[str] = field(default_factory=list)
+    client_headers: list[tuple[str, str]] = field(default_factory=list)
+    grant: Grant | None = None
+    proc: str = ProcMode.REWRITE
+
+
+def _normalized(name: str) -> str:
+    # Upstreams that fold `_` into `-` (gunicorn, Werkzeug, CGI-style servers) would read
+    # `x_atlas_key_id` as ours.
+    return name.lower().replace("_", "-")
+
+
+def client_headers_to_remove(headers: dict[str, str], *, strip_key: bool) -> list[str]:
+    """Client headers that must not reach the upstream: anything posing as Atlas
+    (`x-atlas-*` in any spelling), the raw `x-request-priority` (Atlas sends the capped
+    `x-atlas-priority`), and with `strip_key` every header that can carry the client's key."""
+    remove = []
+    for h in headers:
+        n = _normalized(h)
+        ours = n.startswith("x-atlas-") or n == "x-request-priority"
+        if ours or (strip_key and n in CLIENT_KEY_HEADERS):
+            remove.append(h)
+    return remove
+
+
+def admitted(v: Verdict, inp: CheckInput, settings: Settings) -> Answer:
+    # With an upstream credential of our own, the client's key is never needed upstream.
+    strip_key = settings.strip_client_key or settings.upstream_api_key is not None
+    remove = client_headers_to_remove(inp.headers, strip_key=strip_key)
+    if v.key is None or v.admission is None:  # global shadow mode, refused before the ledger
+        return Answer(remove_headers=remove, proc=ProcMode.NONE)
+    up = [(KEY_ID_HEADER, v.key.id), (PRIORITY_HEADER, v.priority)]
+    if settings.upstream_api_key is not None:
+        up.append(("authorization", "Bearer " + settings.upstream_api_key.get_secret_value()))
+    # Envoy applies removals after sets: a header we set must not also be removed (the grant:
+    # meshes whose ext_authz cannot make metadata pass it to extproc as a request header, set
+    # over any client's; Atlas's bootstrap removes a client's at the router).
+    ours = {name for name, _ in up} | {GRANT_HEADER}
+    remove = [h for h in remove if h not in ours]
+    remove.extend(h for h in _ALWAYS_REMOVED if h in inp.headers)
+    a = v.admission
+    req = v.request
+    grant = Grant(
+        key_id=v.key.id,
+        reservation_id=v.reservation_id,
+        reserved=a.reserved,
+        prompt_estimate=req.prompt_tokens,
+        model=req.model,
+        tpm=v.key.tokens_per_minute or 0,
+        granted_completion=a.granted_completion,
+        degraded=v.degraded,
+        # What the body holds, so extproc can skip reading it when it needs nothing there.
+        body_parsed=req.parsed,
+        stream=req.stream,
+        include_usage=req.include_usage,
+        priority=v.priority,
+        shadow_decision=v.shadow_reason,
+        route=v.route,
+        choices=req.choices,
+    )
+    if v.degraded:
+        client = [(DEGRADED_HEADER, "ledger-unavailable")]
+    else:
+        client = list(ratelimit_headers(a, v.key).items())
+    return Answer(
+        upstream_headers=up,
+        remove_headers=remove,
+        client_headers=client,
+        grant=grant,
+        proc=proc_mode(grant, route_by_model=bool(settings.model_routes)),
+    )
