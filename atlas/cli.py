@@ -189,6 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="http",
         help="how Envoy calls authz (must match the authz service's ATLAS_AUTHZ_PROTOCOL)",
     )
+    render.add_argument(
+        "--no-access-log-settlement",
+        dest="access_log_settlement",
+        action="store_false",
+        help="settle non-streamed completions through ext_proc, not the gRPC access log "
+        "(must match the services' ATLAS_SETTLE_FROM_ACCESS_LOG=false)",
+    )
     render.add_argument("--validate", action="store_true", help="check with envoy --mode validate")
     return parser
 
@@ -254,6 +261,7 @@ def _render_envoy(ns: argparse.Namespace) -> int:
             atlas_admin=_hostports(ns.admin)[0],
             model_routes=_model_routes(ns.model_route),
             authz_protocol=ns.authz_protocol,
+            access_log_settlement=ns.access_log_settlement,
         )
     )
     if ns.validate:

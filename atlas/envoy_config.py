@@ -101,6 +101,9 @@ class EnvoyParams:
     max_request_bytes: int = 8 << 20
     #: How Envoy calls authz: "http" (http_service) or "grpc" (grpc_service).
     authz_protocol: str = "http"
+    #: Non-streamed completions settled from the gRPC access log (json_to_metadata reads
+    #: their usage) instead of an ext_proc stream (Settings.settle_from_access_log).
+    access_log_settlement: bool = True
 
 
 #: Resilience of model clusters (see docs): a failing replica is retried on another, ejected
@@ -336,6 +339,110 @@ def _proc_is(value_match: dict[str, object], *, invert: bool = False) -> dict[st
     }
 
 
+#: The namespace json_to_metadata writes usage into (extproc/accesslog.py reads it).
+USAGE_NAMESPACE = "atlas.usage"
+USAGE_FILTER_NAME = "atlas.usage"
+_USAGE_FIELDS = (
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "input_tokens",
+    "output_tokens",
+)
+
+
+def _small_response(params: EnvoyParams) -> dict[str, object]:
+    """A predicate: the response has a Content-Length json_to_metadata can buffer (it holds the
+    whole body, and a body over Envoy's buffer limit would fail the response with a 500)."""
+    limit = params.max_request_bytes + ENVOY_HEADROOM_BYTES  # the connection buffer limit
+    digits = len(str(limit)) - 1  # every number of fewer digits is below the limit
+    return {
+        "single_predicate": {
+            "input": {
+                "name": "length",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.type.matcher.v3"
+                    ".HttpResponseHeaderMatchInput",
+                    "header_name": "content-length",
+                },
+            },
+            "value_match": {"safe_regex": {"google_re2": {}, "regex": f"^[0-9]{{1,{digits}}}$"}},
+        }
+    }
+
+
+def usage_filter(params: EnvoyParams) -> dict[str, object]:
+    """json_to_metadata lifting a `json` exchange's `usage` into dynamic metadata for the
+    access log; `read` says it saw the whole body (JSON or not)."""
+
+    def rule(field: str) -> dict[str, object]:
+        return {
+            "selectors": [{"key": "usage"}, {"key": field}],
+            "on_present": {"metadata_namespace": USAGE_NAMESPACE, "key": field, "type": "NUMBER"},
+        }
+
+    read = {"metadata_namespace": USAGE_NAMESPACE, "key": "read", "value": {"number_value": 1}}
+    config = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.json_to_metadata.v3"
+        ".JsonToMetadata",
+        "response_rules": {
+            "rules": [
+                *(rule(f) for f in _USAGE_FIELDS),
+                {
+                    "selectors": [{"key": "object"}],
+                    "on_present": read,
+                    "on_missing": read,
+                    "on_error": read,
+                },
+            ],
+            "allow_content_types_regex": {"regex": "^application/json"},
+            "allow_empty_content_type": True,
+        },
+    }
+    skips = [
+        _proc_is({"string_match": {"exact": ProcMode.JSON}}, invert=True),
+        {"not_matcher": _small_response(params)},
+    ]
+    return {
+        "name": USAGE_FILTER_NAME,
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.common.matching.v3.ExtensionWithMatcher",
+            "extension_config": {"name": USAGE_FILTER_NAME, "typed_config": config},
+            "xds_matcher": {
+                "matcher_list": {"matchers": [{"predicate": p, "on_match": _SKIP} for p in skips]}
+            },
+        },
+    }
+
+
+def settlement_access_log() -> dict[str, object]:
+    """The gRPC access log to extproc, for `json` exchanges only: many entries per message on
+    one long-lived stream, flushed every 50 ms."""
+    return {
+        "name": "envoy.access_loggers.http_grpc",
+        "filter": {
+            "metadata_filter": {
+                "matcher": {
+                    "filter": AUTHZ_NAMESPACE,
+                    "path": [{"key": PROC_HEADER}],
+                    "value": {"string_match": {"exact": ProcMode.JSON}},
+                }
+            }
+        },
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3"
+            ".HttpGrpcAccessLogConfig",
+            "common_config": {
+                "log_name": "atlas-settlements",
+                "transport_api_version": "V3",
+                "grpc_service": {"envoy_grpc": {"cluster_name": "atlas_extproc"}},
+                "buffer_flush_interval": "0.05s",
+                "buffer_size_bytes": 16384,
+            },
+        },
+    }
+
+
 def ext_proc_filters(params: EnvoyParams) -> list[dict[str, object]]:
     """One ext_proc filter per configuration, each behind a matcher on x-atlas-proc."""
     filters = []
@@ -382,6 +489,9 @@ def ext_proc_filters(params: EnvoyParams) -> list[dict[str, object]]:
         else:
             # Run it only for its own value.
             skips = [_proc_is({"string_match": {"exact": mode}}, invert=True)]
+            if mode == ProcMode.JSON and params.access_log_settlement:
+                # json_to_metadata reads a response it can buffer; this filter the others.
+                skips.append(_small_response(params))
         matcher = {
             "matcher_list": {"matchers": [{"predicate": p, "on_match": _SKIP} for p in skips]}
         }
@@ -445,7 +555,14 @@ def render(params: EnvoyParams, template: str = "atlas.yaml.tmpl") -> str:
         if params.authz_protocol != "grpc"
         else _json_line({"typed_extension_protocol_options": H2_OPTIONS}),
         "ext_proc_filters": "".join(
-            f"          - {json.dumps(f)}\n" for f in ext_proc_filters(params)
+            f"          - {json.dumps(f)}\n"
+            for f in [
+                *ext_proc_filters(params),
+                *([usage_filter(params)] if params.access_log_settlement else []),
+            ]
+        ),
+        "settlement_access_log_line": (
+            "- " + json.dumps(settlement_access_log()) if params.access_log_settlement else ""
         ),
     }
     text = (config_dir() / template).read_text()

@@ -142,17 +142,36 @@ _JSON_ROUTES = frozenset(("chat", "completions", "responses"))
 def proc_mode(grant: Grant, *, route_by_model: bool) -> str:
     """The ext_proc configuration an exchange needs (see `ProcMode`): authz names it for
     Envoy's matchers; extproc applies it itself when Envoy sends it the request headers."""
-    if not grant.body_parsed:
+    return proc_mode_for(
+        route=grant.route,
+        body_parsed=grant.body_parsed,
+        stream=grant.stream,
+        include_usage=grant.include_usage,
+        clamped=grant.granted_completion is not None,
+        route_by_model=route_by_model,
+    )
+
+
+def proc_mode_for(
+    *,
+    route: str,
+    body_parsed: bool,
+    stream: bool,
+    include_usage: bool,
+    clamped: bool,
+    route_by_model: bool,
+) -> str:
+    if not body_parsed:
         # Not an LLM body (GET /v1/models, extra endpoints), or one authz could not read:
         # extproc reads it (or, with nothing to read, waits for the response).
-        return ProcMode.OBSERVE if grant.route not in _JSON_ROUTES else ProcMode.REWRITE
+        return ProcMode.OBSERVE if route not in _JSON_ROUTES else ProcMode.REWRITE
     rewrite = (
         route_by_model
-        or grant.granted_completion is not None
-        or (grant.stream and grant.route in _USAGE_INJECTED_ROUTES and not grant.include_usage)
+        or clamped
+        or (stream and route in _USAGE_INJECTED_ROUTES and not include_usage)
     )
     if rewrite:
         return ProcMode.REWRITE
-    if not grant.stream and grant.route in _JSON_ROUTES:
+    if not stream and route in _JSON_ROUTES:
         return ProcMode.JSON
     return ProcMode.OBSERVE

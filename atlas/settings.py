@@ -217,6 +217,12 @@ class Settings(BaseSettings):
         gt=0,
         description="A reservation no ext_proc stream claims within this is released, charged 0, s",
     )
+    settle_from_access_log: bool = Field(
+        True,
+        description="Non-streamed completions are settled from Envoy's gRPC access log "
+        "(json_to_metadata reads usage; no ext_proc stream); the Envoy bootstrap must match "
+        "(atlas render-envoy --no-access-log-settlement). Meshes without it: false",
+    )
     window_utc_offset_min: int = Field(
         0, ge=-14 * 60, le=14 * 60, description="Offset of quota day/month windows from UTC, min"
     )

@@ -304,6 +304,7 @@ class Stack:
                     max_request_bytes=s.max_request_bytes,
                     model_routes=s.model_routes,
                     authz_protocol=s.authz_protocol,
+                    access_log_settlement=s.settle_from_access_log,
                 )
             )
         )

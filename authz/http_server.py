@@ -31,6 +31,7 @@ from atlas.grant import (
     PARTIAL_BODY_HEADER,
     PROC_HEADER,
     REFUSAL_HEADER,
+    Grant,
 )
 from atlas.metrics import DECISIONS
 from atlas.openai_errors import error_body
@@ -53,6 +54,8 @@ MAX_HEADERS = 256
 #: Requests a connection may queue (Envoy sends one at a time per connection).
 MAX_PIPELINED = 16
 _ADMITTED = DECISIONS.labels(service="authz", decision="ok")
+UNDELIVERED = DECISIONS.labels(service="authz", decision="undelivered")
+_BACKGROUND: set[asyncio.Future[None]] = set()
 _REASONS = {
     200: b"OK",
     400: b"Bad Request",
@@ -67,7 +70,18 @@ _REASONS = {
     463: b"Atlas Unavailable",
 }
 
-Handler = Callable[[CheckInput], Awaitable[bytes]]
+
+class Reply:
+    """An answer's bytes, and the grant it carries (released if it is never delivered)."""
+
+    __slots__ = ("data", "grant")
+
+    def __init__(self, data: bytes, grant: Grant | None = None) -> None:
+        self.data = data
+        self.grant = grant
+
+
+Handler = Callable[[CheckInput], Awaitable[Reply]]
 
 
 def _header_lines(headers: list[tuple[str, str]]) -> list[bytes]:
@@ -106,16 +120,16 @@ class CheckService:
         self._authorizer = authorizer
         self._settings = settings
 
-    async def __call__(self, inp: CheckInput) -> bytes:
+    async def __call__(self, inp: CheckInput) -> Reply:
         try:
             verdict = await self._authorizer.check(inp)
         except Denied as d:
             DECISIONS.labels(service="authz", decision=d.code or str(d.status)).inc()
-            return answer_denied(d)
+            return Reply(answer_denied(d))
         except Exception:
             log.exception("Check failed")
             DECISIONS.labels(service="authz", decision="internal_error").inc()
-            return answer_denied(_INTERNAL)
+            return Reply(answer_denied(_INTERNAL))
         _ADMITTED.inc()
         a = admitted(verdict, inp, self._settings)
         # x-atlas-proc and x-atlas-grant become dynamic metadata (x-atlas-key-id is both an
@@ -125,7 +139,17 @@ class CheckService:
             headers.append((GRANT_HEADER, a.grant.encode()))
         if a.remove_headers:
             headers.append((HEADERS_TO_REMOVE_HEADER, ",".join(a.remove_headers)))
-        return response(200, headers)
+        return Reply(response(200, headers), a.grant)
+
+    def undelivered(self, grant: Grant) -> None:
+        """Envoy closed the connection before this admission's answer was written (the client
+        hung up during the Check): nothing will ever settle it, so it is given up now."""
+        if grant.degraded:
+            return
+        UNDELIVERED.inc()
+        task = asyncio.ensure_future(self._authorizer.release(grant.key_id, grant.reservation_id))
+        _BACKGROUND.add(task)
+        task.add_done_callback(_BACKGROUND.discard)
 
 
 def check_input(method: str, url: bytes, headers: dict[str, str], body: bytes) -> CheckInput | None:
@@ -162,16 +186,25 @@ class CheckProtocol(asyncio.Protocol):
         "_parser",
         "_queue",
         "_transport",
+        "_undelivered",
         "_url",
     )
 
-    def __init__(self, handler: Handler, *, max_body_bytes: int, health: Callable[[], bool]):
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        max_body_bytes: int,
+        health: Callable[[], bool],
+        undelivered: Callable[[Grant], None] = lambda g: None,
+    ):
         self._handler = handler
+        self._undelivered = undelivered
         self._max_body = max_body_bytes
         self._health = health
         self._parser = httptools.HttpRequestParser(self)
         self._transport: asyncio.Transport | None = None
-        self._queue: deque[asyncio.Future[bytes]] = deque()
+        self._queue: deque[asyncio.Future[Reply]] = deque()
         self._closing = False
         self._reset()
 
@@ -187,10 +220,10 @@ class CheckProtocol(asyncio.Protocol):
         self._transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
 
     def connection_lost(self, exc: Exception | None) -> None:
+        # Checks in flight finish (an admission must not be cut halfway); `_flush` gives up
+        # the reservations of answers that can no longer be delivered.
         self._transport = None
-        for fut in self._queue:
-            fut.cancel()
-        self._queue.clear()
+        self._flush()
 
     def data_received(self, data: bytes) -> None:
         if self._closing:
@@ -238,8 +271,8 @@ class CheckProtocol(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         inp = check_input(method, url, headers, body)
         if inp is None:
-            fut: asyncio.Future[bytes] = loop.create_future()
-            fut.set_result(self._probe(method, url))
+            fut: asyncio.Future[Reply] = loop.create_future()
+            fut.set_result(Reply(self._probe(method, url)))
         else:
             fut = asyncio.ensure_future(self._handler(inp))
         self._queue.append(fut)
@@ -258,14 +291,17 @@ class CheckProtocol(asyncio.Protocol):
         # Answers leave in request order: the head of the queue first, as soon as it is done.
         while self._queue and self._queue[0].done():
             fut = self._queue.popleft()
-            if fut.cancelled() or self._transport is None:
+            if fut.cancelled():
                 continue
             exc = fut.exception()
+            reply = Reply(answer_denied(_INTERNAL)) if exc is not None else fut.result()
             if exc is not None:
                 log.error("Check answer failed: %r", exc)
-                self._transport.write(answer_denied(_INTERNAL))
+            if self._transport is None or self._transport.is_closing():
+                if reply.grant is not None:
+                    self._undelivered(reply.grant)
                 continue
-            self._transport.write(fut.result())
+            self._transport.write(reply.data)
         if self._closing and not self._queue and self._transport is not None:
             self._transport.close()
 
@@ -275,8 +311,8 @@ class CheckProtocol(asyncio.Protocol):
         answer = response(
             status, [("content-type", "application/json"), ("connection", "close")], body
         )
-        done: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        done.set_result(answer)
+        done: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        done.set_result(Reply(answer))
         self._queue.append(done)
         self._flush()
 
@@ -307,7 +343,12 @@ async def serve_http(
     max_body = settings.max_request_bytes + (64 << 10)
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
-        lambda: CheckProtocol(service, max_body_bytes=max_body, health=lambda: serving),
+        lambda: CheckProtocol(
+            service,
+            max_body_bytes=max_body,
+            health=lambda: serving,
+            undelivered=service.undelivered,
+        ),
         settings.authz_host,
         settings.authz_port,
         backlog=1024,

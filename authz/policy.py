@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 
 from atlas import metrics
 from atlas.errors import Denied, LedgerUnavailable
+from atlas.grant import ProcMode, proc_mode_for
 from atlas.keymodel import KeyRecord, cap_priority, hash_secret
 from atlas.ledger.protocol import Admission, AdmitRequest, Ledger, LedgerInputError
 from atlas.limits import MAX_RESERVATION_TOKENS
@@ -120,6 +121,14 @@ class Authorizer:
             "critical": settings.ceiling_critical,
         }
 
+    async def release(self, key_id: str, reservation_id: str) -> None:
+        """Give up a reservation whose admission never reached Envoy (its connection closed
+        before the answer was written): the reaper releases it, charged nothing."""
+        try:
+            await self._ledger.release({key_id: [reservation_id]})
+        except LedgerUnavailable:
+            metrics.LEDGER_ERRORS.labels(service="authz", op="release").inc()
+
     async def check(self, inp: CheckInput) -> Verdict:
         try:
             return await self._check(inp)
@@ -177,6 +186,17 @@ class Authorizer:
             if route.reads_body
             else 0,
             choices=req.choices if route.generates else 1,
+            # Envoy's access log settles it (ProcMode.JSON without ext_proc): nothing claims it.
+            unattended=self._s.settle_from_access_log
+            and proc_mode_for(
+                route=route.name,
+                body_parsed=req.parsed,
+                stream=req.stream,
+                include_usage=req.include_usage,
+                clamped=False,
+                route_by_model=bool(self._s.model_routes),
+            )
+            == ProcMode.JSON,
         )
         if degraded:
             return self._admit_locally(key, admit, req, route)

@@ -21,6 +21,9 @@ the body (first to last byte), the gaps between body reads, and the SSE events r
 *serial*: N requests one at a time over one keep-alive connection, the next written as soon as
 the previous answer's last byte arrived: what one request costs on a quiet machine, with no
 queueing and no batching anywhere. Latency runs from the write to the answer's last byte.
+With `--cpu-pids`, the generator samples those processes' CPU (and the machine's) around its
+own measuring window: a short phase's numbers then leave out the generator's start-up, when
+the measured processes only idle.
 """
 
 from __future__ import annotations
@@ -282,6 +285,45 @@ async def run_rate(args: argparse.Namespace) -> dict[str, Any]:
 # ---- one at a time ------------------------------------------------------------------------
 
 
+def parse_pids(spec: str) -> dict[str, list[int]]:
+    """`envoy=12;authz=34,35` -> {"envoy": [12], "authz": [34, 35]}."""
+    out: dict[str, list[int]] = {}
+    for part in filter(None, spec.split(";")):
+        name, _, pids = part.partition("=")
+        out[name] = [int(x) for x in pids.split(",") if x]
+    return out
+
+
+class CpuWindow:
+    """CPU of named process groups and of the machine over one window (bench.procs)."""
+
+    def __init__(self, pids: dict[str, list[int]]) -> None:
+        from bench import procs  # only here: the other modes stay light to start
+
+        self.procs = procs
+        self.pids = pids
+
+    def start(self) -> None:
+        self.cpu0 = self.procs.cpu_snapshot(self.pids)
+        self.machine0 = self.procs.machine_cpu()
+        self.own0 = time.process_time()
+        self.t0 = perf()
+
+    def stop(self) -> dict[str, Any]:
+        wall = perf() - self.t0
+        own = time.process_time() - self.own0
+        busy1, irq1 = self.procs.machine_cpu()
+        cpu = self.procs.cpu_delta(self.cpu0, self.procs.cpu_snapshot(self.pids))
+        busy0, irq0 = self.machine0
+        return {
+            "wall_s": wall,
+            "cpu_s": cpu,
+            "client_s": own,  # this generator's own CPU in the window
+            "busy_s": busy1 - busy0,
+            "irq_s": irq1 - irq0,
+        }
+
+
 async def run_serial(args: argparse.Namespace) -> dict[str, Any]:
     request = build_request(args.host, args.port, args.path, args.body.encode(), args.header)
     loop = asyncio.get_running_loop()
@@ -299,6 +341,9 @@ async def run_serial(args: argparse.Namespace) -> dict[str, Any]:
     latency: list[float] = []
     statuses: dict[int, int] = {}
     error = ""
+    window = CpuWindow(parse_pids(args.cpu_pids)) if args.cpu_pids else None
+    if window is not None:
+        window.start()
     t0 = perf()
     for _ in range(args.requests):
         fut = loop.create_future()
@@ -311,10 +356,12 @@ async def run_serial(args: argparse.Namespace) -> dict[str, Any]:
         statuses[c.status] = statuses.get(c.status, 0) + 1
         latency.append(c.t_done - c.t_sent)
     elapsed = perf() - t0
+    cpu_window = window.stop() if window is not None else None
     if conn.transport is not None:
         conn.transport.close()
     return {
         "mode": "serial",
+        "cpu_window": cpu_window,
         "requests": args.requests,
         "completed": len(latency),
         "elapsed_s": elapsed,
@@ -406,6 +453,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pool", type=int, default=64, help="rate mode: keep-alive connections")
     p.add_argument("--connections", type=int, default=8, help="stream mode: concurrent streams")
     p.add_argument("--requests", type=int, default=1000, help="serial mode: requests to send")
+    p.add_argument(
+        "--cpu-pids",
+        default="",
+        help="serial mode: 'name=pid,pid;name=pid' whose CPU to sample around the window",
+    )
     args = p.parse_args(argv)
     run = {"rate": run_rate, "stream": run_stream, "serial": run_serial}[args.mode]
     try:

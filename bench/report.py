@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bench.procs import REPO
+from bench.procs import REPO, TICK_S
 from bench.shapes import CHUNKS, HALF, PACED_CONNECTIONS, PACED_DELAY_MS, REFERENCE
 
 if TYPE_CHECKING:
@@ -970,9 +970,13 @@ def render(
         "extproc).",
         "- **CPU**: utime+stime from `/proc/<pid>/stat` (whole process trees) before and after "
         "each phase; wrk and the generators from `wait4`. *client* is the load generator, "
-        "*harness* this benchmark's own process (it drains both Envoys' access logs). *proxy "
+        "*harness* this benchmark's own process (it drains every Envoy's access log). *proxy "
         "total* is Envoy + authz + extproc + Valkey + admin. Everything shares the same "
-        "cores, so CPU one process uses is CPU the others cannot.",
+        "cores, so CPU one process uses is CPU the others cannot. In the one-at-a-time "
+        "phase the generator samples the services' CPU around its own requests (its start-up, "
+        "when they only idle, is left out); /proc counts in ticks of "
+        f"{1000 * TICK_S:.0f} ms, so a short slice's CPU per request is rounded by up to a tick "
+        "per process.",
         "",
         "## Is the upstream the bottleneck?",
         "",

@@ -295,6 +295,11 @@ class Bench:
         busy1, irq1 = machine_cpu()
         own1 = os.times()
         cpu = cpu_delta(cpu0, cpu_snapshot(pids))
+        window = data.pop("cpu_window", None)
+        if window:  # the generator sampled CPU around its own window (no start-up in it)
+            cpu, wall, client_cpu = dict(window["cpu_s"]), window["wall_s"], window["client_s"]
+            busy0, busy1, irq0, irq1 = 0.0, window["busy_s"], 0.0, window["irq_s"]
+            data["cpu_sampled_by"] = "generator"
         stats1 = await self.envoy_stats(path)
         cpu["client"] = client_cpu
         cpu["harness"] = (own1.user - own0.user) + (own1.system - own0.system)
@@ -371,8 +376,10 @@ class Bench:
         return d["completed"], d["completed"] / d["achieved_rate"], d.pop("_cpu_s"), d
 
     async def _serial(self, path: str, requests: int) -> Any:
+        pids = ";".join(f"{n}={','.join(map(str, g))}" for n, g in self.pids()[path].items())
         argv = ["bench.loadgen", "serial", "--port", str(self.port(path))]
         argv += ["--requests", str(requests), "--body", json.dumps(NONSTREAM_BODY)]
+        argv += ["--cpu-pids", pids]
         for k, v in self._headers().items():
             if k != "Content-Type":
                 argv += ["--header", f"{k}: {v}"]

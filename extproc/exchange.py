@@ -24,6 +24,7 @@ from atlas.ledger.protocol import Settlement
 from atlas.modelnames import ModelNames
 from atlas.pricing import PriceBook
 from atlas.requestbody import bytes_estimate, estimate_prompt_tokens, lax_bool
+from extproc.accesslog import EXTPROC_NAMESPACE, OWNER_KEY
 from extproc.sse import SSEDecoder
 from extproc.usage import (
     Endpoint,
@@ -78,6 +79,10 @@ _HEADERS_REPLIES = {
 }
 _PASS_REQUEST_BODY = ep.ProcessingResponse(request_body=ep.BodyResponse())
 _PASS_RESPONSE_BODY = ep.ProcessingResponse(response_body=ep.BodyResponse())
+# ProcMode.JSON's body reached extproc (too big, or without a length, for json_to_metadata):
+# the access-log settler leaves this exchange to extproc (extproc/accesslog.py).
+_PASS_OWNED_RESPONSE_BODY = ep.ProcessingResponse(response_body=ep.BodyResponse())
+_PASS_OWNED_RESPONSE_BODY.dynamic_metadata.update({EXTPROC_NAMESPACE: {OWNER_KEY: 1}})
 _CLEAR_RESPONSE_BODY = ep.ProcessingResponse(
     response_body=ep.BodyResponse(
         response=ep.CommonResponse(body_mutation=ep.BodyMutation(clear_body=True))
@@ -402,11 +407,14 @@ class Exchange:
         )
 
     def _on_json_body(self, body: bytes, end_of_stream: bool) -> Any:
+        reply = _PASS_RESPONSE_BODY
         if self._json is None:
             # ProcMode.JSON: the body without its headers (or one Envoy sends without our
             # asking: counted all the same).
             self.headers_skipped = not self.headers_seen
             self._json = JsonBodyAccountant(MAX_COPIED_RESPONSE_BYTES)
+            if self.headers_skipped:
+                reply = _PASS_OWNED_RESPONSE_BODY
         acc = self._json
         acc.feed(body)
         if end_of_stream:
@@ -416,7 +424,7 @@ class Exchange:
                 self.status = 599  # no status seen: an OpenAI error body is the sign
             self.usage, self.completion_estimate = acc.result()
             self._json = JsonBodyAccountant(0)  # frees the copy; a stray later chunk counts
-        return _PASS_RESPONSE_BODY
+        return reply
 
     def _estimated_completion(self) -> int:
         if self._accountant is not None:

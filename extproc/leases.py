@@ -36,6 +36,8 @@ MAX_RENEW_S = 60.0
 class LeaseLedger(Protocol):
     async def lease(self, leases: Mapping[str, Collection[str]]) -> int: ...
 
+    async def release(self, releases: Mapping[str, Collection[str]]) -> int: ...
+
 
 Lease = tuple[str, str]  # (key id, reservation id)
 
@@ -63,6 +65,7 @@ class LeaseKeeper:
         self._pending: set[Lease] = set()  # claimed by a stream, not yet in Redis
         self._live: set[Lease] = set()  # claimed in Redis, renewed until released
         self._flushing: set[Lease] = set()  # being written now
+        self._abandoned: set[Lease] = set()  # never reached the upstream: to give up
         self._wake = asyncio.Event()
 
     def claim(self, key_id: str, reservation_id: str) -> None:
@@ -79,12 +82,26 @@ class LeaseKeeper:
         self._live.discard(lease)
         self._flushing.discard(lease)
 
+    def abandon(self, key_id: str, reservation_id: str) -> None:
+        """Envoy's access log says this request never reached the upstream: give up its
+        reservation (released, charged nothing), with the next flush."""
+        self._abandoned.add((key_id, reservation_id))
+        self._wake.set()
+
     @property
     def held(self) -> int:
         return len(self._pending) + len(self._live)
 
     async def flush(self) -> int:
-        """Write pending claims now; on failure they stay pending for the next flush."""
+        """Write pending claims (and abandons) now; on failure they stay for the next flush."""
+        if self._abandoned:
+            gone, self._abandoned = self._abandoned, set()
+            try:
+                await self._ledger.release(_by_key(gone))
+            except LedgerUnavailable:
+                self._abandoned |= gone
+                raise
+            metrics.LEASES.labels(op="abandon").inc(len(gone))
         if not self._pending:
             return 0
         batch = self._flushing = self._pending

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+from envoy.service.accesslog.v3 import als_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 
@@ -29,6 +30,7 @@ from atlas.ledger.redis import RedisLedger
 from atlas.modelnames import ModelNames
 from atlas.pricing import PriceBook
 from atlas.settings import Settings
+from extproc.accesslog import AccessLogSettler
 from extproc.exchange import Exchange
 from extproc.journal import SettlementJournal
 from extproc.leases import LeaseKeeper
@@ -83,12 +85,13 @@ class Settler:
         self._sleep = sleep
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def submit(self, s: Settlement, ex: Exchange) -> None:
-        task = asyncio.create_task(self._settle(s, ex))
+    def submit(self, s: Settlement, grant: Grant | None, *, stream_s: float | None = None) -> None:
+        """:param stream_s: for a streamed response, how long it streamed (None: not one)."""
+        task = asyncio.create_task(self._settle(s, grant, stream_s))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _settle(self, s: Settlement, ex: Exchange) -> None:
+    async def _settle(self, s: Settlement, grant: Grant | None, stream_s: float | None) -> None:
         delay = 0.05
         for attempt in range(SETTLE_RETRIES):
             try:
@@ -115,10 +118,10 @@ class Settler:
         if (
             self._inflight is not None
             and result.status in ("settled", "malformed")
-            and ex.grant is not None
-            and not ex.grant.degraded
+            and grant is not None
+            and not grant.degraded
         ):
-            self._inflight.add(-ex.grant.reserved)
+            self._inflight.add(-grant.reserved)
         source = "exact" if s.exact else "estimated"
         metrics.SETTLEMENTS.labels(outcome=s.outcome, source=source, status=result.status).inc()
         if result.status == "duplicate":
@@ -132,10 +135,10 @@ class Settler:
         )
         if result.refunded:
             metrics.TOKEN_REFUNDS.labels(key_id=s.key_id, reason=s.outcome).inc(result.refunded)
-        if ex.streaming_response:
+        if stream_s is not None:
             metrics.STREAMING_REQUESTS.labels(key_id=s.key_id, model=s.model).inc()
-            if ex.finished_at is not None:
-                metrics.STREAMING_DURATION.observe(ex.finished_at - ex.started_at)
+            if stream_s >= 0:
+                metrics.STREAMING_DURATION.observe(stream_s)
 
     async def drain(self) -> None:
         if self._tasks:
@@ -218,7 +221,11 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
             # Reached on normal end, on half-close without end_of_stream and on cancellation.
             settlement = ex.settlement(self._prices)
             if settlement is not None:
-                self._settler.submit(settlement, ex)
+                stream_s = None
+                if ex.streaming_response:
+                    done = ex.finished_at
+                    stream_s = -1.0 if done is None else done - ex.started_at
+                self._settler.submit(settlement, ex.grant, stream_s=stream_s)
             if self._leases is not None and ex.grant is not None:
                 self._leases.release(ex.grant.key_id, ex.grant.reservation_id)
             if ex.first_chunk_at is not None:
@@ -286,12 +293,23 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
         models=ModelNames.from_settings(settings),
         leases=leases,
     )
+    access_log = AccessLogSettler(
+        settler.submit,
+        leases.abandon,
+        prices=PriceBook(settings.model_prices),
+        models=ModelNames.from_settings(settings),
+    )
+
+    def register(server: Any) -> None:
+        ep_grpc.add_ExternalProcessorServicer_to_server(processor, server)
+        als_pb2_grpc.add_AccessLogServiceServicer_to_server(access_log, server)
+
     address = f"{settings.extproc_host}:{settings.extproc_port}"
     try:
         async with grpc_server(
             address,
             max_message_bytes=settings.grpc_max_message_bytes,
-            register=lambda s: ep_grpc.add_ExternalProcessorServicer_to_server(processor, s),
+            register=register,
             service_name=SERVICE_NAME,
             grace_s=10,  # streams in flight are still being accounted
         ):

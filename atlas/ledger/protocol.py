@@ -3,6 +3,7 @@ it against Redis; unit tests use fakes checked against this Protocol."""
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -35,6 +36,8 @@ class AdmitRequest:
     #: completions the request generates (n x best_of x prompts); with clamp, the granted
     #: max_tokens is per choice and `completion_tokens` is the total over all choices.
     choices: int = 1
+    #: settled from Envoy's access log (no ext_proc stream claims it): claimed at admission.
+    unattended: bool = False
 
 
 @dataclass(slots=True, frozen=True)
@@ -135,6 +138,8 @@ class Ledger(Protocol):
     async def admit(self, rec: KeyRecord, req: AdmitRequest) -> Admission: ...
 
     async def settle(self, s: Settlement) -> SettleResult: ...
+
+    async def release(self, releases: Mapping[str, Collection[str]]) -> int: ...
 
     async def reap(self, key_id: str, *, charge: bool = True) -> tuple[int, int]: ...
 

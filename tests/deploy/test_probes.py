@@ -97,8 +97,16 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
 def test_targets(clean_env: pytest.MonkeyPatch) -> None:
     hc = healthcheck_module()
     clean_env.setenv("ATLAS_AUTHZ_HOST", "0.0.0.0")
+    # authz: GET /healthz over its default HTTP protocol, gRPC health in gRPC mode.
+    assert hc.target_of(["authz"]) == ("http", "http://127.0.0.1:50051/healthz")
+    assert hc.target_of(["authz", "--authz-port", "6000"]) == (
+        "http",
+        "http://127.0.0.1:6000/healthz",
+    )
+    clean_env.setenv("ATLAS_AUTHZ_PROTOCOL", "grpc")
     assert hc.target_of(["authz"]) == ("grpc", "127.0.0.1:50051")
-    assert hc.target_of(["authz", "--authz-port", "6000"]) == ("grpc", "127.0.0.1:6000")
+    clean_env.setenv("ATLAS_AUTHZ_PROTOCOL", "http")
+    assert hc.target_of(["authz"])[0] == "http"
     clean_env.setenv("ATLAS_EXTPROC_PORT", "7000")
     assert hc.target_of(["extproc"]) == ("grpc", "127.0.0.1:7000")
     clean_env.setenv("ATLAS_ADMIN_HOST", "::")
@@ -176,10 +184,19 @@ def started() -> Iterator[list[subprocess.Popen[bytes]]]:
             _stop(proc)
 
 
-@pytest.mark.parametrize("service", ["authz", "extproc", "admin"])
+@pytest.mark.parametrize(
+    ("service", "authz_protocol"),
+    [("authz", "http"), ("authz", "grpc"), ("extproc", None), ("admin", None)],
+)
 def test_healthcheck_against_the_real_service(
-    service: str, service_env: dict[str, str], started: list[subprocess.Popen[bytes]]
+    service: str,
+    authz_protocol: str | None,
+    service_env: dict[str, str],
+    started: list[subprocess.Popen[bytes]],
 ) -> None:
+    if authz_protocol is not None:
+        # The check follows the protocol authz serves; the other one would never pass.
+        service_env = {**service_env, "ATLAS_AUTHZ_PROTOCOL": authz_protocol}
     proc = subprocess.Popen(
         [sys.executable, "-m", "atlas.cli", service],
         env=service_env,

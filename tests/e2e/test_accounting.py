@@ -173,13 +173,12 @@ async def test_upstream_without_usage_is_estimated_within_15_percent(
     )
 
 
-async def test_a_plain_completion_costs_two_ext_proc_messages(
-    make_key: MakeKey, client_for: Client, stack: Stack
+async def test_a_plain_completion_opens_no_ext_proc_stream_and_settles_exactly(
+    make_key: MakeKey, client_for: Client, stack: Stack, admin: httpx.AsyncClient
 ) -> None:
-    """authz already read the body and chose ext_proc's `json` configuration: extproc gets
-    the response body only, with the grant in its metadata (no request-phase message). The
-    body is STREAMED (its size is unknown with the headers skipped; BUFFERED over Envoy's
-    limit failed the response), so it comes as its data and an empty end_of_stream message."""
+    """authz already read the body and chose the `json` configuration: Envoy's json_to_metadata
+    reads the response's usage and the gRPC access log carries it to extproc, which settles
+    it exactly; no ext_proc message at all (issue 12)."""
     url = f"http://127.0.0.1:{stack.settings.extproc_metrics_port}/metrics"
 
     async def counts() -> dict[str, float]:
@@ -194,15 +193,14 @@ async def test_a_plain_completion_costs_two_ext_proc_messages(
     key = await make_key()
     client = client_for(key["api_key"])
     before = await counts()
+    reported = 0
     for _ in range(5):
-        await client.chat.completions.create(model="demo-small", messages=MESSAGES, max_tokens=3)
+        r = await client.chat.completions.create(
+            model="demo-small", messages=MESSAGES, max_tokens=3
+        )
+        assert r.usage is not None
+        reported += r.usage.total_tokens
+    u = await settled(admin, key["id"])
     after = await counts()
-    delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
-    assert delta == {
-        "request_headers": 0,
-        "request_body": 0,
-        "request_trailers": 0,
-        "response_headers": 0,
-        "response_body": 10,
-        "response_trailers": 0,
-    }
+    assert {k: after.get(k, 0) - before.get(k, 0) for k in after} == dict.fromkeys(after, 0)
+    assert u["daily"]["used"] == reported  # the upstream's own usage, exactly

@@ -111,6 +111,7 @@ async def test_secrets_never_reach_redis_logs_or_metrics(
             json={"model": "m"},
             headers={"authorization": f"Bearer {secret}x"},
         )  # a wrong one too
+        await _settled(admin, key["id"])  # from the access log, a moment after the answer
         exported = [
             (await raw.get(f"http://127.0.0.1:{port}/metrics")).text
             for port in (stack.settings.authz_metrics_port, stack.settings.extproc_metrics_port)

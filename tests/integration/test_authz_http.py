@@ -57,11 +57,11 @@ class Conn:
         self.writer.write(data)
         await self.writer.drain()
 
-    async def read_answers(self, n: int = 1, timeout: float = 5.0) -> list[Answer]:
+    async def read_answers(self, n: int = 1, wait_s: float = 5.0) -> list[Answer]:
         answers: list[Answer] = []
         current = Answer()
         parser = httptools.HttpResponseParser(current)
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(wait_s):
             while len(answers) < n:
                 data = await self.reader.read(65536)
                 if not data:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
+
 from atlas.errors import LedgerUnavailable
 from atlas.keymodel import KeyRecord
 from atlas.ledger.protocol import (
@@ -43,6 +45,7 @@ class FakeLedger:
         self.keys: dict[str, KeyRecord] = {}
         self.admits: list[AdmitRequest] = []
         self.settlements: list[Settlement] = []
+        self.released: list[tuple[str, str]] = []
         self.next_admission = admission()
         self.down = False
 
@@ -74,6 +77,11 @@ class FakeLedger:
         self._check()
         self.settlements.append(s)
         return SettleResult("settled", s.prompt_tokens + s.completion_tokens, 0)
+
+    async def release(self, releases: Mapping[str, Collection[str]]) -> int:
+        self._check()
+        self.released += [(k, rid) for k, rids in releases.items() for rid in rids]
+        return sum(len(r) for r in releases.values())
 
     async def reap(self, key_id: str, *, charge: bool = True) -> tuple[int, int]:
         return 0, 0

@@ -2,6 +2,7 @@
 -- Units: time in ms (Redis TIME), tokens are integers, rate_per_sec in requests/s.
 -- KEYS[1] request bucket   KEYS[2] token bucket   KEYS[3] reservations hash
 -- KEYS[4] reservation expiry zset   KEYS[5] window prefix (d:/m:/h: keys built from TIME)
+-- KEYS[6] claimed set
 -- ARGV[1] reservation id        ARGV[2] prompt estimate        ARGV[3] completion estimate
 -- ARGV[4] rate_per_sec          ARGV[5] burst                  ARGV[6] tokens_per_minute (0 none)
 -- ARGV[7] daily_limit           ARGV[8] monthly_limit          ARGV[9] quota ceiling (0..1)
@@ -11,6 +12,8 @@
 -- ARGV[18] monthly budget in micro-USD (0 none)   ARGV[19] cost of the estimate in micro-USD
 -- ARGV[20] claim timeout ms: a new reservation is "unclaimed" and reaped (charged 0) unless
 --   an ext_proc stream claims it (lease.lua) by then   ARGV[21] choices (completions generated)
+-- ARGV[22] unattended (1 = settled from Envoy's access log, which no stream claims: claimed
+--   at admission, for the ttl)
 -- Returns {admitted, reason, retry_after_ms, granted_completion (-1 = unchanged), reserved,
 --   req_remaining, req_reset_ms, tok_remaining (-1 none), tok_reset_ms,
 --   day_used, day_reserved, day_reset_s, month_used, month_reserved, month_reset_s, now_ms,
@@ -35,6 +38,7 @@ local budget = tonumber(ARGV[18])
 local est_cost = tonumber(ARGV[19])
 local claim_ms = math.min(tonumber(ARGV[20]), ttl_ms)
 local choices = tonumber(ARGV[21])
+local unattended = ARGV[22] == '1'
 
 local c = clock(tz)
 local now = c.now_ms
@@ -122,7 +126,14 @@ if admitted then
     .. int(est_cost) .. '|' .. ARGV[15] .. '|' .. ARGV[16])
   -- Rule: the reservation lives claim_ms unless an ext_proc stream claims it (then ttl_ms,
   -- renewed while the stream lives): a request Envoy never sent on is not held for the TTL.
-  redis.call('ZADD', KEYS[4], now + claim_ms, rid)
+  -- Rule: an unattended one is claimed now, for ttl_ms: its access-log entry settles it, or
+  -- releases it when the request never reached the upstream; a lost entry is reaped charged.
+  if unattended then
+    redis.call('ZADD', KEYS[4], now + ttl_ms, rid)
+    redis.call('SADD', KEYS[6], rid)
+  else
+    redis.call('ZADD', KEYS[4], now + claim_ms, rid)
+  end
   incr_window(day_key, 'reserved', estimate, DAY_TTL_S)
   incr_window(day_key, 'requests', 1, DAY_TTL_S)
   incr_window(month_key, 'reserved', estimate, MONTH_TTL_S)

@@ -1,0 +1,188 @@
+"""Settlements from Envoy's gRPC access log: non-streamed completions without an ext_proc stream.
+
+For an exchange authz marked `json` (atlas/grant.py ProcMode), Envoy's json_to_metadata filter
+lifts the response's `usage` into dynamic metadata (`atlas.usage`) and the access logger
+(`envoy.access_loggers.http_grpc`) sends one entry per request, many per message, on one
+long-lived stream. Measured (issue 12): ~22 µs of Python per request here, against ~950 µs
+for the smallest ext_proc stream.
+
+Who settles an entry's exchange:
+- json_to_metadata read the body (`atlas.usage.read`): this module, from its usage (exact) or
+  its size (estimated);
+- extproc's `json` filter saw the body (a response too big or without a length for
+  json_to_metadata; it marks `atlas.extproc.owner`): extproc, not this module;
+- nobody saw a body: this module, from what the entry says happened: an upstream error is
+  refunded, a request the upstream got is charged its prompt, one it never got is released.
+
+A lost entry (extproc down: Envoy drops what it cannot send) leaves the reservation claimed
+(authz admitted it `unattended`): the reaper charges it at its deadline, never less.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from envoy.data.accesslog.v3 import accesslog_pb2 as al
+from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+
+from atlas import metrics
+from atlas.grant import AUTHZ_NAMESPACE, GRANT_HEADER, PROC_HEADER, Grant, ProcMode
+from atlas.ledger.protocol import Settlement
+from atlas.modelnames import ModelNames
+from atlas.pricing import PriceBook
+from atlas.requestbody import tokens_for_chars
+
+log = logging.getLogger("atlas.extproc")
+
+SERVICE_NAME = "envoy.service.accesslog.v3.AccessLogService"
+#: json_to_metadata's namespace (envoy/atlas.yaml.tmpl) and the keys it writes.
+USAGE_NAMESPACE = "atlas.usage"
+#: extproc's namespace: `owner` when its `json` ext_proc filter saw the body.
+EXTPROC_NAMESPACE = "atlas.extproc"
+OWNER_KEY = "owner"
+
+
+def _num(fields: Any, name: str) -> int | None:
+    v = fields.get(name)
+    if v is None or v.WhichOneof("kind") != "number_value":
+        return None
+    n = v.number_value
+    # json_to_metadata copies whatever the upstream wrote: bounded like any usage.
+    return int(n) if 0 <= n < 1e12 and n == int(n) else None
+
+
+def _string(fields: Any, name: str) -> str | None:
+    v = fields.get(name)
+    return v.string_value if v is not None and v.WhichOneof("kind") == "string_value" else None
+
+
+class Decision:
+    """What to do with one entry: settle it, release its reservation, or leave it."""
+
+    __slots__ = ("grant", "release", "settlement")
+
+    def __init__(
+        self, grant: Grant, settlement: Settlement | None = None, release: bool = False
+    ) -> None:
+        self.grant = grant
+        self.settlement = settlement
+        self.release = release
+
+
+def decide(
+    entry: al.HTTPAccessLogEntry, prices: PriceBook | None, models: ModelNames
+) -> Decision | None:
+    """The decision for one entry, or None when it is not this module's (no grant, another
+    ext_proc configuration, or extproc's json filter saw the body)."""
+    md = entry.common_properties.metadata.filter_metadata
+    authz = md.get(AUTHZ_NAMESPACE)
+    if authz is None:
+        return None
+    if _string(authz.fields, PROC_HEADER) != ProcMode.JSON:
+        return None
+    text = _string(authz.fields, GRANT_HEADER)
+    grant = Grant.decode(text) if text else None
+    if grant is None or grant.degraded:  # degraded: nothing reserved in the ledger
+        return None
+    owner = md.get(EXTPROC_NAMESPACE)
+    if owner is not None and OWNER_KEY in owner.fields:
+        return None
+    cp = entry.common_properties
+    status = entry.response.response_code.value if entry.response.HasField("response_code") else 0
+    usage = md.get(USAGE_NAMESPACE)
+    read = usage is not None and "read" in usage.fields
+    reached = cp.HasField("time_to_first_upstream_tx_byte")
+    flags = cp.response_flags
+    completed = not (flags.downstream_connection_termination or flags.downstream_remote_reset)
+    if read:
+        assert usage is not None
+        f = usage.fields
+        prompt = _num(f, "prompt_tokens")
+        if prompt is None:
+            prompt = _num(f, "input_tokens")
+        total = _num(f, "total_tokens")
+        if total is None:
+            out = _num(f, "completion_tokens")
+            if out is None:
+                out = _num(f, "output_tokens")
+            total = None if prompt is None or out is None else prompt + out
+        if total is not None and prompt is not None and total >= prompt:
+            return Decision(
+                grant, _settlement(grant, prompt, total - prompt, True, "completed", prices, models)
+            )
+    if status >= 400:
+        return Decision(grant, _settlement(grant, 0, 0, True, "upstream_error", prices, models))
+    if not reached:
+        return Decision(grant, release=True)  # the upstream never saw it: charged nothing
+    body = entry.response.response_body_bytes
+    outcome = "completed" if completed and status else "disconnected"
+    # No usage: the prompt the upstream got, and what it answered by its size.
+    completion = tokens_for_chars(body) if status else 0
+    s = _settlement(grant, grant.prompt_estimate, completion, False, outcome, prices, models)
+    return Decision(grant, s)
+
+
+def _settlement(
+    g: Grant,
+    prompt: int,
+    completion: int,
+    exact: bool,
+    outcome: str,
+    prices: PriceBook | None,
+    models: ModelNames,
+) -> Settlement:
+    model = models.fold(g.model)
+    return Settlement(
+        key_id=g.key_id,
+        reservation_id=g.reservation_id,
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        model=model,
+        exact=exact,
+        outcome=outcome,
+        tokens_per_minute=g.tpm,
+        cost_micros=prices.cost_micros(model, prompt, completion) if prices else 0,
+    )
+
+
+class AccessLogSettler(als_pb2_grpc.AccessLogServiceServicer):
+    """Envoy's access-log stream: each entry is decided and handed to the settler, or its
+    reservation released (batched, like claims)."""
+
+    def __init__(
+        self,
+        submit: Callable[[Settlement, Grant], None],
+        release: Callable[[str, str], None],
+        *,
+        prices: PriceBook | None = None,
+        models: ModelNames | None = None,
+    ) -> None:
+        self._submit = submit
+        self._release = release
+        self._prices = prices
+        self._models = models if models is not None else ModelNames()
+
+    async def StreamAccessLogs(
+        self, request_iterator: AsyncIterator[als_pb2.StreamAccessLogsMessage], context: Any
+    ) -> als_pb2.StreamAccessLogsResponse:
+        async for msg in request_iterator:
+            for entry in msg.http_logs.log_entry:
+                try:
+                    d = decide(entry, self._prices, self._models)
+                except Exception:  # one odd entry must not end the stream for the others
+                    log.exception("access-log entry could not be read; skipped")
+                    metrics.DECISIONS.labels(service="extproc", decision="access_log_error").inc()
+                    continue
+                if d is None:
+                    continue
+                _ENTRIES.inc()
+                if d.settlement is not None:
+                    self._submit(d.settlement, d.grant)
+                elif d.release:
+                    self._release(d.grant.key_id, d.grant.reservation_id)
+        return als_pb2.StreamAccessLogsResponse()
+
+
+_ENTRIES = metrics.DECISIONS.labels(service="extproc", decision="access_log_settled")
