@@ -127,10 +127,58 @@ def _tally(value: object, depth: int, acc: _Tally) -> None:
                 _tally(item, depth + 1, acc)
 
 
+#: Parts a flat prompt may have for `_flat_chars` (the walk's budget cannot run out below it).
+_MAX_FLAT_PARTS = 10_000
+
+
+def _flat_chars(value: object) -> int | None:
+    """The characters `_tally` counts in the common shapes (a string; a list of strings or of
+    messages whose text fields are strings), or None for any other shape."""
+    if isinstance(value, str):
+        return len(value)
+    if not isinstance(value, list) or len(value) > _MAX_FLAT_PARTS:
+        return None
+    chars = 0
+    for item in value:
+        if isinstance(item, str):
+            chars += len(item)
+            continue
+        if not isinstance(item, dict):
+            return None
+        for key in _TEXT_KEYS:
+            text = item.get(key)
+            if text is None:
+                continue
+            if not isinstance(text, str):
+                return None
+            chars += len(text)
+    return chars
+
+
+def _flat_estimate(body: dict[str, Any]) -> int | None:
+    """`_estimate` of a body whose prompt fields all have flat shapes; None otherwise."""
+    chars = 0
+    present = False
+    for key in _PROMPT_KEYS:
+        value = body.get(key)
+        if value is None:
+            continue
+        flat = _flat_chars(value)
+        if flat is None:
+            return None
+        chars += flat
+        present = present or len(value) > 0
+    tokens = tokens_for_chars(chars)
+    return max(tokens, 1) if present else tokens
+
+
 def _estimate(body: object) -> tuple[int, bool]:
     """The prompt estimate and whether the walk saw all of it."""
     if not isinstance(body, dict):
         return 0, True
+    flat = _flat_estimate(body)
+    if flat is not None:  # the same count, without the general walk's bookkeeping
+        return flat, True
     acc = _Tally()
     present = False
     for key in _PROMPT_KEYS:
@@ -247,28 +295,33 @@ def _fields(data: dict[str, Any], size: int) -> LLMRequest:
     )
 
 
-def parse_llm_request(body: bytes, *, complete: bool = True, size: int = 0) -> LLMRequest:
-    """:param complete: False when Envoy sent only the first bytes of a larger body.
-    :param size: the whole body's length in bytes when known (Content-Length)."""
-    fallback = LLMRequest(
+def _unparsed(size: int) -> LLMRequest:
+    """A body that is not the JSON we expect: estimated from its size."""
+    return LLMRequest(
         parsed=False,
         model="",
         stream=False,
         include_usage=False,
         max_tokens=None,
         n=1,
-        prompt_tokens=bytes_estimate(max(size, len(body))),
+        prompt_tokens=bytes_estimate(size),
     )
+
+
+def parse_llm_request(body: bytes, *, complete: bool = True, size: int = 0) -> LLMRequest:
+    """:param complete: False when Envoy sent only the first bytes of a larger body.
+    :param size: the whole body's length in bytes when known (Content-Length)."""
+    size = max(size, len(body))
     if not body or not complete:
-        return fallback
+        return _unparsed(size)
     try:
         data = json.loads(body)
     except (ValueError, RecursionError):
-        return fallback
+        return _unparsed(size)
     if not isinstance(data, dict):
-        return fallback
+        return _unparsed(size)
     try:
-        return _fields(data, max(size, len(body)))
+        return _fields(data, size)
     except _Invalid as exc:
         return LLMRequest(
             parsed=True,
@@ -277,7 +330,7 @@ def parse_llm_request(body: bytes, *, complete: bool = True, size: int = 0) -> L
             include_usage=False,
             max_tokens=None,
             n=1,
-            prompt_tokens=fallback.prompt_tokens,
+            prompt_tokens=bytes_estimate(size),
             invalid=str(exc),
             invalid_param=exc.param,
         )

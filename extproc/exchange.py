@@ -379,20 +379,31 @@ class Exchange:
             return self._on_json_body(body, end_of_stream)
         if self.first_chunk_at is None and body:
             self.first_chunk_at = self._clock()
-        events = self._decoder.feed(body)
+        dec, acc = self._decoder, self._accountant
+        # Nothing held back from an earlier chunk: then, when nothing is held back after this
+        # one either, its events are exactly `body`.
+        aligned = not dec.pending_bytes
+        events = dec.feed(body)
         if end_of_stream:
-            events += self._decoder.flush()
+            events += dec.flush()
             self.response_done = True
             self.finished_at = self._clock()
-        acc = self._accountant
+        if not self.injected_usage:
+            for ev in events:
+                acc.observe(ev)
+            self.usage = acc.usage
+            return _PASS_RESPONSE_BODY
         out: list[bytes] = []
+        stripped = False
         for ev in events:
-            usage_only = acc.observe(ev)
-            if not (self.injected_usage and usage_only):
+            if acc.observe(ev):
+                stripped = True
+            else:
                 out.append(ev.raw)
         self.usage = acc.usage
-        if not self.injected_usage:
-            return _PASS_RESPONSE_BODY
+        if not stripped and aligned and not dec.pending_bytes:
+            # The common chunk, one whole event Atlas keeps: pass it without joining.
+            return _PASS_RESPONSE_BODY if body else _CLEAR_RESPONSE_BODY
         # Re-emit only whole events, so the usage chunk we caused can be cut out exactly;
         # a partial event waits in the decoder for its next chunk.
         new = b"".join(out)

@@ -155,6 +155,14 @@ _PASS_THROUGH: dict[str, Callable[[], Any]] = {
 }
 
 
+def _passed_through(kind: str) -> ep.ProcessingResponse:
+    """Hostile or unexpected input must never break the client's response: this message
+    passes through untouched and we count what we can."""
+    log.exception("extproc could not process %s; passing it through", kind)
+    metrics.DECISIONS.labels(service="extproc", decision="error").inc()
+    return ep.ProcessingResponse(**{kind: _PASS_THROUGH[kind]()})
+
+
 class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
     def __init__(
         self,
@@ -195,9 +203,24 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
     ) -> AsyncIterator[ep.ProcessingResponse]:
         ex = Exchange(route_by_model=self._route_by_model, models=self._models)
         started = claimed = False
+        bodies = 0  # response_body messages not yet added to their counter
         try:
             async for req in request_iterator:
                 kind = req.WhichOneof("request")
+                if kind == "response_body" and started:
+                    # The per-chunk path of a stream: no dispatch, a batched counter, and the
+                    # grant was claimed with the exchange's first message.
+                    bodies += 1
+                    if bodies == BODY_COUNT_BATCH:
+                        MESSAGES[kind].inc(bodies)
+                        bodies = 0
+                    msg = req.response_body
+                    try:
+                        reply = ex.on_response_body(msg.body, msg.end_of_stream)
+                    except Exception:
+                        reply = _passed_through(kind)
+                    yield reply
+                    continue
                 MESSAGES[kind].inc()
                 if not started:
                     started = True
@@ -205,11 +228,7 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
                 try:
                     reply = self._handle(ex, req, kind)
                 except Exception:
-                    # Hostile or unexpected input must never break the client's response:
-                    # pass this message through untouched and count what we can.
-                    log.exception("extproc could not process %s; passing it through", kind)
-                    metrics.DECISIONS.labels(service="extproc", decision="error").inc()
-                    reply = ep.ProcessingResponse(**{kind: _PASS_THROUGH[kind]()})
+                    reply = _passed_through(kind)
                 if not claimed and (g := ex.grant) is not None:
                     claimed = True
                     if self._leases is not None and not g.degraded:
@@ -219,6 +238,8 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
                 yield reply
         finally:
             # Reached on normal end, on half-close without end_of_stream and on cancellation.
+            if bodies:
+                MESSAGES["response_body"].inc(bodies)
             settlement = ex.settlement(self._prices)
             if settlement is not None:
                 stream_s = None
@@ -232,6 +253,8 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
                 metrics.TIME_TO_FIRST_TOKEN.observe(ex.first_chunk_at - ex.started_at)
 
 
+#: A stream's response_body messages are counted this many at a time (and at its end).
+BODY_COUNT_BATCH = 64
 HISTORY_FLUSH_S = 1.0
 JOURNAL_REPLAY_S = 1.0
 #: Label lookups done once: the message counter is on the per-chunk path.

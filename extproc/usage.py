@@ -306,6 +306,21 @@ def _string_chars(literal: bytes) -> int:
     return len(literal.decode("utf-8", "replace"))
 
 
+#: Every `_CHAT_TEXT` match starts with one of these, so none can start before the first.
+_CHAT_TEXT_KEYS = (b'"content"', b'"reasoning', b'"refusal"', b'"arguments"')
+
+
+def _first_text_key(data: bytes) -> int:
+    """Where the first `_CHAT_TEXT` key could start in `data` (-1: none): substring finds
+    skip the id/model/created prefix the regex would otherwise try at every quote."""
+    first = -1
+    for key in _CHAT_TEXT_KEYS:
+        i = data.find(key)
+        if i >= 0 and (first < 0 or i < first):
+            first = i
+    return first
+
+
 def _is_done(data: bytes) -> bool:
     return data == b"[DONE]" or (len(data) < 32 and data.strip() == b"[DONE]")
 
@@ -379,7 +394,10 @@ class StreamAccountant:
             self._observe_responses(ev.event, data)
             return False
         self._count_text(data)
-        if _USAGE_OBJECT.search(data) is None:
+        # Most chunks carry no usage key (or `"usage":null`): a substring test rules them out
+        # before the regex, which can only match at a `"usage"`.
+        at = data.find(b'"usage"')
+        if at < 0 or _USAGE_OBJECT.search(data, at) is None:
             return False
         obj = _loads(data)
         if not isinstance(obj, dict):
@@ -419,8 +437,11 @@ class StreamAccountant:
 
     def _count_text(self, data: bytes) -> None:
         if not self._chat:
+            start = data.find(b'"text"')
+            if start < 0:
+                return
             before = self.content_chars
-            for m in _COMPLETIONS_TEXT.finditer(data):
+            for m in _COMPLETIONS_TEXT.finditer(data, start):
                 self.content_chars += _string_chars(m.group(1))
             if self.content_chars != before:
                 self.content_chunks += 1
@@ -428,7 +449,10 @@ class StreamAccountant:
         chars = 0
         reasoning = 0
         has_reasoning_content = False
-        for m in _CHAT_TEXT.finditer(data):
+        start = _first_text_key(data)
+        if start < 0:
+            return
+        for m in _CHAT_TEXT.finditer(data, start):
             n = _string_chars(m.group(2))
             key = m.group(1)
             # Servers migrating from `reasoning_content` to `reasoning` may send both with the

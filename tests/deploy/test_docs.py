@@ -47,6 +47,12 @@ def test_commands(text: str, command: str) -> None:
         r"appProtocol: grpc",
         r"route_cache_action",
         r"per_connection_buffer_limit_bytes|bufferLimit",
+        r"envoyExtAuthzHttp",
+        r"extAuth\.http",
+        r"x-atlas-grant",
+        r"460/463",
+        r"ATLAS_SETTLE_FROM_ACCESS_LOG: \"false\"",
+        r"--no-access-log-settlement",
     ],
 )
 def test_caveats(text: str, caveat: str) -> None:

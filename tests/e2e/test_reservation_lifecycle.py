@@ -89,18 +89,23 @@ async def test_requests_reset_right_after_sending_are_released_and_charged_only_
         seen = (await up.get(short_lived.upstream_url + "/demo/requests")).json()
     served = sum(1 for r in seen if isinstance(r["body"], dict) and r["body"].get("model") == model)
     admitted = u["daily"]["requests"]
-    # Every admitted request was either seen by extproc and settled, or abandoned (about
-    # half of them here: Envoy never opened their ext_proc stream).
+    # Every admitted request was settled (by its access-log entry), or abandoned: the
+    # upstream never got it, or authz saw Envoy close the Check's connection before its
+    # answer. One race is left: an answer written just as Envoy gave up reaches nobody, and
+    # that reservation (claimed at admission, so a lost entry is never charged less) is
+    # reaped charged. It stays rare and bounded.
+    reaped = h.get("reaped", 0)
     assert h.get("abandoned", 0) >= 1, h
-    assert h.get("requests", 0) + h.get("abandoned", 0) == admitted, h
-    assert h.get("reaped_tokens", 0) == 0, h  # nothing charged its whole reservation
+    assert h.get("requests", 0) + h.get("abandoned", 0) + reaped == admitted, h
+    assert reaped <= max(1, admitted // 8), h
+    assert h.get("reaped_tokens", 0) == 55 * reaped, h  # at most its own reservation
     charged, window = await charged_vs_window(short_lived.settings.redis_url, key["id"])
     assert charged == u["daily"]["used"] == int(window.get("used", 0))
     # Abandoned requests cost nothing; those the upstream answered at most 5 + 50; those
     # extproc saw but that got no answer (reset while Envoy forwarded them) their prompt only.
     unanswered = h.get("requests", 0) - served
     assert unanswered >= 0, (h, served)
-    assert u["daily"]["used"] <= served * (5 + 50) + unanswered * 5
+    assert u["daily"]["used"] <= served * (5 + 50) + unanswered * 5 + 55 * reaped
 
 
 async def test_a_stream_longer_than_the_ttl_keeps_its_reservation_and_settles_exactly(

@@ -1,0 +1,129 @@
+"""Settlements from Envoy's access-log entries (extproc/accesslog.py), without gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from envoy.data.accesslog.v3 import accesslog_pb2 as al
+from envoy.service.accesslog.v3 import als_pb2
+
+from atlas.grant import AUTHZ_NAMESPACE, GRANT_HEADER, PROC_HEADER, Grant, ProcMode
+from atlas.modelnames import ModelNames
+from extproc.accesslog import (
+    EXTPROC_NAMESPACE,
+    OWNER_KEY,
+    USAGE_NAMESPACE,
+    AccessLogSettler,
+    decide,
+)
+
+GRANT = Grant(key_id="key_a", reservation_id="r1", reserved=60, prompt_estimate=9, model="m")
+NAMES = ModelNames()
+
+
+def entry(
+    *,
+    grant: Grant | None = GRANT,
+    proc: str = ProcMode.JSON,
+    usage: dict[str, Any] | None = None,
+    status: int | None = 200,
+    reached: bool = True,
+    body_bytes: int = 0,
+    reset: bool = False,
+    owner: bool = False,
+) -> al.HTTPAccessLogEntry:
+    e = al.HTTPAccessLogEntry()
+    md = e.common_properties.metadata.filter_metadata
+    fields: dict[str, Any] = {PROC_HEADER: proc}
+    if grant is not None:
+        fields[GRANT_HEADER] = grant.encode()
+    md[AUTHZ_NAMESPACE].update(fields)
+    if usage is not None:
+        md[USAGE_NAMESPACE].update({"read": 1, **usage})
+    if owner:
+        md[EXTPROC_NAMESPACE].update({OWNER_KEY: 1})
+    if status is not None:
+        e.response.response_code.value = status
+    if reached:
+        e.common_properties.time_to_first_upstream_tx_byte.FromMilliseconds(1)
+    e.response.response_body_bytes = body_bytes
+    e.common_properties.response_flags.downstream_remote_reset = reset
+    return e
+
+
+def test_usage_json_to_metadata_read_is_charged_exactly() -> None:
+    d = decide(entry(usage={"prompt_tokens": 12, "completion_tokens": 30}), None, NAMES)
+    assert d is not None and d.settlement is not None
+    s = d.settlement
+    assert (s.prompt_tokens, s.completion_tokens, s.exact, s.outcome) == (12, 30, True, "completed")
+    # total_tokens wins when reported (cached or reasoning tokens are inside it).
+    d = decide(entry(usage={"prompt_tokens": 12, "total_tokens": 50}), None, NAMES)
+    assert d is not None and d.settlement is not None and d.settlement.completion_tokens == 38
+    # Responses API names.
+    d = decide(entry(usage={"input_tokens": 3, "output_tokens": 4}), None, NAMES)
+    assert d is not None and d.settlement is not None
+    assert (d.settlement.prompt_tokens, d.settlement.completion_tokens) == (3, 4)
+
+
+def test_entries_that_are_not_ours_are_left_alone() -> None:
+    assert decide(entry(proc=ProcMode.OBSERVE), None, NAMES) is None  # ext_proc settles it
+    assert decide(entry(grant=None), None, NAMES) is None  # a refusal: nothing reserved
+    assert decide(entry(owner=True), None, NAMES) is None  # extproc's json filter saw it
+    degraded = Grant(key_id="k", reservation_id="r", reserved=1, prompt_estimate=1, degraded=True)
+    assert decide(entry(grant=degraded), None, NAMES) is None
+
+
+def test_what_happened_without_usage_decides_the_charge() -> None:
+    # The upstream failed: refunded.
+    d = decide(entry(status=503), None, NAMES)
+    assert d is not None and d.settlement is not None and d.settlement.outcome == "upstream_error"
+    assert d.settlement.prompt_tokens + d.settlement.completion_tokens == 0
+    # The upstream never got it (reset before Envoy sent it on): released, charged nothing.
+    d = decide(entry(status=None, reached=False), None, NAMES)
+    assert d is not None and d.release and d.settlement is None
+    # The upstream got it, the client hung up before any answer: its prompt.
+    d = decide(entry(status=None, reset=True), None, NAMES)
+    assert d is not None and d.settlement is not None
+    assert (d.settlement.prompt_tokens, d.settlement.completion_tokens) == (9, 0)
+    assert d.settlement.outcome == "disconnected" and not d.settlement.exact
+    # An answer without usage: its size is the estimate, never 0.
+    d = decide(entry(usage={}, body_bytes=401), None, NAMES)
+    assert d is not None and d.settlement is not None
+    assert (d.settlement.prompt_tokens, d.settlement.completion_tokens) == (9, 101)
+
+
+def test_hostile_usage_numbers_fall_back_to_the_estimate() -> None:
+    for usage in (
+        {"prompt_tokens": -5, "completion_tokens": 3},
+        {"prompt_tokens": 1e15, "completion_tokens": 3},
+        {"prompt_tokens": 2.5, "completion_tokens": 3},
+        {"prompt_tokens": "12", "completion_tokens": 3},
+        {"prompt_tokens": 40, "total_tokens": 10},  # total below prompt
+    ):
+        d = decide(entry(usage=usage, body_bytes=40), None, NAMES)
+        assert d is not None and d.settlement is not None, usage
+        assert not d.settlement.exact and d.settlement.completion_tokens == 10, usage
+
+
+def test_the_stream_settles_each_entry_and_survives_a_bad_one() -> None:
+    settled: list[Any] = []
+    released: list[tuple[str, str]] = []
+    svc = AccessLogSettler(lambda s, g: settled.append(s), lambda k, r: released.append((k, r)))
+    msg = als_pb2.StreamAccessLogsMessage()
+    good = entry(usage={"prompt_tokens": 1, "completion_tokens": 2})
+    bad = entry()
+    bad.common_properties.metadata.filter_metadata[AUTHZ_NAMESPACE].fields[
+        GRANT_HEADER
+    ].string_value = '{"key_id": "k", "reservation_id": ' + "[" * 100_000
+    gone = entry(grant=Grant(key_id="k2", reservation_id="r2", reserved=1, prompt_estimate=1))
+    gone.common_properties.ClearField("time_to_first_upstream_tx_byte")
+    gone.response.ClearField("response_code")
+    msg.http_logs.log_entry.extend([good, bad, gone])
+
+    async def messages() -> Any:
+        yield msg
+
+    asyncio.run(svc.StreamAccessLogs(messages(), None))
+    assert [(s.reservation_id, s.prompt_tokens) for s in settled] == [("r1", 1)]
+    assert released == [("k2", "r2")]

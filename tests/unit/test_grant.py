@@ -1,0 +1,55 @@
+"""The authz -> extproc contract (atlas/grant.py): encoding and the ext_proc mode per exchange."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+from atlas.grant import MAX_GRANT_MODEL_CHARS, Grant, ProcMode, proc_mode
+
+BASE = Grant(key_id="key_1", reservation_id="r1", reserved=100, prompt_estimate=5, route="chat")
+
+
+def test_a_grant_survives_a_header_and_hostile_text_decodes_to_none() -> None:
+    g = BASE
+    model = "llama\u00e9\n\x00" + "x" * 1000
+    text = Grant(
+        key_id="k", reservation_id="r", reserved=1, prompt_estimate=1, model=model
+    ).encode()
+    assert text.isascii() and all(" " <= c <= "~" for c in text)  # a valid header value
+    back = Grant.decode(text)
+    assert back is not None and back.model == model[:MAX_GRANT_MODEL_CHARS]
+    assert Grant.decode(g.encode()) == g
+    for bad in ("", "null", "[]", "{", '{"key_id": 5, "reservation_id": "r"}', "[" * 10_000):
+        assert Grant.decode(bad) is None, bad
+    # Numbers of the wrong kind count as 0; granted_completion <= 0 is "not clamped".
+    odd = Grant.decode(
+        json.dumps(
+            {
+                "key_id": "k",
+                "reservation_id": "r",
+                "reserved": True,
+                "granted_completion": -1,
+                "choices": 0,
+            }
+        )
+    )
+    assert odd is not None and odd.reserved == 0 and odd.granted_completion is None
+    assert odd.choices == 1
+
+
+def test_each_exchange_gets_the_ext_proc_configuration_it_needs() -> None:
+    parsed = replace(BASE, body_parsed=True)
+    cases = [
+        (parsed, False, ProcMode.JSON),  # plain completion: authz read it all
+        (replace(parsed, stream=True), False, ProcMode.REWRITE),  # include_usage injected
+        (replace(parsed, stream=True, include_usage=True), False, ProcMode.OBSERVE),
+        (replace(parsed, stream=True, route="responses"), False, ProcMode.OBSERVE),  # no injection
+        (replace(parsed, granted_completion=9), False, ProcMode.REWRITE),  # clamp
+        (replace(parsed, route="embeddings"), False, ProcMode.OBSERVE),
+        (BASE, False, ProcMode.REWRITE),  # authz did not parse an LLM body: extproc reads it
+        (replace(BASE, route="models"), False, ProcMode.OBSERVE),  # GET /v1/models: no body
+        (parsed, True, ProcMode.REWRITE),  # routing by model reads the body
+    ]
+    for grant, by_model, mode in cases:
+        assert proc_mode(grant, route_by_model=by_model) == mode, (grant, by_model)
