@@ -277,23 +277,31 @@ def authz_service(protocol: str, timeout: str) -> dict[str, object]:
     }
 
 
-#: ext_proc's processing mode per configuration (atlas.grant.ProcMode). Header modes not
-#: listed are SEND, body modes NONE; extproc overrides the response body mode per exchange.
+#: ext_proc's processing mode per configuration (atlas.grant.ProcMode); modes not listed are
+#: SEND for headers and NONE for bodies.
 _PROC_MODES: dict[str, dict[str, str]] = {
     ProcMode.REWRITE: {
         "request_header_mode": "SKIP",
         "request_body_mode": "BUFFERED",  # extproc fixes Content-Length when it rewrites
+        "response_header_mode": "SKIP",
         "response_body_mode": "STREAMED",
     },
-    ProcMode.OBSERVE: {"request_header_mode": "SKIP", "response_body_mode": "STREAMED"},
+    ProcMode.OBSERVE: {
+        "request_header_mode": "SKIP",
+        "response_header_mode": "SKIP",
+        "response_body_mode": "STREAMED",
+    },
     ProcMode.JSON: {
         "request_header_mode": "SKIP",
         "response_header_mode": "SKIP",
-        # Its size is unknown here: BUFFERED over Envoy's buffer limit would fail the
-        # response; a small body still arrives as one message.
         "response_body_mode": "STREAMED",
     },
 }
+# No configuration sends the response headers: a round trip before the first byte that
+# says nothing the grant (a stream or not) and the body (SSE, or a JSON answer: an error is
+# refunded) do not. Bodies are STREAMED: their size is unknown without the headers, and
+# BUFFERED over Envoy's buffer limit would fail the response; a small body still arrives as
+# one message.
 #: The filter names (also the keys of per-route `disabled` configs).
 PROC_FILTER_NAMES = {
     ProcMode.REWRITE: "envoy.filters.http.ext_proc",

@@ -58,16 +58,17 @@ def _headers_reply(mode: str | None) -> ep.ProcessingResponse:
         )
     )
     o = reply.mode_override
+    # The response's body says what it is (see Exchange.on_response_body): no headers message.
+    # An override replaces the whole mode (what it leaves unset is SEND / NONE).
+    o.response_header_mode = pm.ProcessingMode.SKIP
+    o.response_body_mode = pm.ProcessingMode.STREAMED
+    o.request_trailer_mode = pm.ProcessingMode.SKIP
+    o.response_trailer_mode = pm.ProcessingMode.SKIP
     if mode == ProcMode.REWRITE:
+        o.request_body_mode = pm.ProcessingMode.BUFFERED
         return reply
     o.request_body_mode = pm.ProcessingMode.NONE
-    if mode == ProcMode.JSON:
-        # Its size is unknown here: BUFFERED over Envoy's buffer limit would fail the
-        # response (an empty 200 once the headers went out); a small body still arrives as
-        # one message.
-        o.response_header_mode = pm.ProcessingMode.SKIP
-        o.response_body_mode = pm.ProcessingMode.STREAMED
-    elif mode is None or mode == ProcMode.NONE:
+    if mode is None or mode == ProcMode.NONE:
         o.response_header_mode = pm.ProcessingMode.SKIP
         o.response_body_mode = pm.ProcessingMode.NONE
     return reply
@@ -359,9 +360,7 @@ class Exchange:
             self.response_done = end_of_stream
             reply.mode_override.CopyFrom(_mode(pm.ProcessingMode.NONE))
         elif ctype.startswith("text/event-stream"):
-            self.streaming_response = True
-            self._decoder = SSEDecoder()
-            self._accountant = StreamAccountant(self.endpoint or Endpoint.CHAT)
+            self._start_stream()
             reply.mode_override.CopyFrom(_mode(pm.ProcessingMode.STREAMED))
         else:
             # A JSON body with a known, modest length is read whole (Envoy keeps its
@@ -374,7 +373,20 @@ class Exchange:
             reply.mode_override.CopyFrom(_mode(mode))
         return reply
 
+    def _start_stream(self) -> None:
+        self.streaming_response = True
+        self._decoder = SSEDecoder()
+        self._accountant = StreamAccountant(self.endpoint or Endpoint.CHAT)
+
     def on_response_body(self, body: bytes, end_of_stream: bool) -> Any:
+        if self._decoder is None and self._json is None and not self.headers_seen:
+            # Atlas's configurations skip the response headers (one round trip less before
+            # the first byte): the grant says whether a stream is expected, the first bytes
+            # whether the upstream sent one (an error answer is JSON).
+            if not body and not end_of_stream:
+                return _PASS_RESPONSE_BODY
+            if self.grant is not None and self.grant.stream and body.lstrip()[:1] != b"{":
+                self._start_stream()
         if self._decoder is None or self._accountant is None:
             return self._on_json_body(body, end_of_stream)
         if self.first_chunk_at is None and body:

@@ -8,7 +8,7 @@ from typing import Any
 
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2 as pm
 
-from atlas.grant import GRANT_HEADER, Grant
+from atlas.grant import GRANT_HEADER, Grant, ProcMode
 from extproc.exchange import Exchange
 
 STREAMS = Path(__file__).resolve().parents[1] / "data" / "streams"
@@ -381,3 +381,49 @@ async def test_a_thousand_model_names_make_at_most_max_tracked_plus_two_labels()
         if sample.labels.get("key_id") == key_id
     }
     assert 0 < len(labels) <= 10 + 2
+
+
+# ---- response headers skipped (issue 12): the grant and the body say what comes ----------
+def test_a_stream_is_read_without_its_response_headers() -> None:
+    raw = (STREAMS / "openai_chat_usage.sse").read_bytes()
+    ex = started({"stream": True, "messages": []}, grant={**GRANT, "stream": True})
+    for i in range(0, len(raw), 97):
+        ex.on_response_body(raw[i : i + 97], False)
+    ex.on_response_body(b"", True)
+    s = ex.settlement()
+    assert ex.streaming_response and s is not None and s.exact and s.outcome == "completed"
+
+
+def test_an_error_answer_to_a_stream_request_is_refunded_without_headers() -> None:
+    ex = started({"stream": True, "messages": []}, grant={**GRANT, "stream": True})
+    body = b'{"error": {"message": "model overloaded", "type": "server_error"}}'
+    ex.on_response_body(body, True)
+    s = ex.settlement()
+    assert not ex.streaming_response and s is not None and s.outcome == "upstream_error"
+    assert s.prompt_tokens + s.completion_tokens == 0
+
+
+def test_mesh_request_headers_answer_keeps_the_whole_mode() -> None:
+    """An override replaces Envoy's whole processing mode: the rewrite answer must keep the
+    request body BUFFERED, the others drop it; no configuration sends response headers."""
+    cases = {
+        ProcMode.REWRITE: pm.ProcessingMode.BUFFERED,
+        ProcMode.JSON: pm.ProcessingMode.NONE,
+        ProcMode.OBSERVE: pm.ProcessingMode.NONE,
+    }
+    parsed = {**GRANT, "body_parsed": True, "route": "chat"}
+    grants = {
+        ProcMode.REWRITE: {**parsed, "stream": True},
+        ProcMode.JSON: parsed,
+        ProcMode.OBSERVE: {**parsed, "stream": True, "include_usage": True},
+    }
+    for mode, body_mode in cases.items():
+        ex = Exchange()
+        reply = ex.on_request_headers(
+            {":path": "/v1/chat/completions", GRANT_HEADER: json.dumps(grants[mode])}
+        )
+        o = reply.mode_override
+        assert o.request_body_mode == body_mode, mode
+        assert o.response_header_mode == pm.ProcessingMode.SKIP, mode
+        assert o.response_body_mode == pm.ProcessingMode.STREAMED, mode
+        assert list(reply.request_headers.response.header_mutation.remove_headers) == [GRANT_HEADER]
