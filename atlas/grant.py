@@ -13,7 +13,7 @@ Header names that cross Envoy between Atlas's services live here too.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 #: The ext_authz filter's dynamic metadata namespace (its filter name).
@@ -36,6 +36,8 @@ MODEL_HEADER = "x-atlas-model"
 PARTIAL_BODY_HEADER = "x-envoy-auth-partial-body"
 #: authz -> Envoy (HTTP ext_authz): request headers to remove, comma separated.
 HEADERS_TO_REMOVE_HEADER = "x-envoy-auth-headers-to-remove"
+
+_ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
 
 #: Model names are client input; the grant carries a bounded prefix (the ledger folds names).
 MAX_GRANT_MODEL_CHARS = 256
@@ -85,10 +87,11 @@ class Grant:
     choices: int = 1
 
     def encode(self) -> str:
-        """Printable ASCII JSON (a header value): non-ASCII and control characters escaped."""
-        d = asdict(self)
+        """Printable ASCII JSON (a header value): non-ASCII and control characters escaped.
+        Read field by field: `dataclasses.asdict` deep-copies each value (~25 µs a Check)."""
+        d = {name: getattr(self, name) for name in _GRANT_FIELDS}
         d["model"] = self.model[:MAX_GRANT_MODEL_CHARS]
-        return json.dumps(d, separators=(",", ":"), ensure_ascii=True)
+        return _ENCODE(d)
 
     @classmethod
     def decode(cls, text: str) -> Grant | None:
@@ -132,6 +135,8 @@ class Grant:
             choices=max(1, num("choices")),
         )
 
+
+_GRANT_FIELDS = tuple(f.name for f in fields(Grant))
 
 #: Endpoints whose streams Atlas asks for usage (stream_options.include_usage).
 _USAGE_INJECTED_ROUTES = frozenset(("chat", "completions"))

@@ -59,6 +59,12 @@ async def wait_for_shutdown() -> None:
 
 
 async def stop_tasks(tasks: list[asyncio.Task[None]]) -> None:
-    for task in tasks:
-        task.cancel()
+    """Cancel `tasks` and wait for them. A cancellation can be swallowed (redis-py's pubsub
+    read turns one that meets its socket timeout into a TimeoutError and retries: authz's
+    shutdown hung on it), so pending tasks are cancelled again until they end."""
+    pending = {t for t in tasks if not t.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=0.5)
     await asyncio.gather(*tasks, return_exceptions=True)

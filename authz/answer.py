@@ -19,7 +19,7 @@ from atlas.grant import (
     proc_mode,
 )
 from atlas.settings import Settings
-from authz.policy import CLIENT_KEY_HEADERS, CheckInput, Verdict, ratelimit_headers
+from authz.policy import CLIENT_KEY_HEADERS, CheckInput, Verdict, ratelimit_header_list
 
 #: Removed from every admitted request: compressed responses would be unreadable to extproc
 #: (Envoy's decompressor would run after ext_proc on the response path).
@@ -41,17 +41,45 @@ def _normalized(name: str) -> str:
     return name.lower().replace("_", "-")
 
 
+#: What a header name is to `client_headers_to_remove`: 0 nothing, 1 posing as Atlas, 2 a
+#: carrier of the client's key. Kept per name (clients send the same few), bounded.
+_KINDS: dict[str, int] = {}
+MAX_KNOWN_HEADER_NAMES = 4096
+
+
+def _kind(name: str) -> int:
+    kind = _KINDS.get(name)
+    if kind is None:
+        n = _normalized(name)
+        if n.startswith("x-atlas-") or n == "x-request-priority":
+            kind = 1
+        else:
+            kind = 2 if n in CLIENT_KEY_HEADERS else 0
+        if len(_KINDS) >= MAX_KNOWN_HEADER_NAMES:
+            _KINDS.clear()
+        _KINDS[name] = kind
+    return kind
+
+
 def client_headers_to_remove(headers: dict[str, str], *, strip_key: bool) -> list[str]:
     """Client headers that must not reach the upstream: anything posing as Atlas
     (`x-atlas-*` in any spelling), the raw `x-request-priority` (Atlas sends the capped
     `x-atlas-priority`), and with `strip_key` every header that can carry the client's key."""
+    kinds = _KINDS
     remove = []
     for h in headers:
-        n = _normalized(h)
-        ours = n.startswith("x-atlas-") or n == "x-request-priority"
-        if ours or (strip_key and n in CLIENT_KEY_HEADERS):
+        kind = kinds.get(h)
+        if kind is None:
+            kind = _kind(h)
+        if kind == 1 or (kind == 2 and strip_key):
             remove.append(h)
     return remove
+
+
+#: Headers `admitted` sets on the upstream request (with an upstream credential of Atlas's
+#: own, `authorization` too) and the grant: never also removed.
+_SET = frozenset((KEY_ID_HEADER, PRIORITY_HEADER, GRANT_HEADER))
+_SET_WITH_CREDENTIAL = _SET | {"authorization"}
 
 
 def admitted(v: Verdict, inp: CheckInput, settings: Settings) -> Answer:
@@ -61,14 +89,18 @@ def admitted(v: Verdict, inp: CheckInput, settings: Settings) -> Answer:
     if v.key is None or v.admission is None:  # global shadow mode, refused before the ledger
         return Answer(remove_headers=remove, proc=ProcMode.NONE)
     up = [(KEY_ID_HEADER, v.key.id), (PRIORITY_HEADER, v.priority)]
+    ours = _SET
     if settings.upstream_api_key is not None:
         up.append(("authorization", "Bearer " + settings.upstream_api_key.get_secret_value()))
+        ours = _SET_WITH_CREDENTIAL
     # Envoy applies removals after sets: a header we set must not also be removed (the grant:
     # meshes whose ext_authz cannot make metadata pass it to extproc as a request header, set
     # over any client's; Atlas's bootstrap removes a client's at the router).
-    ours = {name for name, _ in up} | {GRANT_HEADER}
-    remove = [h for h in remove if h not in ours]
-    remove.extend(h for h in _ALWAYS_REMOVED if h in inp.headers)
+    if remove:
+        remove = [h for h in remove if h not in ours]
+    for h in _ALWAYS_REMOVED:
+        if h in inp.headers:
+            remove.append(h)
     a = v.admission
     req = v.request
     grant = Grant(
@@ -92,7 +124,7 @@ def admitted(v: Verdict, inp: CheckInput, settings: Settings) -> Answer:
     if v.degraded:
         client = [(DEGRADED_HEADER, "ledger-unavailable")]
     else:
-        client = list(ratelimit_headers(a, v.key).items())
+        client = ratelimit_header_list(a, v.key)
     return Answer(
         upstream_headers=up,
         remove_headers=remove,

@@ -94,6 +94,13 @@ class BodyParser:
             warm = [pool.submit(parse_llm_request, b"{}") for _ in range(self._workers)]
             concurrent.futures.wait(warm, timeout=30)
 
+    def parse_inline(self, body: bytes, *, size: int = 0) -> LLMRequest | None:
+        """The summary of a simple body, parsed now; None for one `parse` must handle (the
+        pool or a refusal). Every ordinary request is simple: no coroutine for it."""
+        if structure_count(body) <= self._max_inline:
+            return parse_llm_request(body, size=size)
+        return None
+
     async def parse(self, body: bytes, *, size: int = 0) -> LLMRequest:
         values = structure_count(body)
         if values <= self._max_inline:

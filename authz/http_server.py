@@ -255,6 +255,11 @@ class CheckProtocol(asyncio.Protocol):
         # Repeated headers join as Envoy joins them in its CheckRequest.
         self._headers[key] = text if prev is None else f"{prev},{text}"
 
+    def on_headers_complete(self) -> None:
+        length = self._headers.get("content-length", "")
+        if length.isdigit() and (len(length) > 18 or int(length) > self._max_body):
+            raise _Refused(413, "Request body too large for this gateway.")
+
     def on_body(self, body: bytes) -> None:
         self._body_bytes += len(body)
         if self._body_bytes > self._max_body:
@@ -262,6 +267,8 @@ class CheckProtocol(asyncio.Protocol):
         self._body.append(body)
 
     def on_message_complete(self) -> None:
+        if self._parser.should_upgrade():
+            raise _Refused(400, "Upgrades are not supported.")
         method = self._parser.get_method().decode("latin-1")
         url, headers = self._url, self._headers
         body = b"".join(self._body) if len(self._body) != 1 else self._body[0]

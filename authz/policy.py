@@ -83,6 +83,23 @@ _NO_BODY = LLMRequest(
 )
 
 
+#: Raw model names whose folded form `Authorizer` keeps (then it starts over).
+MAX_FOLDED_NAMES = 4096
+
+
+def _checked(req: LLMRequest) -> LLMRequest:
+    """`req`, or the 400 for a body that must be refused."""
+    if req.invalid:
+        raise Denied(
+            400,
+            req.invalid,
+            type="invalid_request_error",
+            code="invalid_value",
+            param=req.invalid_param,
+        )
+    return req
+
+
 def _denied_401(message: str) -> Denied:
     return Denied(401, message, type="invalid_request_error", code="invalid_api_key")
 
@@ -120,6 +137,9 @@ class Authorizer:
             "high": settings.ceiling_high,
             "critical": settings.ceiling_critical,
         }
+        # `ModelNames.fold` is deterministic for a name once seen (it never forgets one), so
+        # its answers can be kept; bounded, since model names are client input.
+        self._folded: dict[str, str] = {}
 
     async def release(self, key_id: str, reservation_id: str) -> None:
         """Give up a reservation whose admission never reached Envoy (its connection closed
@@ -144,12 +164,16 @@ class Authorizer:
         secret = bearer_token(inp.headers)
         if secret is None:
             raise _denied_401("Missing API key. Send it as 'Authorization: Bearer <key>'.")
-        key, degraded = await self._find_key(hash_secret(secret))
+        secret_hash = hash_secret(secret)
+        hit = self._cache.fresh(secret_hash)  # a known key's every Check: no coroutine
+        key, degraded = (hit[0], False) if hit is not None else await self._find_key(secret_hash)
         if key is None:
             raise _denied_401("Incorrect API key provided.")
         key.check_usable(datetime.fromtimestamp(self._clock(), UTC))
         route = self._endpoints.route(inp.method, path)
-        req = await self._request(inp, route)
+        req = self._simple_request(inp, route)
+        if req is None:  # too complex to parse inline: the pool, or a refusal
+            req = _checked(await self._parser.parse(inp.body, size=inp.body_size))
         if route.reads_body and key.models is not None and req.model not in key.models:
             raise Denied(
                 403,
@@ -178,7 +202,7 @@ class Authorizer:
             completion_tokens=completion,
             priority=priority,
             # The allowlist and prices see the real name; the ledger's history a bounded one.
-            model=self._names.fold(req.model) if route.reads_body else route.name,
+            model=self._fold(req.model) if route.reads_body else route.name,
             ceiling=self._ceilings[priority],
             shadow=shadow,
             clamp=self._s.clamp_max_tokens and route.generates,
@@ -219,8 +243,9 @@ class Authorizer:
             self._shedder.gauge.add(admission.reserved)
         return Verdict(key, rid, priority, req, admission, admission.reason, route=route.name)
 
-    async def _request(self, inp: CheckInput, route: Route) -> LLMRequest:
-        """What the body asks for; refuses what cannot be accounted for."""
+    def _simple_request(self, inp: CheckInput, route: Route) -> LLMRequest | None:
+        """What the body asks for, or None when it must be parsed off the event loop;
+        refuses what cannot be accounted for."""
         if not route.reads_body:
             return _NO_BODY
         if not inp.body_complete:
@@ -232,16 +257,17 @@ class Authorizer:
                 type="invalid_request_error",
                 code="request_too_large",
             )
-        req = await self._parser.parse(inp.body, size=inp.body_size)
-        if req.invalid:
-            raise Denied(
-                400,
-                req.invalid,
-                type="invalid_request_error",
-                code="invalid_value",
-                param=req.invalid_param,
-            )
-        return req
+        req = self._parser.parse_inline(inp.body, size=inp.body_size)
+        return None if req is None else _checked(req)
+
+    def _fold(self, model: str) -> str:
+        folded = self._folded.get(model)
+        if folded is None:
+            folded = self._names.fold(model)
+            if len(self._folded) >= MAX_FOLDED_NAMES:
+                self._folded.clear()
+            self._folded[model] = folded
+        return folded
 
     async def _find_key(self, secret_hash: str) -> tuple[KeyRecord | None, bool]:
         """The key record, and whether it came from the stale cache (Redis unreachable)."""
@@ -350,25 +376,34 @@ def _duration(ms: int) -> str:
     return f"{max(0, ms) / 1000:.3f}s"
 
 
-def ratelimit_headers(a: Admission, key: KeyRecord) -> dict[str, str]:
+def ratelimit_header_list(a: Admission, key: KeyRecord) -> list[tuple[str, str]]:
     """OpenAI's `x-ratelimit-*` headers. Tokens describe the tokens/minute bucket when the key
     has one, else the daily quota."""
-    h = {
-        "x-ratelimit-limit-requests": str(key.burst),
-        "x-ratelimit-remaining-requests": str(max(0, a.requests_remaining)),
-        "x-ratelimit-reset-requests": _duration(a.requests_reset_ms),
-    }
     if key.tokens_per_minute and a.tokens_remaining is not None:
-        h["x-ratelimit-limit-tokens"] = str(key.tokens_per_minute)
-        h["x-ratelimit-remaining-tokens"] = str(max(0, a.tokens_remaining))
-        h["x-ratelimit-reset-tokens"] = _duration(a.tokens_reset_ms)
-    else:
-        h["x-ratelimit-limit-tokens"] = str(key.daily_limit)
-        h["x-ratelimit-remaining-tokens"] = str(
-            max(0, key.daily_limit - a.day_used - a.day_reserved)
+        tokens = (
+            str(key.tokens_per_minute),
+            str(max(0, a.tokens_remaining)),
+            _duration(a.tokens_reset_ms),
         )
-        h["x-ratelimit-reset-tokens"] = _duration(a.day_reset_s * 1000 - a.now_ms)
-    return h
+    else:
+        tokens = (
+            str(key.daily_limit),
+            str(max(0, key.daily_limit - a.day_used - a.day_reserved)),
+            _duration(a.day_reset_s * 1000 - a.now_ms),
+        )
+    return [
+        ("x-ratelimit-limit-requests", str(key.burst)),
+        ("x-ratelimit-remaining-requests", str(max(0, a.requests_remaining))),
+        ("x-ratelimit-reset-requests", _duration(a.requests_reset_ms)),
+        ("x-ratelimit-limit-tokens", tokens[0]),
+        ("x-ratelimit-remaining-tokens", tokens[1]),
+        ("x-ratelimit-reset-tokens", tokens[2]),
+    ]
+
+
+def ratelimit_headers(a: Admission, key: KeyRecord) -> dict[str, str]:
+    """`ratelimit_header_list` as a dict."""
+    return dict(ratelimit_header_list(a, key))
 
 
 def refusal(a: Admission, key: KeyRecord) -> Denied:

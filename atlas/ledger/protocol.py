@@ -156,11 +156,30 @@ def _check_id(name: str, value: object) -> None:
         raise LedgerInputError(f"{name} must be 1..{MAX_ID_CHARS} characters")
 
 
+_MAX_COST_MICROS = limits.MAX_BUDGET_USD * 1_000_000
+
+
 def check_admit(req: AdmitRequest) -> None:
     """Bounds of an admission (Lua numbers are doubles: exact and printable only this far).
 
     :raises LedgerInputError: naming the field.
     """
+    p, c = req.prompt_tokens, req.completion_tokens
+    if (  # every admission: the common case in one expression, each field named below
+        type(p) is int
+        and type(c) is int
+        and p >= 0
+        and c >= 0
+        and p + c <= limits.MAX_RESERVATION_TOKENS
+        and type(req.choices) is int
+        and 1 <= req.choices <= MAX_REQUEST_CHOICES
+        and type(req.cost_micros) is int
+        and 0 <= req.cost_micros <= _MAX_COST_MICROS
+        and type(req.reservation_id) is str
+        and 0 < len(req.reservation_id) <= MAX_ID_CHARS
+        and 0 < req.ceiling <= 1
+    ):
+        return
     _check_id("reservation_id", req.reservation_id)
     _check("prompt_tokens", req.prompt_tokens, 0, limits.MAX_RESERVATION_TOKENS)
     _check("completion_tokens", req.completion_tokens, 0, limits.MAX_RESERVATION_TOKENS)
@@ -171,7 +190,7 @@ def check_admit(req: AdmitRequest) -> None:
         limits.MAX_RESERVATION_TOKENS,
     )
     _check("choices", req.choices, 1, MAX_REQUEST_CHOICES)
-    _check("cost_micros", req.cost_micros, 0, limits.MAX_BUDGET_USD * 1_000_000)
+    _check("cost_micros", req.cost_micros, 0, _MAX_COST_MICROS)
     if not 0 < req.ceiling <= 1:
         raise LedgerInputError(f"ceiling must be in (0, 1], got {req.ceiling!r}")
 

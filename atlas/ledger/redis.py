@@ -7,6 +7,7 @@ re-loads it after a NOSCRIPT (server restart, failover).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
@@ -129,6 +130,16 @@ _ADMIT_ELEMENTS = 3 + 6 + 22
 MAX_CACHED_ADMIT_KEYS = 10_000
 
 
+async def _stale(conn: Any) -> bool:
+    """An idle connection the server closed (restart, idle timeout) or that holds unread
+    data: what redis-py's pool checks before handing one out, so it reconnects instead of
+    failing the command."""
+    try:
+        return bool(await conn.can_read())
+    except (RedisConnectionError, OSError):
+        return True
+
+
 class _ScriptLane:
     """Connections of their own for one hot script (admit: one EVALSHA per Check).
 
@@ -143,7 +154,9 @@ class _ScriptLane:
     """
 
     def __init__(self, pool: Any, *, max_connections: int, timeout_s: float) -> None:
-        self._kwargs = {**pool.connection_kwargs, "socket_timeout": None}
+        # (`orig_socket_timeout` is what redis-py restores after a maintenance window.)
+        no_timeout = {"socket_timeout": None, "orig_socket_timeout": None}
+        self._kwargs = {**pool.connection_kwargs, **no_timeout}
         self._connection_class = pool.connection_class
         self._timeout_s = timeout_s
         self._free = asyncio.Semaphore(max_connections)
@@ -167,6 +180,8 @@ class _ScriptLane:
         conn = self._idle.pop() if self._idle else self._connect()
         try:
             async with asyncio.timeout(self._timeout_s):
+                if conn.is_connected and await _stale(conn):
+                    await conn.disconnect()  # send_packed_command connects it again
                 await conn.send_packed_command(command)
                 return await conn.read_response()
         except ResponseError:
@@ -351,8 +366,14 @@ class RedisLedger:
                 if msg.get("type") == "message":
                     yield str(msg["data"])
         finally:
-            await pubsub.aclose()
-            await client.aclose()
+            # Bounded: cancelled mid-read, redis-py's pubsub close can wait on the read's
+            # connection forever (authz's shutdown hung in tests/integration/test_authz_http.py).
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(1):
+                    await pubsub.aclose()
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(1):
+                    await client.aclose()
 
     # ---- admission and settlement ------------------------------------------------------
     async def admit(self, rec: KeyRecord, req: AdmitRequest) -> Admission:

@@ -17,6 +17,8 @@ import redis
 from pydantic import SecretStr
 
 from atlas.keymodel import KeyRecord
+from atlas.ledger import keys
+from atlas.ledger.protocol import AdmitRequest
 from atlas.ledger.redis import RedisLedger
 from atlas.settings import Settings
 from atlas.stack import free_port
@@ -255,3 +257,30 @@ async def test_unknown_endpoints_are_404_through_the_service(
         assert json.loads(r.denied_response.body)["error"]["param"] == "max_tokens"
         r = await stub.Check(check_request(SECRET, raw=b"", path="/v1/models", method="GET"))
         assert status_of(r) == 200 and grant_of(r)["reserved"] == 0
+
+
+async def test_admit_survives_a_script_flush_and_closed_connections(
+    ledger: RedisLedger, redis_sync: redis.Redis
+) -> None:
+    """admit's own connections (outside redis-py's pool) reload the script after NOSCRIPT and
+    reconnect when the server closed them while idle (a restart, an idle timeout)."""
+    rec = key()
+    await ledger.create_key(rec)
+
+    def req(i: int) -> AdmitRequest:
+        return AdmitRequest(
+            reservation_id=f"r{i}",
+            prompt_tokens=1,
+            completion_tokens=1,
+            priority="normal",
+            model="m",
+            ceiling=1.0,
+        )
+
+    assert (await ledger.admit(rec, req(0))).admitted
+    redis_sync.script_flush()  # a restarted or failed-over server has no scripts
+    assert (await ledger.admit(rec, req(1))).admitted
+    assert redis_sync.client_kill_filter(_type="normal", skipme=True) >= 1
+    await asyncio.sleep(0.05)
+    assert (await ledger.admit(rec, req(2))).admitted
+    assert redis_sync.hlen(keys.reservations(rec.id)) == 3

@@ -2,8 +2,12 @@ from __future__ import annotations
 
 import json
 import pickle
+import random
+from typing import Any
 
+from atlas import requestbody
 from atlas.requestbody import (
+    LLMRequest,
     bytes_estimate,
     estimate_prompt_tokens,
     lax_bool,
@@ -143,3 +147,66 @@ def test_bodies_too_complex_to_walk_are_estimated_from_their_bytes() -> None:
 def test_summary_pickles_for_the_parse_pool() -> None:
     r = parse_llm_request(b'{"model":"m","prompt":["a","b"],"n":2,"max_tokens":3}')
     assert pickle.loads(pickle.dumps(r)) == r
+
+
+def test_fields_are_built_in_field_order() -> None:
+    """`_fields` builds its LLMRequest positionally (hot path): every field lands in its place."""
+    body = {
+        "model": "m",
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "max_tokens": 7,
+        "n": 2,
+        "best_of": 3,
+        "prompt": ["a" * 8, "b" * 4],
+    }
+    r = parse_llm_request(json.dumps(body).encode())
+    assert r == LLMRequest(
+        parsed=True,
+        model="m",
+        stream=True,
+        include_usage=True,
+        max_tokens=7,
+        n=2,
+        prompt_tokens=3,
+        best_of=3,
+        prompts=2,
+    )
+
+
+def _general_walk(body: dict[str, Any]) -> tuple[int, bool]:
+    """`_estimate` without its flat fast path."""
+    acc = requestbody._Tally()
+    present = False
+    for key in requestbody._PROMPT_KEYS:
+        value = body.get(key)
+        if value is None:
+            continue
+        requestbody._tally(value, 0, acc)
+        if not present and isinstance(value, str | list | dict) and len(value) > 0:
+            present = True
+    tokens = requestbody.tokens_for_chars(acc.chars) + acc.ids
+    return (max(tokens, 1) if present else tokens), not acc.truncated
+
+
+def test_flat_prompt_estimate_equals_the_general_walk() -> None:
+    rng = random.Random(3)
+    keys = (*requestbody._TEXT_KEYS, "role", "image_url")
+
+    def value(depth: int = 0) -> Any:
+        c = rng.random()
+        if c < 0.35 or depth >= 3:
+            return "x" * rng.randrange(0, 9)
+        if c < 0.45:
+            return rng.choice([1, True, None, 2.5, 0])
+        if c < 0.75:
+            return [value(depth + 1) for _ in range(rng.randrange(0, 4))]
+        return {rng.choice(keys): value(depth + 1) for _ in range(rng.randrange(0, 4))}
+
+    flat = 0
+    for _ in range(20_000):
+        fields = rng.sample((*requestbody._PROMPT_KEYS, "model"), rng.randrange(0, 4))
+        body = {k: value() for k in fields}
+        assert requestbody._estimate(body) == _general_walk(body), body
+        flat += requestbody._flat_estimate(body) is not None
+    assert flat > 1000  # the fast path was exercised
