@@ -188,6 +188,7 @@ class CheckProtocol(asyncio.Protocol):
         "_transport",
         "_undelivered",
         "_url",
+        "_written",
     )
 
     def __init__(
@@ -205,6 +206,8 @@ class CheckProtocol(asyncio.Protocol):
         self._parser = httptools.HttpRequestParser(self)
         self._transport: asyncio.Transport | None = None
         self._queue: deque[asyncio.Future[Reply]] = deque()
+        #: Grants answered since Envoy's last request on this connection: not yet known read.
+        self._written: list[Grant] = []
         self._closing = False
         self._reset()
 
@@ -223,6 +226,14 @@ class CheckProtocol(asyncio.Protocol):
         # Checks in flight finish (an admission must not be cut halfway); `_flush` gives up
         # the reservations of answers that can no longer be delivered.
         self._transport = None
+        if exc is not None:
+            # A reset: Envoy closed the connection with our last answer unread (its kernel
+            # answers a close over unread data with RST): it gave up that Check, as it does
+            # when its client hangs up. Releasing one it did read costs nothing: the
+            # exchange's settlement still charges it (a late settlement).
+            for grant in self._written:
+                self._undelivered(grant)
+        self._written.clear()
         self._flush()
 
     def data_received(self, data: bytes) -> None:
@@ -241,6 +252,10 @@ class CheckProtocol(asyncio.Protocol):
                 self._fail(400, "Malformed HTTP request.")
 
     # ---- httptools callbacks -------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        # One request at a time per connection: a new one means the last answer was read.
+        self._written.clear()
+
     def on_url(self, url: bytes) -> None:
         self._url += url
         self._count(len(url))
@@ -309,6 +324,8 @@ class CheckProtocol(asyncio.Protocol):
                     self._undelivered(reply.grant)
                 continue
             self._transport.write(reply.data)
+            if reply.grant is not None:
+                self._written.append(reply.grant)
         if self._closing and not self._queue and self._transport is not None:
             self._transport.close()
 

@@ -13,7 +13,7 @@
 -- ARGV[20] claim timeout ms: a new reservation is "unclaimed" and reaped (charged 0) unless
 --   an ext_proc stream claims it (lease.lua) by then   ARGV[21] choices (completions generated)
 -- ARGV[22] unattended (1 = settled from Envoy's access log, which no stream claims: claimed
---   at admission, for the ttl)
+--   at admission, for claim_ms)
 -- Returns {admitted, reason, retry_after_ms, granted_completion (-1 = unchanged), reserved,
 --   req_remaining, req_reset_ms, tok_remaining (-1 none), tok_reset_ms,
 --   day_used, day_reserved, day_reset_s, month_used, month_reserved, month_reset_s, now_ms,
@@ -126,14 +126,12 @@ if admitted then
     .. int(est_cost) .. '|' .. ARGV[15] .. '|' .. ARGV[16])
   -- Rule: the reservation lives claim_ms unless an ext_proc stream claims it (then ttl_ms,
   -- renewed while the stream lives): a request Envoy never sent on is not held for the TTL.
-  -- Rule: an unattended one is claimed now, for ttl_ms: its access-log entry settles it, or
-  -- releases it when the request never reached the upstream; a lost entry is reaped charged.
-  if unattended then
-    redis.call('ZADD', KEYS[4], now + ttl_ms, rid)
-    redis.call('SADD', KEYS[6], rid)
-  else
-    redis.call('ZADD', KEYS[4], now + claim_ms, rid)
-  end
+  -- Rule: an unattended one (settled from Envoy's access log) is claimed now, for claim_ms:
+  -- its entry settles it, or releases it when the upstream never got the request; past the
+  -- deadline the reaper charges what it reserved (a lost entry, or an answer Envoy dropped),
+  -- and a later entry corrects that charge to the real usage (a `late` settlement).
+  redis.call('ZADD', KEYS[4], now + claim_ms, rid)
+  if unattended then redis.call('SADD', KEYS[6], rid) end
   incr_window(day_key, 'reserved', estimate, DAY_TTL_S)
   incr_window(day_key, 'requests', 1, DAY_TTL_S)
   incr_window(month_key, 'reserved', estimate, MONTH_TTL_S)
