@@ -530,6 +530,14 @@ class RedisLedger:
             await self._r.script_load(self._admit.script)
             return await self._admit_lane.call(command)
 
+    async def _run_lane(self, script: Any, command: bytes) -> Any:
+        assert self._admit_lane is not None
+        try:
+            return await self._admit_lane.call(command)
+        except NoScriptError:
+            await self._r.script_load(script.script)  # lost on restart or failover
+            return await self._admit_lane.call(command)
+
     async def settle(self, s: Settlement) -> SettleResult:
         """:raises LedgerInputError: a number of `s` outside `atlas.limits` (nothing written)."""
         check_settlement(s)
@@ -552,7 +560,22 @@ class RedisLedger:
             self._hist_ttl_s,
             max(0, s.cost_micros),
         ]
-        r = await self._call("settle", lambda: self._settle(keys=ks, args=args))
+        if self._admit_lane is None:  # cluster: redis-py routes the script by its keys
+            r = await self._call("settle", lambda: self._settle(keys=ks, args=args))
+        else:
+            # One settlement per plain completion (from the access log): the pre-encoded
+            # command over admit's lane, not redis-py's generic path (~100 µs less, issue 12).
+            command = b"".join(
+                (
+                    b"*%d\r\n" % (3 + len(ks) + len(args)),
+                    _bulk(b"EVALSHA"),
+                    _bulk(self._settle.sha.encode()),
+                    _bulk_int(len(ks)),
+                    *(_bulk(k.encode()) for k in ks),
+                    *(_bulk(_encoded(v)) for v in args),
+                )
+            )
+            r = await self._call("settle", lambda: self._run_lane(self._settle, command))
         result = SettleResult(status=str(r[0]), charged=int(r[1]), refunded=int(r[2]))
         if result.status in ("settled", "unreserved", "late", "malformed"):
             await self._record_shared_history(s, hour=str(r[4]), counted=result.status != "late")
