@@ -33,6 +33,7 @@ from atlas.ledger.protocol import Settlement
 from atlas.modelnames import ModelNames
 from atlas.pricing import PriceBook
 from atlas.requestbody import tokens_for_chars
+from extproc.settlement import settlement_for
 
 log = logging.getLogger("atlas.extproc")
 
@@ -133,17 +134,14 @@ def _settlement(
     prices: PriceBook | None,
     models: ModelNames,
 ) -> Settlement:
-    model = models.fold(g.model)
-    return Settlement(
-        key_id=g.key_id,
-        reservation_id=g.reservation_id,
-        prompt_tokens=prompt,
-        completion_tokens=completion,
-        model=model,
+    return settlement_for(
+        g,
+        model=models.fold(g.model),
+        prompt=prompt,
+        completion=completion,
         exact=exact,
         outcome=outcome,
-        tokens_per_minute=g.tpm,
-        cost_micros=prices.cost_micros(model, prompt, completion) if prices else 0,
+        prices=prices,
     )
 
 

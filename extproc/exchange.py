@@ -25,6 +25,7 @@ from atlas.modelnames import ModelNames
 from atlas.pricing import PriceBook
 from atlas.requestbody import bytes_estimate, estimate_prompt_tokens, lax_bool
 from extproc.accesslog import EXTPROC_NAMESPACE, OWNER_KEY
+from extproc.settlement import settlement_for
 from extproc.sse import SSEDecoder
 from extproc.usage import (
     Endpoint,
@@ -475,15 +476,12 @@ class Exchange:
             completion = self._estimated_completion()
             exact = False
         prompt, completion = max(0, prompt), max(0, completion)
-        model = self._models.fold(self.model or g.model)
-        return Settlement(
-            key_id=g.key_id,
-            reservation_id=g.reservation_id,
-            prompt_tokens=prompt,
-            completion_tokens=completion,
-            model=model,
+        return settlement_for(
+            g,
+            model=self._models.fold(self.model or g.model),
+            prompt=prompt,
+            completion=completion,
             exact=exact,
             outcome=outcome,
-            tokens_per_minute=g.tpm,
-            cost_micros=prices.cost_micros(model, prompt, completion) if prices else 0,
+            prices=prices,
         )
