@@ -7,8 +7,10 @@ protocol modules only spell it (`authz.http_server`, `authz.server`).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
+from atlas.errors import Denied
 from atlas.grant import (
     DEGRADED_HEADER,
     GRANT_HEADER,
@@ -18,8 +20,17 @@ from atlas.grant import (
     ProcMode,
     proc_mode,
 )
+from atlas.metrics import DECISIONS
 from atlas.settings import Settings
-from authz.policy import CLIENT_KEY_HEADERS, CheckInput, Verdict, ratelimit_header_list
+from authz.policy import (
+    CLIENT_KEY_HEADERS,
+    Authorizer,
+    CheckInput,
+    Verdict,
+    ratelimit_header_list,
+)
+
+log = logging.getLogger("atlas.authz")
 
 #: Removed from every admitted request: compressed responses would be unreadable to extproc
 #: (Envoy's decompressor would run after ext_proc on the response path).
@@ -80,6 +91,29 @@ def client_headers_to_remove(headers: dict[str, str], *, strip_key: bool) -> lis
 #: own, `authorization` too) and the grant: never also removed.
 _SET = frozenset((KEY_ID_HEADER, PRIORITY_HEADER, GRANT_HEADER))
 _SET_WITH_CREDENTIAL = _SET | {"authorization"}
+
+
+INTERNAL_ERROR = Denied(
+    500, "Internal error in the rate limiter.", type="server_error", code="internal_error"
+)
+#: Looked up once: counted on every admitted Check.
+_ADMITTED = DECISIONS.labels(service="authz", decision="ok")
+
+
+async def decide(authorizer: Authorizer, inp: CheckInput) -> Verdict | Denied:
+    """The policy's verdict, or the refusal to answer (an unexpected error is a 500); each
+    decision is counted. Both protocols spell what this returns."""
+    try:
+        verdict = await authorizer.check(inp)
+    except Denied as d:
+        DECISIONS.labels(service="authz", decision=d.code or str(d.status)).inc()
+        return d
+    except Exception:
+        log.exception("Check failed")
+        DECISIONS.labels(service="authz", decision="internal_error").inc()
+        return INTERNAL_ERROR
+    _ADMITTED.inc()
+    return verdict
 
 
 def admitted(v: Verdict, inp: CheckInput, settings: Settings) -> Answer:

@@ -36,7 +36,7 @@ from atlas.grant import (
 from atlas.metrics import DECISIONS
 from atlas.openai_errors import error_body
 from atlas.settings import Settings
-from authz.answer import admitted
+from authz.answer import INTERNAL_ERROR, admitted, decide
 from authz.policy import Authorizer, CheckInput
 
 log = logging.getLogger("atlas.authz")
@@ -53,7 +53,6 @@ MAX_HEADER_BYTES = 96 << 10
 MAX_HEADERS = 256
 #: Requests a connection may queue (Envoy sends one at a time per connection).
 MAX_PIPELINED = 16
-_ADMITTED = DECISIONS.labels(service="authz", decision="ok")
 UNDELIVERED = DECISIONS.labels(service="authz", decision="undelivered")
 _BACKGROUND: set[asyncio.Future[None]] = set()
 _REASONS = {
@@ -108,11 +107,6 @@ def answer_denied(d: Denied) -> bytes:
     return response(CARRIER_STATUS.get(d.status, d.status), headers, body)
 
 
-_INTERNAL = Denied(
-    500, "Internal error in the rate limiter.", type="server_error", code="internal_error"
-)
-
-
 class CheckService:
     """One Check: CheckInput in, the HTTP answer's bytes out."""
 
@@ -121,16 +115,9 @@ class CheckService:
         self._settings = settings
 
     async def __call__(self, inp: CheckInput) -> Reply:
-        try:
-            verdict = await self._authorizer.check(inp)
-        except Denied as d:
-            DECISIONS.labels(service="authz", decision=d.code or str(d.status)).inc()
-            return Reply(answer_denied(d))
-        except Exception:
-            log.exception("Check failed")
-            DECISIONS.labels(service="authz", decision="internal_error").inc()
-            return Reply(answer_denied(_INTERNAL))
-        _ADMITTED.inc()
+        verdict = await decide(self._authorizer, inp)
+        if isinstance(verdict, Denied):
+            return Reply(answer_denied(verdict))
         a = admitted(verdict, inp, self._settings)
         # x-atlas-proc and x-atlas-grant become dynamic metadata (x-atlas-key-id is both an
         # upstream header and metadata, for the access log).
@@ -316,7 +303,7 @@ class CheckProtocol(asyncio.Protocol):
             if fut.cancelled():
                 continue
             exc = fut.exception()
-            reply = Reply(answer_denied(_INTERNAL)) if exc is not None else fut.result()
+            reply = Reply(answer_denied(INTERNAL_ERROR)) if exc is not None else fut.result()
             if exc is not None:
                 log.error("Check answer failed: %r", exc)
             if self._transport is None or self._transport.is_closing():

@@ -22,18 +22,15 @@ from google.rpc import code_pb2, status_pb2
 from atlas.errors import Denied
 from atlas.grant import GRANT_HEADER, KEY_ID_HEADER, PROC_HEADER, REFUSAL_HEADER
 from atlas.grpc_service import grpc_server
-from atlas.metrics import DECISIONS
 from atlas.openai_errors import error_body
 from atlas.settings import Settings
-from authz.answer import admitted
+from authz.answer import admitted, decide
 from authz.policy import Authorizer, CheckInput, Verdict
 
 log = logging.getLogger("atlas.authz")
 
 SERVICE_NAME = "envoy.service.auth.v3.Authorization"
 _FALSE = wrappers_pb2.BoolValue(value=False)
-#: Looked up once: counted on every admitted Check.
-_ADMITTED = DECISIONS.labels(service="authz", decision="ok")
 _GRPC_CODE = {
     400: code_pb2.INVALID_ARGUMENT,
     404: code_pb2.NOT_FOUND,
@@ -121,24 +118,10 @@ class AuthorizationService(auth_grpc.AuthorizationServicer):
         self._settings = settings
 
     async def Check(self, request: auth_pb2.CheckRequest, context: Any) -> auth_pb2.CheckResponse:
-        try:
-            inp = check_input(request)
-            verdict = await self._authorizer.check(inp)
-        except Denied as d:
-            DECISIONS.labels(service="authz", decision=d.code or str(d.status)).inc()
-            return answer_denied(d)
-        except Exception:
-            log.exception("Check failed")
-            DECISIONS.labels(service="authz", decision="internal_error").inc()
-            return answer_denied(
-                Denied(
-                    500,
-                    "Internal error in the rate limiter.",
-                    type="server_error",
-                    code="internal_error",
-                )
-            )
-        _ADMITTED.inc()
+        inp = check_input(request)
+        verdict = await decide(self._authorizer, inp)
+        if isinstance(verdict, Denied):
+            return answer_denied(verdict)
         return answer_ok(verdict, inp, self._settings)
 
 
