@@ -62,13 +62,19 @@ def endpoint_for_path(path: str) -> Endpoint | None:
 class Usage:
     """Reported token counts; a field the upstream did not report (validly) is None, never 0.
 
-    Responses API ``input_tokens``/``output_tokens`` map to ``prompt_tokens``/
-    ``completion_tokens``.  ``total_tokens`` is taken as reported, not derived.
+    ``prompt_tokens`` is every input token the upstream processed, cached ones included
+    (Responses/Anthropic ``input_tokens`` map here; Anthropic's cache reads and writes are
+    added to it). ``cached_tokens`` (read from a prompt cache) and ``cache_write_tokens``
+    (Anthropic ``cache_creation_input_tokens``) are parts of it; ``reasoning_tokens`` is part
+    of ``completion_tokens``. ``total_tokens`` is taken as reported, not derived.
     """
 
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     total_tokens: int | None = None
+    cached_tokens: int | None = None
+    reasoning_tokens: int | None = None
+    cache_write_tokens: int | None = None
 
 
 def _count(value: object) -> int | None:
@@ -83,7 +89,23 @@ def _first_count(obj: dict[Any, Any], key: str, alt: str) -> int | None:
     return n if n is not None else _count(obj.get(alt))
 
 
+def _detail(obj: dict[Any, Any], keys: tuple[str, str], field: str) -> int | None:
+    """`obj[keys[i]][field]` for the first of the two detail objects that has it."""
+    for key in keys:
+        details = obj.get(key)
+        if isinstance(details, dict):
+            n = _count(details.get(field))
+            if n is not None:
+                return n
+    return None
+
+
+_PROMPT_DETAILS = ("prompt_tokens_details", "input_tokens_details")
+_COMPLETION_DETAILS = ("completion_tokens_details", "output_tokens_details")
+
+
 def _usage_from_obj(obj: object) -> Usage | None:
+    """OpenAI's usage object (chat, completions, embeddings, Responses) with its details."""
     if not isinstance(obj, dict):
         return None
     prompt = _first_count(obj, "prompt_tokens", "input_tokens")
@@ -91,7 +113,13 @@ def _usage_from_obj(obj: object) -> Usage | None:
     total = _count(obj.get("total_tokens"))
     if prompt is None and completion is None and total is None:
         return None
-    return Usage(prompt, completion, total)
+    return Usage(
+        prompt,
+        completion,
+        total,
+        cached_tokens=_detail(obj, _PROMPT_DETAILS, "cached_tokens"),
+        reasoning_tokens=_detail(obj, _COMPLETION_DETAILS, "reasoning_tokens"),
+    )
 
 
 def _loads(data: bytes | bytearray) -> object:

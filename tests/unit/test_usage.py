@@ -41,7 +41,7 @@ class Expected:
 
 # Mirrors tests/data/streams/README.md.
 EXPECTED: dict[str, Expected] = {
-    "openai_chat_usage.sse": Expected(Endpoint.CHAT, Usage(19, 10, 29), 32, 9, True, 1),
+    "openai_chat_usage.sse": Expected(Endpoint.CHAT, Usage(19, 10, 29, 0, 0), 32, 9, True, 1),
     "openai_chat_no_usage.sse": Expected(Endpoint.CHAT, None, 32, 9, True, 0),
     "openai_chat_tool_calls.sse": Expected(Endpoint.CHAT, Usage(81, 15, 96), 28, 7, True, 1),
     "vllm_chat_usage_final_chunk.sse": Expected(Endpoint.CHAT, Usage(9, 12, 21), 31, 9, True, 0),
@@ -52,7 +52,7 @@ EXPECTED: dict[str, Expected] = {
     "chat_multiline_data.sse": Expected(Endpoint.CHAT, Usage(11, 8, 19), 26, 7, True, 1),
     "chat_truncated.sse": Expected(Endpoint.CHAT, None, 14, 4, False, 0),
     "openai_completions.sse": Expected(Endpoint.COMPLETIONS, Usage(5, 16, 21), 33, 9, True, 1),
-    "openai_responses.sse": Expected(Endpoint.RESPONSES, Usage(24, 8, 32), 20, 7, True, 0),
+    "openai_responses.sse": Expected(Endpoint.RESPONSES, Usage(24, 8, 32, 0, 0), 20, 7, True, 0),
 }
 
 Outcome = tuple[Usage | None, int, int, bool, list[bytes]]
@@ -165,7 +165,7 @@ def test_chat_completion_body() -> None:
             "prompt_tokens_details": {"cached_tokens": 0},
         },
     }
-    assert usage_from_json(json.dumps(body).encode()) == Usage(12, 3, 15)
+    assert usage_from_json(json.dumps(body).encode()) == Usage(12, 3, 15, cached_tokens=0)
 
 
 def test_completions_body() -> None:
@@ -197,7 +197,7 @@ def test_responses_body_maps_input_output_tokens() -> None:
             "total_tokens": 123,
         },
     }
-    assert usage_from_json(json.dumps(body).encode()) == Usage(36, 87, 123)
+    assert usage_from_json(json.dumps(body).encode()) == Usage(36, 87, 123, 0, 0)
 
 
 def test_pretty_printed_body() -> None:
