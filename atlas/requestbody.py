@@ -10,12 +10,14 @@ beyond `atlas.limits`, makes `invalid` non-empty and authz answers 400.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from pydantic import TypeAdapter, ValidationError
 
+from atlas import tokens
 from atlas.limits import (
     MAX_CHOICES,
     MAX_COMPLETION_TOKENS,
@@ -23,6 +25,8 @@ from atlas.limits import (
     MAX_PROMPTS,
     MAX_RESERVATION_TOKENS,
 )
+from atlas.tokens import fallback
+from atlas.tokens.chat import prompt_tokens
 
 #: ~4 characters per token for English text with BPE tokenizers (OpenAI's rule of thumb).
 CHARS_PER_TOKEN = 4
@@ -78,140 +82,44 @@ class LLMRequest:
         return max(self.n, self.best_of) * self.prompts
 
 
-_MAX_DEPTH = 8
-#: Values the prompt walk visits before it stops and falls back on the byte length.
-_MAX_VISITS = 200_000
-
-# Keys under which request bodies hold prompt text: message/part `content` and `text`, tool
-# call `arguments` (via `tool_calls`/`function`) and Responses `function_call_output` `output`.
-# Everything else (image URLs, base64 audio/files, ids, roles) is skipped on purpose.
-_TEXT_KEYS = ("content", "text", "tool_calls", "function", "arguments", "output")
-_PROMPT_KEYS = ("messages", "prompt", "input", "instructions")
 _MAX_TOKENS_KEYS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
-
-
-class _Tally:
-    __slots__ = ("budget", "chars", "ids", "truncated")
-
-    def __init__(self) -> None:
-        self.chars = 0
-        self.ids = 0
-        self.budget = _MAX_VISITS
-        self.truncated = False  # too deep or too many values: the count is a lower bound
-
-
-def _tally(value: object, depth: int, acc: _Tally) -> None:
-    """Add the characters of `value` to acc.chars and its token ids to acc.ids."""
-    acc.budget -= 1
-    if acc.budget < 0:
-        acc.truncated = True
-        return
-    if isinstance(value, str):
-        acc.chars += len(value)
-    elif isinstance(value, bool):
-        return
-    elif isinstance(value, int):
-        acc.ids += 1
-    elif depth >= _MAX_DEPTH:
-        if isinstance(value, list | dict):
-            acc.truncated = True
-    elif isinstance(value, list):
-        for item in value:
-            _tally(item, depth + 1, acc)
-            if acc.truncated:
-                return
-    elif isinstance(value, dict):
-        for key in _TEXT_KEYS:
-            item = value.get(key)
-            if item is not None:
-                _tally(item, depth + 1, acc)
-
-
-#: Parts a flat prompt may have for `_flat_chars` (the walk's budget cannot run out below it).
-_MAX_FLAT_PARTS = 10_000
-
-
-def _flat_chars(value: object) -> int | None:
-    """The characters `_tally` counts in the common shapes (a string; a list of strings or of
-    messages whose text fields are strings), or None for any other shape."""
-    if isinstance(value, str):
-        return len(value)
-    if not isinstance(value, list) or len(value) > _MAX_FLAT_PARTS:
-        return None
-    chars = 0
-    for item in value:
-        if isinstance(item, str):
-            chars += len(item)
-            continue
-        if not isinstance(item, dict):
-            return None
-        for key in _TEXT_KEYS:
-            text = item.get(key)
-            if text is None:
-                continue
-            if not isinstance(text, str):
-                return None
-            chars += len(text)
-    return chars
-
-
-def _flat_estimate(body: dict[str, Any]) -> int | None:
-    """`_estimate` of a body whose prompt fields all have flat shapes; None otherwise."""
-    chars = 0
-    present = False
-    for key in _PROMPT_KEYS:
-        value = body.get(key)
-        if value is None:
-            continue
-        flat = _flat_chars(value)
-        if flat is None:
-            return None
-        chars += flat
-        present = present or len(value) > 0
-    tokens = tokens_for_chars(chars)
-    return max(tokens, 1) if present else tokens
 
 
 def _estimate(body: object) -> tuple[int, bool]:
     """The prompt estimate and whether the walk saw all of it."""
     if not isinstance(body, dict):
         return 0, True
-    flat = _flat_estimate(body)
-    if flat is not None:  # the same count, without the general walk's bookkeeping
-        return flat, True
-    acc = _Tally()
-    present = False
-    for key in _PROMPT_KEYS:
-        value = body.get(key)
-        if value is None:
-            continue
-        _tally(value, 0, acc)
-        if not present and isinstance(value, str | list | dict) and len(value) > 0:
-            present = True
-    tokens = tokens_for_chars(acc.chars) + acc.ids
-    return (max(tokens, 1) if present else tokens), not acc.truncated
+    return prompt_tokens(body, tokens.counter())
 
 
 def estimate_prompt_tokens(body: dict[str, Any]) -> int:
-    """Estimate the prompt tokens of a parsed request body, for any of the four endpoints.
-
-    Counts chat ``messages`` text, completions ``prompt``, embeddings/responses ``input`` and
-    responses ``instructions`` as ``ceil(chars / 4)``; integers in token-id arrays count one
-    token each.  A body with a non-empty prompt field is at least 1; anything malformed is 0.
-    The walk is bounded (depth 8, 200k values): what lies beyond is not counted.
-    """
+    """Estimate the prompt tokens of a parsed request body, for any API Atlas reads
+    (`atlas.tokens.chat`): the text by the process's token counter, the wire format's
+    overheads, images and audio by their rules, token-id lists one token per id. Bounded:
+    what lies beyond the walk's limits is not counted."""
     return _estimate(body)[0]
 
 
 def tokens_for_chars(chars: int) -> int:
-    """The token estimate of `chars` characters of text: ceil(chars / CHARS_PER_TOKEN)."""
+    """The token estimate of `chars` characters of unknown text: ceil(chars / CHARS_PER_TOKEN)."""
     return -(-max(0, chars) // CHARS_PER_TOKEN)
 
 
-def bytes_estimate(size: int) -> int:
-    """Prompt tokens of a body that could not be read as text: one per 4 bytes (UTF-8 text is
-    at least one byte a character, so this never falls below the text estimate)."""
-    return tokens_for_chars(size)
+def bytes_estimate(size: int, sample: bytes = b"") -> int:
+    """Prompt tokens of a body of `size` bytes that could not be parsed: the calibrated
+    estimate of `sample` (its first bytes) scaled to the whole size, and never less than one
+    per 4 bytes (CJK text is ~3 bytes a character and ~1 token each, so bytes / 4 alone
+    would under-charge it)."""
+    floor = tokens_for_chars(size)
+    if not sample:
+        return floor
+    head = sample[:_SAMPLE_BYTES]
+    sampled = fallback.count(head.decode("utf-8", "replace"))
+    return max(floor, math.ceil(sampled * size / len(head)))
+
+
+#: Bytes of an unparsed body read by the calibrated estimator (the rest is scaled from it).
+_SAMPLE_BYTES = 16 << 10
 
 
 def count_prompts(prompt: object) -> int:
@@ -252,7 +160,7 @@ def _bool(data: dict[str, Any], name: str) -> bool:
     return _lax_field(data, name, lax_bool, "a boolean") is True
 
 
-def _fields(data: dict[str, Any], size: int) -> LLMRequest:
+def _fields(data: dict[str, Any], size: int, body: bytes) -> LLMRequest:
     model = data.get("model")
     if model is None:
         model = ""
@@ -279,15 +187,15 @@ def _fields(data: dict[str, Any], size: int) -> LLMRequest:
             f"This request could generate {max_tokens * req_choices} tokens "
             f"(max_tokens x choices x prompts); at most {MAX_RESERVATION_TOKENS} are allowed.",
         )
-    tokens, whole = _estimate(data)
+    tokens_n, whole = _estimate(data)
     if not whole:  # too deep or too many parts to walk: fall back on the bytes
-        tokens = max(tokens, bytes_estimate(size))
+        tokens_n = max(tokens_n, bytes_estimate(size, body))
     # Positional, in field order: a frozen dataclass takes keywords at twice the cost, and
     # this runs for every request (test_requestbody checks the order).
-    return LLMRequest(True, model, stream, include_usage, max_tokens, n, tokens, best_of, prompts)
+    return LLMRequest(True, model, stream, include_usage, max_tokens, n, tokens_n, best_of, prompts)
 
 
-def _unparsed(size: int) -> LLMRequest:
+def _unparsed(size: int, sample: bytes = b"") -> LLMRequest:
     """A body that is not the JSON we expect: estimated from its size."""
     return LLMRequest(
         parsed=False,
@@ -296,7 +204,7 @@ def _unparsed(size: int) -> LLMRequest:
         include_usage=False,
         max_tokens=None,
         n=1,
-        prompt_tokens=bytes_estimate(size),
+        prompt_tokens=bytes_estimate(size, sample),
     )
 
 
@@ -305,15 +213,15 @@ def parse_llm_request(body: bytes, *, complete: bool = True, size: int = 0) -> L
     :param size: the whole body's length in bytes when known (Content-Length)."""
     size = max(size, len(body))
     if not body or not complete:
-        return _unparsed(size)
+        return _unparsed(size, body)
     try:
         data = json.loads(body)
     except (ValueError, RecursionError):
-        return _unparsed(size)
+        return _unparsed(size, body)
     if not isinstance(data, dict):
-        return _unparsed(size)
+        return _unparsed(size, body)
     try:
-        return _fields(data, size)
+        return _fields(data, size, body)
     except _Invalid as exc:
         return LLMRequest(
             parsed=True,
@@ -322,7 +230,7 @@ def parse_llm_request(body: bytes, *, complete: bool = True, size: int = 0) -> L
             include_usage=False,
             max_tokens=None,
             n=1,
-            prompt_tokens=bytes_estimate(size),
+            prompt_tokens=bytes_estimate(size, body),
             invalid=str(exc),
             invalid_param=exc.param,
         )

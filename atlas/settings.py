@@ -23,6 +23,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from atlas.errors import ConfigError
 from atlas.limits import ENVOY_HEADROOM_BYTES
 from atlas.pricing import ModelPrice
+from atlas.windows import load_zone
 
 Priority = Literal["low", "normal", "high", "critical"]
 PRIORITIES: tuple[Priority, ...] = ("low", "normal", "high", "critical")
@@ -184,7 +185,8 @@ class Settings(BaseSettings):
     model_prices: dict[str, ModelPrice] = Field(
         default_factory=dict,
         description='USD per 1M tokens, JSON: {"model": {"prompt": 2.5, "completion": 10}};'
-        ' "*" prices any other model (environment only)',
+        ' optional "cached_prompt", "cache_write" (default: prompt) and "reasoning" (default:'
+        ' completion); "*" prices any other model (environment only)',
     )
 
     model_routes: dict[str, list[str]] = Field(
@@ -223,12 +225,43 @@ class Settings(BaseSettings):
         "(json_to_metadata reads usage; no ext_proc stream); the Envoy bootstrap must match "
         "(atlas render-envoy --no-access-log-settlement). Meshes without it: false",
     )
+    tokenizer: str = Field(
+        "cl100k_base",
+        description="tiktoken encoding that counts prompts and unreported completions "
+        "(cl100k_base ships offline; o200k_base etc. need tokenizer_file); 'none': the "
+        "calibrated estimator by character class only",
+        max_length=64,
+    )
+    tokenizer_file: str = Field(
+        "", description="Path of the tiktoken ranks file for `tokenizer` ('' = the packaged one)"
+    )
+    tokenizer_max_exact_chars: int = Field(
+        8192,
+        ge=0,
+        le=1 << 20,
+        description="Prompt characters tokenized exactly per request; the rest is estimated "
+        "by character class (bounds the tokenizer's time on the request path)",
+    )
+    window_timezone: str = Field(
+        "UTC",
+        description="IANA time zone of the daily and monthly quota windows of keys without one"
+        " of their own (DST included: a 23- or 25-hour day is one day)",
+    )
     window_utc_offset_min: int = Field(
-        0, ge=-14 * 60, le=14 * 60, description="Offset of quota day/month windows from UTC, min"
+        0,
+        ge=-14 * 60,
+        le=14 * 60,
+        description="Legacy: a fixed offset from UTC for the quota windows when"
+        " window_timezone is UTC; also the grid of history hours, min",
     )
     history_days: int = Field(90, ge=1, description="Hourly usage history kept, days")
     reap_charge_reserved: bool = Field(
         True, description="Reaped (never settled) requests are charged their reservation"
+    )
+    quota_counts_cached: bool = Field(
+        True,
+        description="Prompt tokens read from the upstream's cache count toward token quotas"
+        " and tokens/minute (false: they are left out; cache writes still count)",
     )
     journal_dir: str = Field(
         "", description="Where extproc journals settlements during a Redis outage ('' = temp dir)"
@@ -271,12 +304,27 @@ class Settings(BaseSettings):
             raise ValueError(f'each entry must be "METHOD /path", got: {bad}')
         return v
 
+    @field_validator("window_timezone")
+    @classmethod
+    def _known_zone(cls, v: str) -> str:
+        load_zone(v)  # raises ValueError naming the zone
+        return v
+
     @field_validator("upstream")
     @classmethod
     def _upstream_url(cls, v: str | None) -> str | None:
         if v is not None and not v.startswith(("http://", "https://")):
             raise ValueError("must be an http:// or https:// URL")
         return v
+
+    @model_validator(mode="after")
+    def _one_window_zone(self) -> Settings:
+        if self.window_timezone != "UTC" and self.window_utc_offset_min:
+            raise ValueError(
+                "set window_timezone or the legacy window_utc_offset_min, not both: the"
+                " offset applies only when the zone is UTC"
+            )
+        return self
 
     @model_validator(mode="after")
     def _bodies_fit_grpc(self) -> Settings:

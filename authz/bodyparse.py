@@ -27,6 +27,7 @@ import signal
 from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
 
+from atlas import tokens
 from atlas.errors import Denied
 from atlas.jsonbound import MAX_INLINE_STRUCTURE, structure_count
 from atlas.lifetime import die_with_parent_signal
@@ -37,9 +38,11 @@ from atlas.requestbody import LLMRequest, parse_llm_request
 MAX_POOL_STRUCTURE = 1_000_000
 
 
-def _worker_init() -> None:
-    """A pool process dies with authz, even when authz is SIGKILLed (no orphans)."""
+def _worker_init(tokenizer: tuple[str, str, int]) -> None:
+    """A pool process dies with authz, even when authz is SIGKILLed (no orphans), and counts
+    with authz's tokenizer."""
     die_with_parent_signal(signal.SIGKILL)
+    tokens.configure(*tokenizer)
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[[], None]) -> None:
@@ -64,8 +67,11 @@ class BodyParser:
         timeout_s: float = 0.3,
         max_inline: int = MAX_INLINE_STRUCTURE,
         max_pooled: int = MAX_POOL_STRUCTURE,
+        tokenizer: tuple[str, str, int] | None = None,
     ) -> None:
-        """:param workers: pool processes; 0 refuses every body over `max_inline` (400)."""
+        """:param workers: pool processes; 0 refuses every body over `max_inline` (400).
+        :param tokenizer: `atlas.tokens.configuration` of the service (default: cl100k)."""
+        self._tokenizer = tokenizer or (tokens.DEFAULT_ENCODING, "", tokens.DEFAULT_MAX_EXACT_CHARS)
         self._workers = workers
         self._timeout_s = timeout_s
         self._max_inline = max_inline
@@ -81,7 +87,10 @@ class BodyParser:
             # children and die with it.
             ctx = multiprocessing.get_context("spawn")
             self._pool = concurrent.futures.ProcessPoolExecutor(
-                self._workers, mp_context=ctx, initializer=_worker_init
+                self._workers,
+                mp_context=ctx,
+                initializer=_worker_init,
+                initargs=(self._tokenizer,),
             )
         return self._pool
 

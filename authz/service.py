@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 
+from atlas import tokens
 from atlas.grpc_service import stop_tasks, wait_for_shutdown
 from atlas.inflight import InflightGauge
 from atlas.ledger.redis import RedisLedger
@@ -30,8 +31,12 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
         gauge = InflightGauge(ledger.add_inflight, interval_s=settings.inflight_sync_s)
         shedder = Shedder(gauge, settings)
         background.append(asyncio.create_task(gauge.run()))
+    tokenizer = tokens.configuration(settings)
+    tokens.configure(*tokenizer)
     parser = BodyParser(
-        workers=settings.authz_parse_workers, timeout_s=settings.authz_parse_timeout_s
+        workers=settings.authz_parse_workers,
+        timeout_s=settings.authz_parse_timeout_s,
+        tokenizer=tokenizer,
     )
     parser.start()
     authorizer = Authorizer(

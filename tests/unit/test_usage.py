@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from extproc.sse import Event, SSEDecoder
 from extproc.usage import (
+    MAX_KEPT_TEXT,
     Endpoint,
     StreamAccountant,
     Usage,
@@ -44,14 +45,14 @@ EXPECTED: dict[str, Expected] = {
     "openai_chat_usage.sse": Expected(Endpoint.CHAT, Usage(19, 10, 29, 0, 0), 32, 9, True, 1),
     "openai_chat_no_usage.sse": Expected(Endpoint.CHAT, None, 32, 9, True, 0),
     "openai_chat_tool_calls.sse": Expected(Endpoint.CHAT, Usage(81, 15, 96), 28, 7, True, 1),
-    "vllm_chat_usage_final_chunk.sse": Expected(Endpoint.CHAT, Usage(9, 12, 21), 31, 9, True, 0),
-    "vllm_chat_continuous_usage.sse": Expected(Endpoint.CHAT, Usage(12, 4, 16), 13, 4, True, 1),
-    "chat_crlf.sse": Expected(Endpoint.CHAT, Usage(23, 9, 32), 24, 6, True, 1),
-    "chat_cr_only.sse": Expected(Endpoint.CHAT, Usage(7, 3, 10), 21, 6, True, 0),
-    "chat_keepalive_comments.sse": Expected(Endpoint.CHAT, Usage(14, 6, 20), 17, 5, True, 0),
-    "chat_multiline_data.sse": Expected(Endpoint.CHAT, Usage(11, 8, 19), 26, 7, True, 1),
+    "vllm_chat_usage_final_chunk.sse": Expected(Endpoint.CHAT, Usage(9, 12, 21), 31, 10, True, 0),
+    "vllm_chat_continuous_usage.sse": Expected(Endpoint.CHAT, Usage(12, 4, 16), 13, 3, True, 1),
+    "chat_crlf.sse": Expected(Endpoint.CHAT, Usage(23, 9, 32), 24, 8, True, 1),
+    "chat_cr_only.sse": Expected(Endpoint.CHAT, Usage(7, 3, 10), 21, 4, True, 0),
+    "chat_keepalive_comments.sse": Expected(Endpoint.CHAT, Usage(14, 6, 20), 17, 6, True, 0),
+    "chat_multiline_data.sse": Expected(Endpoint.CHAT, Usage(11, 8, 19), 26, 9, True, 1),
     "chat_truncated.sse": Expected(Endpoint.CHAT, None, 14, 4, False, 0),
-    "openai_completions.sse": Expected(Endpoint.COMPLETIONS, Usage(5, 16, 21), 33, 9, True, 1),
+    "openai_completions.sse": Expected(Endpoint.COMPLETIONS, Usage(5, 16, 21), 33, 10, True, 1),
     "openai_responses.sse": Expected(Endpoint.RESPONSES, Usage(24, 8, 32, 0, 0), 20, 7, True, 0),
 }
 
@@ -362,20 +363,31 @@ def chars_of(endpoint: Endpoint, events: Iterable[Event]) -> int:
     return acc.content_chars
 
 
-def test_estimate_is_ceil_of_quarter_chars_and_at_least_one_per_text_chunk() -> None:
+def test_estimate_tokenizes_the_text_and_is_at_least_one_per_text_chunk() -> None:
     acc = StreamAccountant(Endpoint.CHAT)
     assert acc.estimated_completion_tokens == 0
-    acc.observe(delta({"content": "abcdefghijkl"}))
-    assert acc.estimated_completion_tokens == 3
-    acc.observe(delta({"content": "m"}))
-    assert acc.estimated_completion_tokens == 4
+    acc.observe(delta({"content": "Hello, how are you today?"}))  # 7 cl100k tokens
+    assert acc.estimated_completion_tokens == 7
+    acc.observe(delta({"content": "今天天气很好"}))  # 8 more
+    assert acc.estimated_completion_tokens == 7 + 8
     acc.observe(delta({"content": ""}))  # no text: not a token
     acc.observe(delta({"role": "assistant"}))
-    assert (acc.content_chunks, acc.estimated_completion_tokens) == (2, 4)
-    # vLLM streams one token per chunk: single-character tokens are not ceil(chars / 4).
+    assert (acc.content_chunks, acc.estimated_completion_tokens) == (2, 15)
+    # vLLM streams one token per chunk: "x" * 10 is 2 tokens as text, but ten were sent.
+    acc = StreamAccountant(Endpoint.CHAT)
     for _ in range(10):
         acc.observe(delta({"content": "x"}))
-    assert (acc.content_chunks, acc.estimated_completion_tokens) == (12, 12)
+    assert (acc.content_chunks, acc.estimated_completion_tokens) == (10, 10)
+
+
+def test_kept_text_is_bounded_and_the_rest_extrapolated() -> None:
+    acc = StreamAccountant(Endpoint.CHAT)
+    word = "token " * 100  # 100 tokens, 600 characters
+    chunks = MAX_KEPT_TEXT // len(word) * 2
+    for _ in range(chunks):
+        acc.observe(delta({"content": word}))
+    assert acc.content_chars == 600 * chunks
+    assert abs(acc.estimated_completion_tokens - 100 * chunks) <= 0.02 * 100 * chunks
 
 
 def test_chat_counts_decoded_characters() -> None:
@@ -503,110 +515,6 @@ def test_responses_ignores_chat_shaped_usage() -> None:
 
 
 # --- estimate_prompt_tokens -----------------------------------------------------------------
-
-
-def test_chat_messages_string_and_parts() -> None:
-    body = {
-        "model": "m",
-        "messages": [
-            {"role": "system", "content": "abcd"},
-            {
-                "role": "user",
-                "content": [
-                    {"type": "text", "text": "efgh"},
-                    {
-                        "type": "image_url",
-                        "image_url": {"url": "data:image/png;base64," + "A" * 999},
-                    },
-                    {"type": "input_audio", "input_audio": {"data": "B" * 999, "format": "wav"}},
-                ],
-            },
-            {
-                "role": "assistant",
-                "content": None,
-                "tool_calls": [
-                    {
-                        "id": "call_1",
-                        "type": "function",
-                        "function": {"name": "f", "arguments": "{}"},
-                    }
-                ],
-            },
-            {"role": "tool", "tool_call_id": "call_1", "content": "ok"},
-        ],
-    }
-    assert estimate_prompt_tokens(body) == 3  # 4 + 4 + 2 + 2 = 12 chars
-
-
-def test_completions_prompt_forms() -> None:
-    assert estimate_prompt_tokens({"prompt": "x" * 9}) == 3
-    assert estimate_prompt_tokens({"prompt": ["abcd", "efgh"]}) == 2
-    assert estimate_prompt_tokens({"prompt": [1, 2, 3]}) == 3
-    assert estimate_prompt_tokens({"prompt": [[1, 2], [3]]}) == 3
-
-
-def test_embeddings_input_forms() -> None:
-    assert estimate_prompt_tokens({"input": "hello world"}) == 3
-    assert estimate_prompt_tokens({"input": ["a", "b", "c"]}) == 1
-    assert estimate_prompt_tokens({"input": [101, 102]}) == 2
-
-
-def test_responses_input_and_instructions() -> None:
-    assert estimate_prompt_tokens({"input": "abcd", "instructions": "efgh"}) == 2
-    body = {
-        "instructions": "Be brief.",
-        "input": [
-            {"role": "user", "content": "hello"},
-            {"role": "user", "content": [{"type": "input_text", "text": "there"}]},
-            {"type": "input_image", "image_url": "data:image/png;base64," + "A" * 999},
-            {"type": "function_call", "call_id": "c", "name": "f", "arguments": '{"a":1}'},
-            {"type": "function_call_output", "call_id": "c", "output": "42"},
-        ],
-    }
-    assert estimate_prompt_tokens(body) == 7  # 9 + 5 + 5 + 7 + 2 = 28 chars
-
-
-@pytest.mark.parametrize(
-    "body",
-    [
-        {"messages": [{"role": "user", "content": ""}]},
-        {"input": [{"type": "input_image", "image_url": "x"}]},
-        {"input": [True, None, 1.5]},
-        {"messages": [[[[[[[[[[[["too deep to read"]]]]]]]]]]]]},
-    ],
-)
-def test_at_least_one_for_non_empty_prompt(body: dict[str, Any]) -> None:
-    assert estimate_prompt_tokens(body) == 1
-
-
-@pytest.mark.parametrize(
-    "body",
-    [
-        {},
-        {"model": "m"},
-        {"prompt": ""},
-        {"messages": []},
-        {"messages": None},
-        {"messages": 3.5},
-        {"input": True},
-        {"input": 1.5},
-    ],
-)
-def test_empty_or_malformed_bodies_are_zero(body: dict[str, Any]) -> None:
-    assert estimate_prompt_tokens(body) == 0
-
-
-def test_non_dict_body_is_zero() -> None:
-    assert estimate_prompt_tokens([1, 2]) == 0  # type: ignore[arg-type]
-    assert estimate_prompt_tokens(None) == 0  # type: ignore[arg-type]
-
-
-def test_wrong_types_inside_are_skipped() -> None:
-    body = {"messages": [None, 3.5, "abcd", {"content": {"text": "efgh"}}, {"content": 7}]}
-    assert estimate_prompt_tokens(body) == 3  # 8 chars, 1 "token id"
-
-
-# --- endpoint_for_path --------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
