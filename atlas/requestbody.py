@@ -83,6 +83,8 @@ class LLMRequest:
 
 
 _MAX_TOKENS_KEYS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
+_GEMINI_MAX_KEYS = ("maxOutputTokens", "max_output_tokens")
+_GEMINI_CANDIDATE_KEYS = ("candidateCount", "candidate_count")
 
 
 def _estimate(body: object) -> tuple[int, bool]:
@@ -169,10 +171,15 @@ def _fields(data: dict[str, Any], size: int, body: bytes) -> LLMRequest:
     elif len(model) > MAX_MODEL_NAME_CHARS:
         raise _Invalid("model", f"'model' must be at most {MAX_MODEL_NAME_CHARS} characters.")
     limits = [_bounded_int(data, f, 1, MAX_COMPLETION_TOKENS) for f in _MAX_TOKENS_KEYS]
+    n = _bounded_int(data, "n", 1, MAX_CHOICES) or 1
+    gen = data.get("generationConfig", data.get("generation_config"))
+    if isinstance(gen, dict):  # Gemini
+        limits += [_bounded_int(gen, f, 1, MAX_COMPLETION_TOKENS) for f in _GEMINI_MAX_KEYS]
+        candidates = [_bounded_int(gen, f, 1, MAX_CHOICES) for f in _GEMINI_CANDIDATE_KEYS]
+        n = max([n] + [c for c in candidates if c is not None])
     present = [m for m in limits if m is not None]
     # vLLM prefers max_completion_tokens; the largest is what may be generated at worst.
     max_tokens = max(present) if present else None
-    n = _bounded_int(data, "n", 1, MAX_CHOICES) or 1
     best_of = _bounded_int(data, "best_of", 1, MAX_CHOICES) or 1
     prompts = count_prompts(data.get("prompt"))
     if prompts > MAX_PROMPTS:

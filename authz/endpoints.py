@@ -1,7 +1,9 @@
 """Which requests authz lets through, and what each may cost.
 
-By default only the endpoints Atlas accounts for are forwarded: the four that generate or
-embed tokens, and `GET /v1/models`. Anything else under `/v1/` would be billed to the
+By default only the endpoints Atlas accounts for are forwarded: OpenAI's four that generate
+or embed tokens, Anthropic's Messages (`/v1/messages`), Gemini's `generateContent` and
+`streamGenerateContent` (`/v1beta/models/{model}:...`, or `/v1/models/...`), and
+`GET /v1/models`. Anything else under `/v1/` would be billed to the
 gateway's upstream credential at no cost to the key (batches, images, files, realtime
 sessions), so it is a 404 unless the operator lists it in `ATLAS_EXTRA_ENDPOINTS`; those are
 admitted under the key's request rate limit with nothing reserved.
@@ -32,7 +34,30 @@ LLM_ROUTES: dict[str, Route] = {
     "/v1/completions": Route("completions", True, True),
     "/v1/responses": Route("responses", True, True),
     "/v1/embeddings": Route("embeddings", True, False),
+    "/v1/messages": Route("messages", True, True),
 }
+#: Gemini names the model and the method in the path: /v1beta/models/{model}:{method}.
+GEMINI = Route("gemini", True, True)
+_GEMINI_PREFIXES = ("/v1beta/models/", "/v1/models/")
+_GEMINI_METHODS = (":generateContent", ":streamGenerateContent")
+#: Longest model name a Gemini path may carry (the same bound as a body's `model`).
+_MAX_GEMINI_MODEL = 256
+
+
+def gemini_call(path: str) -> tuple[str, bool] | None:
+    """(model, streamed) of a Gemini generate path, else None."""
+    for prefix in _GEMINI_PREFIXES:
+        if not path.startswith(prefix):
+            continue
+        rest = path[len(prefix) :]
+        for method in _GEMINI_METHODS:
+            if rest.endswith(method):
+                model = rest[: -len(method)]
+                if 0 < len(model) <= _MAX_GEMINI_MODEL and "/" not in model and ":" not in model:
+                    return model, method == ":streamGenerateContent"
+    return None
+
+
 MODELS = Route("models", False, False)
 EXTRA = Route("extra", False, False)
 
@@ -67,6 +92,8 @@ class Endpoints:
             found = LLM_ROUTES.get(path)
             if found is not None:
                 return found
+            if gemini_call(path) is not None:
+                return GEMINI
         if method == "GET" and (path == "/v1/models" or fnmatch.fnmatchcase(path, "/v1/models/*")):
             return MODELS
         for m, p in self._extra:
@@ -75,7 +102,9 @@ class Endpoints:
         raise Denied(
             404,
             f"Unknown endpoint: {method} {path[:200]}. This gateway forwards "
-            "/v1/chat/completions, /v1/completions, /v1/embeddings, /v1/responses and /v1/models.",
+            "/v1/chat/completions, /v1/completions, /v1/embeddings, /v1/responses, "
+            "/v1/messages, /v1beta/models/{model}:generateContent (and "
+            ":streamGenerateContent) and /v1/models.",
             type="invalid_request_error",
             code="unknown_endpoint",
         )

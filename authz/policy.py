@@ -3,6 +3,7 @@ tokens, run the ledger's admit script, and say yes (a `Verdict`) or no (`Denied`
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import secrets
 import time
@@ -21,7 +22,7 @@ from atlas.pricing import PriceBook
 from atlas.requestbody import LLMRequest, parse_llm_request
 from atlas.settings import PRIORITIES, Priority, Settings
 from authz.bodyparse import BodyParser
-from authz.endpoints import Endpoints, Route, request_path
+from authz.endpoints import GEMINI, Endpoints, Route, gemini_call, request_path
 from authz.keycache import KeyCache
 from authz.local_limiter import LocalLimiter
 from authz.shedding import Shedder
@@ -61,8 +62,8 @@ class Verdict:
     route: str = ""  # the endpoint's bounded name (authz.endpoints.Route.name)
 
 
-#: Headers a client may carry its key in: OpenAI's, Anthropic-style and Azure's spellings.
-CLIENT_KEY_HEADERS = ("authorization", "x-api-key", "api-key")
+#: Headers a client may carry its key in: OpenAI's, Anthropic's, Azure's and Gemini's.
+CLIENT_KEY_HEADERS = ("authorization", "x-api-key", "api-key", "x-goog-api-key")
 
 
 def bearer_token(headers: dict[str, str]) -> str | None:
@@ -102,6 +103,15 @@ def _checked(req: LLMRequest) -> LLMRequest:
 
 def _denied_401(message: str) -> Denied:
     return Denied(401, message, type="invalid_request_error", code="invalid_api_key")
+
+
+def _gemini_request(req: LLMRequest, path: str) -> LLMRequest:
+    """Gemini names the model and whether it streams in the path, not the body."""
+    call = gemini_call(path)
+    if call is None or not req.parsed:
+        return req
+    model, stream = call
+    return dataclasses.replace(req, model=model, stream=stream)
 
 
 class Authorizer:
@@ -174,6 +184,8 @@ class Authorizer:
         req = self._simple_request(inp, route)
         if req is None:  # too complex to parse inline: the pool, or a refusal
             req = _checked(await self._parser.parse(inp.body, size=inp.body_size))
+        if route is GEMINI:
+            req = _gemini_request(req, path)
         if route.reads_body and key.models is not None and req.model not in key.models:
             raise Denied(
                 403,
@@ -205,7 +217,8 @@ class Authorizer:
             model=self._fold(req.model) if route.reads_body else route.name,
             ceiling=self._ceilings[priority],
             shadow=shadow,
-            clamp=self._s.clamp_max_tokens and route.generates,
+            # Gemini's limit sits in generationConfig: extproc's top-level rewrite cannot set it.
+            clamp=self._s.clamp_max_tokens and route.generates and route is not GEMINI,
             cost_micros=self._prices.cost_micros(req.model, req.prompt_tokens, completion)
             if route.reads_body
             else 0,

@@ -472,7 +472,10 @@ class Exchange:
             exact = True
         else:
             outcome = "completed" if self.response_done else "disconnected"
-            prompt = self.prompt_estimate
+            # The prompt the upstream reported processing (Anthropic's message_start), else
+            # authz's estimate of it.
+            seen = self._accountant.prompt_seen if self._accountant is not None else None
+            prompt = seen if seen is not None else self.prompt_estimate
             completion = self._estimated_completion()
             exact = False
         prompt, completion = max(0, prompt), max(0, completion)
@@ -484,4 +487,5 @@ class Exchange:
             exact=exact,
             outcome=outcome,
             prices=prices,
+            details=self.usage if exact else None,  # an upstream error's are cut to its 0s
         )

@@ -44,11 +44,17 @@ class Endpoint(StrEnum):
     COMPLETIONS = "completions"
     EMBEDDINGS = "embeddings"
     RESPONSES = "responses"
+    MESSAGES = "messages"  # Anthropic
+    GEMINI = "gemini"  # generateContent / streamGenerateContent
 
 
 def endpoint_for_path(path: str) -> Endpoint | None:
     """Map a request ``:path`` (query string allowed, any prefix before ``/v1``) to its kind."""
     p = path.split("?", 1)[0].rstrip("/")
+    if p.endswith(":generateContent") or p.endswith(":streamGenerateContent"):
+        return Endpoint.GEMINI
+    if p.endswith("/messages"):
+        return Endpoint.MESSAGES
     if p.endswith("/chat/completions"):
         return Endpoint.CHAT
     if p.endswith("/completions"):
@@ -107,14 +113,20 @@ _COMPLETION_DETAILS = ("completion_tokens_details", "output_tokens_details")
 
 
 def _usage_from_obj(obj: object) -> Usage | None:
-    """OpenAI's usage object (chat, completions, embeddings, Responses) with its details."""
+    """A usage object of any API: OpenAI's (chat, completions, embeddings, Responses) with its
+    details, Anthropic's (input/output and cache tokens, no total) or Gemini's
+    ``usageMetadata``."""
     if not isinstance(obj, dict):
         return None
+    if "promptTokenCount" in obj or "totalTokenCount" in obj or "candidatesTokenCount" in obj:
+        return _gemini_usage(obj)
     prompt = _first_count(obj, "prompt_tokens", "input_tokens")
     completion = _first_count(obj, "completion_tokens", "output_tokens")
     total = _count(obj.get("total_tokens"))
     if prompt is None and completion is None and total is None:
         return None
+    if total is None and "input_tokens" in obj and "total_tokens" not in obj:
+        return _anthropic_usage(obj)
     return Usage(
         prompt,
         completion,
@@ -124,6 +136,62 @@ def _usage_from_obj(obj: object) -> Usage | None:
     )
 
 
+def _anthropic_usage(obj: dict[Any, Any]) -> Usage | None:
+    """Anthropic: ``input_tokens`` excludes the cache, so the prompt is input + cache reads +
+    cache writes; there is no total, so it is prompt + output once both are known."""
+    uncached = _count(obj.get("input_tokens"))
+    read = _count(obj.get("cache_read_input_tokens"))
+    write = _count(obj.get("cache_creation_input_tokens"))
+    out = _count(obj.get("output_tokens"))
+    prompt = None if uncached is None else uncached + (read or 0) + (write or 0)
+    total = None if prompt is None or out is None else prompt + out
+    return Usage(prompt, out, total, cached_tokens=read, cache_write_tokens=write)
+
+
+def _gemini_usage(obj: dict[Any, Any]) -> Usage | None:
+    """Gemini: thoughts are billed as output beside the candidates; the prompt includes the
+    cached content and any tool-use prompt."""
+    prompt = _count(obj.get("promptTokenCount"))
+    tool_prompt = _count(obj.get("toolUsePromptTokenCount")) or 0
+    candidates = _count(obj.get("candidatesTokenCount"))
+    thoughts = _count(obj.get("thoughtsTokenCount"))
+    total = _count(obj.get("totalTokenCount"))
+    if prompt is not None:
+        prompt += tool_prompt
+    completion = None
+    if candidates is not None or thoughts is not None:
+        completion = (candidates or 0) + (thoughts or 0)
+    if total is None and prompt is not None and completion is not None:
+        total = prompt + completion
+    if prompt is None and completion is None and total is None:
+        return None
+    return Usage(
+        prompt,
+        completion,
+        total,
+        cached_tokens=_count(obj.get("cachedContentTokenCount")),
+        reasoning_tokens=thoughts,
+    )
+
+
+def _body_usage(obj: object) -> Usage | None:
+    """The usage of a parsed response body: ``usage`` (OpenAI, Anthropic), ``usageMetadata``
+    (Gemini; a streamGenerateContent answer without ``alt=sse`` is an array of chunks, whose
+    last usage is the whole)."""
+    if isinstance(obj, list):
+        for item in reversed(obj[-64:]):
+            usage = _body_usage(item)
+            if usage is not None:
+                return usage
+        return None
+    if not isinstance(obj, dict):
+        return None
+    found = obj.get("usage")
+    if found is None:
+        found = obj.get("usageMetadata")
+    return _usage_from_obj(found)
+
+
 def _loads(data: bytes | bytearray) -> object:
     return loads_bounded(data)
 
@@ -131,12 +199,11 @@ def _loads(data: bytes | bytearray) -> object:
 def usage_from_json(body: bytes | bytearray) -> Usage | None:
     """Usage of a whole non-streaming response body (chat, completions, embeddings,
     responses), parsed with bounded work; see `JsonBodyAccountant` for bodies of any size."""
-    if not isinstance(body, bytes | bytearray) or b'"usage"' not in body:
+    if not isinstance(body, bytes | bytearray) or (
+        b'"usage"' not in body and b'"usageMetadata"' not in body
+    ):
         return None
-    obj = _loads(body)
-    if not isinstance(obj, dict):
-        return None
-    return _usage_from_obj(obj.get("usage"))
+    return _body_usage(_loads(body))
 
 
 #: Bytes after a `"usage":{` taken to decode its object (a usage object is ~300 bytes).
@@ -181,6 +248,8 @@ def json_completion_texts(obj: object) -> list[str]:
     ``content[].text``, reasoning ``summary[].text`` and ``content[].text``, function call
     ``arguments``, custom tool call ``input`` (else the SDK-style ``output_text``);
     Anthropic: ``content[]`` text, thinking and tool_use input; Gemini: candidates' parts."""
+    if isinstance(obj, list):  # Gemini's streamGenerateContent without alt=sse
+        return [t for item in obj if isinstance(item, dict) for t in json_completion_texts(item)]
     if not isinstance(obj, dict):
         return []
     out: list[str] = []
@@ -283,8 +352,8 @@ class JsonBodyAccountant:
         body = self.body
         if body is not None:
             obj = loads_bounded(body)
-            if isinstance(obj, dict):
-                usage = _usage_from_obj(obj.get("usage"))
+            if isinstance(obj, dict | list):
+                usage = _body_usage(obj)
                 return usage, json_completion_tokens(obj)
             usage = scan_usage(body)
             if usage is not None:
@@ -328,9 +397,12 @@ _CHAT_TEXT = re.compile(
     re.DOTALL,
 )
 _COMPLETIONS_TEXT = re.compile(rb'"text"\s*:\s*' + _JSON_STRING, re.DOTALL)
-_OPEN_TEXT = re.compile(rb'"(?:content|text|reasoning_content|reasoning|refusal|arguments)"\s*:\s*"')
+_ANTHROPIC_TEXT = re.compile(rb'"(text|partial_json|thinking)"\s*:\s*' + _JSON_STRING, re.DOTALL)
+_OPEN_TEXT = re.compile(
+    rb'"(?:content|text|reasoning_content|reasoning|refusal|arguments)"\s*:\s*"'
+)
 _DELTA_TEXT = re.compile(rb'"delta"\s*:\s*' + _JSON_STRING, re.DOTALL)
-_USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
+_USAGE_OBJECT = re.compile(rb'"usage(?:Metadata)?"\s*:\s*\{')
 _TYPE = re.compile(rb'"type"\s*:\s*"([^"\\]*)"')
 
 # Responses API events whose `delta` is generated text (audio deltas are base64, not text).
@@ -467,8 +539,10 @@ class StreamAccountant:
         "_ov_bytes",
         "_ov_head",
         "_ov_tail",
+        "_start_usage",
         "_text",
         "content_chunks",
+        "prompt_seen",
         "saw_done",
         "usage",
     )
@@ -480,6 +554,10 @@ class StreamAccountant:
         self.usage: Usage | None = None
         self._text = _Text()
         self.content_chunks = 0
+        #: Prompt tokens the upstream reported before its final usage (Anthropic's
+        #: message_start): exact even when the stream ends before the usage does.
+        self.prompt_seen: int | None = None
+        self._start_usage: dict[str, Any] = {}
         self.saw_done = False
         self._ov_head = b""
         self._ov_tail = b""
@@ -514,6 +592,12 @@ class StreamAccountant:
             return False
         if self._endpoint is Endpoint.RESPONSES:
             self._observe_responses(ev.event, data)
+            return False
+        if self._endpoint is Endpoint.MESSAGES:
+            self._observe_anthropic(ev.event, data)
+            return False
+        if self._endpoint is Endpoint.GEMINI:
+            self._observe_gemini(data)
             return False
         self._count_text(data)
         # Most chunks carry no usage key (or `"usage":null`): a substring test rules them out
@@ -589,6 +673,60 @@ class StreamAccountant:
                 chars += self._text.add(literal)
         if chars:
             self.content_chunks += 1
+
+    def _observe_anthropic(self, event_type: str | None, data: bytes) -> None:
+        """Anthropic Messages: text/tool-input/thinking deltas are generated text;
+        ``message_start`` holds the input usage, each ``message_delta`` the cumulative output
+        (and, from newer servers, cumulative input fields): merged, they are the usage."""
+        if event_type is None:
+            m = _TYPE.search(data)
+            if m is None:
+                return
+            event_type = m.group(1).decode("utf-8", "replace")
+        if event_type == "content_block_delta":
+            chars = 0
+            for m in _ANTHROPIC_TEXT.finditer(data):
+                chars += self._text.add(m.group(2))
+            if chars:
+                self.content_chunks += 1
+        elif event_type == "message_start":
+            obj = _loads(data)
+            msg = obj.get("message") if isinstance(obj, dict) else None
+            usage = msg.get("usage") if isinstance(msg, dict) else None
+            if isinstance(usage, dict):
+                self._start_usage = usage
+                start = _anthropic_usage(usage)
+                self.prompt_seen = start.prompt_tokens if start is not None else None
+        elif event_type == "message_delta":
+            obj = _loads(data)
+            usage = obj.get("usage") if isinstance(obj, dict) else None
+            if isinstance(usage, dict):
+                merged = {**self._start_usage, **{k: v for k, v in usage.items() if v is not None}}
+                final = _anthropic_usage(merged)
+                if final is not None and final.total_tokens is not None:
+                    self.usage = final
+        elif event_type == "message_stop":
+            self.saw_done = True
+
+    def _observe_gemini(self, data: bytes) -> None:
+        """Gemini (``alt=sse``): every chunk carries its parts' text and the cumulative
+        ``usageMetadata``; the last chunk has a ``finishReason``."""
+        start = data.find(b'"text"')
+        if start >= 0:
+            chars = 0
+            for m in _COMPLETIONS_TEXT.finditer(data, start):
+                chars += self._text.add(m.group(1))
+            if chars:
+                self.content_chunks += 1
+        if b'"usageMetadata"' in data:
+            obj = _loads(data)
+            if isinstance(obj, dict):
+                usage = _usage_from_obj(obj.get("usageMetadata"))
+                if usage is not None and usage.total_tokens is not None:
+                    self.usage = usage
+                    self.prompt_seen = usage.prompt_tokens
+        if b'"finishReason"' in data:
+            self.saw_done = True
 
     def _observe_responses(self, event_type: str | None, data: bytes) -> None:
         if event_type is None:

@@ -352,8 +352,7 @@ def prompt_tokens(body: dict[str, Any], text: TextTokens) -> tuple[int, bool]:
         chat = True
         _messages(w, contents)
     instruction = body.get("systemInstruction") or body.get("system_instruction")
-    if instruction is not None:
-        w.tokens += PER_MESSAGE
+    if instruction is not None:  # a content object: `_messages` adds its message frame
         _messages(w, [instruction] if isinstance(instruction, dict) else instruction)
     for key in ("prompt", "input"):
         value = body.get(key)
