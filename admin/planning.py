@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 
 from atlas.forecast import Forecast, forecast_hourly
 from atlas.ledger.protocol import HourRow
-from atlas.windows import window_names
+from atlas.windows import Zone, local_day_month
 
 #: Suggested limits leave this much room above the forecast need.
 SUGGESTION_HEADROOM = 1.2
@@ -76,10 +76,11 @@ def exhaustion(
     )
 
 
-def daily_totals(rows: Sequence[HourRow], tz_offset_s: int) -> dict[str, int]:
+def daily_totals(rows: Sequence[HourRow], zone: Zone) -> dict[str, int]:
+    """Totals per local day of `zone` (the key's windows), each hour by its start."""
     days: dict[str, int] = defaultdict(int)
     for r in rows:
-        days[window_names(r.ts, tz_offset_s).day] += r.total
+        days[local_day_month(r.ts, zone)[0]] += r.total
     return dict(days)
 
 
@@ -109,7 +110,7 @@ class Replay:
     by_day: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
-def what_if(rows: Sequence[HourRow], limits: Limits, tz_offset_s: int) -> Replay:
+def what_if(rows: Sequence[HourRow], limits: Limits, zone: Zone) -> Replay:
     """Replay hourly history against `limits`: what would have been refused.
 
     Resolution is one hour: a request refused for a quota is refused with every later one of
@@ -120,16 +121,16 @@ def what_if(rows: Sequence[HourRow], limits: Limits, tz_offset_s: int) -> Replay
     day_used: dict[str, int] = defaultdict(int)
     month_used: dict[str, int] = defaultdict(int)
     for r in rows:
-        names = window_names(r.ts, tz_offset_s)
+        day, month = local_day_month(r.ts, zone)
         reqs, toks = r.get("requests"), r.total
         out.hours += 1
         out.requests += reqs
         out.tokens += toks
         allowed = toks
         if limits.daily_limit is not None:
-            allowed = min(allowed, max(0, limits.daily_limit - day_used[names.day]))
+            allowed = min(allowed, max(0, limits.daily_limit - day_used[day]))
         if limits.monthly_limit is not None:
-            allowed = min(allowed, max(0, limits.monthly_limit - month_used[names.month]))
+            allowed = min(allowed, max(0, limits.monthly_limit - month_used[month]))
         if limits.tokens_per_minute is not None:
             allowed = min(allowed, limits.tokens_per_minute * 60)
         refused_tokens = toks - allowed
@@ -140,15 +141,15 @@ def what_if(rows: Sequence[HourRow], limits: Limits, tz_offset_s: int) -> Replay
             refused_tokens = max(refused_tokens, round(refused_reqs * per_request))
         refused_reqs = min(reqs, refused_reqs)
         refused_tokens = min(toks, refused_tokens)
-        day_used[names.day] += toks - refused_tokens
-        month_used[names.month] += toks - refused_tokens
+        day_used[day] += toks - refused_tokens
+        month_used[month] += toks - refused_tokens
         out.refused_requests += refused_reqs
         out.refused_tokens += refused_tokens
-        day = out.by_day.setdefault(
-            names.day, {"requests": 0, "tokens": 0, "refused_requests": 0, "refused_tokens": 0}
+        by_day = out.by_day.setdefault(
+            day, {"requests": 0, "tokens": 0, "refused_requests": 0, "refused_tokens": 0}
         )
-        day["requests"] += reqs
-        day["tokens"] += toks
-        day["refused_requests"] += refused_reqs
-        day["refused_tokens"] += refused_tokens
+        by_day["requests"] += reqs
+        by_day["tokens"] += toks
+        by_day["refused_requests"] += refused_reqs
+        by_day["refused_tokens"] += refused_tokens
     return out

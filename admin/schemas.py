@@ -22,6 +22,7 @@ from atlas.limits import (
     MIN_RATE_PER_SEC,
 )
 from atlas.settings import Priority
+from atlas.windows import load_zone
 
 
 class _Limits(BaseModel):
@@ -58,7 +59,21 @@ class _Limits(BaseModel):
     )
     expires_at: datetime | None = None
     shadow: bool | None = Field(None, description="Record verdicts but admit everything")
+    window_timezone: str | None = Field(
+        None,
+        max_length=64,
+        description="IANA time zone of the daily and monthly windows (e.g. America/New_York,"
+        " DST included); unset = ATLAS_WINDOW_TIMEZONE",
+        examples=["Europe/Berlin"],
+    )
     metadata: dict[str, Any] | None = Field(None, description="owner, team, tags, ...")
+
+    @field_validator("window_timezone")
+    @classmethod
+    def _known_zone(cls, value: str | None) -> str | None:
+        if value is not None:
+            load_zone(value)  # ValueError -> 422 naming body.window_timezone
+        return value
 
     @field_validator("metadata")
     @classmethod
@@ -100,6 +115,7 @@ class KeyPublic(BaseModel):
     expires_at: datetime | None
     status: KeyStatus
     shadow: bool
+    window_timezone: str | None = None
     metadata: dict[str, Any]
     created_at: datetime
     updated_at: datetime
@@ -128,6 +144,12 @@ class WindowOut(BaseModel):
     requests: int
     resets_at: datetime
     spend_usd: float
+    cached: int = Field(
+        description="Settled prompt tokens read from the upstream's cache (counted in `used`"
+        " unless ATLAS_QUOTA_COUNTS_CACHED=false)"
+    )
+    cache_write: int = Field(description="Settled prompt tokens written to a prompt cache")
+    reasoning: int = Field(description="Settled completion tokens spent reasoning")
 
 
 class UsageOut(BaseModel):

@@ -37,7 +37,7 @@ _ADMISSION = [
     "max_reservation",
     "default_stream_reservation",
 ]
-_ACCOUNTING = ["reservation_ttl_s", "window_utc_offset_min", "history_days"]
+_ACCOUNTING = ["reservation_ttl_s", "window_timezone", "window_utc_offset_min", "history_days"]
 _KEY_DEFAULTS = [
     "default_daily_limit",
     "default_monthly_limit",
@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--days", type=int, default=28, help="days of history [default 28]")
     sim.add_argument("--keys", type=int, default=4, help="keys to create [default 4]")
     sim.add_argument("--seed", type=int, default=1, help="random seed [default 1]")
-    add_settings_flags(sim, [*_COMMON, "window_utc_offset_min", "history_days"])
+    add_settings_flags(sim, [*_COMMON, "window_timezone", "window_utc_offset_min", "history_days"])
     demo = sub.add_parser(
         "demo-upstream", help="run the demo OpenAI-compatible upstream", add_help=False
     )

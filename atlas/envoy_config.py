@@ -350,12 +350,18 @@ def _proc_is(value_match: dict[str, object], *, invert: bool = False) -> dict[st
 #: The namespace json_to_metadata writes usage into (extproc/accesslog.py reads it).
 USAGE_NAMESPACE = "atlas.usage"
 USAGE_FILTER_NAME = "atlas.usage"
-_USAGE_FIELDS = (
+#: Fields of `usage` lifted, each under its dotted path as the key (a detail object the
+#: response lacks, or a null, writes nothing: json_to_metadata takes it as missing).
+USAGE_FIELDS = (
     "prompt_tokens",
     "completion_tokens",
     "total_tokens",
     "input_tokens",
     "output_tokens",
+    "prompt_tokens_details.cached_tokens",
+    "completion_tokens_details.reasoning_tokens",
+    "input_tokens_details.cached_tokens",
+    "output_tokens_details.reasoning_tokens",
 )
 
 
@@ -385,7 +391,7 @@ def usage_filter(params: EnvoyParams) -> dict[str, object]:
 
     def rule(field: str) -> dict[str, object]:
         return {
-            "selectors": [{"key": "usage"}, {"key": field}],
+            "selectors": [{"key": k} for k in ("usage", *field.split("."))],
             "on_present": {"metadata_namespace": USAGE_NAMESPACE, "key": field, "type": "NUMBER"},
         }
 
@@ -395,7 +401,7 @@ def usage_filter(params: EnvoyParams) -> dict[str, object]:
         ".JsonToMetadata",
         "response_rules": {
             "rules": [
-                *(rule(f) for f in _USAGE_FIELDS),
+                *(rule(f) for f in USAGE_FIELDS),
                 {
                     "selectors": [{"key": "object"}],
                     "on_present": read,

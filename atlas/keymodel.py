@@ -89,6 +89,10 @@ class KeyRecord(BaseModel):
     expires_at: datetime | None = None
     status: KeyStatus = "active"
     shadow: bool = False
+    #: IANA zone of the daily and monthly windows (None: the deployment's
+    #: ATLAS_WINDOW_TIMEZONE). Validated by admin; the ledger falls back to the default for a
+    #: name this machine's tz database does not know.
+    window_timezone: str | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     updated_at: datetime = Field(default_factory=lambda: datetime.now(UTC))

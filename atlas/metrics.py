@@ -15,7 +15,8 @@ REQUESTS = Counter(
 )
 TOKENS_USED = Counter(
     "atlas_tokens_used_total",
-    "Tokens charged, by key, model and kind (prompt|completion)",
+    "Tokens settled, by key, model and kind: prompt, completion, and their parts cached and"
+    " cache_write (in prompt) and reasoning (in completion)",
     ["key_id", "model", "kind"],
 )
 QUOTA_REJECTIONS = Counter(

@@ -195,6 +195,13 @@ class Settings(BaseSettings):
         " each model gets a cluster with health checks, retries and outlier detection;"
         " other models go to the default upstream (environment only)",
     )
+    continuous_usage_models: list[str] = Field(
+        default_factory=list,
+        description="Models (names or globs, JSON list) whose upstream is vLLM or another"
+        " server that takes stream_options.continuous_usage_stats: Atlas asks for usage on"
+        " every streamed chunk, so a hang-up is charged exactly; never sent to others"
+        " (OpenAI refuses unknown fields)",
+    )
     tracked_models: list[str] = Field(
         default_factory=list,
         description="Models (names or globs, JSON list) always kept by name in metrics and"

@@ -11,7 +11,7 @@ from atlas.forecast import synthetic_series
 from atlas.keymodel import KeyRecord, hash_secret, new_key_id, new_secret, secret_hint
 from atlas.ledger import keys as names_of
 from atlas.ledger.redis import RedisLedger
-from atlas.windows import window_names
+from atlas.windows import local_day_month
 
 #: Prompt share of the tokens and tokens per request, typical of chat traffic.
 PROMPT_SHARE = 0.4
@@ -49,7 +49,8 @@ async def backfill(
     now = now_s if now_s is not None else await ledger.server_time()
     this_hour = ledger.hour_start(now)
     first = this_hour - 3600 * 24 * days
-    today = window_names(int(now), ledger.tz_offset_s)
+    zone = ledger.zone_of(None)  # the simulated keys have no zone of their own
+    today_day, today_month = local_day_month(int(now), zone)
     created: list[tuple[KeyRecord, str]] = []
     for i in range(keys):
         team = TEAMS[i % len(TEAMS)]
@@ -94,20 +95,20 @@ async def backfill(
             rows += [
                 (names_of.model_prefix(m), ts, part) for m, part in zip(models, split, strict=True)
             ]
-            names = window_names(ts, ledger.tz_offset_s)
-            if names.month == today.month:
+            day, month = local_day_month(ts, zone)
+            if month == today_month:
                 month_used += tokens
                 month_requests += requests
-                if names.day == today.day:
+                if day == today_day:
                     day_used += tokens
                     day_requests += requests
         await ledger.add_history(rows)
         # Today's and this month's quota windows, as the history implies.
         await ledger.add_window_fields(
-            rec.id, f"d:{today.day}", {"used": day_used, "requests": day_requests}
+            rec.id, f"d:{today_day}", {"used": day_used, "requests": day_requests}
         )
         await ledger.add_window_fields(
-            rec.id, f"m:{today.month}", {"used": month_used, "requests": month_requests}
+            rec.id, f"m:{today_month}", {"used": month_used, "requests": month_requests}
         )
     return created
 

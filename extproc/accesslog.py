@@ -34,6 +34,7 @@ from atlas.modelnames import ModelNames
 from atlas.pricing import PriceBook
 from atlas.requestbody import tokens_for_chars
 from extproc.settlement import settlement_for
+from extproc.usage import Usage
 
 log = logging.getLogger("atlas.extproc")
 
@@ -43,6 +44,13 @@ USAGE_NAMESPACE = "atlas.usage"
 #: extproc's namespace: `owner` when its `json` ext_proc filter saw the body.
 EXTPROC_NAMESPACE = "atlas.extproc"
 OWNER_KEY = "owner"
+#: Detail counts json_to_metadata lifts under their dotted paths in `usage`
+#: (atlas/envoy_config.py USAGE_FIELDS), chat/completions names first, then Responses'.
+CACHED_KEYS = ("prompt_tokens_details.cached_tokens", "input_tokens_details.cached_tokens")
+REASONING_KEYS = (
+    "completion_tokens_details.reasoning_tokens",
+    "output_tokens_details.reasoning_tokens",
+)
 
 
 def _num(fields: Any, name: str) -> int | None:
@@ -52,6 +60,11 @@ def _num(fields: Any, name: str) -> int | None:
     n = v.number_value
     # json_to_metadata copies whatever the upstream wrote: bounded like any usage.
     return int(n) if 0 <= n < 1e12 and n == int(n) else None
+
+
+def _first(fields: Any, names: tuple[str, str]) -> int | None:
+    n = _num(fields, names[0])
+    return n if n is not None else _num(fields, names[1])
 
 
 def _string(fields: Any, name: str) -> str | None:
@@ -110,9 +123,13 @@ def decide(
                 out = _num(f, "output_tokens")
             total = None if prompt is None or out is None else prompt + out
         if total is not None and prompt is not None and total >= prompt:
-            return Decision(
-                grant, _settlement(grant, prompt, total - prompt, True, "completed", prices, models)
+            details = Usage(
+                cached_tokens=_first(f, CACHED_KEYS), reasoning_tokens=_first(f, REASONING_KEYS)
             )
+            s = _settlement(
+                grant, prompt, total - prompt, True, "completed", prices, models, details
+            )
+            return Decision(grant, s)
     if status >= 400:
         return Decision(grant, _settlement(grant, 0, 0, True, "upstream_error", prices, models))
     if not reached:
@@ -133,6 +150,7 @@ def _settlement(
     outcome: str,
     prices: PriceBook | None,
     models: ModelNames,
+    details: Usage | None = None,
 ) -> Settlement:
     return settlement_for(
         g,
@@ -142,6 +160,7 @@ def _settlement(
         exact=exact,
         outcome=outcome,
         prices=prices,
+        details=details,
     )
 
 

@@ -30,7 +30,7 @@ from atlas.ledger.protocol import HourRow, KeyUsage
 from atlas.ledger.redis import RedisLedger
 from atlas.limits import MAX_QUERY_HOURS, MAX_RATE_PER_SEC, MAX_TOKEN_LIMIT, MIN_RATE_PER_SEC
 from atlas.pricing import usd
-from atlas.windows import window_names
+from atlas.windows import Zone, day_bounds
 
 router = APIRouter(prefix="/v1/forecasting", tags=["forecasting"])
 
@@ -169,15 +169,15 @@ async def _plan_key(
     async with guard.slot():
         usage = await ledger.usage(rec)
         rows = await complete_hours(ledger, keys.window_prefix(rec.id), HISTORY_HOURS)
-        return await guard.offload(_plan, rec, usage, rows, now, ledger.tz_offset_s)
+        return await guard.offload(_plan, rec, usage, rows, now, ledger.zone_of(rec))
 
 
 def _plan(
-    rec: KeyRecord, usage: KeyUsage, rows: list[HourRow], now: float, tz_offset_s: int
+    rec: KeyRecord, usage: KeyUsage, rows: list[HourRow], now: float, zone: Zone
 ) -> dict[str, Any]:
     to_month_end = max(1, int((usage.monthly.resets_at_s - now) // 3600) + 1)
     fc = forecast_rows(rows, min(to_month_end, MAX_QUERY_HOURS))
-    days = list(daily_totals(rows, tz_offset_s).values())
+    days = list(daily_totals(rows, zone).values())
     windows = []
     for name, w, whole in (
         ("daily", usage.daily, typical(days[:-1] or days)),
@@ -291,8 +291,9 @@ async def what_if_replay(
     current = Limits(rec.daily_limit, rec.monthly_limit, rec.rate_per_sec, rec.tokens_per_minute)
     async with guard.slot():
         rows = await recent_hours(ledger, keys.window_prefix(rec.id), 24 * body.days_back)
-        result = await guard.offload(what_if, rows, proposed, ledger.tz_offset_s)
-        baseline = await guard.offload(what_if, rows, current, ledger.tz_offset_s)
+        zone = ledger.zone_of(rec)
+        result = await guard.offload(what_if, rows, proposed, zone)
+        baseline = await guard.offload(what_if, rows, current, zone)
     return {
         "key_id": rec.id,
         "days_back": body.days_back,
@@ -319,13 +320,15 @@ def _replay_out(r: Any) -> dict[str, Any]:
 async def system_metrics(
     _: AdminDep, ledger: LedgerDep, day: Annotated[date | None, Query(alias="date")] = None
 ) -> dict[str, Any]:
-    """One day of everything: hourly totals, top keys, key count (UTC date by default)."""
+    """One day of everything: hourly totals, top keys, key count (today by default)."""
+    # The day is a calendar day of the default zone (ATLAS_WINDOW_TIMEZONE): 23 to 25 hours
+    # of global history; each key's own window of that date (in its own zone) for the ranks.
     now = await ledger.server_time()
-    names = window_names(int(now), ledger.tz_offset_s)
-    the_day = day or datetime.strptime(names.day, "%Y%m%d").date()
-    start = int(datetime(the_day.year, the_day.month, the_day.day, tzinfo=UTC).timestamp())
-    start -= ledger.tz_offset_s
-    rows = await ledger.history(keys.GLOBAL_PREFIX, start, 24)
+    zone = ledger.zone_of(None)
+    the_day = day or datetime.fromtimestamp(now, zone).date()
+    day_start, day_end = day_bounds(the_day, zone)
+    start = ledger.hour_start(day_start)
+    rows = await ledger.history(keys.GLOBAL_PREFIX, start, -(-(day_end - start) // 3600))
     ids: list[str] = []
     while batch := await ledger.list_key_ids(len(ids), 1000):
         ids += batch

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, status
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from admin.deps import AdminDep, LedgerDep
 from atlas.ledger import keys
@@ -31,6 +31,9 @@ class HourOut(BaseModel):
     denied: int
     estimated: int
     spend_usd: float
+    cached: int = Field(description="prompt tokens read from the upstream's cache (in prompt)")
+    cache_write: int = Field(description="prompt tokens written to a prompt cache (in prompt)")
+    reasoning: int = Field(description="reasoning tokens (in completion)")
 
 
 class HistoryOut(BaseModel):
@@ -50,6 +53,9 @@ def hour_out(row: HourRow) -> HourOut:
         denied=row.get("denied"),
         estimated=row.get("estimated"),
         spend_usd=usd(row.get("spend")),
+        cached=row.get("cached"),
+        cache_write=row.get("cache_write"),
+        reasoning=row.get("reasoning"),
     )
 
 

@@ -25,6 +25,9 @@ def _window(w: Window) -> WindowOut:
         requests=w.requests,
         resets_at=datetime.fromtimestamp(w.resets_at_s, UTC),
         spend_usd=usd(w.spend_micros),
+        cached=w.cached,
+        cache_write=w.cache_write,
+        reasoning=w.reasoning,
     )
 
 

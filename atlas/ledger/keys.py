@@ -72,8 +72,15 @@ def reservation_claims(key_id: str) -> str:
 
 
 def window_prefix(key_id: str) -> str:
-    """Prefix for `d:<YYYYMMDD>`, `m:<YYYYMM>`, `h:<YYYYMMDDHH>` and `done:<rid>` keys."""
+    """Prefix for `d:<YYYYMMDD>`, `m:<YYYYMM>`, `h:<YYYYMMDDHH>`, `done:<rid>` and `tz` keys."""
     return tag(key_id)
+
+
+def window_zone(key_id: str) -> str:
+    """String: the zone argument of the key's last admission (atlas/windows.py `ZoneSpec`),
+    which settle and reap read (they run without the record). admit.lua writes it as
+    `<window prefix>tz`."""
+    return window_prefix(key_id) + "tz"
 
 
 def model_prefix(model: str) -> str:

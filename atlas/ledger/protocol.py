@@ -72,6 +72,11 @@ class Settlement:
     outcome: str  # completed | upstream_error | disconnected | ...
     tokens_per_minute: int = 0  # the key's limit when admitted; the bucket gets the refund
     cost_micros: int = 0  # price of the actual usage
+    # Parts of the counts above (extproc/usage.py `Usage`): cached reads and cache writes are
+    # inside prompt_tokens, reasoning inside completion_tokens; 0 when not reported.
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+    cache_write_tokens: int = 0
 
 
 @dataclass(slots=True, frozen=True)
@@ -84,7 +89,7 @@ class SettleResult:
 @dataclass(slots=True, frozen=True)
 class HourRow:
     ts: int  # start of the hour, epoch seconds
-    fields: dict[str, int]  # requests, prompt, completion, refunded, spend, denied, ...
+    fields: dict[str, int]  # requests, prompt, completion, cached, reasoning, spend, denied, ...
 
     def get(self, name: str) -> int:
         return self.fields.get(name, 0)
@@ -112,6 +117,11 @@ class Window:
     requests: int
     resets_at_s: int
     spend_micros: int = 0
+    # Settled tokens by kind (parts of the settled prompts and completions, see `Settlement`;
+    # cached ones are in `used` unless the quotas leave them out).
+    cached: int = 0
+    reasoning: int = 0
+    cache_write: int = 0
 
     @property
     def remaining(self) -> int:
@@ -205,3 +215,6 @@ def check_settlement(s: Settlement) -> None:
     _check("prompt_tokens", s.prompt_tokens, 0, limits.MAX_RESERVATION_TOKENS)
     _check("completion_tokens", s.completion_tokens, 0, limits.MAX_RESERVATION_TOKENS)
     _check("cost_micros", s.cost_micros, 0, limits.MAX_BUDGET_USD * 1_000_000)
+    _check("cached_tokens", s.cached_tokens, 0, s.prompt_tokens)
+    _check("cache_write_tokens", s.cache_write_tokens, 0, s.prompt_tokens - s.cached_tokens)
+    _check("reasoning_tokens", s.reasoning_tokens, 0, s.completion_tokens)

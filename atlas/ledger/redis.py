@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from importlib import resources
 from typing import Any, cast
@@ -38,7 +39,15 @@ from atlas.ledger.protocol import (
 )
 from atlas.pricing import MICROS_PER_USD
 from atlas.settings import Settings
-from atlas.windows import window_names
+from atlas.windows import (
+    Zone,
+    default_zone,
+    hour_name,
+    hour_start,
+    load_zone,
+    window_names,
+    zone_spec,
+)
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +137,8 @@ _BULK_BOOL = (_bulk(b"0"), _bulk(b"1"))
 _ADMIT_ELEMENTS = 3 + 6 + 22
 #: Per-key pieces of admit's command kept (cleared past this many keys).
 MAX_CACHED_ADMIT_KEYS = 10_000
+#: Zone arguments kept, one per distinct zone name of keys (cleared past this many).
+MAX_CACHED_ZONES = 1024
 
 
 async def _stale(conn: Any) -> bool:
@@ -204,7 +215,16 @@ class _ScriptLane:
 
 
 class RedisLedger:
-    def __init__(self, client: Any, settings: Settings, *, buffer_history: bool = False) -> None:
+    def __init__(
+        self,
+        client: Any,
+        settings: Settings,
+        *,
+        buffer_history: bool = False,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """:param clock: epoch s; picks the hour whose zone spec the scripts get (Lua itself
+        reads Redis TIME)."""
         self._r = client
         self._buffer_history = buffer_history
         self._history_buffer: dict[str, dict[str, int]] = {}
@@ -216,10 +236,16 @@ class RedisLedger:
         # connection (up to the command timeout) as it does on the plain pool; one call uses
         # at most one connection per node, so no node's pool can run out.
         self._slots = asyncio.Semaphore(settings.redis_max_connections) if self._cluster else None
-        self._tz_s = settings.window_utc_offset_min * 60
+        self._clock = clock
+        self._hour_off = settings.window_utc_offset_min * 60
+        self._default_zone = default_zone(settings.window_timezone, settings.window_utc_offset_min)
+        # Zone name (None: the default) -> (hour start s, hour end s, text, RESP bulk) of its
+        # zone argument.
+        self._zone_args: dict[str | None, tuple[float, float, str, bytes]] = {}
         self._ttl_ms = settings.reservation_ttl_s * 1000
         self._claim_ms = round(settings.claim_timeout_s * 1000)
         self._hist_ttl_s = settings.history_days * 86400
+        self._counts_cached = settings.quota_counts_cached
         self._admit = client.register_script(_load_script("admit"))
         self._settle = client.register_script(_load_script("settle"))
         self._reap = client.register_script(_load_script("reap"))
@@ -237,7 +263,7 @@ class RedisLedger:
         )
         self._admit_pieces: dict[str, tuple[KeyRecord, bytes, bytes, bytes, bytes]] = {}
         self._admit_consts = (
-            b"".join(_bulk_int(v) for v in (self._ttl_ms, self._tz_s)),
+            _bulk_int(self._ttl_ms),
             _bulk_int(self._hist_ttl_s),
             _bulk_int(self._claim_ms),
         )
@@ -442,7 +468,7 @@ class RedisLedger:
             repr(float(req.ceiling)),
             *concurrent,
             self._ttl_ms,
-            self._tz_s,
+            self._zone_text(rec.window_timezone),
             int(req.shadow),
             int(req.clamp),
             req.priority,
@@ -463,7 +489,7 @@ class RedisLedger:
         if pieces is None or pieces[0] is not rec:
             pieces = self._encode_key_pieces(rec)
         _, head, rate_to_monthly, concurrent, budget = pieces
-        ttl_tz, hist_ttl, claim = self._admit_consts
+        ttl, hist_ttl, claim = self._admit_consts
         return b"".join(
             (
                 head,
@@ -473,7 +499,8 @@ class RedisLedger:
                 rate_to_monthly,
                 self._float_arg(req.ceiling),
                 concurrent,
-                ttl_tz,
+                ttl,
+                self._zone_arg(rec.window_timezone)[3],
                 _BULK_BOOL[bool(req.shadow)],
                 _BULK_BOOL[bool(req.clamp)],
                 self._text_arg(req.priority),
@@ -553,12 +580,16 @@ class RedisLedger:
             s.reservation_id,
             s.prompt_tokens,
             s.completion_tokens,
-            self._tz_s,
+            self._zone_text(None),
             min(max(0, s.tokens_per_minute), limits.MAX_TOKEN_LIMIT),
             int(s.exact),
             DONE_MARKER_TTL_S,
             self._hist_ttl_s,
             max(0, s.cost_micros),
+            s.cached_tokens,
+            s.cache_write_tokens,
+            s.reasoning_tokens,
+            int(self._counts_cached),
         ]
         if self._admit_lane is None:  # cluster: redis-py routes the script by its keys
             r = await self._call("settle", lambda: self._settle(keys=ks, args=args))
@@ -590,6 +621,13 @@ class RedisLedger:
             fields["requests"] = 1
         if s.cost_micros:
             fields["spend"] = s.cost_micros
+        for name, n in (
+            ("cached", s.cached_tokens),
+            ("cache_write", s.cache_write_tokens),
+            ("reasoning", s.reasoning_tokens),
+        ):
+            if n:
+                fields[name] = n
         for prefix in (keys.GLOBAL_PREFIX, keys.model_prefix(s.model or "unknown")):
             bucket = self._history_buffer.setdefault(f"{prefix}h:{hour}", {})
             for name, value in fields.items():
@@ -631,8 +669,8 @@ class RedisLedger:
         r = await self._call("reap", lambda: self._reap(keys=ks, args=self._reap_args(charge)))
         return int(r[0]), int(r[1])
 
-    def _reap_args(self, charge: bool) -> list[int]:
-        return [self._tz_s, int(charge), REAP_BATCH, DONE_MARKER_TTL_S, self._hist_ttl_s]
+    def _reap_args(self, charge: bool) -> list[int | str]:
+        return [self._zone_text(None), int(charge), REAP_BATCH, DONE_MARKER_TTL_S, self._hist_ttl_s]
 
     async def _run_per_key(
         self, what: str, script: Any, calls: Sequence[tuple[list[str], list[Any]]]
@@ -715,7 +753,7 @@ class RedisLedger:
     async def usage(self, rec: KeyRecord) -> KeyUsage:
         async def run() -> tuple[Any, ...]:
             sec, _usec = await self._r.time()
-            names = window_names(int(sec), self._tz_s)
+            names = window_names(int(sec), self.zone_of(rec), hour_offset_s=self._hour_off)
             pipe = self._r.pipeline(transaction=False)
             pipe.hgetall(keys.window_prefix(rec.id) + "d:" + names.day)
             pipe.hgetall(keys.window_prefix(rec.id) + "m:" + names.month)
@@ -733,6 +771,9 @@ class RedisLedger:
                 requests=int(h.get("requests", 0)),
                 resets_at_s=reset,
                 spend_micros=int(h.get("spend", 0)),
+                cached=int(h.get("cached", 0)),
+                reasoning=int(h.get("reasoning", 0)),
+                cache_write=int(h.get("cache_write", 0)),
             )
 
         return KeyUsage(
@@ -750,7 +791,7 @@ class RedisLedger:
         async def run() -> list[dict[str, str]]:
             pipe = self._r.pipeline(transaction=False)
             for ts in starts:
-                pipe.hgetall(f"{prefix}h:{window_names(ts, self._tz_s).hour}")
+                pipe.hgetall(f"{prefix}h:{hour_name(ts, self._hour_off)}")
             return cast(list[dict[str, str]], await pipe.execute())
 
         rows = await self._call("history", run)
@@ -761,7 +802,7 @@ class RedisLedger:
 
     def hour_start(self, epoch_s: float) -> int:
         """Start (epoch s) of the history hour holding `epoch_s`."""
-        return int((epoch_s + self._tz_s) // 3600 * 3600 - self._tz_s)
+        return hour_start(epoch_s, self._hour_off)
 
     async def server_time(self) -> float:
         sec, usec = await self._call("time", self._r.time)
@@ -774,7 +815,7 @@ class RedisLedger:
         async def run() -> None:
             pipe = self._r.pipeline(transaction=False)
             for prefix, ts, fields in entries:
-                h = f"{prefix}h:{window_names(ts, self._tz_s).hour}"
+                h = f"{prefix}h:{hour_name(ts, self._hour_off)}"
                 for name, value in fields.items():
                     pipe.hincrby(h, name, value)
                 pipe.expire(h, self._hist_ttl_s)
@@ -805,9 +846,46 @@ class RedisLedger:
         rows = await self._call("windows", run)
         return [{k: int(v) for k, v in row.items()} for row in rows]
 
+    # ---- windows' time zones ------------------------------------------------------------
     @property
-    def tz_offset_s(self) -> int:
-        return self._tz_s
+    def hour_offset_s(self) -> int:
+        """Offset of the history-hour grid (`h:` keys), s."""
+        return self._hour_off
+
+    def zone_of(self, rec: KeyRecord | None) -> Zone:
+        """The zone of a key's day and month windows (its own, else the default; also the
+        default for a name this machine's tz database does not know). None: the default."""
+        name = rec.window_timezone if rec is not None else None
+        if name is None:
+            return self._default_zone
+        try:
+            return load_zone(name)
+        except ValueError:
+            return self._default_zone
+
+    def _zone_text(self, name: str | None) -> str:
+        return self._zone_arg(name)[2]
+
+    def _zone_arg(self, name: str | None) -> tuple[float, float, str, bytes]:
+        """(hour start, hour end, text, RESP bulk) of the scripts' zone argument for a key's
+        zone name: zoneinfo runs once per zone and hour (~130 µs), an admission pays a clock
+        read and a lookup (~0.2 µs)."""
+        now = self._clock()
+        hit = self._zone_args.get(name)
+        if hit is not None and hit[0] <= now < hit[1]:
+            return hit
+        hour = int(now // 3600)
+        zone: Zone = self._default_zone
+        if name is not None:
+            try:
+                zone = load_zone(name)
+            except ValueError:
+                log.warning("key zone %r unknown here: its windows use the default zone", name)
+        text = zone_spec(zone, hour * 3600, self._hour_off).text
+        if len(self._zone_args) >= MAX_CACHED_ZONES:
+            self._zone_args.clear()
+        hit = self._zone_args[name] = (hour * 3600, hour * 3600 + 3600, text, _bulk(text.encode()))
+        return hit
 
     # ---- audit -------------------------------------------------------------------------
     async def audit(self, entry: dict[str, Any]) -> None:

@@ -1,5 +1,5 @@
 """Hash tags verified: every key one Lua script touches is in one cluster slot (the scripts
-also build `d:`/`m:`/`h:`/`done:` names from the window prefix), global state shares `{g}`,
+also build `d:`/`m:`/`h:`/`done:`/`tz` names from the window prefix), global state shares `{g}`,
 each model `{m:<model>}`, and different API keys spread over slots and masters."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from tests.factories import key_record
 
 #: builders of one API key's names: all under its tag `{k:<id>}`.
 PER_KEY = ("tag", "record", "request_bucket", "token_bucket", "reservations")
-PER_KEY += ("reservation_expiry", "reservation_claims", "window_prefix")
+PER_KEY += ("reservation_expiry", "reservation_claims", "window_prefix", "window_zone")
 #: `lock` is global state ({g}); `model_prefix` is per model; `secret_index` has its own
 #: slot and is never touched by a script.
 OTHERS = ("lock", "model_prefix", "secret_index")
@@ -48,6 +48,7 @@ def script_names(key_id: str, rid: str = "r1", now_s: int = 1_795_435_200) -> di
         "month": f"{prefix}m:{w.month}",
         "hour": f"{prefix}h:{w.hour}",
         "done": f"{prefix}done:{rid}",
+        "zone": f"{prefix}tz",  # admit writes it, settle and reap read it
         "record": keys.record(key_id),
     }
 

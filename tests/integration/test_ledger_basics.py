@@ -67,5 +67,5 @@ def test_window_names_across_year_end() -> None:
     n = window_names(1798761599)  # 2026-12-31T23:59:59Z
     assert (n.day, n.month, n.hour) == ("20261231", "202612", "2026123123")
     assert n.day_reset_s == n.month_reset_s == 1798761600
-    shifted = window_names(1798761599, tz_offset_s=3600)
+    shifted = window_names(1798761599, 3600)
     assert shifted.day == "20270101" and shifted.day_reset_s == 1798844400

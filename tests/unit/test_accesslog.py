@@ -127,3 +127,55 @@ def test_the_stream_settles_each_entry_and_survives_a_bad_one() -> None:
     asyncio.run(svc.StreamAccessLogs(messages(), None))
     assert [(s.reservation_id, s.prompt_tokens) for s in settled] == [("r1", 1)]
     assert released == [("k2", "r2")]
+
+
+def test_cached_and_reasoning_details_are_settled_and_priced() -> None:
+    from atlas.pricing import ModelPrice, PriceBook
+
+    prices = PriceBook({"m": ModelPrice(prompt=2, completion=8, cached_prompt=1, reasoning=4)})
+    chat = {
+        "prompt_tokens": 100,
+        "completion_tokens": 50,
+        "total_tokens": 150,
+        "prompt_tokens_details.cached_tokens": 60,
+        "completion_tokens_details.reasoning_tokens": 20,
+    }
+    d = decide(entry(usage=chat), prices, NAMES)
+    assert d is not None and d.settlement is not None
+    s = d.settlement
+    assert (s.prompt_tokens, s.completion_tokens) == (100, 50)
+    assert (s.cached_tokens, s.reasoning_tokens, s.cache_write_tokens) == (60, 20, 0)
+    assert s.cost_micros == 40 * 2 + 60 * 1 + 30 * 8 + 20 * 4
+    responses = {
+        "input_tokens": 30,
+        "output_tokens": 9,
+        "input_tokens_details.cached_tokens": 10,
+        "output_tokens_details.reasoning_tokens": 5,
+    }
+    d = decide(entry(usage=responses), None, NAMES)
+    assert d is not None and d.settlement is not None
+    assert (d.settlement.cached_tokens, d.settlement.reasoning_tokens) == (10, 5)
+    # Details past their whole (an upstream's bug) are cut to it, never refused later.
+    odd = {"prompt_tokens": 5, "completion_tokens": 1, "prompt_tokens_details.cached_tokens": 9}
+    d = decide(entry(usage=odd), None, NAMES)
+    assert d is not None and d.settlement is not None and d.settlement.cached_tokens == 5
+
+
+def test_every_usage_key_read_here_is_one_envoy_lifts() -> None:
+    from atlas.envoy_config import USAGE_FIELDS, EnvoyParams, usage_filter
+    from extproc.accesslog import CACHED_KEYS, REASONING_KEYS
+
+    assert {*CACHED_KEYS, *REASONING_KEYS} <= set(USAGE_FIELDS)
+    config: Any = usage_filter(EnvoyParams(upstream="http://127.0.0.1:9000"))
+    rules = config["typed_config"]["extension_config"]["typed_config"]["response_rules"]["rules"]
+    lifted = {r["on_present"]["key"]: [s["key"] for s in r["selectors"]] for r in rules}
+    assert lifted["prompt_tokens_details.cached_tokens"] == [
+        "usage",
+        "prompt_tokens_details",
+        "cached_tokens",
+    ]
+    assert lifted["output_tokens_details.reasoning_tokens"] == [
+        "usage",
+        "output_tokens_details",
+        "reasoning_tokens",
+    ]

@@ -1,6 +1,8 @@
 -- Shared prelude, prepended to every script at load time (Lua scripts cannot import).
 -- Time is in milliseconds, from Redis TIME, so every replica of authz/extproc shares one clock.
--- Calendar windows are in a fixed UTC offset (tz, seconds); days use Hinnant's civil algorithms.
+-- Calendar windows are in a time zone that Python describes per call (atlas/windows.py
+-- `ZoneSpec`): Lua has no zone rules, so it gets the offsets and the instants they change and
+-- picks by Redis TIME. Days use Hinnant's civil algorithms.
 
 local function civil_from_days(z)
   z = z + 719468
@@ -26,24 +28,81 @@ local function days_from_civil(y, m, d)
   return era * 146097 + yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy - 719468
 end
 
--- Current instant and the names/resets of the windows it falls in.
-local function clock(tz)
-  local t = redis.call('TIME')
-  local sec = tonumber(t[1])
-  local local_s = sec + tz
-  local days = math.floor(local_s / 86400)
+-- A zone argument (ARGV text): integers separated by spaces,
+--   "<history hour offset s> <offset s> [<transition epoch s> <offset s from then on>]...",
+-- offsets in seconds east of UTC. One number alone is a fixed offset for both (the old ARGV).
+local function zone(text)
+  local n = {}
+  for v in string.gmatch(text, '%-?%d+') do n[#n + 1] = tonumber(v) end
+  if #n == 1 then n[2] = n[1] end
+  local z = {hour_off = n[1], offsets = {n[2]}, starts = {-math.huge}}
+  for i = 3, #n - 1, 2 do
+    z.starts[#z.starts + 1] = n[i]
+    z.offsets[#z.offsets + 1] = n[i + 1]
+  end
+  return z
+end
+
+-- The zone a key's windows are in: the one admit stored for it (its own, or the default it
+-- had), else `fallback` (a key no admission described yet, or not for ZONE_TTL_S).
+-- settle and reap run without the key's record, so admit leaves them this.
+local ZONE_TTL_S = 30 * 86400
+local function key_zone(prefix, fallback)
+  return zone(redis.call('GET', prefix .. 'tz') or fallback)
+end
+
+-- admit: remember the key's zone argument for settle and reap; written only when it changed
+-- (it changes as a transition comes within the spec's weeks, or the key's zone is edited).
+-- Rule: Python's spec covers 40 days (atlas/windows.py SPEC_AFTER_S), more than ZONE_TTL_S.
+local function store_zone(prefix, text)
+  if redis.call('GET', prefix .. 'tz') ~= text then
+    redis.call('SET', prefix .. 'tz', text, 'EX', ZONE_TTL_S)
+  end
+end
+
+-- Index of the offset in effect at `sec`.
+local function segment(z, sec)
+  local i = 1
+  while i < #z.starts and z.starts[i + 1] <= sec do i = i + 1 end
+  return i
+end
+
+-- Rule: a day (or month) starts at the first instant whose local time reaches its midnight,
+-- searched from segment i on: a 23- or 25-hour day is one day; where DST skips midnight the
+-- day starts at the transition; where the clock falls back over it, at its first occurrence.
+local function first_local(z, i, wall)
+  while true do
+    local at = wall - z.offsets[i]
+    if at < z.starts[i] then at = z.starts[i] end
+    if i == #z.starts or at < z.starts[i + 1] then return at end
+    i = i + 1
+  end
+end
+
+-- The names/resets of the windows instant `sec` (epoch s, plus usec) falls in: days and
+-- months in the zone's local time, history hours on the fixed-offset grid.
+local function clock_at(sec, usec, z)
+  local i = segment(z, sec)
+  local days = math.floor((sec + z.offsets[i]) / 86400)
   local y, m, d = civil_from_days(days)
-  local hour = math.floor((local_s % 86400) / 3600)
   local ny, nm = y, m + 1
   if nm > 12 then ny, nm = y + 1, 1 end
+  local hour_s = sec + z.hour_off
+  local hy, hm, hd = civil_from_days(math.floor(hour_s / 86400))
   return {
-    now_ms = sec * 1000 + math.floor(tonumber(t[2]) / 1000),
+    now_ms = sec * 1000 + math.floor(usec / 1000),
     day = string.format('%04d%02d%02d', y, m, d),
     month = string.format('%04d%02d', y, m),
-    hour = string.format('%04d%02d%02d%02d', y, m, d, hour),
-    day_reset_s = (days + 1) * 86400 - tz,
-    month_reset_s = days_from_civil(ny, nm, 1) * 86400 - tz,
+    hour = string.format('%04d%02d%02d%02d', hy, hm, hd, math.floor((hour_s % 86400) / 3600)),
+    day_reset_s = first_local(z, i, (days + 1) * 86400),
+    month_reset_s = first_local(z, i, days_from_civil(ny, nm, 1) * 86400),
   }
+end
+
+-- Current instant (Redis TIME) and the windows it falls in.
+local function clock(z)
+  local t = redis.call('TIME')
+  return clock_at(tonumber(t[1]), tonumber(t[2]), z)
 end
 
 -- Window hashes expire well after they close; hourly history is kept for forecasting.

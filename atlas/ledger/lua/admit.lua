@@ -1,12 +1,15 @@
 -- admit: every admission rule and the reservation, all or nothing, in one call.
 -- Units: time in ms (Redis TIME), tokens are integers, rate_per_sec in requests/s.
 -- KEYS[1] request bucket   KEYS[2] token bucket   KEYS[3] reservations hash
--- KEYS[4] reservation expiry zset   KEYS[5] window prefix (d:/m:/h: keys built from TIME)
+-- KEYS[4] reservation expiry zset   KEYS[5] window prefix (d:/m:/h: keys built from TIME, and
+--   tz: the key's zone argument kept for settle and reap)
 -- KEYS[6] claimed set
 -- ARGV[1] reservation id        ARGV[2] prompt estimate        ARGV[3] completion estimate
 -- ARGV[4] rate_per_sec          ARGV[5] burst                  ARGV[6] tokens_per_minute (0 none)
 -- ARGV[7] daily_limit           ARGV[8] monthly_limit          ARGV[9] quota ceiling (0..1)
--- ARGV[10] max_concurrent (0 none)  ARGV[11] reservation ttl ms  ARGV[12] tz offset s
+-- ARGV[10] max_concurrent (0 none)  ARGV[11] reservation ttl ms
+-- ARGV[12] the key's zone argument (see `zone` in _clock.lua: history hour offset, offsets
+--   and their transitions, from atlas/windows.py)
 -- ARGV[13] shadow (1 = record the verdict but admit)  ARGV[14] clamp (1 = lower max_tokens)
 -- ARGV[15] priority   ARGV[16] model   ARGV[17] history ttl s
 -- ARGV[18] monthly budget in micro-USD (0 none)   ARGV[19] cost of the estimate in micro-USD
@@ -30,7 +33,7 @@ local monthly_limit = tonumber(ARGV[8])
 local ceiling = tonumber(ARGV[9])
 local max_concurrent = tonumber(ARGV[10])
 local ttl_ms = tonumber(ARGV[11])
-local tz = tonumber(ARGV[12])
+local z = zone(ARGV[12])
 local shadow = ARGV[13] == '1'
 local clamp = ARGV[14] == '1'
 local hist_ttl = tonumber(ARGV[17])
@@ -40,7 +43,8 @@ local claim_ms = math.min(tonumber(ARGV[20]), ttl_ms)
 local choices = tonumber(ARGV[21])
 local unattended = ARGV[22] == '1'
 
-local c = clock(tz)
+local c = clock(z)
+store_zone(KEYS[5], ARGV[12])
 local now = c.now_ms
 local day_key = KEYS[5] .. 'd:' .. c.day
 local month_key = KEYS[5] .. 'm:' .. c.month

@@ -3,18 +3,20 @@
 -- An UNCLAIMED reservation (no ext_proc stream ever claimed it: the client reset before Envoy
 -- sent the request on) is released and charged 0 ("abandoned"). A CLAIMED one (extproc
 -- crashed, the gRPC stream was lost) is charged what it reserved when ARGV[2] says so.
--- KEYS[1] reservations hash   KEYS[2] reservation expiry zset   KEYS[3] window prefix
+-- KEYS[1] reservations hash   KEYS[2] reservation expiry zset   KEYS[3] window prefix (also of
+--   tz, the key's zone argument admit stored)
 -- KEYS[4] claimed set
--- ARGV[1] tz offset s   ARGV[2] charge (1 = charge the reserved amount, 0 = release only)
+-- ARGV[1] default zone argument (_clock.lua `zone`), for a key with no stored zone
+-- ARGV[2] charge (1 = charge the reserved amount, 0 = release only)
 -- ARGV[3] max reservations per call   ARGV[4] done-marker ttl s   ARGV[5] history ttl s
 -- Returns {reaped count, tokens charged, tokens released from reservations, abandoned count,
 --   malformed entries removed}
 
-local tz = tonumber(ARGV[1])
 local charge = ARGV[2] == '1'
 local done_ttl = tonumber(ARGV[4])
 local hist_ttl = tonumber(ARGV[5])
-local c = clock(tz)
+-- Rule: charges land in the windows of now, in the key's own zone.
+local c = clock(key_zone(KEYS[3], ARGV[1]))
 local hour_key = KEYS[3] .. 'h:' .. c.hour
 
 local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', c.now_ms, 'LIMIT', 0, tonumber(ARGV[3]))

@@ -2,10 +2,14 @@
 -- Idempotent by reservation id: a `done:<rid>` marker records the outcome.
 -- Units: tokens are integers, time in ms (Redis TIME).
 -- KEYS[1] reservations hash   KEYS[2] reservation expiry zset   KEYS[3] token bucket
--- KEYS[4] window prefix (d:/m:/h:/done: keys built from TIME and the rid)   KEYS[5] claimed set
+-- KEYS[4] window prefix (d:/m:/h:/done: keys built from TIME and the rid; tz: the key's zone
+--   argument admit stored)   KEYS[5] claimed set
 -- ARGV[1] reservation id   ARGV[2] prompt tokens   ARGV[3] completion tokens
--- ARGV[4] tz offset s      ARGV[5] tokens_per_minute (0 none)   ARGV[6] exact (1) or estimated (0)
+-- ARGV[4] default zone argument (_clock.lua `zone`), for a key with no stored zone
+-- ARGV[5] tokens_per_minute (0 none)   ARGV[6] exact (1) or estimated (0)
 -- ARGV[7] done-marker ttl s   ARGV[8] history ttl s   ARGV[9] cost of the actual usage, micro-USD
+-- ARGV[10] cached tokens   ARGV[11] cache-write tokens (both parts of ARGV[2])
+-- ARGV[12] reasoning tokens (part of ARGV[3])   ARGV[13] quotas count cached tokens (1) or not (0)
 -- Returns {status, charged, refunded, now_ms, hour}; status is one of
 --   settled | duplicate | late (corrected a reaped charge) | unreserved (no reservation found)
 --   | malformed (an unreadable reservation entry: removed, usage charged, nothing released)
@@ -13,19 +17,33 @@
 local rid = ARGV[1]
 local prompt = tonumber(ARGV[2])
 local completion = tonumber(ARGV[3])
-local tz = tonumber(ARGV[4])
 local tpm = tonumber(ARGV[5])
 local exact = ARGV[6] == '1'
 local done_ttl = tonumber(ARGV[7])
 local hist_ttl = tonumber(ARGV[8])
 local cost = tonumber(ARGV[9])
+local cached = tonumber(ARGV[10])
+local cache_write = tonumber(ARGV[11])
+local reasoning = tonumber(ARGV[12])
+-- Rule: quotas and the tokens/minute bucket are charged prompt + completion, cached tokens
+-- included unless the deployment counts them out (ATLAS_QUOTA_COUNTS_CACHED=false).
 local actual = prompt + completion
+if ARGV[13] == '0' then actual = actual - cached end
 
-local c = clock(tz)
+-- Rule: usage is charged in the windows of now, in the key's own zone.
+local c = clock(key_zone(KEYS[4], ARGV[4]))
 local done_key = KEYS[4] .. 'done:' .. rid
 local day_key = KEYS[4] .. 'd:' .. c.day
 local month_key = KEYS[4] .. 'm:' .. c.month
 local hour_key = KEYS[4] .. 'h:' .. c.hour
+
+-- Rule: cached, cache-write and reasoning tokens are recorded in every window beside the
+-- charge (reports and /v1/usage), whether or not the quota counts them.
+local function record_kinds(key, ttl)
+  incr_window(key, 'cached', cached, ttl)
+  incr_window(key, 'cache_write', cache_write, ttl)
+  incr_window(key, 'reasoning', reasoning, ttl)
+end
 
 local function record_history(charged_delta, refunded, requests)
   incr_window(hour_key, 'requests', requests, hist_ttl)
@@ -34,6 +52,9 @@ local function record_history(charged_delta, refunded, requests)
   incr_window(hour_key, 'refunded', refunded, hist_ttl)
   incr_window(hour_key, 'spend', cost, hist_ttl)
   if not exact then incr_window(hour_key, 'estimated', 1, hist_ttl) end
+  record_kinds(hour_key, hist_ttl)
+  record_kinds(day_key, DAY_TTL_S)
+  record_kinds(month_key, MONTH_TTL_S)
 end
 
 -- Rule: a reservation settles once; replays (journal, retries) change nothing.
