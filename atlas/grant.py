@@ -85,6 +85,9 @@ class Grant:
     shadow_decision: str = ""
     route: str = ""
     choices: int = 1
+    #: The upstream reports usage on every chunk when asked (vLLM's
+    #: `stream_options.continuous_usage_stats`): extproc asks, so a hang-up is charged exactly.
+    continuous_usage: bool = False
 
     def encode(self) -> str:
         """Printable ASCII JSON (a header value): non-ASCII and control characters escaped.
@@ -133,6 +136,7 @@ class Grant:
             shadow_decision=text("shadow_decision"),
             route=text("route"),
             choices=max(1, num("choices")),
+            continuous_usage=d.get("continuous_usage") is True,
         )
 
 
@@ -154,6 +158,7 @@ def proc_mode(grant: Grant, *, route_by_model: bool) -> str:
         include_usage=grant.include_usage,
         clamped=grant.granted_completion is not None,
         route_by_model=route_by_model,
+        continuous_usage=grant.continuous_usage,
     )
 
 
@@ -165,6 +170,7 @@ def proc_mode_for(
     include_usage: bool,
     clamped: bool,
     route_by_model: bool,
+    continuous_usage: bool = False,
 ) -> str:
     if not body_parsed:
         # Not an LLM body (GET /v1/models, extra endpoints), or one authz could not read:
@@ -173,7 +179,7 @@ def proc_mode_for(
     rewrite = (
         route_by_model
         or clamped
-        or (stream and route in _USAGE_INJECTED_ROUTES and not include_usage)
+        or (stream and route in _USAGE_INJECTED_ROUTES and (continuous_usage or not include_usage))
     )
     if rewrite:
         return ProcMode.REWRITE

@@ -7,6 +7,8 @@ protocol modules only spell it (`authz.http_server`, `authz.server`).
 
 from __future__ import annotations
 
+import fnmatch
+import functools
 import logging
 from dataclasses import dataclass, field
 
@@ -93,6 +95,12 @@ _SET = frozenset((KEY_ID_HEADER, PRIORITY_HEADER, GRANT_HEADER))
 _SET_WITH_CREDENTIAL = _SET | {"authorization"}
 
 
+@functools.lru_cache(maxsize=4096)
+def continuous_usage(patterns: tuple[str, ...], model: str) -> bool:
+    """Whether `model`'s upstream takes `stream_options.continuous_usage_stats` (vLLM)."""
+    return any(fnmatch.fnmatchcase(model, p) for p in patterns)
+
+
 INTERNAL_ERROR = Denied(
     500, "Internal error in the rate limiter.", type="server_error", code="internal_error"
 )
@@ -154,6 +162,9 @@ def admitted(v: Verdict, inp: CheckInput, settings: Settings) -> Answer:
         shadow_decision=v.shadow_reason,
         route=v.route,
         choices=req.choices,
+        continuous_usage=req.stream
+        and settings.continuous_usage_models != []
+        and continuous_usage(tuple(settings.continuous_usage_models), req.model),
     )
     if v.degraded:
         client = [(DEGRADED_HEADER, "ledger-unavailable")]

@@ -326,8 +326,10 @@ class Exchange:
         object we can append to)."""
         assert self.grant is not None
         members: list[tuple[str, object]] = []
-        inject = self.stream and self.endpoint in _USAGE_INJECTED_ENDPOINTS and not include_usage
-        if inject:
+        usage_api = self.stream and self.endpoint in _USAGE_INJECTED_ENDPOINTS
+        inject = usage_api and not include_usage
+        continuous = usage_api and self.grant.continuous_usage
+        if inject or continuous:
             # Ask the upstream for exact usage; the extra chunk is stripped on the way back.
             opts = (
                 data.get("stream_options")
@@ -335,6 +337,9 @@ class Exchange:
                 else _object_member(body, _STREAM_OPTIONS)
             )
             merged = {**(opts if isinstance(opts, dict) else {}), "include_usage": True}
+            if continuous:
+                # vLLM: usage on every chunk, so a stream cut anywhere is charged exactly.
+                merged["continuous_usage_stats"] = True
             members.append(("stream_options", merged))
         if self.grant.granted_completion is not None:
             # Per choice, as the upstream reads it (authz reserved for every choice).

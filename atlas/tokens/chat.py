@@ -7,7 +7,8 @@ is tokens the model processes too:
 * chat: 3 tokens per message plus its role and content (a `name` costs its tokens plus 1),
   3 to prime the reply; tool calls cost their name and arguments plus 3; tool definitions and
   `response_format` JSON schemas cost the tokens of their JSON (OpenAI renders them as a
-  TypeScript-like namespace; the JSON is a slight over-count) plus 8 for the wrapper;
+  TypeScript-like namespace; the JSON is a slight over-count) plus 12 (tools) or 8 (a
+  schema) for the wrapper; Responses input items and Gemini turns carry no frame;
 * images: OpenAI's tile rule (`detail: low` is 85 tokens; otherwise 85 + 170 per 512-px tile
   of the image scaled to fit 2048x2048 then its short side to 768) when the size is known
   from a data: URL's header (PNG, GIF, JPEG, WebP), else the documented default of a
@@ -45,7 +46,8 @@ PER_MESSAGE = 3  # <|start|>role<|message|> ... <|end|>
 PER_NAME = 1
 REPLY_PRIMING = 3  # <|start|>assistant<|message|>
 PER_TOOL_CALL = 3
-DEFINITIONS_WRAPPER = 8  # the namespace header around tool definitions / a schema
+TOOLS_WRAPPER = 12  # the namespace header around tool definitions
+DEFINITIONS_WRAPPER = 8  # ... and around a response_format schema
 
 IMAGE_LOW = 85
 IMAGE_TILE = 170
@@ -296,11 +298,13 @@ def _tool_calls(w: _Walk, calls: object) -> None:
         w.tokens += PER_TOOL_CALL
 
 
-def _messages(w: _Walk, messages: object) -> None:
-    """Chat (OpenAI) and Anthropic messages; Responses input items."""
+def _messages(w: _Walk, messages: object, framed: bool = True) -> None:
+    """Chat (OpenAI) and Anthropic messages (`framed`: each in its template's frame);
+    Responses input items and Gemini contents (not framed)."""
+    frame = PER_MESSAGE if framed else 0
     if isinstance(messages, str):
         w.add_text(messages)
-        w.tokens += PER_MESSAGE
+        w.tokens += frame
         return
     if not isinstance(messages, list):
         return
@@ -312,8 +316,9 @@ def _messages(w: _Walk, messages: object) -> None:
             continue
         if not w.visit():
             return
-        w.tokens += PER_MESSAGE
-        w.add_text(m.get("role"))
+        if framed:
+            w.tokens += PER_MESSAGE
+            w.add_text(m.get("role"))
         name = m.get("name")
         if isinstance(name, str) and name:
             w.add_text(name)
@@ -330,7 +335,7 @@ def _messages(w: _Walk, messages: object) -> None:
 def _definitions(w: _Walk, tools: object) -> None:
     if isinstance(tools, list) and tools:
         w.add_json(tools)
-        w.tokens += DEFINITIONS_WRAPPER
+        w.tokens += TOOLS_WRAPPER
 
 
 def prompt_tokens(body: dict[str, Any], text: TextTokens) -> tuple[int, bool]:
@@ -345,15 +350,14 @@ def prompt_tokens(body: dict[str, Any], text: TextTokens) -> tuple[int, bool]:
     if system is not None:
         w.tokens += PER_MESSAGE
         _content(w, system, 1)
-    contents = body.get("contents")  # Gemini
+    contents = body.get("contents")  # Gemini: no per-turn frame is reported
     if isinstance(contents, dict):
         contents = [contents]
     if isinstance(contents, list) and contents:
-        chat = True
-        _messages(w, contents)
+        _messages(w, contents, framed=False)
     instruction = body.get("systemInstruction") or body.get("system_instruction")
-    if instruction is not None:  # a content object: `_messages` adds its message frame
-        _messages(w, [instruction] if isinstance(instruction, dict) else instruction)
+    if instruction is not None:
+        _messages(w, [instruction] if isinstance(instruction, dict) else instruction, False)
     for key in ("prompt", "input"):
         value = body.get(key)
         if value is None:
@@ -364,8 +368,7 @@ def prompt_tokens(body: dict[str, Any], text: TextTokens) -> tuple[int, bool]:
             w.add_ids(value)
         elif isinstance(value, list):
             if key == "input" and any(isinstance(v, dict) for v in value[:8]):
-                chat = True  # Responses input items
-                _messages(w, value)
+                _messages(w, value, framed=False)  # Responses input items
                 continue
             for item in value:
                 if isinstance(item, str):

@@ -69,6 +69,24 @@ def test_client_options_are_kept_and_unchanged_bodies_pass() -> None:
     assert not ex.injected_usage
 
 
+def test_continuous_usage_is_asked_only_of_the_upstreams_that_take_it() -> None:
+    for client_opts, injected in (({"include_usage": True}, False), (None, True)):
+        ex = Exchange()
+        ex.start(Grant.from_dict({**GRANT, "continuous_usage": True}), "/v1/chat/completions")
+        body: dict[str, Any] = {"model": "m", "stream": True, "messages": []}
+        if client_opts is not None:
+            body["stream_options"] = client_opts
+        new = body_of(ex.on_request_body(json.dumps(body).encode()), "request_body")
+        assert new is not None
+        opts = json.loads(new)["stream_options"]
+        assert opts == {"include_usage": True, "continuous_usage_stats": True}
+        assert ex.injected_usage is injected  # the final usage chunk is the client's if asked
+    plain = Exchange()  # any other upstream
+    plain.start(Grant.from_dict(GRANT), "/v1/chat/completions")
+    new = body_of(plain.on_request_body(b'{"model":"m","stream":true}'), "request_body")
+    assert new is not None and b"continuous_usage_stats" not in new
+
+
 def test_hostile_request_bodies_pass_through() -> None:
     for body in (b"\xff\xfe", b"[1]", b'{"stream": "maybe"}', b"{" * 10_000):
         ex = Exchange()
