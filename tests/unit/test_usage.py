@@ -54,6 +54,15 @@ EXPECTED: dict[str, Expected] = {
     "chat_truncated.sse": Expected(Endpoint.CHAT, None, 14, 4, False, 0),
     "openai_completions.sse": Expected(Endpoint.COMPLETIONS, Usage(5, 16, 21), 33, 10, True, 1),
     "openai_responses.sse": Expected(Endpoint.RESPONSES, Usage(24, 8, 32, 0, 0), 20, 7, True, 0),
+    "anthropic_messages.sse": Expected(
+        Endpoint.MESSAGES, Usage(1233, 16, 1249, 1024, None, 188), 78, 15, True, 0
+    ),
+    "anthropic_messages_tool_use.sse": Expected(
+        Endpoint.MESSAGES, Usage(403, 71, 474), 96, 26, True, 0
+    ),
+    "gemini_stream.sse": Expected(
+        Endpoint.GEMINI, Usage(1043, 67, 1110, 1024, 48, None), 98, 18, True, 0
+    ),
 }
 
 Outcome = tuple[Usage | None, int, int, bool, list[bytes]]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from extproc.sse import SSEDecoder
@@ -222,3 +223,25 @@ def test_gemini_without_usage_is_estimated_from_its_text() -> None:
     acc.feed(json.dumps(chunk).encode())
     usage, estimate = acc.result()
     assert usage is None and estimate == 5  # "Hello there, friend." in cl100k
+
+
+BODIES = Path(__file__).parents[1] / "data" / "bodies"
+
+
+def test_recorded_json_answers_byte_by_byte() -> None:
+    want = {
+        "anthropic_message.json": Usage(1233, 16, 1249, 1024, None, 188),
+        "gemini_generate.json": Usage(1043, 67, 1110, 1024, 48, None),
+    }
+    for name, usage in want.items():
+        raw = (BODIES / name).read_bytes()
+        assert usage_from_json(raw) == usage, name
+        for step in (1, 7, 4096):
+            acc = JsonBodyAccountant(1 << 20)
+            for i in range(0, len(raw), step):
+                acc.feed(raw[i : i + step])
+            assert acc.result()[0] == usage, (name, step)
+        # Too big to keep whole: the usage is still read from the scan as it passes.
+        acc = JsonBodyAccountant(16)
+        acc.feed(raw)
+        assert acc.result()[0] == usage, name
