@@ -243,7 +243,7 @@ class Settings(BaseSettings):
         "", description="Path of the tiktoken ranks file for `tokenizer` ('' = the packaged one)"
     )
     tokenizer_max_exact_chars: int = Field(
-        8192,
+        1024,
         ge=0,
         le=1 << 20,
         description="Prompt characters tokenized exactly per request; the rest is estimated "

@@ -4,7 +4,7 @@ Run (from the checkout, with the project's virtualenv and Debian's `wrk` install
 
     make bench                         # = .venv/bin/python -m bench   (~5 minutes)
     python -m bench --quick            # short phases, ~1 minute, noisier
-    python -m bench --only nonstream   # or serial | stream | authz
+    python -m bench --only nonstream   # or serial | stream | authz | estimation (no servers)
     python -m bench --duration 30 --connections 16 --output - --json /tmp/bench.json
     python -m bench --wait-quiet 120   # on a shared machine: start once others are idle
 

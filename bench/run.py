@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 
 from atlas.stack import ComponentDied, Stack, free_port, free_port_settings
-from bench import report
+from bench import estimation, report
 from bench.bare import bare_envoy
 from bench.floor import floor_services
 from bench.procs import (
@@ -550,7 +550,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, default=None, help="seconds per load phase")
     p.add_argument("--connections", type=int, default=16, help="wrk connections (default 16)")
     p.add_argument("--quick", action="store_true", help="short phases (~1 minute in all)")
-    p.add_argument("--only", choices=("serial", "nonstream", "stream", "authz"), default=None)
+    p.add_argument(
+        "--only", choices=("serial", "nonstream", "stream", "authz", "estimation"), default=None
+    )
     p.add_argument(
         "--serial-requests",
         type=int,
@@ -640,6 +642,8 @@ async def _main(args: argparse.Namespace, command: str) -> tuple[int, str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.only == "estimation":  # no servers: only its own section of the report is rewritten
+        return estimation.main(["--output", args.output] + (["--quick"] if args.quick else []))
     if shutil.which("wrk") is None:
         print("bench: needs wrk on PATH (Debian: apt-get install -y wrk)", file=sys.stderr)
         return 2
@@ -650,6 +654,8 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyboardInterrupt, asyncio.CancelledError):
         print("bench: interrupted; everything it started was stopped", file=sys.stderr)
         return 130
+    if code == 0:
+        text = estimation.merge(text, estimation.render(args.quick))
     if code == 0 and args.output != "-":
         Path(args.output).write_text(text)
         print(f"bench: wrote {args.output}", flush=True)

@@ -113,6 +113,9 @@ EVENT_COUNTS = {
     "chat_truncated.sse": (6, 0),
     "openai_completions.sse": (12, 0),
     "openai_responses.sse": (15, 0),
+    "anthropic_messages.sse": (10, 0),
+    "anthropic_messages_tool_use.sse": (17, 0),
+    "gemini_stream.sse": (3, 0),
 }
 
 
