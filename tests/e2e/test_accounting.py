@@ -9,12 +9,20 @@ from collections.abc import Callable
 import httpx
 import openai
 
+from atlas.requestbody import estimate_prompt_tokens
 from atlas.stack import Stack
 from tests.e2e.conftest import MakeKey
 from tests.e2e.helpers import settled
 
-MESSAGES = [{"role": "user", "content": "Tell me about foxes."}]  # 5 prompt tokens
+#: 13 prompt tokens with cl100k: 6 of text, 3 for the message, 1 for the role, 3 priming.
+MESSAGES = [{"role": "user", "content": "Tell me about foxes."}]
 Client = Callable[[str], openai.AsyncOpenAI]
+
+
+def prompt_of(messages: list[dict[str, str]]) -> int:
+    """The prompt tokens of `messages` as the demo upstream counts them: cl100k with OpenAI's
+    chat frame, which Atlas's estimator implements too (exactly, for text this short)."""
+    return estimate_prompt_tokens({"model": "demo-small", "messages": messages})
 
 
 async def test_non_stream_and_stream_charge_exactly_total_tokens(
@@ -31,8 +39,8 @@ async def test_non_stream_and_stream_charge_exactly_total_tokens(
     async for _ in stream:
         pass
     u = await settled(admin, key["id"])
-    assert plain.usage is not None
-    assert u["daily"]["used"] == plain.usage.total_tokens + (5 + 23)
+    assert plain.usage is not None and plain.usage.prompt_tokens == prompt_of(MESSAGES)
+    assert u["daily"]["used"] == plain.usage.total_tokens + (plain.usage.prompt_tokens + 23)
     assert u["daily"]["requests"] == 2
 
 
@@ -49,8 +57,13 @@ async def test_client_asking_for_usage_receives_the_usage_chunk(
     )
     chunks = [c async for c in stream]
     assert chunks[-1].choices == []
-    assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens == 14
-    assert (await settled(admin, key["id"]))["daily"]["used"] == 14
+    usage = chunks[-1].usage
+    assert usage is not None and (usage.prompt_tokens, usage.completion_tokens) == (
+        prompt_of(MESSAGES),
+        9,
+    )
+    assert usage.total_tokens == usage.prompt_tokens + 9
+    assert (await settled(admin, key["id"]))["daily"]["used"] == usage.total_tokens
 
 
 async def test_legacy_completions_stream_is_counted_and_stripped(
@@ -79,9 +92,13 @@ async def test_embeddings_and_responses_are_charged(
     )
     events = [e async for e in stream]
     assert events[-1].type == "response.completed"
+    streamed = events[-1].response.usage
     u = await settled(admin, key["id"])
-    assert resp.usage is not None
-    assert u["daily"]["used"] == emb.usage.total_tokens + resp.usage.total_tokens + (5 + 20)
+    assert resp.usage is not None and streamed is not None
+    assert (streamed.input_tokens, streamed.output_tokens) == (resp.usage.input_tokens, 20)
+    assert u["daily"]["used"] == emb.usage.total_tokens + resp.usage.total_tokens + (
+        streamed.input_tokens + 20
+    )
 
 
 async def test_client_hanging_up_mid_stream_is_charged_what_was_generated(
@@ -103,7 +120,8 @@ async def test_client_hanging_up_mid_stream_is_charged_what_was_generated(
                 break
     await stream.close()
     u = await settled(admin, key["id"])
-    assert 5 + 5 <= u["daily"]["used"] < 5 + 200
+    prompt = prompt_of(MESSAGES)
+    assert prompt + 5 <= u["daily"]["used"] < prompt + 200
 
 
 async def test_upstream_error_charges_nothing(
@@ -143,16 +161,20 @@ async def test_64_concurrent_streams_on_one_key_charge_exactly(
     texts = await asyncio.gather(*(one() for _ in range(64)))
     assert all(len(t) == 4 * 32 for t in texts)
     u = await settled(admin, key["id"])
-    assert u["daily"]["used"] == 64 * (5 + 32)
+    assert u["daily"]["used"] == 64 * (prompt_of(MESSAGES) + 32)
 
 
 async def test_upstream_without_usage_is_estimated_within_15_percent(
     make_key: MakeKey, client_for: Client, admin: httpx.AsyncClient, stack: Stack
 ) -> None:
-    key = await make_key()
+    key, truth_key = await make_key(), await make_key()
     client = client_for(key["api_key"])
     long_prompt = [{"role": "user", "content": "A fox jumps over the lazy dog. " * 20}]
-    truth = 150 + 120  # the demo upstream's tokenizer: 600 prompt chars / 4, 120 tokens
+    told = await client_for(truth_key["api_key"]).chat.completions.create(
+        model="demo-small", messages=long_prompt, max_tokens=120
+    )
+    assert told.usage is not None and told.usage.completion_tokens == 120
+    truth = told.usage.total_tokens  # the demo upstream's own count (cl100k)
     stream = await client.chat.completions.create(
         model="demo-small",
         messages=long_prompt,

@@ -10,11 +10,13 @@ import httpx
 import openai
 import pytest
 
+from atlas.requestbody import estimate_prompt_tokens
 from atlas.stack import Stack
 from tests.e2e.conftest import MakeKey
 from tests.e2e.helpers import settled as _wait_settled
 
-MESSAGES = [{"role": "user", "content": "Tell me about foxes."}]  # 5 prompt tokens
+#: 13 prompt tokens with cl100k: 6 of text, 3 for the message, 1 for the role, 3 priming.
+MESSAGES = [{"role": "user", "content": "Tell me about foxes."}]
 Client = Callable[[str], openai.AsyncOpenAI]
 
 
@@ -42,7 +44,9 @@ async def test_ok_responses_carry_ratelimit_headers(make_key: MakeKey, client_fo
     assert raw.headers["x-ratelimit-limit-requests"] == "10"
     assert raw.headers["x-ratelimit-remaining-requests"] == "9"
     assert raw.headers["x-ratelimit-limit-tokens"] == "10000"
-    assert int(raw.headers["x-ratelimit-remaining-tokens"]) == 10_000 - 10
+    body = {"model": "demo-small", "messages": MESSAGES, "max_tokens": 5}
+    reserved = estimate_prompt_tokens(body) + 5  # authz's estimate of the prompt + max_tokens
+    assert int(raw.headers["x-ratelimit-remaining-tokens"]) == 10_000 - reserved
 
 
 async def test_daily_quota_is_insufficient_quota(
@@ -51,7 +55,7 @@ async def test_daily_quota_is_insufficient_quota(
     key = await make_key(daily_limit=50, priority="high")
     client = client_for(key["api_key"])
     await client.chat.completions.create(model="demo-small", messages=MESSAGES, max_tokens=30)
-    await _wait_settled(admin, key["id"])  # 35 used of 50
+    await _wait_settled(admin, key["id"])  # 13 + 30 used of 50
     with pytest.raises(openai.RateLimitError) as info:
         await client.chat.completions.create(model="demo-small", messages=MESSAGES, max_tokens=30)
     assert info.value.code == "insufficient_quota"
@@ -68,8 +72,8 @@ async def test_low_priority_refused_at_its_ceiling_while_high_is_admitted(
     await client.chat.completions.create(
         model="demo-small", messages=MESSAGES, max_tokens=700, extra_headers=high
     )
-    await _wait_settled(admin, key["id"])  # 705 used
-    with pytest.raises(openai.RateLimitError) as info:  # 705 + 105 > 80% of 1000
+    await _wait_settled(admin, key["id"])  # 13 + 700 used
+    with pytest.raises(openai.RateLimitError) as info:  # 713 + 113 > 80% of 1000
         await client.chat.completions.create(model="demo-small", messages=MESSAGES, max_tokens=100)
     assert info.value.code == "insufficient_quota"
     ok = await client.chat.completions.create(

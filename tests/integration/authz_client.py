@@ -84,8 +84,10 @@ async def running_authz(settings: Settings) -> AsyncIterator[auth_grpc.Authoriza
     if task.done():
         waiter.cancel()
         task.result()
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{settings.authz_port}") as channel:
-        yield auth_grpc.AuthorizationStub(channel)
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{settings.authz_port}") as channel:
+            yield auth_grpc.AuthorizationStub(channel)
+    finally:  # a failing test must not leave the server running into the next one
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -15,6 +15,7 @@ import redis
 
 from atlas.grant import GRANT_HEADER, PROC_HEADER, Grant, ProcMode
 from atlas.ledger.redis import RedisLedger
+from atlas.requestbody import estimate_prompt_tokens
 from atlas.settings import Settings
 from atlas.stack import free_port
 from authz.http_server import MAX_HEADER_BYTES, PATH_PREFIX
@@ -147,7 +148,9 @@ async def test_an_admitted_check_says_what_envoy_needs(settings: Settings, with_
         assert a.status == 200 and a.body == b""
         assert a.header("x-atlas-key-id") == "key_h"  # ours, set over the client's
         grant = Grant.decode(a.header(GRANT_HEADER) or "")
-        assert grant is not None and grant.key_id == "key_h" and grant.reserved == 10 + 2
+        assert grant is not None and grant.key_id == "key_h"
+        prompt = estimate_prompt_tokens(PLAIN)  # 3 a message + role + "hello" + 3 priming
+        assert grant.prompt_estimate == prompt and grant.reserved == prompt + 10
         assert grant.route == "chat" and grant.body_parsed and not grant.stream
         assert a.header(PROC_HEADER) == ProcMode.JSON  # authz read it all: body only
         removed = (a.header("x-envoy-auth-headers-to-remove") or "").split(",")

@@ -20,6 +20,7 @@ from atlas.keymodel import KeyRecord
 from atlas.ledger import keys
 from atlas.ledger.protocol import AdmitRequest
 from atlas.ledger.redis import RedisLedger
+from atlas.requestbody import estimate_prompt_tokens
 from atlas.settings import Settings
 from atlas.stack import free_port
 from tests.factories import key_record
@@ -146,7 +147,8 @@ async def test_global_shedding_by_priority(
 ) -> None:
     await ledger.create_key(key(max_priority="critical"))
     shedding = settings.model_copy(update={"capacity_tokens": 1000, "inflight_sync_s": 0.05})
-    body = {"model": "m", "max_tokens": 298, "prompt": "12345678"}  # 300 tokens each
+    prompt = {"model": "m", "prompt": "12345678"}
+    body = {**prompt, "max_tokens": 300 - estimate_prompt_tokens(prompt)}  # 300 tokens each
     async with running_authz(shedding) as stub:
         low = [
             status_of(
@@ -229,7 +231,7 @@ async def test_complex_bodies_parse_off_the_event_loop(
     async with running_authz(settings) as stub:
         ok = await stub.Check(check_request(SECRET, raw=legit))
         assert status_of(ok) == 200
-        assert grant_of(ok)["prompt_estimate"] == len(prose) // 4 + 1
+        assert grant_of(ok)["prompt_estimate"] == estimate_prompt_tokens(json.loads(legit))
         refused = await stub.Check(check_request(SECRET, raw=huge))
         assert status_of(refused) == 400
         assert json.loads(refused.denied_response.body)["error"]["code"] == "body_too_complex"
