@@ -2319,6 +2319,18 @@ async def _run(
             loop.remove_signal_handler(sig)
 
 
+def true_prompt_tokens(api: str, body: dict[str, Any]) -> int:
+    """The prompt tokens this upstream reports for `body` on `api` ("chat", "messages",
+    "gemini"): the truth Atlas's prompt estimates are measured against (bench/estimation)."""
+    if api == "chat":
+        return _chat_prompt_tokens(body, body["messages"])
+    if api == "messages":
+        return _anthropic_prompt_tokens(body, body["messages"])
+    if api == "gemini":
+        return _gemini_prompt_tokens(body, body["contents"])
+    raise ValueError(f"unknown api {api!r}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m atlas.demo_upstream",

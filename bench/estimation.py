@@ -151,13 +151,112 @@ def paths(encoding: Encoding | None) -> dict[str, Counter]:
     return out
 
 
+_TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "search_docs",
+            "description": "Search the product documentation and return the best passages.",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "query": {"type": "string", "description": "What to look for"},
+                    "limit": {"type": "integer", "minimum": 1, "maximum": 20},
+                },
+                "required": ["query"],
+            },
+        },
+    }
+]
+
+
+def _png_url(w: int, h: int) -> str:
+    """A data: URL whose PNG header says w x h (the rest is padding, as sizes are read from
+    the header)."""
+    import base64
+    import struct
+    import zlib
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    crc = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    raw = b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(ihdr)) + b"IHDR" + ihdr + crc
+    return "data:image/png;base64," + base64.b64encode(raw + bytes(96)).decode()
+
+
+def _shapes(text: str) -> dict[str, tuple[str, dict[str, object]]]:
+    """Request bodies of each shape around one corpus text: (api, body)."""
+    system = "You are a careful assistant. Answer in the user's language."
+    chat = [{"role": "system", "content": system}, {"role": "user", "content": text}]
+    image = {"type": "image_url", "image_url": {"url": _png_url(1280, 720)}}
+    return {
+        "chat": ("chat", {"messages": chat}),
+        "chat + tools": ("chat", {"messages": chat, "tools": _TOOLS}),
+        "chat + image": (
+            "chat",
+            {
+                "messages": [
+                    chat[0],
+                    {"role": "user", "content": [{"type": "text", "text": text}, image]},
+                ]
+            },
+        ),
+        "chat, 3 turns": (
+            "chat",
+            {
+                "messages": [
+                    *chat,
+                    {"role": "assistant", "content": "Understood.", "name": "helper"},
+                    {"role": "user", "content": "Please go on."},
+                ]
+            },
+        ),
+        "anthropic messages": (
+            "messages",
+            {"system": system, "messages": [{"role": "user", "content": text}], "max_tokens": 64},
+        ),
+        "gemini contents": (
+            "gemini",
+            {
+                "systemInstruction": {"parts": [{"text": system}]},
+                "contents": [{"role": "user", "parts": [{"text": text}]}],
+            },
+        ),
+    }
+
+
 def prompt_rows(encoding: Encoding | None) -> list[list[str]]:
-    """Rows "prompt estimate vs truth" for chat request bodies, to be filled once
-    `atlas.tokens.chat` exists: each row a corpus class (or a request shape), the median and p90
-    error of the prompt estimate against the upstream's own `prompt_tokens` or the tokenizer
-    applied with the chat format. Returns no rows until then; `render` prints them under the
-    class table when there are some."""
-    return []
+    """Prompt estimates (`atlas.tokens.chat`, as authz reserves) against the prompt tokens the
+    demo upstream reports for the same body (cl100k and each API's counting rules): one row
+    per request shape over every held-out text, with the tokenizer path (exact up to
+    `max_exact_chars`, the rest by class) and the fallback alone."""
+    from atlas.demo_upstream import true_prompt_tokens
+    from atlas.tokens.chat import prompt_tokens
+
+    samples = load_corpus("heldout")
+    paths_ = {"fallback only": TextTokens(None)}
+    if encoding is not None:
+        paths_ = {"tokenizer (default)": TextTokens(encoding), **paths_}
+    errs: dict[tuple[str, str], list[float]] = {}
+    for sample in samples:
+        for shape, (api, body) in _shapes(sample.text).items():
+            truth = true_prompt_tokens(api, body)
+            for name, counter in paths_.items():
+                est = prompt_tokens(body, counter)[0]
+                errs.setdefault((shape, name), []).append(est / truth - 1)
+    rows = []
+    for (shape, name), e in errs.items():
+        absolute = [abs(x) for x in e]
+        rows.append(
+            [
+                shape,
+                name,
+                str(len(e)),
+                _pct(quantile(absolute, 0.5)),
+                _pct(quantile(absolute, 0.9)),
+                _signed(quantile(e, 0.5)),
+            ]
+        )
+    return rows
 
 
 def _pct(v: float) -> str:
@@ -244,9 +343,12 @@ def render(quick: bool = False) -> str:
     prompts = prompt_rows(encoding)
     if prompts:
         md += [
-            "Prompt estimates (chat format) against the truth:",
+            "Prompt estimates as authz reserves them (`atlas.tokens.chat`: text plus the chat "
+            "format, images by their rules) against the prompt tokens the demo upstream "
+            "reports for the same body (cl100k with each API's counting; "
+            "`atlas.demo_upstream.true_prompt_tokens`), every held-out text in each shape:",
             "",
-            _table(["shape", "samples", "median", "p90", "bias"], prompts),
+            _table(["shape", "path", "samples", "median", "p90", "bias"], prompts),
             "",
         ]
     o200k = _o200k()

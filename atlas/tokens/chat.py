@@ -347,8 +347,9 @@ def prompt_tokens(body: dict[str, Any], text: TextTokens) -> tuple[int, bool]:
         chat = True
         _messages(w, messages)
     system = body.get("system")  # Anthropic: a string or text blocks
-    if system is not None:
+    if system is not None:  # framed as a system message
         w.tokens += PER_MESSAGE
+        w.add_text("system")
         _content(w, system, 1)
     contents = body.get("contents")  # Gemini: no per-turn frame is reported
     if isinstance(contents, dict):
