@@ -28,7 +28,8 @@ from atlas.limits import (
 from atlas.tokens import fallback
 from atlas.tokens.chat import prompt_tokens
 
-#: ~4 characters per token for English text with BPE tokenizers (OpenAI's rule of thumb).
+#: Bytes per token for what no estimator could read (a body too large to parse, an answer
+#: settled from its size): ~4 for English with BPE tokenizers (OpenAI's rule of thumb).
 CHARS_PER_TOKEN = 4
 T = TypeVar("T")
 
