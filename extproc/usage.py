@@ -300,9 +300,10 @@ class JsonBodyAccountant:
     A body up to ``max_whole`` bytes is kept and parsed (with bounded work) once it is
     complete. Every chunk is also scanned for ``"usage":{`` as it passes, so the usage of a
     bigger body is still read (it sits at the end of the JSON); the last few candidates are
-    kept (<= 4 KiB each). Without usage, the estimate is the text of a parsed body, else a
-    regex scan of the kept body, else ``ceil(bytes / 4)`` of everything that passed: never 0
-    for a non-empty body we could not read.
+    kept (<= 4 KiB each). Without usage, the estimate is the tokenized text of a parsed body,
+    else of a regex scan of the kept body; a body too big to keep is charged all its bytes at
+    the tokens per byte of the text in its first 64 KiB (``ceil(bytes / 4)`` when no text
+    could be read there): never 0 for a non-empty body.
     """
 
     __slots__ = ("_caps", "_carry", "_head", "_max", "_whole", "bytes", "overflowed")
@@ -384,9 +385,11 @@ class JsonBodyAccountant:
             opened = _OPEN_TEXT.search(self._head)
             if opened is not None:
                 text.add(self._head[opened.end() :].rstrip(b"\\"))
-        if not text.chars or not self._head:
+        if not text.chars or not text.kept:
             return tokens_for_chars(self.bytes)
-        return math.ceil(text.tokens() * self.bytes / len(self._head))
+        # Tokens per byte of the text itself (not of the head, whose JSON around the text
+        # would dilute it), over every byte of the body: the envelope is charged as text.
+        return math.ceil(text.tokens() * self.bytes / len(text.kept))
 
 
 # The body of a JSON string literal, unrolled so matching stays linear on hostile input.

@@ -114,9 +114,14 @@ async def test_retried_requests_are_charged_once(routed: Routed) -> None:
     client = openai.AsyncOpenAI(
         base_url=routed.stack.proxy_url + "/v1", api_key=key["api_key"], max_retries=0
     )
+    reported = []
     try:
         for _ in range(4):
-            await client.chat.completions.create(model="demo-b", messages=MESSAGES, max_tokens=5)
+            got = await client.chat.completions.create(
+                model="demo-b", messages=MESSAGES, max_tokens=5
+            )
+            assert got.usage is not None and got.usage.completion_tokens == 5
+            reported.append(got.usage.total_tokens)
     finally:
         await client.close()
     deadline = time.monotonic() + 5
@@ -125,4 +130,6 @@ async def test_retried_requests_are_charged_once(routed: Routed) -> None:
     ]:
         assert time.monotonic() < deadline
         await asyncio.sleep(0.02)
-    assert u["daily"]["used"] == 4 * (5 + 5) and u["daily"]["requests"] == 4
+    # Charged what the answering replica reported, once per request: the 503s that were retried
+    # carried no usage and must add nothing.
+    assert u["daily"]["used"] == sum(reported) and u["daily"]["requests"] == 4

@@ -11,10 +11,12 @@ import openai
 import pytest
 import pytest_asyncio
 
+from atlas.requestbody import estimate_prompt_tokens
 from atlas.stack import Stack
 from tests.e2e.conftest import ADMIN_TOKEN, running_stack
 
-MESSAGES = [{"role": "user", "content": "Tell me about foxes."}]  # 5 prompt tokens
+#: 13 prompt tokens with cl100k: 6 of text, 3 for the message, 1 for the role, 3 priming.
+MESSAGES = [{"role": "user", "content": "Tell me about foxes."}]
 
 
 #: $0.001 a token: budgets in cents are a few dozen tokens.
@@ -56,20 +58,26 @@ async def test_clamp_lowers_max_tokens_so_the_quota_is_never_overshot(
             ]:
                 assert time.monotonic() < deadline
                 await asyncio.sleep(0.02)
-            # 65 used: 35 left, so max_tokens=60 is clamped to 35 - 5 (prompt) = 30.
+            # 13 + 60 used: 27 left, so max_tokens=60 is clamped to 27 - 13 (prompt) = 14.
             second = await client.chat.completions.create(
                 model="demo-small", messages=MESSAGES, max_tokens=60
             )
         finally:
             await client.close()
         assert first.usage is not None and first.usage.completion_tokens == 60
-        assert second.usage is not None and second.usage.completion_tokens == 30
+        body = {"model": "demo-small", "messages": MESSAGES, "max_tokens": 60}
+        prompt = estimate_prompt_tokens(body)  # what authz reserves for the second prompt
+        clamped = 100 - first.usage.total_tokens - prompt
+        assert 0 < clamped < 60
+        assert second.usage is not None and second.usage.completion_tokens == clamped
         assert second.choices[0].finish_reason == "length"
         while (u := (await admin.get(f"/v1/admin/keys/{key['id']}/usage")).json())[
             "open_reservations"
         ]:
             await asyncio.sleep(0.02)
-        assert u["daily"]["used"] == 100
+        assert u["daily"]["used"] == first.usage.total_tokens + second.usage.total_tokens
+        # Exactly the quota: the clamp's prompt estimate is the upstream's count for this text.
+        assert second.usage.prompt_tokens == prompt and u["daily"]["used"] == 100
 
 
 async def test_global_shadow_mode_admits_what_it_would_refuse(shadow_stack: Stack) -> None:
@@ -99,17 +107,18 @@ async def test_monthly_budget_in_dollars_is_enforced_like_a_quota(modes_stack: S
             base_url=modes_stack.proxy_url + "/v1", api_key=key["api_key"], max_retries=0
         )
         try:
-            await client.chat.completions.create(
+            first = await client.chat.completions.create(
                 model="demo-small", messages=MESSAGES, max_tokens=20
-            )  # 25 tokens: $0.025
+            )  # 13 + 20 tokens: $0.033
+            assert first.usage is not None and first.usage.completion_tokens == 20
             deadline = time.monotonic() + 5
             while (u := (await admin.get(f"/v1/admin/keys/{key['id']}/usage")).json())[
                 "open_reservations"
             ]:
                 assert time.monotonic() < deadline
                 await asyncio.sleep(0.02)
-            assert u["monthly"]["spend_usd"] == 0.025
-            with pytest.raises(openai.RateLimitError) as info:  # $0.035 more does not fit
+            assert u["monthly"]["spend_usd"] == first.usage.total_tokens / 1000
+            with pytest.raises(openai.RateLimitError) as info:  # 13 + 30: $0.043 does not fit
                 await client.chat.completions.create(
                     model="demo-small", messages=MESSAGES, max_tokens=30
                 )

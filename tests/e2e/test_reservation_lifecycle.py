@@ -16,13 +16,18 @@ import pytest_asyncio
 import redis.asyncio as aioredis
 
 from atlas.ledger import keys
+from atlas.requestbody import estimate_prompt_tokens
 from atlas.stack import Stack
 from tests.e2e.conftest import ADMIN_TOKEN, running_stack
 from tests.e2e.helpers import charged_vs_window, send_and_reset, settled
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
-MESSAGES = [{"role": "user", "content": "Tell me about foxes."}]  # 5 prompt tokens
+#: 13 prompt tokens with cl100k: 6 of text, 3 for the message, 1 for the role, 3 priming.
+MESSAGES = [{"role": "user", "content": "Tell me about foxes."}]
+#: authz's estimate of MESSAGES (what a reservation holds for the prompt); for text this short
+#: it is also exactly what the demo upstream reports (cl100k with OpenAI's chat frame).
+PROMPT = estimate_prompt_tokens({"model": "m", "messages": MESSAGES})
 CLAIM_TIMEOUT_S = 1.0
 TTL_S = 2
 REAP_INTERVAL_S = 0.3
@@ -71,7 +76,9 @@ async def test_requests_reset_right_after_sending_are_released_and_charged_only_
 ) -> None:
     key = await new_key(admin)
     model = f"rst-{key['id']}"
-    body = json.dumps({"model": model, "messages": MESSAGES, "max_tokens": 50}).encode()
+    fields = {"model": model, "messages": MESSAGES, "max_tokens": 50}
+    reservation = estimate_prompt_tokens(fields) + 50
+    body = json.dumps(fields).encode()
     request = (
         "POST /v1/chat/completions HTTP/1.1\r\nhost: atlas\r\n"
         f"authorization: Bearer {key['api_key']}\r\ncontent-type: application/json\r\n"
@@ -98,14 +105,15 @@ async def test_requests_reset_right_after_sending_are_released_and_charged_only_
     assert h.get("abandoned", 0) >= 1, h
     assert h.get("requests", 0) + h.get("abandoned", 0) + reaped == admitted, h
     assert reaped <= max(1, admitted // 8), h
-    assert h.get("reaped_tokens", 0) == 55 * reaped, h  # at most its own reservation
+    assert h.get("reaped_tokens", 0) == reservation * reaped, h  # at most its own reservation
     charged, window = await charged_vs_window(short_lived.settings.redis_url, key["id"])
     assert charged == u["daily"]["used"] == int(window.get("used", 0))
-    # Abandoned requests cost nothing; those the upstream answered at most 5 + 50; those
-    # extproc saw but that got no answer (reset while Envoy forwarded them) their prompt only.
+    # Abandoned requests cost nothing; those the upstream answered at most the prompt + 50;
+    # those extproc saw but that got no answer (reset while Envoy forwarded them) their prompt
+    # only.
     unanswered = h.get("requests", 0) - served
     assert unanswered >= 0, (h, served)
-    assert u["daily"]["used"] <= served * (5 + 50) + unanswered * 5 + 55 * reaped
+    assert u["daily"]["used"] <= served * (PROMPT + 50) + unanswered * PROMPT + reservation * reaped
 
 
 async def test_a_stream_longer_than_the_ttl_keeps_its_reservation_and_settles_exactly(
@@ -134,12 +142,12 @@ async def test_a_stream_longer_than_the_ttl_keeps_its_reservation_and_settles_ex
                 checked = True
                 r = await admin.get(f"/v1/admin/keys/{key['id']}/usage")
                 u = r.json()
-                assert (u["open_reservations"], u["daily"]["reserved"]) == (1, 5 + tokens), u
+                assert (u["open_reservations"], u["daily"]["reserved"]) == (1, PROMPT + tokens), u
                 with pytest.raises(openai.RateLimitError):  # the max_concurrent slot is held
                     await c.chat.completions.create(model="m", messages=MESSAGES, max_tokens=1)  # type: ignore[arg-type]
         assert checked and received == tokens
         u = await settled(admin, key["id"])
-        assert u["daily"]["used"] == 5 + tokens  # exactly the usage, not the reservation
+        assert u["daily"]["used"] == PROMPT + tokens  # exactly the usage, not the reservation
         h = await hour_fields(short_lived, key["id"])
         assert h.get("reaped", 0) == 0 and h.get("abandoned", 0) == 0, h
     finally:

@@ -15,7 +15,8 @@ from atlas.stack import Stack
 from tests.e2e.conftest import ADMIN_TOKEN, running_stack
 from tests.e2e.helpers import charged_vs_window
 
-MESSAGES = [{"role": "user", "content": "Tell me about foxes."}]  # 5 prompt tokens
+#: 13 prompt tokens with cl100k: 6 of text, 3 for the message, 1 for the role, 3 priming.
+MESSAGES = [{"role": "user", "content": "Tell me about foxes."}]
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")

@@ -23,14 +23,14 @@ import httpx
 import pytest
 import pytest_asyncio
 
+from atlas.requestbody import estimate_prompt_tokens
 from atlas.stack import Stack
 from tests.e2e.conftest import ADMIN_TOKEN, running_stack
 from tests.e2e.helpers import settled
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
 
-PROMPT = "Tell me about foxes."  # 20 characters: 5 prompt tokens for the demo and extproc
-PROMPT_TOKENS = 5
+PROMPT = "Tell me about foxes."
 COMPLETION_TOKENS = 3
 #: A content delta of the demo upstream (its role chunk is `{"role":...,"content":""}`).
 CONTENT = b'"delta":{"content":'
@@ -75,15 +75,17 @@ async def slow_stack() -> AsyncIterator[Stack]:
         yield stack
 
 
+def _body(case: HangUp) -> dict[str, Any]:
+    return {
+        "model": "m",
+        "messages": [{"role": "user", "content": PROMPT}],
+        "max_tokens": case.tokens,
+        "stream": True,
+    }
+
+
 def _request(api_key: str, case: HangUp) -> bytes:
-    body = json.dumps(
-        {
-            "model": "m",
-            "messages": [{"role": "user", "content": PROMPT}],
-            "max_tokens": case.tokens,
-            "stream": True,
-        }
-    ).encode()
+    body = json.dumps(_body(case)).encode()
     head = (
         "POST /v1/chat/completions HTTP/1.1\r\nhost: atlas\r\n"
         f"authorization: Bearer {api_key}\r\ncontent-type: application/json\r\n"
@@ -165,9 +167,13 @@ async def _run_and_check(stack: Stack, todo: list[HangUp]) -> None:
             assert (await c.get(stack.envoy_admin_url + "/ready")).status_code == 200
             assert (await c.get(stack.proxy_url + "/healthz")).status_code == 200
 
-        # Whatever reached the upstream is charged its prompt plus the chunks that passed.
+        # Whatever reached the upstream is charged its prompt plus the chunks that passed. A
+        # hang-up leaves no usage, so the prompt is authz's estimate of the body (13 tokens with
+        # cl100k, which is also what the demo upstream counts for it).
         expected = sum(
-            PROMPT_TOKENS + n for c, n in zip(todo, seen, strict=True) if c.label in reached
+            estimate_prompt_tokens(_body(c)) + n
+            for c, n in zip(todo, seen, strict=True)
+            if c.label in reached
         )
         assert all(c.label in reached for c in todo if c.after_chunks is not None)
         assert u["daily"]["used"] == expected, (u, list(zip(todo, seen, strict=True)))

@@ -2,10 +2,7 @@ from __future__ import annotations
 
 import json
 import pickle
-import random
-from typing import Any
 
-from atlas import requestbody
 from atlas.requestbody import (
     LLMRequest,
     bytes_estimate,
