@@ -259,6 +259,45 @@ def prompt_rows(encoding: Encoding | None) -> list[list[str]]:
     return rows
 
 
+def reservation_rows(rounds: int) -> list[list[str]]:
+    """What authz's body parse (`atlas.requestbody.parse_llm_request`: JSON, fields and the
+    prompt estimate a reservation is sized by) costs per request body, best of `rounds`."""
+    from atlas.requestbody import parse_llm_request
+
+    system = {"role": "system", "content": "You are helpful."}
+    bodies = {
+        "short chat (one user message)": {
+            "model": "m",
+            "messages": [{"role": "user", "content": "Tell me about foxes."}],
+            "max_tokens": 16,
+        },
+        "4 KiB English chat": {
+            "model": "m",
+            "messages": [system, {"role": "user", "content": "The quick brown fox. " * 200}],
+        },
+        "4 KiB Chinese chat": {
+            "model": "m",
+            "messages": [
+                system,
+                {"role": "user", "content": "我们今天去公园散步，天气很好。" * 90},
+            ],
+        },
+    }
+    rows = []
+    for name, body in bodies.items():
+        raw = json.dumps(body, ensure_ascii=False).encode()
+        parse_llm_request(raw)  # the tokenizer is loaded before timing
+        best = float("inf")
+        for _ in range(rounds):
+            n = 2000
+            t0 = time.perf_counter()
+            for _ in range(n):
+                parse_llm_request(raw)
+            best = min(best, (time.perf_counter() - t0) / n)
+        rows.append([name, f"{len(raw):,}", f"{best * 1e6:.1f}"])
+    return rows
+
+
 def _pct(v: float) -> str:
     return f"{v * 100:.1f}%"
 
@@ -382,6 +421,13 @@ def render(quick: bool = False) -> str:
         + f". The fallback on one 1 MiB text: {huge_us:.1f} µs/KB "
         f"(the tokenizer path takes it for anything over {TextTokens().max_exact_chars:,} "
         "characters).",
+        "",
+        "The reservation's cost on the request path: authz's parse of a request body "
+        "(`parse_llm_request`: JSON, fields, the prompt estimate; the first "
+        f"{TextTokens().max_exact_chars:,} characters tokenized, the rest by class), µs per "
+        f"body, best of {rounds}:",
+        "",
+        _table(["body", "bytes", "µs"], reservation_rows(rounds)),
         "",
     ]
     return "\n".join(md)
