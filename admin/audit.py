@@ -26,7 +26,8 @@ async def record_change(
 ) -> None:
     """Who (the admin token holder, from which address and client), what, before/after, when.
     Secrets and their hashes are never written."""
-    key_id = (after or before).id if (after or before) else None
+    record = after or before
+    key_id = record.id if record is not None else None
     await ledger.audit(
         {
             "at": datetime.now(UTC).isoformat(),

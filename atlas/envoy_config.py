@@ -459,7 +459,7 @@ def settlement_access_log() -> dict[str, object]:
 
 def ext_proc_filters(params: EnvoyParams) -> list[dict[str, object]]:
     """One ext_proc filter per configuration, each behind a matcher on x-atlas-proc."""
-    filters = []
+    filters: list[dict[str, object]] = []
     for mode, name in PROC_FILTER_NAMES.items():
         pm = {
             "request_header_mode": "SEND",

@@ -216,6 +216,13 @@ def local_day_month(epoch_s: int, zone: Zone) -> tuple[str, str]:
     return local.strftime("%Y%m%d"), local.strftime("%Y%m")
 
 
+def local_date(epoch_s: float, zone: Zone) -> date:
+    """The calendar date at `epoch_s` in `zone` (a tz or a legacy fixed offset in seconds)."""
+    if isinstance(zone, int):
+        return datetime.fromtimestamp(epoch_s + zone, UTC).date()
+    return datetime.fromtimestamp(epoch_s, zone).date()
+
+
 def day_bounds(day: date, zone: Zone) -> tuple[int, int]:
     """(start, end) epoch s of the local calendar day `day` in `zone` (23, 24 or 25 hours)."""
     if isinstance(zone, int):

@@ -30,7 +30,7 @@ from atlas.ledger.protocol import HourRow, KeyUsage
 from atlas.ledger.redis import RedisLedger
 from atlas.limits import MAX_QUERY_HOURS, MAX_RATE_PER_SEC, MAX_TOKEN_LIMIT, MIN_RATE_PER_SEC
 from atlas.pricing import usd
-from atlas.windows import Zone, day_bounds
+from atlas.windows import Zone, day_bounds, local_date
 
 router = APIRouter(prefix="/v1/forecasting", tags=["forecasting"])
 
@@ -325,7 +325,7 @@ async def system_metrics(
     # of global history; each key's own window of that date (in its own zone) for the ranks.
     now = await ledger.server_time()
     zone = ledger.zone_of(None)
-    the_day = day or datetime.fromtimestamp(now, zone).date()
+    the_day = day or local_date(now, zone)
     day_start, day_end = day_bounds(the_day, zone)
     start = ledger.hour_start(day_start)
     rows = await ledger.history(keys.GLOBAL_PREFIX, start, -(-(day_end - start) // 3600))

@@ -199,9 +199,8 @@ def openai_image_tokens(detail: object, size: tuple[int, int] | None) -> int:
         return IMAGE_LOW
     if size is None:
         return IMAGE_DEFAULT
-    w, h = size
-    scale = min(1.0, 2048 / max(w, h))
-    w, h = w * scale, h * scale
+    scale = min(1.0, 2048 / max(size))
+    w, h = size[0] * scale, size[1] * scale
     scale = min(1.0, 768 / min(w, h))
     w, h = w * scale, h * scale
     return IMAGE_LOW + IMAGE_TILE * math.ceil(w / 512) * math.ceil(h / 512)

@@ -254,3 +254,16 @@ def test_the_admit_command_carries_the_keys_zone() -> None:
     assert zone_spec(NY, clock.now).text.encode() in led._admit_command(own, req)
     _, args = led._admit_call(key_record(id="key_default"), req)
     assert args[11] == f"0 7200 {utc(2026, 10, 25, 1)} 3600"
+
+
+def test_local_date_in_a_zone_and_at_a_legacy_offset() -> None:
+    from datetime import date
+    from zoneinfo import ZoneInfo
+
+    from atlas.windows import local_date
+
+    t = 1_700_000_000  # 2023-11-14 22:13:20 UTC
+    assert local_date(t, 0) == date(2023, 11, 14)
+    assert local_date(t, 2 * 3600) == date(2023, 11, 15)  # a fixed offset, seconds
+    assert local_date(t, ZoneInfo("Asia/Tokyo")) == date(2023, 11, 15)
+    assert local_date(t, ZoneInfo("America/New_York")) == date(2023, 11, 14)
