@@ -28,9 +28,10 @@ test: $(STAMP) ## run every test (unit, integration, end-to-end through the real
 test-unit: $(STAMP) ## unit tests only (no sockets)
 	$(BIN)/python -m pytest tests/unit $(ARGS)
 
-lint: $(STAMP) ## ruff
+lint: $(STAMP) ## ruff (lint and format) and mypy: each fails the target
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 bench: $(STAMP) ## benchmarks: bare Envoy vs Envoy+Atlas, writes docs/benchmarks.md
 	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)

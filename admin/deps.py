@@ -16,15 +16,15 @@ from atlas.settings import Settings
 
 
 def get_settings(request: Request) -> Settings:
-    return request.app.state.settings  # type: ignore[no-any-return]
+    return request.app.state.settings
 
 
 def get_ledger(request: Request) -> RedisLedger:
-    return request.app.state.ledger  # type: ignore[no-any-return]
+    return request.app.state.ledger
 
 
 def get_selfserve(request: Request) -> SelfServe:
-    return request.app.state.selfserve  # type: ignore[no-any-return]
+    return request.app.state.selfserve
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]

@@ -56,7 +56,9 @@ async def check_components(settings: Settings, ledger: RedisLedger) -> dict[str,
         "authz": lambda: authz_serving(settings),
         "extproc": lambda: grpc_serving(f"{settings.extproc_host}:{settings.extproc_port}"),
     }
-    if settings.envoy_admin_url:
-        probes["envoy"] = lambda: http_ready(settings.envoy_admin_url.rstrip("/") + "/ready")
+    envoy = settings.envoy_admin_url
+    if envoy:
+        ready = envoy.rstrip("/") + "/ready"
+        probes["envoy"] = lambda: http_ready(ready)
     results = await asyncio.gather(*(_timed(p) for p in probes.values()))
     return dict(zip(probes, results, strict=True))

@@ -135,7 +135,7 @@ def add_settings_flags(parser: argparse.ArgumentParser, fields: Sequence[str]) -
             parser.add_argument(
                 flag,
                 dest=name,
-                type=convert,
+                type=convert or str,
                 default=argparse.SUPPRESS,
                 metavar=name.split("_")[-1].upper(),
                 help=help_text,

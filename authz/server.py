@@ -105,7 +105,7 @@ def answer_denied(d: Denied) -> auth_pb2.CheckResponse:
             code=_GRPC_CODE.get(d.status, code_pb2.PERMISSION_DENIED), message=d.message
         ),
         denied_response=auth_pb2.DeniedHttpResponse(
-            status=http_status_pb2.HttpStatus(code=d.status),  # type: ignore[arg-type]
+            status=http_status_pb2.HttpStatus(code=d.status),
             headers=headers,
             body=error_body(d.message, type=d.type, code=d.code, param=d.param).decode(),
         ),

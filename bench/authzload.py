@@ -66,7 +66,8 @@ def check_path_prefix() -> str:
     from atlas.envoy_config import authz_service
 
     service = authz_service("http", "1s")["http_service"]
-    return str(service.get("path_prefix", ""))  # type: ignore[union-attr]
+    assert isinstance(service, dict)
+    return str(service.get("path_prefix", ""))
 
 
 def http_check_request(

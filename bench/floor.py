@@ -112,7 +112,7 @@ def _extproc_servicer() -> Any:
         "response_trailers": ep.ProcessingResponse(response_trailers=trailers),
     }
 
-    class PassThrough(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
+    class PassThrough(ep_grpc.ExternalProcessorServicer):
         async def Process(self, requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
             async for req in requests:
                 answer = answers.get(req.WhichOneof("request"))

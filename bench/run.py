@@ -127,7 +127,7 @@ class Measured:
         }
 
 
-class _Discard(io.TextIOBase):
+class _Discard(io.StringIO):
     """The Stack's log sink: services' output is kept in its tails, not printed."""
 
     def write(self, s: str) -> int:
@@ -485,7 +485,6 @@ def _merge_data(items: list[Any], key: str = "") -> Any:
     first = items[0]
     if isinstance(first, dict):
         if "p50" in first:  # percentiles: the median slice's, each on its own; max of max
-            keys = first.keys()
             return {
                 k: (
                     max(i[k] for i in items)
@@ -494,7 +493,7 @@ def _merge_data(items: list[Any], key: str = "") -> Any:
                     if k == "n"
                     else statistics.median(i[k] for i in items)
                 )
-                for k in keys
+                for k in first
             }
         keys = dict.fromkeys(k for i in items for k in i)
         if all(isinstance(v, int | float) for i in items for v in i.values()):

@@ -157,7 +157,7 @@ _RUNS = (
 )
 
 
-def _regex_counter(module):  # type: ignore[no-untyped-def]
+def _regex_counter(module):
     pattern = module.compile(_RUNS, module.S)
 
     def count(text: str) -> int:

@@ -42,11 +42,11 @@ def _from_file(name: str, path: str) -> Any:
     # The constructors hold the split pattern and special tokens; only the ranks' source
     # differs, so the module's loader is swapped for the duration of one call.
     with _lock:
-        public.load_tiktoken_bpe = local  # type: ignore[assignment]
+        public.load_tiktoken_bpe = local
         try:
             params = constructor()
         finally:
-            public.load_tiktoken_bpe = original  # type: ignore[assignment]
+            public.load_tiktoken_bpe = original
     return tiktoken.Encoding(**params)
 
 
