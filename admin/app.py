@@ -16,20 +16,23 @@ from admin.routes import audit, dashboard, forecasting, health, history, keys, u
 from admin.selfserve import SelfServe
 from atlas import metrics
 from atlas.errors import Denied, LedgerUnavailable
+from atlas.ledger.protocol import AdminLedger
 from atlas.ledger.redis import RedisLedger
 from atlas.openai_errors import error_body
 from atlas.settings import Settings
 
 
-def create_app(settings: Settings, ledger: RedisLedger | None = None) -> FastAPI:
-    own_ledger = ledger is None
-    the_ledger = ledger if ledger is not None else RedisLedger.from_settings(settings)
+def create_app(settings: Settings, ledger: AdminLedger | None = None) -> FastAPI:
+    owned: RedisLedger | None = None  # built here, so closed here
+    if ledger is None:
+        ledger = owned = RedisLedger.from_settings(settings)
+    the_ledger: AdminLedger = ledger
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
-        if own_ledger:
-            await the_ledger.close()
+        if owned is not None:
+            await owned.close()
 
     app = FastAPI(
         title="Atlas admin",

@@ -9,7 +9,7 @@ from fastapi import Request
 
 from admin.schemas import KeyPublic
 from atlas.keymodel import KeyRecord
-from atlas.ledger.redis import RedisLedger
+from atlas.ledger.protocol import Audit
 
 
 def _public(rec: KeyRecord | None) -> dict[str, Any] | None:
@@ -17,7 +17,7 @@ def _public(rec: KeyRecord | None) -> dict[str, Any] | None:
 
 
 async def record_change(
-    ledger: RedisLedger,
+    ledger: Audit,
     request: Request,
     action: str,
     *,

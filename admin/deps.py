@@ -9,9 +9,10 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request, status
 
 from admin.selfserve import SelfServe
+from atlas.credentials import bearer, client_key
 from atlas.errors import Denied
 from atlas.keymodel import KeyRecord, hash_secret
-from atlas.ledger.redis import RedisLedger
+from atlas.ledger.protocol import AdminLedger
 from atlas.settings import Settings
 
 
@@ -19,7 +20,7 @@ def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_ledger(request: Request) -> RedisLedger:
+def get_ledger(request: Request) -> AdminLedger:
     return request.app.state.ledger
 
 
@@ -28,16 +29,13 @@ def get_selfserve(request: Request) -> SelfServe:
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-LedgerDep = Annotated[RedisLedger, Depends(get_ledger)]
+LedgerDep = Annotated[AdminLedger, Depends(get_ledger)]
 SelfServeDep = Annotated[SelfServe, Depends(get_selfserve)]
 
 
 def _presented_token(request: Request) -> str | None:
-    auth = request.headers.get("authorization", "")
-    scheme, _, token = auth.partition(" ")
-    if scheme.lower() == "bearer" and token:
-        return token.strip()
-    return request.headers.get("x-admin-key")  # Atlas's header
+    token = bearer(request.headers.get("authorization", ""))
+    return token if token is not None else request.headers.get("x-admin-key")  # Atlas's
 
 
 def require_admin(request: Request, settings: SettingsDep) -> str:
@@ -59,9 +57,7 @@ AdminDep = Annotated[str, Depends(require_admin)]
 async def require_client_key(request: Request, ledger: LedgerDep, guard: SelfServeDep) -> KeyRecord:
     """Self-serve routes: the caller's own API key identifies (and limits) what they see.
     Refusals are OpenAI-shaped, as authz's are for the same key."""
-    auth = request.headers.get("authorization", "")
-    scheme, _, token = auth.partition(" ")
-    secret = token.strip() if scheme.lower() == "bearer" else request.headers.get("x-api-key")
+    secret = client_key(request.headers)
     rec = await ledger.find_key(hash_secret(secret)) if secret else None
     if rec is None:
         raise Denied(

@@ -20,7 +20,7 @@ from typing import ParamSpec, TypeVar
 
 from atlas.errors import Denied
 from atlas.keymodel import KeyRecord
-from authz.local_limiter import LocalLimiter
+from atlas.local_limiter import LocalLimiter
 
 #: Heavy calls at once per admin process. Their history reads run on the event loop (in
 #: redis-py), so more slots only queue more loop work ahead of a revocation: measured with 60

@@ -275,7 +275,7 @@ def _render_envoy(ns: argparse.Namespace) -> int:
 
 async def _simulate(settings: Settings, days: int, keys: int, seed: int) -> int:
     from atlas.ledger.redis import RedisLedger
-    from atlas.simulate import backfill
+    from atlas.local.simulate import backfill
 
     if not 1 <= days <= settings.history_days or not 1 <= keys <= 1000:
         raise ConfigError(f"--days must be 1..{settings.history_days} and --keys 1..1000")
@@ -293,9 +293,9 @@ async def _simulate(settings: Settings, days: int, keys: int, seed: int) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["demo-upstream"]:  # its own parser; argparse REMAINDER rejects leading options
-        from atlas import demo_upstream
+        from atlas.local.demo import main as demo_main
 
-        return demo_upstream.main(args[1:])
+        return demo_main(args[1:])
     ns = build_parser().parse_args(args)
     try:
         if ns.command == "render-envoy":
@@ -305,7 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if ns.command == "simulate":
             return asyncio.run(_simulate(settings, ns.days, ns.keys, ns.seed))
         if ns.command == "up":
-            from atlas.stack import run_up
+            from atlas.local.stack import run_up
 
             return run_up(settings, explicit=set(overrides))
         if ns.command == "authz":

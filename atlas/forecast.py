@@ -172,18 +172,6 @@ def usage_patterns(history: Sequence[float | None], first_ts: int) -> Patterns:
     )
 
 
-def mape(actual: Sequence[float], predicted: Sequence[float]) -> float:
-    """Mean absolute percentage error over points where actual > 0 (0.0 if there are none)."""
-    a = np.asarray(actual, dtype=np.float64)
-    p = np.asarray(predicted, dtype=np.float64)
-    if a.shape != p.shape:
-        raise ValueError(f"length mismatch: {a.shape} vs {p.shape}")
-    ok = np.isfinite(a) & np.isfinite(p) & (a > 0)
-    if not ok.any():
-        return 0.0
-    return float(np.mean(np.abs(a[ok] - p[ok]) / a[ok]) * 100.0)
-
-
 def synthetic_series(
     days: int,
     *,

@@ -18,6 +18,14 @@ from typing import Any
 
 #: The ext_authz filter's dynamic metadata namespace (its filter name).
 AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"
+#: json_to_metadata's namespace (Envoy -> the access log -> extproc): the usage it lifted.
+USAGE_NAMESPACE = "atlas.usage"
+#: extproc -> Envoy -> the access log: `owner` when extproc's `json` filter saw the body
+#: (the access-log settler then leaves the exchange to it).
+EXTPROC_NAMESPACE = "atlas.extproc"
+OWNER_KEY = "owner"
+#: Every header Atlas's services pass each other starts so (a client's are removed).
+ATLAS_HEADER_PREFIX = "x-atlas-"
 #: authz -> Envoy (-> dynamic metadata): the grant's JSON text.
 GRANT_HEADER = "x-atlas-grant"
 #: authz -> upstream: who is calling, at what priority.

@@ -7,7 +7,6 @@ Settings are built in `main()` and passed explicitly; nothing reads the environm
 
 from __future__ import annotations
 
-import os
 from typing import Any, Literal
 
 from pydantic import (
@@ -364,6 +363,17 @@ def load_settings(overrides: dict[str, Any] | None = None) -> Settings:
         raise ConfigError("invalid settings:\n  " + "\n  ".join(problems)) from exc
 
 
-def env_overrides() -> dict[str, str]:
-    """Environment variables a child process needs to see the same settings."""
-    return {k: v for k, v in os.environ.items() if k.startswith("ATLAS_")}
+def _legacy_names() -> frozenset[str]:
+    """The environment names settings still read besides `ATLAS_*` (see `_legacy`)."""
+    names: set[str] = set()
+    for info in Settings.model_fields.values():
+        alias = info.validation_alias
+        if isinstance(alias, AliasChoices):
+            names.update(
+                c for c in alias.choices if isinstance(c, str) and not c.startswith("ATLAS_")
+            )
+    return frozenset(names)
+
+
+#: Legacy names a child process must not inherit when it is given exact settings.
+LEGACY_ENV_NAMES = _legacy_names()

@@ -12,8 +12,10 @@ import functools
 import logging
 from dataclasses import dataclass, field
 
+from atlas.credentials import CLIENT_KEY_HEADERS
 from atlas.errors import Denied
 from atlas.grant import (
+    ATLAS_HEADER_PREFIX,
     DEGRADED_HEADER,
     GRANT_HEADER,
     KEY_ID_HEADER,
@@ -25,7 +27,6 @@ from atlas.grant import (
 from atlas.metrics import DECISIONS
 from atlas.settings import Settings
 from authz.policy import (
-    CLIENT_KEY_HEADERS,
     Authorizer,
     CheckInput,
     Verdict,
@@ -64,7 +65,7 @@ def _kind(name: str) -> int:
     kind = _KINDS.get(name)
     if kind is None:
         n = _normalized(name)
-        if n.startswith("x-atlas-") or n == "x-request-priority":
+        if n.startswith(ATLAS_HEADER_PREFIX) or n == "x-request-priority":
             kind = 1
         else:
             kind = 2 if n in CLIENT_KEY_HEADERS else 0

@@ -12,11 +12,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from atlas import metrics
+from atlas.credentials import client_key
 from atlas.errors import Denied, LedgerUnavailable
 from atlas.grant import ProcMode, proc_mode_for
 from atlas.keymodel import KeyRecord, cap_priority, hash_secret
-from atlas.ledger.protocol import Admission, AdmitRequest, Ledger, LedgerInputError
+from atlas.ledger.protocol import Admission, Admissions, AdmitRequest, LedgerInputError
 from atlas.limits import MAX_RESERVATION_TOKENS
+from atlas.local_limiter import LocalLimiter
 from atlas.modelnames import ModelNames
 from atlas.pricing import PriceBook
 from atlas.requestbody import LLMRequest, parse_llm_request
@@ -24,7 +26,6 @@ from atlas.settings import PRIORITIES, Priority, Settings
 from authz.bodyparse import BodyParser
 from authz.endpoints import GEMINI, Endpoints, Route, gemini_call, request_path
 from authz.keycache import KeyCache
-from authz.local_limiter import LocalLimiter
 from authz.shedding import Shedder
 
 #: Without max_tokens a request reserves this share of the daily limit (Atlas's defaults),
@@ -60,22 +61,6 @@ class Verdict:
     shadow_reason: str  # the rule that would have refused, in shadow mode
     degraded: bool = False  # decided without Redis (fail mode local)
     route: str = ""  # the endpoint's bounded name (authz.endpoints.Route.name)
-
-
-#: Headers a client may carry its key in: OpenAI's, Anthropic's, Azure's and Gemini's.
-CLIENT_KEY_HEADERS = ("authorization", "x-api-key", "api-key", "x-goog-api-key")
-
-
-def bearer_token(headers: dict[str, str]) -> str | None:
-    auth = headers.get("authorization", "")
-    scheme, _, token = auth.partition(" ")
-    if scheme.lower() == "bearer" and token.strip():
-        return token.strip()
-    for name in CLIENT_KEY_HEADERS[1:]:
-        api_key = headers.get(name, "").strip()
-        if api_key:
-            return api_key
-    return None
 
 
 #: What a request without an LLM body (GET /v1/models, ATLAS_EXTRA_ENDPOINTS) is counted as.
@@ -117,7 +102,7 @@ def _gemini_request(req: LLMRequest, path: str) -> LLMRequest:
 class Authorizer:
     def __init__(
         self,
-        ledger: Ledger,
+        ledger: Admissions,
         cache: KeyCache,
         settings: Settings,
         *,
@@ -171,7 +156,7 @@ class Authorizer:
 
     async def _check(self, inp: CheckInput) -> Verdict:
         path = request_path(inp.path)  # 400 before anything else: the path is malformed
-        secret = bearer_token(inp.headers)
+        secret = client_key(inp.headers)
         if secret is None:
             raise _denied_401("Missing API key. Send it as 'Authorization: Bearer <key>'.")
         secret_hash = hash_secret(secret)

@@ -15,9 +15,9 @@ cut into N slices alternating the paths, so drift or a disturbance hits both ali
 upstream processes sharing one port), --replicas N (authz/extproc processes), --output PATH
 ('-' for none), --json PATH (every raw measurement).
 
-What it starts, on free 127.0.0.1 ports: one demo upstream (`python -m atlas.demo_upstream`);
+What it starts, on free 127.0.0.1 ports: one demo upstream (`python -m atlas.local.demo`);
 a *bare* Envoy (`envoy/bare.yaml.tmpl`: same binary, listener, route and timeouts as Atlas's
-bootstrap, no ext_authz/ext_proc) with one worker; and the Atlas stack (`atlas.stack.Stack`:
+bootstrap, no ext_authz/ext_proc) with one worker; and the Atlas stack (`atlas.local.stack.Stack`:
 Valkey, authz, extproc, admin, Envoy with one worker) pointed at the SAME upstream, with one API
 key (made through the admin REST API) whose limits cannot be reached; and the *floor*: Atlas's
 own Envoy bootstrap (rendered by `atlas.envoy_config.render`, HTTP ext_authz) in front of

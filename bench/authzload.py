@@ -5,7 +5,7 @@
 
 *http* (Atlas's default, `ATLAS_AUTHZ_PROTOCOL` unset): what Envoy's HTTP ext_authz client
 sends with `with_request_body`: `POST <path_prefix>/v1/chat/completions HTTP/1.1` (the
-prefix of Atlas's `http_service`, from `atlas.envoy_config`) with the client's headers,
+prefix of Atlas's `http_service`, from `atlas.envoy_filters`) with the client's headers,
 `content-length` of the body, `x-envoy-auth-partial-body: false`, the headers Envoy adds
 (`x-forwarded-for`, `x-envoy-*`) and the JSON body.
 Envoy's HTTP/1.1 connection pool runs one request per connection at a time, so `--concurrency`
@@ -63,7 +63,7 @@ def client_headers(secret: str, host: str) -> dict[str, str]:
 
 def check_path_prefix() -> str:
     """What Atlas's Envoy puts before the client's path when it asks authz over HTTP."""
-    from atlas.envoy_config import authz_service
+    from atlas.envoy_filters import authz_service
 
     service = authz_service("http", "1s")["http_service"]
     assert isinstance(service, dict)

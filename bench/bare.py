@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from atlas.envoy_config import EnvoyParams, envoy_binary, render
-from bench.procs import Service, http_ok
+from atlas.probes import http_ok
+from bench.procs import Service
 
 TEMPLATE = "bare.yaml.tmpl"
 

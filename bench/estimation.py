@@ -229,7 +229,7 @@ def prompt_rows(encoding: Encoding | None) -> list[list[str]]:
     demo upstream reports for the same body (cl100k and each API's counting rules): one row
     per request shape over every held-out text, with the tokenizer path (exact up to
     `max_exact_chars`, the rest by class) and the fallback alone."""
-    from atlas.demo_upstream import true_prompt_tokens
+    from atlas.local.demo import true_prompt_tokens
     from atlas.tokens.chat import prompt_tokens
 
     samples = load_corpus("heldout")
@@ -385,7 +385,7 @@ def render(quick: bool = False) -> str:
             "Prompt estimates as authz reserves them (`atlas.tokens.chat`: text plus the chat "
             "format, images by their rules) against the prompt tokens the demo upstream "
             "reports for the same body (cl100k with each API's counting; "
-            "`atlas.demo_upstream.true_prompt_tokens`), every held-out text in each shape:",
+            "`atlas.local.demo.true_prompt_tokens`), every held-out text in each shape:",
             "",
             _table(["shape", "path", "samples", "median", "p90", "bias"], prompts),
             "",

@@ -29,8 +29,9 @@ from typing import Any
 
 from atlas.envoy_config import EnvoyParams, envoy_binary, render
 from atlas.grant import GRANT_HEADER, PROC_HEADER, ProcMode
-from atlas.stack import free_port
-from bench.procs import Service, http_ok
+from atlas.local.ports import free_port
+from atlas.probes import http_ok
+from bench.procs import Service
 
 #: A grant extproc could decode; the floor's extproc never reads it.
 FLOOR_GRANT = '{"key_id":"floor","reservation_id":"r","reserved":1,"prompt_estimate":1}'
@@ -191,7 +192,7 @@ def floor_services(
             "--log-level",
             "warn",
             "--file-flush-interval-msec",
-            "250",  # as atlas.stack starts Atlas's Envoy
+            "250",  # as atlas.local.stack starts Atlas's Envoy
         ],
         ready=lambda: http_ok(f"http://127.0.0.1:{envoy_admin_port}/ready"),
     )

@@ -1,5 +1,8 @@
 """Processes: start and stop the ones the benchmark owns, and measure CPU of any of them.
 
+Starting, readiness polling and stopping are `atlas.local.procs` (the local stack's own);
+this module adds what only the benchmark needs.
+
 CPU comes from ``/proc/<pid>/stat`` (utime + stime, in clock ticks) summed over a process and
 its live descendants (so a service that forks workers is still counted whole), plus what it
 has reaped (cutime + cstime). Short-lived tools (wrk, the load generators) are measured exactly
@@ -11,21 +14,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import httpx
-
-from atlas.stack import die_with_parent, poll_until_ready
+from atlas.local.procs import Child, die_with_parent
+from atlas.probes import http_ok
 
 TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
-PR_SET_PDEATHSIG = 1
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -143,78 +142,12 @@ def python_env() -> dict[str, str]:
 
 
 @dataclass
-class Service:
-    """A child process started by the benchmark, its output drained (and the tail kept)."""
+class Service(Child):
+    """A child the benchmark owns: run from the checkout, which it can import."""
 
-    name: str
-    argv: list[str]
-    ready: Callable[[], Awaitable[Any]]
-    proc: asyncio.subprocess.Process | None = None
-    tail: list[str] = field(default_factory=list)
-    _drain: asyncio.Task[None] | None = None
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    async def start(self, timeout_s: float = 60.0) -> None:
-        self.proc = await asyncio.create_subprocess_exec(
-            *self.argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            preexec_fn=die_with_parent,
-            env=python_env(),
-            cwd=REPO,
-        )
-        self._drain = asyncio.create_task(self._read())
-        proc = self.proc
-        await poll_until_ready(
-            self.name,
-            proc,
-            self.ready,
-            timeout_s,
-            lambda: f"{self.name} exited with {proc.returncode}: {self.log()}",
-        )
-
-    async def _read(self) -> None:
-        # Envoy's access log goes here, like the Atlas Envoy's goes to the Stack's reader.
-        assert self.proc is not None and self.proc.stdout is not None
-        async for line in self.proc.stdout:
-            if len(self.tail) >= 40:
-                del self.tail[:20]
-            self.tail.append(line.decode("utf-8", "replace").rstrip())
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.returncode is None
-
-    def log(self) -> str:
-        return "\n    ".join(self.tail[-10:]) or "(no output)"
-
-    async def stop(self) -> None:
-        proc = self.proc
-        if proc is None:
-            return
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.wait(), 10)
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                await proc.wait()
-        if self._drain is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._drain, 2)
-
-
-async def http_ok(url: str) -> None:
-    async with httpx.AsyncClient(timeout=1.0) as client:
-        r = await client.get(url)
-    if r.status_code != 200:
-        raise RuntimeError(f"{url}: HTTP {r.status_code}")
+    def __post_init__(self) -> None:
+        self.env = python_env() if self.env is None else self.env
+        self.cwd = REPO if self.cwd is None else self.cwd
 
 
 def shared_upstreams(port: int, n: int) -> list[Service]:
@@ -239,6 +172,6 @@ def shared_upstreams(port: int, n: int) -> list[Service]:
 def demo_upstream(port: int) -> Service:
     return Service(
         "upstream",
-        [sys.executable, "-m", "atlas.demo_upstream", "--host", "127.0.0.1", "--port", str(port)],
+        [sys.executable, "-m", "atlas.local.demo", "--host", "127.0.0.1", "--port", str(port)],
         ready=lambda: http_ok(f"http://127.0.0.1:{port}/health"),
     )

@@ -37,7 +37,7 @@ def _run(argv: list[str]) -> str:
 
 def machine_facts() -> dict[str, str]:
     from atlas.envoy_config import envoy_binary
-    from atlas.stack import valkey_binary
+    from atlas.local.valkey import valkey_binary
 
     cpuinfo = Path("/proc/cpuinfo").read_text()
     m = re.search(r"^model name\s*:\s*(.*)$", cpuinfo, re.M)
@@ -918,13 +918,13 @@ def render(
         "",
         "- **Paths.** *bare Envoy*: `envoy/bare.yaml.tmpl` (listener, connection manager, "
         "access log, `/v1/` route and timeouts as `envoy/atlas.yaml.tmpl`; only the router "
-        "filter). *Envoy + Atlas*: `atlas.stack.Stack` (Valkey, authz, extproc, admin, Envoy "
+        "filter). *Envoy + Atlas*: `atlas.local.stack.Stack` (Valkey, authz, extproc, admin, Envoy "
         "from `envoy/atlas.yaml.tmpl`) with one API key, made through the admin API, whose "
         "limits cannot be reached. Both proxy to the same demo upstream ("
         + (
-            "one `python -m atlas.demo_upstream` process"
+            "one `python -m atlas.local.demo` process"
             if args.upstreams == 1
-            else f"{args.upstreams} `atlas.demo_upstream` processes sharing one port"
+            else f"{args.upstreams} `atlas.local.demo` processes sharing one port"
         )
         + "); both get the same requests (a chat completion with `max_tokens` 16, or "
         f"{CHUNKS} tokens with `stream: true`, and the key in `Authorization`). *floor*: "

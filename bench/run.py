@@ -22,7 +22,9 @@ from typing import Any
 
 import httpx
 
-from atlas.stack import ComponentDied, Stack, free_port, free_port_settings
+from atlas.local.ports import free_port
+from atlas.local.procs import ComponentDied
+from atlas.local.stack import Stack, free_port_settings
 from bench import estimation, report
 from bench.bare import bare_envoy
 from bench.floor import floor_services
@@ -57,7 +59,6 @@ MUST_STAY_ZERO = re.compile(
     r"|ext_proc\.(.+\.)?(streams_failed|message_timeouts|failure_mode_allowed"
     r"|spurious_msgs_received))$"
 )
-SERVICE_ORDER = ("envoy", "authz", "extproc", "valkey", "admin", "upstream", "client", "harness")
 PROXY_PROCS = ("envoy", "authz", "extproc", "valkey", "admin")
 #: Atlas's Python processes (the floor's do-nothing servers count under the same names).
 PYTHON_PROCS = ("authz", "extproc", "admin")

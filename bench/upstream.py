@@ -1,4 +1,4 @@
-"""The demo upstream for the benchmark: `atlas.demo_upstream.DemoUpstream`, unchanged, on a
+"""The demo upstream for the benchmark: `atlas.local.demo.DemoUpstream`, unchanged, on a
 port shared with SO_REUSEPORT, so that several identical processes can serve one URL (the
 kernel spreads connections over them) when one process would be the bottleneck.
 
@@ -13,7 +13,7 @@ import signal
 import sys
 from typing import Any
 
-from atlas.demo_upstream import DemoUpstream
+from atlas.local.demo import DemoUpstream
 
 
 async def _serve(host: str, port: int) -> None:

@@ -28,7 +28,16 @@ from envoy.data.accesslog.v3 import accesslog_pb2 as al
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
 from atlas import metrics
-from atlas.grant import AUTHZ_NAMESPACE, GRANT_HEADER, PROC_HEADER, Grant, ProcMode
+from atlas.grant import (
+    AUTHZ_NAMESPACE,
+    EXTPROC_NAMESPACE,
+    GRANT_HEADER,
+    OWNER_KEY,
+    PROC_HEADER,
+    USAGE_NAMESPACE,
+    Grant,
+    ProcMode,
+)
 from atlas.ledger.protocol import Settlement
 from atlas.modelnames import ModelNames
 from atlas.pricing import PriceBook
@@ -39,13 +48,8 @@ from extproc.usage import Usage
 log = logging.getLogger("atlas.extproc")
 
 SERVICE_NAME = "envoy.service.accesslog.v3.AccessLogService"
-#: json_to_metadata's namespace (envoy/atlas.yaml.tmpl) and the keys it writes.
-USAGE_NAMESPACE = "atlas.usage"
-#: extproc's namespace: `owner` when its `json` ext_proc filter saw the body.
-EXTPROC_NAMESPACE = "atlas.extproc"
-OWNER_KEY = "owner"
 #: Detail counts json_to_metadata lifts under their dotted paths in `usage`
-#: (atlas/envoy_config.py USAGE_FIELDS), chat/completions names first, then Responses'.
+#: (atlas/envoy_filters.py USAGE_FIELDS), chat/completions names first, then Responses'.
 CACHED_KEYS = ("prompt_tokens_details.cached_tokens", "input_tokens_details.cached_tokens")
 REASONING_KEYS = (
     "completion_tokens_details.reasoning_tokens",

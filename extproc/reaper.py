@@ -17,8 +17,7 @@ from dataclasses import astuple
 from atlas import metrics
 from atlas.errors import LedgerUnavailable
 from atlas.inflight import InflightGauge
-from atlas.ledger.protocol import ReapTotals
-from atlas.ledger.redis import RedisLedger
+from atlas.ledger.protocol import Reaping, ReapTotals
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +27,7 @@ KEYS_PER_ROUND_TRIP = 200
 class Reaper:
     def __init__(
         self,
-        ledger: RedisLedger,
+        ledger: Reaping,
         *,
         interval_s: float,
         charge: bool,

@@ -25,7 +25,7 @@ from atlas.errors import LedgerUnavailable
 from atlas.grant import AUTHZ_NAMESPACE, GRANT_HEADER, Grant
 from atlas.grpc_service import grpc_server, stop_tasks, wait_for_shutdown
 from atlas.inflight import InflightGauge
-from atlas.ledger.protocol import Ledger, LedgerInputError, Settlement
+from atlas.ledger.protocol import LedgerInputError, Settlement, Settlements
 from atlas.ledger.redis import RedisLedger
 from atlas.modelnames import ModelNames
 from atlas.pricing import PriceBook
@@ -73,7 +73,7 @@ class Settler:
 
     def __init__(
         self,
-        ledger: Ledger,
+        ledger: Settlements,
         *,
         journal: SettlementJournal | None = None,
         inflight: InflightGauge | None = None,
@@ -275,7 +275,7 @@ MESSAGES = {
 }
 
 
-async def _replay_forever(journal: SettlementJournal, ledger: RedisLedger) -> None:
+async def _replay_forever(journal: SettlementJournal, ledger: Settlements) -> None:
     """Replay journaled settlements (also those a crash left behind) once Redis answers."""
     while True:
         with contextlib.suppress(LedgerUnavailable):
@@ -283,7 +283,7 @@ async def _replay_forever(journal: SettlementJournal, ledger: RedisLedger) -> No
         await asyncio.sleep(JOURNAL_REPLAY_S)
 
 
-async def _flush_history_forever(ledger: RedisLedger) -> None:
+async def _flush_history_forever(ledger: Settlements) -> None:
     while True:
         await asyncio.sleep(HISTORY_FLUSH_S)
         await ledger.flush_history()

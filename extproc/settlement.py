@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from atlas.grant import Grant
 from atlas.ledger.protocol import Settlement
 from atlas.pricing import PriceBook
@@ -53,4 +55,47 @@ def settlement_for(
         cached_tokens=cached,
         reasoning_tokens=reasoning,
         cache_write_tokens=cache_write,
+    )
+
+
+def counted_settlement(
+    g: Grant,
+    *,
+    model: str,
+    status: int,
+    done: bool,
+    usage: Usage | None,
+    prompt_seen: int | None,
+    prompt_estimate: int,
+    completion_estimate: Callable[[], int],
+    prices: PriceBook | None,
+) -> Settlement:
+    """What an exchange is charged: the upstream's reported usage when it gave a total, else
+    estimates; an upstream error without usage is refunded.
+
+    :param done: the response ended (else the client or the upstream went away).
+    :param prompt_seen: the prompt tokens the upstream reported processing before its final
+        usage (Anthropic's message_start), preferred to authz's `prompt_estimate`.
+    :param completion_estimate: the generated text's tokens, asked only when no usage came
+        (it may tokenize up to 64 KiB of text)."""
+    outcome = "completed" if done else "disconnected"
+    if status >= 400 and (usage is None or usage.total_tokens is None):
+        outcome, prompt, completion, exact = "upstream_error", 0, 0, True
+    elif usage is not None and usage.total_tokens is not None:
+        prompt = usage.prompt_tokens or 0
+        completion = usage.total_tokens - prompt
+        exact = True
+    else:
+        prompt = prompt_seen if prompt_seen is not None else prompt_estimate
+        completion = completion_estimate()
+        exact = False
+    return settlement_for(
+        g,
+        model=model,
+        prompt=max(0, prompt),
+        completion=max(0, completion),
+        exact=exact,
+        outcome=outcome,
+        prices=prices,
+        details=usage if exact else None,  # an upstream error's are cut to its 0s
     )

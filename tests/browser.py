@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 from websockets.asyncio.client import ClientConnection, connect
 
-from atlas.stack import free_port
+from atlas.local.ports import free_port
 
 CHROMIUM = Path("/usr/bin/chromium")
 START_TIMEOUT_S = 30.0

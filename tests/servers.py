@@ -11,7 +11,8 @@ from typing import Any
 
 import redis
 
-from atlas.stack import free_port, valkey_argv
+from atlas.local.ports import free_port
+from atlas.local.valkey import valkey_argv
 
 READY_TIMEOUT_S = 10
 

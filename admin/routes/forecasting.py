@@ -25,9 +25,7 @@ from admin.routes.history import hour_out, recent_hours
 from admin.selfserve import SelfServe
 from atlas.forecast import Forecast, usage_patterns
 from atlas.keymodel import KeyRecord
-from atlas.ledger import keys
-from atlas.ledger.protocol import HourRow, KeyUsage
-from atlas.ledger.redis import RedisLedger
+from atlas.ledger.protocol import GLOBAL_HISTORY, AdminLedger, HistoryScope, HourRow, KeyUsage
 from atlas.limits import MAX_QUERY_HOURS, MAX_RATE_PER_SEC, MAX_TOKEN_LIMIT, MIN_RATE_PER_SEC
 from atlas.pricing import usd
 from atlas.windows import Zone, day_bounds, local_date
@@ -47,27 +45,27 @@ ModelQuery = Annotated[str | None, Query(max_length=200, description="admin only
 
 
 async def _scope(
-    caller: Any, ledger: RedisLedger, key_id: str | None, model: str | None
-) -> tuple[str, str, KeyRecord | None]:
-    """(history prefix, scope name, key) the caller may see."""
+    caller: Any, ledger: AdminLedger, key_id: str | None, model: str | None
+) -> tuple[HistoryScope, str, KeyRecord | None]:
+    """(history scope, scope name, key) the caller may see."""
     if not caller.is_admin:
         if model is not None or (key_id is not None and key_id != caller.key.id):
             raise HTTPException(status.HTTP_403_FORBIDDEN, "an API key sees only its own usage")
-        return keys.window_prefix(caller.key.id), "key", caller.key
+        return HistoryScope.key(caller.key.id), "key", caller.key
     if key_id is not None:
         rec = await ledger.get_key(key_id)
         if rec is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"key {key_id!r} not found")
-        return keys.window_prefix(key_id), "key", rec
+        return HistoryScope.key(key_id), "key", rec
     if model is not None:
-        return keys.model_prefix(model), "model", None
-    return keys.GLOBAL_PREFIX, "global", None
+        return HistoryScope.model(model), "model", None
+    return GLOBAL_HISTORY, "global", None
 
 
-async def complete_hours(ledger: RedisLedger, prefix: str, hours: int) -> list[Any]:
+async def complete_hours(ledger: AdminLedger, scope: HistoryScope, hours: int) -> list[Any]:
     """The last `hours` whole hours before the current one: a forecast must not learn from
     the hour in progress (its partial count looks like a drop)."""
-    return _trim_leading_zeros((await recent_hours(ledger, prefix, hours + 1))[:-1])
+    return _trim_leading_zeros((await recent_hours(ledger, scope, hours + 1))[:-1])
 
 
 def _points(fc: Forecast) -> list[dict[str, float]]:
@@ -93,10 +91,10 @@ async def forecast(
     model: ModelQuery = None,
 ) -> dict[str, Any]:
     """Hourly token forecast with 90% prediction intervals, for a key, a model or all."""
-    prefix, scope, rec = await _scope(caller, ledger, key_id, model)
+    whose, scope, rec = await _scope(caller, ledger, key_id, model)
     hours = horizon_hours or HORIZONS[horizon]
     async with guard.slot():
-        rows = await complete_hours(ledger, prefix, HISTORY_HOURS)
+        rows = await complete_hours(ledger, whose, HISTORY_HOURS)
         fc = await guard.offload(forecast_rows, rows, hours)
     return {
         "scope": scope,
@@ -141,9 +139,9 @@ async def patterns(
     model: ModelQuery = None,
 ) -> dict[str, Any]:
     """Peak hours, weekday profile, trend and growth of token usage."""
-    prefix, scope, rec = await _scope(caller, ledger, key_id, model)
+    whose, scope, rec = await _scope(caller, ledger, key_id, model)
     async with guard.slot():
-        rows = await complete_hours(ledger, prefix, 24 * days_back)
+        rows = await complete_hours(ledger, whose, 24 * days_back)
         totals = [float(r.total) for r in rows]
         p = await guard.offload(usage_patterns, totals, rows[0].ts if rows else 0)
     return {
@@ -164,11 +162,11 @@ async def patterns(
 
 
 async def _plan_key(
-    ledger: RedisLedger, guard: SelfServe, rec: KeyRecord, now: float
+    ledger: AdminLedger, guard: SelfServe, rec: KeyRecord, now: float
 ) -> dict[str, Any]:
     async with guard.slot():
         usage = await ledger.usage(rec)
-        rows = await complete_hours(ledger, keys.window_prefix(rec.id), HISTORY_HOURS)
+        rows = await complete_hours(ledger, HistoryScope.key(rec.id), HISTORY_HOURS)
         return await guard.offload(_plan, rec, usage, rows, now, ledger.zone_of(rec))
 
 
@@ -233,7 +231,7 @@ async def capacity_recommendations(
     if caller.is_admin:
         capacity_tps = settings.upstream_capacity_tokens_per_s
         async with guard.slot():
-            rows = await complete_hours(ledger, keys.GLOBAL_PREFIX, HISTORY_HOURS)
+            rows = await complete_hours(ledger, GLOBAL_HISTORY, HISTORY_HOURS)
             answer["capacity"] = await guard.offload(_capacity, rows, capacity_tps)
     return answer
 
@@ -290,7 +288,7 @@ async def what_if_replay(
     )
     current = Limits(rec.daily_limit, rec.monthly_limit, rec.rate_per_sec, rec.tokens_per_minute)
     async with guard.slot():
-        rows = await recent_hours(ledger, keys.window_prefix(rec.id), 24 * body.days_back)
+        rows = await recent_hours(ledger, HistoryScope.key(rec.id), 24 * body.days_back)
         zone = ledger.zone_of(rec)
         result = await guard.offload(what_if, rows, proposed, zone)
         baseline = await guard.offload(what_if, rows, current, zone)
@@ -328,7 +326,7 @@ async def system_metrics(
     the_day = day or local_date(now, zone)
     day_start, day_end = day_bounds(the_day, zone)
     start = ledger.hour_start(day_start)
-    rows = await ledger.history(keys.GLOBAL_PREFIX, start, -(-(day_end - start) // 3600))
+    rows = await ledger.history(GLOBAL_HISTORY, start, -(-(day_end - start) // 3600))
     ids: list[str] = []
     while batch := await ledger.list_key_ids(len(ids), 1000):
         ids += batch
@@ -375,7 +373,7 @@ async def forecast_all(
     out = []
     for rec in await ledger.get_keys(ids):
         async with guard.slot():
-            rows = await complete_hours(ledger, keys.window_prefix(rec.id), HISTORY_HOURS)
+            rows = await complete_hours(ledger, HistoryScope.key(rec.id), HISTORY_HOURS)
             fc = await guard.offload(forecast_rows, rows, horizon_hours)
         out.append(
             {

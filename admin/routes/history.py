@@ -8,9 +8,7 @@ from fastapi import APIRouter, HTTPException, Query, status
 from pydantic import BaseModel, Field
 
 from admin.deps import AdminDep, LedgerDep
-from atlas.ledger import keys
-from atlas.ledger.protocol import HourRow
-from atlas.ledger.redis import RedisLedger
+from atlas.ledger.protocol import GLOBAL_HISTORY, History, HistoryScope, HourRow
 from atlas.limits import MAX_QUERY_HOURS
 from atlas.pricing import usd
 
@@ -64,13 +62,13 @@ def hour_out(row: HourRow) -> HourOut:
 READ_CHUNK_HOURS = 168
 
 
-async def recent_hours(ledger: RedisLedger, prefix: str, hours: int) -> list[HourRow]:
-    """The last `hours` hours under `prefix`, the current one included, oldest first."""
+async def recent_hours(ledger: History, scope: HistoryScope, hours: int) -> list[HourRow]:
+    """The last `hours` hours of `scope`, the current one included, oldest first."""
     first = ledger.hour_start(await ledger.server_time()) - 3600 * (hours - 1)
     rows: list[HourRow] = []
     for done in range(0, hours, READ_CHUNK_HOURS):
         n = min(READ_CHUNK_HOURS, hours - done)
-        rows += await ledger.history(prefix, first + 3600 * done, n)
+        rows += await ledger.history(scope, first + 3600 * done, n)
     return rows
 
 
@@ -81,7 +79,7 @@ async def key_history(
     """Hourly requests, tokens and spend of one key."""
     if await ledger.get_key(key_id) is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"key {key_id!r} not found")
-    rows = await recent_hours(ledger, keys.window_prefix(key_id), hours)
+    rows = await recent_hours(ledger, HistoryScope.key(key_id), hours)
     return HistoryOut(key_id=key_id, model=None, hours=[hour_out(r) for r in rows])
 
 
@@ -90,12 +88,12 @@ async def model_history(
     model: str, _: AdminDep, ledger: LedgerDep, hours: HoursQuery = 168
 ) -> HistoryOut:
     """Hourly requests, tokens and spend of one model, all keys together."""
-    rows = await recent_hours(ledger, keys.model_prefix(model), hours)
+    rows = await recent_hours(ledger, HistoryScope.model(model), hours)
     return HistoryOut(key_id=None, model=model, hours=[hour_out(r) for r in rows])
 
 
 @router.get("/history", response_model=HistoryOut)
 async def global_history(_: AdminDep, ledger: LedgerDep, hours: HoursQuery = 168) -> HistoryOut:
     """Hourly requests, tokens and spend of all keys together."""
-    rows = await recent_hours(ledger, keys.GLOBAL_PREFIX, hours)
+    rows = await recent_hours(ledger, GLOBAL_HISTORY, hours)
     return HistoryOut(key_id=None, model=None, hours=[hour_out(r) for r in rows])

@@ -9,8 +9,7 @@ from fastapi import APIRouter, HTTPException, status
 from admin.deps import AdminDep, ClientKeyDep, LedgerDep
 from admin.schemas import UsageOut, WindowOut
 from atlas.keymodel import KeyRecord
-from atlas.ledger.protocol import Window
-from atlas.ledger.redis import RedisLedger
+from atlas.ledger.protocol import History, Window
 from atlas.pricing import usd
 
 router = APIRouter(tags=["usage"])
@@ -31,7 +30,7 @@ def _window(w: Window) -> WindowOut:
     )
 
 
-async def _usage(ledger: RedisLedger, rec: KeyRecord) -> UsageOut:
+async def _usage(ledger: History, rec: KeyRecord) -> UsageOut:
     u = await ledger.usage(rec)
     return UsageOut(
         key_id=rec.id,

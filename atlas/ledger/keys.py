@@ -88,3 +88,19 @@ def model_prefix(model: str) -> str:
     change the hash tag, and its length is bounded."""
     safe = model.replace("{", "(").replace("}", ")")[:128] or "unknown"
     return f"{ROOT}:{{m:{safe}}}:"
+
+
+def history_hour(prefix: str, hour: str) -> str:
+    """Hash of one history hour (`YYYYMMDDHH` of the hour grid) under a key's, model's or the
+    global prefix."""
+    return f"{prefix}h:{hour}"
+
+
+def day_window(key_id: str, day: str) -> str:
+    """Hash {used, reserved, requests, spend, ...}: one key's day window (`YYYYMMDD`)."""
+    return f"{window_prefix(key_id)}d:{day}"
+
+
+def month_window(key_id: str, month: str) -> str:
+    """Hash, as the day window: one key's month window (`YYYYMM`)."""
+    return f"{window_prefix(key_id)}m:{month}"

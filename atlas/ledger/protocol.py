@@ -1,15 +1,19 @@
-"""What authz, extproc and admin may ask of the ledger. Only `atlas.ledger.redis` implements
-it against Redis; unit tests use fakes checked against this Protocol."""
+"""What authz, extproc and admin may ask of the ledger, as narrow ports by concern: callers
+type against the port they use (authz: `Admissions`; extproc: `Settlements`, `Leases`,
+`Reaping`; admin: `AdminLedger`). Only `atlas.ledger.redis` implements them against Redis;
+unit tests use fakes checked against these Protocols. No caller names a Redis key: history
+is asked for by `HistoryScope`, windows by key id and calendar name."""
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Literal, Protocol
 
 from atlas import limits
 from atlas.keymodel import KeyRecord
 from atlas.settings import Priority
+from atlas.windows import Zone
 
 #: Completions one request may generate (`n` x `best_of` x prompts), at most.
 MAX_REQUEST_CHOICES = limits.MAX_CHOICES * limits.MAX_CHOICES * limits.MAX_PROMPTS
@@ -136,7 +140,131 @@ class KeyUsage:
     open_reservations: int
 
 
+@dataclass(slots=True, frozen=True)
+class HistoryScope:
+    """Whose hourly history: one key's, one model's (all keys together) or everyone's."""
+
+    kind: Literal["key", "model", "global"]
+    name: str = ""
+
+    @classmethod
+    def key(cls, key_id: str) -> HistoryScope:
+        return cls("key", key_id)
+
+    @classmethod
+    def model(cls, model: str) -> HistoryScope:
+        return cls("model", model)
+
+
+#: Every key and model together.
+GLOBAL_HISTORY = HistoryScope("global")
+
+
+class Probe(Protocol):
+    async def ping(self) -> None: ...
+
+
+class KeyStore(Protocol):
+    """Key records: by id, by secret hash, in creation order, and their changes."""
+
+    async def create_key(self, rec: KeyRecord) -> None: ...
+
+    async def put_key(self, rec: KeyRecord, *, old_secret_hash: str | None = None) -> None: ...
+
+    async def delete_key(self, rec: KeyRecord) -> None: ...
+
+    async def get_key(self, key_id: str) -> KeyRecord | None: ...
+
+    async def find_key(self, secret_hash: str) -> KeyRecord | None: ...
+
+    async def get_keys(self, key_ids: Sequence[str]) -> list[KeyRecord]: ...
+
+    async def list_key_ids(self, offset: int = 0, limit: int = 100) -> list[str]: ...
+
+    async def count_keys(self) -> int: ...
+
+    def key_changes(self) -> AsyncIterator[str]: ...
+
+
+class Admissions(Protocol):
+    """What authz asks on each Check: admit (and reserve), or give a reservation up."""
+
+    async def admit(self, rec: KeyRecord, req: AdmitRequest) -> Admission: ...
+
+    async def release(self, releases: Mapping[str, Collection[str]]) -> int: ...
+
+
+class Leases(Protocol):
+    """Claims of live ext_proc streams on their reservations (and giving them up)."""
+
+    async def lease(self, leases: Mapping[str, Collection[str]]) -> int: ...
+
+    async def release(self, releases: Mapping[str, Collection[str]]) -> int: ...
+
+
+class Settlements(Protocol):
+    """Charging what a request used (also a replayed journal entry's), and reaping."""
+
+    async def settle(self, s: Settlement) -> SettleResult: ...
+
+    async def reap(self, key_id: str, *, charge: bool = True) -> tuple[int, int]: ...
+
+    async def flush_history(self) -> None:
+        """Write shared history a ledger buffers (a no-op for one that does not)."""
+
+
+class Reaping(Protocol):
+    """What the reaper walks: the key index, under a lease one replica holds."""
+
+    async def try_lock(self, name: str, owner: str, ttl_ms: int) -> bool: ...
+
+    async def list_key_ids(self, offset: int = 0, limit: int = 100) -> list[str]: ...
+
+    async def reap_keys(self, key_ids: Sequence[str], *, charge: bool = True) -> ReapTotals: ...
+
+
+class History(Protocol):
+    """Quota windows and hourly history, read for reports (and written by simulations)."""
+
+    @property
+    def hour_offset_s(self) -> int: ...
+
+    def zone_of(self, rec: KeyRecord | None) -> Zone: ...
+
+    def hour_start(self, epoch_s: float) -> int: ...
+
+    async def server_time(self) -> float: ...
+
+    async def usage(self, rec: KeyRecord) -> KeyUsage: ...
+
+    async def history(self, scope: HistoryScope, start_ts: int, hours: int) -> list[HourRow]: ...
+
+    async def day_windows(self, key_ids: Sequence[str], day: str) -> list[dict[str, int]]: ...
+
+    async def add_history(
+        self, entries: Sequence[tuple[HistoryScope, int, dict[str, int]]]
+    ) -> None: ...
+
+    async def add_day_window(self, key_id: str, day: str, fields: dict[str, int]) -> None: ...
+
+    async def add_month_window(self, key_id: str, month: str, fields: dict[str, int]) -> None: ...
+
+
+class Audit(Protocol):
+    async def audit(self, entry: dict[str, Any]) -> None: ...
+
+    async def audit_entries(
+        self, limit: int, before: str | None = None
+    ) -> list[dict[str, Any]]: ...
+
+
+class AdminLedger(Probe, KeyStore, History, Audit, Protocol):
+    """What admin uses: key records, history and the audit stream."""
+
+
 class Ledger(Protocol):
+    """The core every ledger backend (and the unit tests' fake) provides."""
+
     async def ping(self) -> None: ...
 
     async def create_key(self, rec: KeyRecord) -> None: ...

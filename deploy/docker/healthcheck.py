@@ -36,14 +36,14 @@ def atlas_args(cmdline: Sequence[str]) -> list[str] | None:
     """The Atlas arguments inside a process command line, or None if it is not Atlas.
 
     Recognises `[python] /usr/local/bin/atlas CMD ...`, `python -m atlas[.cli] CMD ...` and
-    `python -m atlas.demo_upstream ...` (read as `demo-upstream ...`).
+    `python -m atlas.local.demo ...` (read as `demo-upstream ...`).
     """
     for i, arg in enumerate(cmdline):
         if arg == "-m" and i + 1 < len(cmdline):
             module = cmdline[i + 1]
             if module in ATLAS_MODULES:
                 return list(cmdline[i + 2 :])
-            if module == "atlas.demo_upstream":
+            if module == "atlas.local.demo":
                 return ["demo-upstream", *cmdline[i + 2 :]]
             return None
         if os.path.basename(arg) == "atlas":

@@ -18,8 +18,8 @@ import pytest_asyncio
 import redis
 from redis.cluster import RedisCluster
 
+from atlas.local.stack import Stack
 from atlas.settings import Settings
-from atlas.stack import Stack
 from tests.e2e.conftest import admin as admin  # the e2e fixtures, on this package's `stack`
 from tests.e2e.conftest import client_for as client_for
 from tests.e2e.conftest import make_key as make_key

@@ -16,7 +16,7 @@ import httpx
 from atlas.ledger import keys
 from atlas.ledger.protocol import AdmitRequest
 from atlas.ledger.redis import RedisLedger
-from atlas.stack import Stack
+from atlas.local.stack import Stack
 from tests.cluster.conftest import REAP_INTERVAL_S, primaries, reuse_tests, sync_cluster
 from tests.e2e import test_accounting, test_admission, test_foundation, test_hostile_input
 from tests.e2e.conftest import MakeKey

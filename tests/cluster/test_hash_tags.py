@@ -27,6 +27,8 @@ PER_KEY += ("reservation_expiry", "reservation_claims", "window_prefix", "window
 #: `lock` is global state ({g}); `model_prefix` is per model; `secret_index` has its own
 #: slot and is never touched by a script.
 OTHERS = ("lock", "model_prefix", "secret_index")
+#: builders of one window or history hour by name: in the slot of their key or prefix.
+NAMED = ("day_window", "month_window", "history_hour")
 
 
 def slot(name: str) -> int:
@@ -60,7 +62,7 @@ def test_every_builder_in_keys_is_classified() -> None:
         for name, fn in inspect.getmembers(keys, inspect.isfunction)
         if fn.__module__ == keys.__name__
     }
-    assert builders == set(PER_KEY) | set(OTHERS)
+    assert builders == set(PER_KEY) | set(OTHERS) | set(NAMED)
 
 
 SAMPLE_IDS = ["key_0", "key_" + "f" * 16]
@@ -72,6 +74,9 @@ def test_all_names_of_one_key_map_to_one_slot(key_id: str) -> None:
     tag_slot = slot(f"k:{key_id}")  # Redis Cluster hashes only the text between { and }
     builders: dict[str, Callable[[str], str]] = {n: getattr(keys, n) for n in PER_KEY}
     assert {n: slot(b(key_id)) for n, b in builders.items()} == dict.fromkeys(PER_KEY, tag_slot)
+    named = [keys.day_window(key_id, "20261123"), keys.month_window(key_id, "202611")]
+    named += [keys.history_hour(keys.window_prefix(key_id), "2026112314")]
+    assert {slot(n) for n in named} == {tag_slot}
     for rid in ("r1", "0f3a" * 8, "rid-with-{braces}"):  # rids come after the tag: no effect
         names = script_names(key_id, rid)
         assert {n: slot(v) for n, v in names.items()} == dict.fromkeys(names, tag_slot)
@@ -133,8 +138,8 @@ async def test_scripts_touch_only_their_keys_slot_on_the_cluster(
     """Run admit (admitted and refused), settle and reap on keys of every master; record the
     KEYS each script gets, and after each step find where the keys really landed."""
     calls: list[list[str]] = []
-    for attr in ("_admit", "_settle", "_reap"):
-        setattr(ledger, attr, Recorder(getattr(ledger, attr), calls))
+    for attr in ("admit", "settle", "reap"):
+        setattr(ledger.scripts, attr, Recorder(getattr(ledger.scripts, attr), calls))
     limits = {"burst": 1, "rate_per_sec": 0.01, "tokens_per_minute": 10**6}
     recs = [key_record(f"s{i}" * 10, id=f"key_{i:02d}", **limits) for i in range(12)]
     seen: dict[str, set[str]] = {rec.id: set() for rec in recs}

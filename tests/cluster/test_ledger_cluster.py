@@ -23,8 +23,8 @@ from atlas.keymodel import KeyRecord
 from atlas.ledger import keys
 from atlas.ledger.protocol import AdmitRequest, Settlement
 from atlas.ledger.redis import RedisLedger
+from atlas.local.ports import free_port
 from atlas.settings import Settings
-from atlas.stack import free_port
 from atlas.windows import window_names
 from tests.cluster.conftest import primaries, reuse_tests, sync_cluster
 from tests.factories import key_record

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from atlas.envoy_config import EnvoyParams, envoy_binary, render
-from atlas.stack import free_port
+from atlas.local.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"

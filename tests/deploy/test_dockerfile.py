@@ -284,7 +284,7 @@ def ignored(path: str, patterns: list[tuple[bool, re.Pattern[str]]]) -> bool:
         ("tests/unit/test_policy.py", True),
         (".pytest_cache/v/x", True),
         ("atlas/__pycache__/cli.cpython-311.pyc", True),
-        ("admin/dashboard/app.js", False),
+        ("admin/dashboard/main.js", False),
         ("bench/__main__.py", True),
         ("deploy/k8s/base/authz.yaml", True),
         ("deploy/docker/healthcheck.py", False),

@@ -23,7 +23,8 @@ import pytest
 import yaml
 
 from atlas.cli import main as atlas_main
-from atlas.envoy_config import PROC_FILTER_NAMES, EnvoyParams, render, validate
+from atlas.envoy_config import EnvoyParams, render, validate
+from atlas.envoy_filters import PROC_FILTER_NAMES
 from atlas.grant import GRANT_HEADER, ProcMode
 from atlas.limits import ENVOY_HEADROOM_BYTES
 from authz.http_server import CARRIER_STATUS
@@ -197,7 +198,7 @@ def _template_filters() -> dict[str, dict[str, Any]]:
 def mesh_ext_proc() -> dict[str, Any]:
     """What a mesh's single ext_proc filter must mean: the template's complete (rewrite)
     configuration, plus the request headers, where extproc reads and removes the grant and
-    narrows the exchange by mode_override (extproc/exchange.py `_headers_reply`)."""
+    narrows the exchange by mode_override (extproc/replies.py `_headers_reply`)."""
     wanted = _same_meaning(_template_filters()[PROC_FILTER_NAMES[ProcMode.REWRITE]])
     wanted["processing_mode"] = {**wanted["processing_mode"], "request_header_mode": "SEND"}
     return wanted

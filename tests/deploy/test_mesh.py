@@ -16,10 +16,10 @@ from typing import Any
 
 import pytest
 
+from atlas.credentials import CLIENT_KEY_HEADERS
 from atlas.grant import GRANT_HEADER, KEY_ID_HEADER, PRIORITY_HEADER
 from atlas.settings import Settings
 from authz.http_server import PATH_PREFIX
-from authz.policy import CLIENT_KEY_HEADERS
 from tests.deploy.conftest import (
     DEPLOY,
     K8S_BASE,

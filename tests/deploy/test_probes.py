@@ -24,7 +24,7 @@ from types import ModuleType
 import pytest
 import yaml
 
-from atlas.stack import free_port
+from atlas.local.ports import free_port
 from tests.deploy.conftest import DEPLOY, K8S_BASE, ROOT, LocalEnvoy, load_docs
 
 HEALTHCHECK = DEPLOY / "docker" / "healthcheck.py"
@@ -54,7 +54,7 @@ def healthcheck_module() -> ModuleType:
         (["python", "-m", "atlas.cli", "admin"], ["admin"]),
         (["python", "-m", "atlas", "admin"], ["admin"]),
         (
-            ["python", "-m", "atlas.demo_upstream", "--port", "9000"],
+            ["python", "-m", "atlas.local.demo", "--port", "9000"],
             ["demo-upstream", "--port", "9000"],
         ),
         (["python", "-m", "http.server"], None),

@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest_asyncio
 
-from atlas.stack import Stack, free_port_settings
+from atlas.local.stack import Stack, free_port_settings
 
 ADMIN_TOKEN = "e2e-admin-token"
 

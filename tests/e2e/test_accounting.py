@@ -9,8 +9,8 @@ from collections.abc import Callable
 import httpx
 import openai
 
+from atlas.local.stack import Stack
 from atlas.requestbody import estimate_prompt_tokens
-from atlas.stack import Stack
 from tests.e2e.conftest import MakeKey
 from tests.e2e.helpers import settled
 

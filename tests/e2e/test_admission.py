@@ -10,8 +10,8 @@ import httpx
 import openai
 import pytest
 
+from atlas.local.stack import Stack
 from atlas.requestbody import estimate_prompt_tokens
-from atlas.stack import Stack
 from tests.e2e.conftest import MakeKey
 from tests.e2e.helpers import settled as _wait_settled
 

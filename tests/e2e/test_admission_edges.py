@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from atlas.stack import Stack
+from atlas.local.stack import Stack
 from tests.e2e.conftest import MakeKey, running_stack
 from tests.e2e.helpers import settled
 

@@ -10,7 +10,7 @@ import httpx
 import pytest
 import pytest_asyncio
 
-from atlas.stack import Stack
+from atlas.local.stack import Stack
 from tests.e2e.conftest import MakeKey, running_stack
 from tests.e2e.helpers import settled
 

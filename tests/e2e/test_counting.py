@@ -18,7 +18,7 @@ import pytest_asyncio
 from google import genai
 from google.genai import types as gtypes
 
-from atlas.stack import Stack
+from atlas.local.stack import Stack
 from tests.e2e.conftest import ADMIN_TOKEN, MakeKey, running_stack
 from tests.e2e.helpers import settled
 

@@ -18,10 +18,11 @@ import httpx
 import pytest
 import pytest_asyncio
 
+from admin.routes.dashboard import DASHBOARD_DIR
 from atlas.keymodel import KeyRecord
 from atlas.ledger.redis import RedisLedger
-from atlas.simulate import backfill
-from atlas.stack import Stack
+from atlas.local.simulate import backfill
+from atlas.local.stack import Stack
 from tests.browser import CHROMIUM, Browser, Page, chromium
 from tests.e2e.conftest import ADMIN_TOKEN
 
@@ -192,10 +193,16 @@ async def test_dashboard_page_is_public_static_and_locked_down(stack: Stack) -> 
         csp = page.headers["content-security-policy"]
         assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp
         assert page.headers["referrer-policy"] == "no-referrer"
-        for asset in ("app.js", "style.css", "vendor/uPlot.iife.min.js", "vendor/uPlot.min.css"):
+        modules = sorted(p.name for p in DASHBOARD_DIR.glob("*.js"))
+        assert "main.js" in modules, modules
+        for asset in (*modules, "style.css", "vendor/uPlot.iife.min.js", "vendor/uPlot.min.css"):
             r = await raw.get(f"/dashboard/static/{asset}")
             assert r.status_code == 200, asset
             assert r.headers["x-content-type-options"] == "nosniff"
+            if asset.endswith(".js"):
+                # A module script with any other type is refused by the browser (and nosniff
+                # does the same to classic scripts).
+                assert r.headers["content-type"].startswith("text/javascript"), asset
         for outside in ("index.html", "vendor/README.md", "..%2F..%2Fpyproject.toml"):
             assert (await raw.get(f"/dashboard/static/{outside}")).status_code == 404, outside
 

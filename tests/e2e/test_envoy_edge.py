@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from atlas.stack import Stack
+from atlas.local.stack import Stack
 from tests.e2e.conftest import ADMIN_TOKEN, MakeKey
 from tests.e2e.helpers import settled
 

@@ -14,8 +14,8 @@ import openai
 import pytest
 import pytest_asyncio
 
+from atlas.local.stack import Stack
 from atlas.requestbody import estimate_prompt_tokens
-from atlas.stack import Stack
 from tests.e2e.conftest import ADMIN_TOKEN, running_stack
 from tests.e2e.helpers import settled
 from tests.servers import DelayProxy, start_valkey, stop

@@ -9,7 +9,7 @@ import json
 import httpx
 import redis.asyncio as aioredis
 
-from atlas.stack import Stack
+from atlas.local.stack import Stack
 from tests.e2e.conftest import MakeKey
 from tests.e2e.helpers import settled as _settled
 

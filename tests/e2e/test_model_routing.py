@@ -12,8 +12,8 @@ import httpx
 import openai
 import pytest_asyncio
 
-from atlas.demo_upstream import DemoUpstream
-from atlas.stack import Stack
+from atlas.local.demo import DemoUpstream
+from atlas.local.stack import Stack
 from tests.e2e.conftest import ADMIN_TOKEN, running_stack
 
 MESSAGES = [{"role": "user", "content": "Tell me about foxes."}]

@@ -11,8 +11,8 @@ import openai
 import pytest
 import pytest_asyncio
 
+from atlas.local.stack import Stack
 from atlas.requestbody import estimate_prompt_tokens
-from atlas.stack import Stack
 from tests.e2e.conftest import ADMIN_TOKEN, running_stack
 
 #: 13 prompt tokens with cl100k: 6 of text, 3 for the message, 1 for the role, 3 priming.

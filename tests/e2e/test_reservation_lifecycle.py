@@ -16,8 +16,8 @@ import pytest_asyncio
 import redis.asyncio as aioredis
 
 from atlas.ledger import keys
+from atlas.local.stack import Stack
 from atlas.requestbody import estimate_prompt_tokens
-from atlas.stack import Stack
 from tests.e2e.conftest import ADMIN_TOKEN, running_stack
 from tests.e2e.helpers import charged_vs_window, send_and_reset, settled
 

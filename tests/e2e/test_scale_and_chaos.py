@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest_asyncio
 
-from atlas.stack import Stack
+from atlas.local.stack import Stack
 from tests.e2e.conftest import ADMIN_TOKEN, running_stack
 from tests.e2e.helpers import charged_vs_window
 

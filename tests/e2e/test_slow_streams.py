@@ -23,8 +23,8 @@ import httpx
 import pytest
 import pytest_asyncio
 
+from atlas.local.stack import Stack
 from atlas.requestbody import estimate_prompt_tokens
-from atlas.stack import Stack
 from tests.e2e.conftest import ADMIN_TOKEN, running_stack
 from tests.e2e.helpers import settled
 

@@ -12,7 +12,8 @@ import httpx
 import openai
 import pytest_asyncio
 
-from atlas.stack import Stack, free_port
+from atlas.local.ports import free_port
+from atlas.local.stack import Stack
 from tests.e2e.conftest import ADMIN_TOKEN, running_stack
 from tests.e2e.helpers import settled
 

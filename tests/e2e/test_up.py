@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from atlas.stack import free_port
+from atlas.local.ports import free_port
 
 READY_TIMEOUT_S = 60
 

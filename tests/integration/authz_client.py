@@ -15,8 +15,8 @@ from envoy.service.auth.v3 import external_auth_pb2 as auth_pb2
 from envoy.service.auth.v3 import external_auth_pb2_grpc as auth_grpc
 
 from atlas.grant import GRANT_HEADER
+from atlas.local.ports import free_port
 from atlas.settings import Settings
-from atlas.stack import free_port
 from authz.service import serve
 
 

@@ -15,9 +15,9 @@ import redis
 
 from atlas.grant import GRANT_HEADER, PROC_HEADER, Grant, ProcMode
 from atlas.ledger.redis import RedisLedger
+from atlas.local.ports import free_port
 from atlas.requestbody import estimate_prompt_tokens
 from atlas.settings import Settings
-from atlas.stack import free_port
 from authz.http_server import MAX_HEADER_BYTES, PATH_PREFIX
 from authz.service import serve
 from tests.factories import key_record

@@ -20,9 +20,9 @@ from atlas.keymodel import KeyRecord
 from atlas.ledger import keys
 from atlas.ledger.protocol import AdmitRequest
 from atlas.ledger.redis import RedisLedger
+from atlas.local.ports import free_port
 from atlas.requestbody import estimate_prompt_tokens
 from atlas.settings import Settings
-from atlas.stack import free_port
 from tests.factories import key_record
 from tests.integration.authz_client import (
     check_request,

@@ -23,7 +23,7 @@ import pytest
 from google import genai
 from google.genai import types as gtypes
 
-from atlas.demo_upstream import VOCABULARY, DemoUpstream, serve
+from atlas.local.demo import VOCABULARY, DemoUpstream, serve
 from atlas.tokens.bpe import load_encoding
 
 pytestmark = pytest.mark.integration
@@ -777,7 +777,7 @@ async def test_main_prints_ready_line_and_exits_cleanly(sig: signal.Signals) -> 
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "atlas.demo_upstream",
+        "atlas.local.demo",
         "--port",
         "0",
         "--chunk-delay-ms",

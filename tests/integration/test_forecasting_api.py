@@ -12,8 +12,8 @@ import pytest_asyncio
 from admin.app import create_app
 from atlas.keymodel import KeyRecord
 from atlas.ledger.redis import RedisLedger
+from atlas.local.simulate import backfill
 from atlas.settings import Settings
-from atlas.simulate import backfill
 
 ADMIN = {"authorization": "Bearer test-admin-token"}
 

@@ -71,8 +71,8 @@ async def test_the_scripts_alone_store_10_to_the_14_as_integers(
 ) -> None:
     """The original defect (`1e+14|...`, then settle and reap fail), with the Python bounds
     switched off: the Lua itself must format every stored integer as digits."""
-    monkeypatch.setattr("atlas.ledger.redis.check_admit", lambda req: None)
-    monkeypatch.setattr("atlas.ledger.redis.check_settlement", lambda s: None)
+    monkeypatch.setattr("atlas.ledger.redis.admission.check_admit", lambda req: None)
+    monkeypatch.setattr("atlas.ledger.redis.settlement.check_settlement", lambda s: None)
     monkeypatch.setattr(limits, "MAX_TOKEN_LIMIT", 10**16)
     rec = key(daily_limit=10**15, monthly_limit=10**15)
     a = await ledger.admit(rec, req("r1", 10**14, 10**14))

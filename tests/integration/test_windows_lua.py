@@ -23,9 +23,9 @@ import redis
 
 from admin.app import create_app
 from atlas.ledger import keys
-from atlas.ledger import redis as redis_ledger
 from atlas.ledger.protocol import AdmitRequest, Settlement
 from atlas.ledger.redis import RedisLedger, connect
+from atlas.ledger.redis import scripts as redis_scripts
 from atlas.settings import Settings
 from atlas.windows import SPEC_BEFORE_S, load_zone, window_names, zone_spec
 from tests.factories import key_record
@@ -132,8 +132,8 @@ class Pinned:
 async def pinned(
     settings: Settings, redis_sync: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[Pinned]:
-    load = redis_ledger._load_script
-    monkeypatch.setattr(redis_ledger, "_load_script", lambda name: PIN_TIME + load(name))
+    load = redis_scripts._load_script
+    monkeypatch.setattr(redis_scripts, "_load_script", lambda name: PIN_TIME + load(name))
     p = Pinned(settings, redis_sync)
     yield p
     await p.ledger.close()

@@ -162,7 +162,8 @@ def test_cached_and_reasoning_details_are_settled_and_priced() -> None:
 
 
 def test_every_usage_key_read_here_is_one_envoy_lifts() -> None:
-    from atlas.envoy_config import USAGE_FIELDS, EnvoyParams, usage_filter
+    from atlas.envoy_config import EnvoyParams
+    from atlas.envoy_filters import USAGE_FIELDS, usage_filter
     from extproc.accesslog import CACHED_KEYS, REASONING_KEYS
 
     assert {*CACHED_KEYS, *REASONING_KEYS} <= set(USAGE_FIELDS)

@@ -7,8 +7,8 @@ import pytest
 from atlas.errors import Denied, LedgerUnavailable
 from atlas.inflight import InflightGauge
 from atlas.keymodel import KeyRecord
+from atlas.local_limiter import LocalLimiter
 from atlas.settings import Settings
-from authz.local_limiter import LocalLimiter
 from authz.shedding import Shedder
 from tests.unit.fakes import FakeLedger, admission
 from tests.unit.test_policy import authorizer, inp, make_key

@@ -15,7 +15,9 @@ from hypothesis import strategies as st
 from atlas.grant import GRANT_HEADER, Grant
 from extproc.exchange import Exchange
 from extproc.sse import Event, SSEDecoder
-from extproc.usage import _CHAT_TEXT, Endpoint, StreamAccountant, _string_chars
+from extproc.stream_usage import StreamAccountant
+from extproc.text import CHAT_TEXT, string_chars
+from extproc.usage import Endpoint
 
 STREAMS = Path(__file__).resolve().parents[1] / "data" / "streams"
 PROPERTY = settings(database=None, deadline=None, max_examples=300)
@@ -86,8 +88,8 @@ def reference_chat_chars(data: bytes) -> tuple[int, int]:
     """StreamAccountant's chat text count as it was before the substring pre-check."""
     chars = reasoning = 0
     has_rc = False
-    for m in _CHAT_TEXT.finditer(data):
-        n = _string_chars(m.group(2))
+    for m in CHAT_TEXT.finditer(data):
+        n = string_chars(m.group(2))
         if m.group(1) == b"reasoning":
             reasoning += n
             continue

@@ -7,7 +7,9 @@ import struct
 
 import pytest
 
-from atlas import demo_upstream as du
+from atlas.local import demo as du
+from atlas.local.demo import anthropic, counting, images, responses
+from atlas.local.demo.hooks import _counts
 from atlas.tokens.bpe import load_encoding
 
 ENC = load_encoding()
@@ -58,16 +60,16 @@ def webp(kind: bytes, w: int, h: int) -> bytes:
     ],
 )
 def test_image_size_from_headers(data: bytes, size: tuple[int, int] | None) -> None:
-    assert du._image_size(data) == size
+    assert images._image_size(data) == size
     url = "data:image/x;base64," + base64.b64encode(data).decode()
-    assert du._data_url_size(url) == size
+    assert images._data_url_size(url) == size
 
 
 def test_image_size_needs_a_base64_data_url() -> None:
-    assert du._data_url_size("https://example.com/cat.png") is None
-    assert du._data_url_size("data:image/png," + png(5, 5).hex()) is None  # not base64
-    assert du._data_url_size("data:image/png;base64,%%%%") is None
-    assert du._data_url_size(None) is None
+    assert images._data_url_size("https://example.com/cat.png") is None
+    assert images._data_url_size("data:image/png," + png(5, 5).hex()) is None  # not base64
+    assert images._data_url_size("data:image/png;base64,%%%%") is None
+    assert images._data_url_size(None) is None
 
 
 @pytest.mark.parametrize(
@@ -83,17 +85,17 @@ def test_image_size_needs_a_base64_data_url() -> None:
     ],
 )
 def test_openai_image_tiles(detail: str | None, size: tuple[int, int] | None, tokens: int) -> None:
-    assert du._openai_image_tokens(detail, size) == tokens
+    assert images._openai_image_tokens(detail, size) == tokens
 
 
 def test_anthropic_and_gemini_image_rules() -> None:
-    assert du._anthropic_image_tokens((1000, 1000)) == 1334  # ceil(1e6 / 750)
-    assert du._anthropic_image_tokens((200, 200)) == 54
-    assert du._anthropic_image_tokens((4000, 3000)) == 1600  # scaled down, at most ~1600
-    assert du._anthropic_image_tokens(None) == 1399  # 1024 x 1024
-    assert du._gemini_image_tokens((384, 384)) == 258
-    assert du._gemini_image_tokens((1000, 500)) == 2 * 258
-    assert du._gemini_image_tokens(None) == 258
+    assert images._anthropic_image_tokens((1000, 1000)) == 1334  # ceil(1e6 / 750)
+    assert images._anthropic_image_tokens((200, 200)) == 54
+    assert images._anthropic_image_tokens((4000, 3000)) == 1600  # scaled down, at most ~1600
+    assert images._anthropic_image_tokens(None) == 1399  # 1024 x 1024
+    assert images._gemini_image_tokens((384, 384)) == 258
+    assert images._gemini_image_tokens((1000, 500)) == 2 * 258
+    assert images._gemini_image_tokens(None) == 258
 
 
 # --- counting and vocabularies -----------------------------------------------------------------
@@ -103,21 +105,21 @@ def test_counting_is_cl100k_with_a_chars_fallback() -> None:
     assert du.TOKENIZER == "cl100k_base"
     for text in ("", "hello world", "请用简单的话解释", "🎉🚀 naïve", "x" * 5000):
         assert du.count_tokens(text) == tok(text)
-    by_chars = du._make_counter(None)
+    by_chars = counting._make_counter(None)
     assert [by_chars(t) for t in ("", "abc", "abcd", "abcdefghi")] == [0, 1, 1, 3]
 
 
 def test_one_token_pieces_drops_long_words_and_merges() -> None:
     pieces = [" the", " antidisestablishmentarianism", " cat", "s", " dog"]
     # the long word is several tokens; " cat" + "s" would tokenize as " cats"
-    assert du._one_token_pieces(pieces, ENC) == [" the", " cat", " dog"]
-    assert du._one_token_pieces(["ab", "c"], ENC) == ["ab"]  # "abc" is one token
-    assert du._one_token_pieces(pieces, None) == pieces
+    assert counting._one_token_pieces(pieces, ENC) == [" the", " cat", " dog"]
+    assert counting._one_token_pieces(["ab", "c"], ENC) == ["ab"]  # "abc" is one token
+    assert counting._one_token_pieces(pieces, None) == pieces
 
 
 @pytest.mark.parametrize("text_class", du.TEXT_CLASSES)
 def test_generated_text_is_one_token_a_piece_at_every_length(text_class: str) -> None:
-    vocab = du._VOCABS[text_class]
+    vocab = counting._VOCABS[text_class]
     k = len(vocab.pieces)
     assert k >= 16
     assert all(tok(p) == 1 for p in vocab.pieces)
@@ -148,7 +150,7 @@ def test_the_default_vocabulary_is_four_characters_a_token() -> None:
     ],
 )
 def test_bad_hook_values_are_refused(header: str, value: str, message: str) -> None:
-    with pytest.raises(du._ApiError) as err:
+    with pytest.raises(responses._ApiError) as err:
         du.DemoUpstream()._hooks({header: value})
     assert err.value.status == 400
     assert message in err.value.message
@@ -161,7 +163,7 @@ def test_hooks_default_to_the_server_and_clamp_to_the_prompt() -> None:
         {"x-demo-strict": "0", "x-demo-cached-tokens": "50", "x-demo-cache-write-tokens": "50"}
     )
     assert not hooks.strict and hooks.details
-    counts = du._counts(80, 10, hooks)
+    counts = _counts(80, 10, hooks)
     # reads first, then writes from what is left; input_tokens (Anthropic) keeps the rest
     assert (counts.cached, counts.cache_write) == (50, 30)
-    assert du._anthropic_usage(counts, 10)["input_tokens"] == 0
+    assert anthropic._anthropic_usage(counts, 10)["input_tokens"] == 0

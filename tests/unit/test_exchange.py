@@ -236,7 +236,7 @@ def test_a_parsed_body_is_not_parsed_again(monkeypatch: Any) -> None:
         raise AssertionError("parsed")
 
     monkeypatch.setattr(exchange, "loads_bounded", boom)
-    monkeypatch.setattr(exchange.json, "loads", boom)
+    monkeypatch.setattr(json, "loads", boom)
     new = rewritten(b'{"stream":true}', {**PARSED, "stream": True})
     assert new == b'{"stream":true,"stream_options":{"include_usage":true}}'
 
@@ -431,6 +431,58 @@ def test_an_error_answer_to_a_stream_request_is_refunded_without_headers() -> No
     s = ex.settlement()
     assert not ex.streaming_response and s is not None and s.outcome == "upstream_error"
     assert s.prompt_tokens + s.completion_tokens == 0
+
+
+def test_the_clamped_field_is_one_authz_reads_the_limit_from() -> None:
+    from atlas.requestbody import _MAX_TOKENS_KEYS
+    from extproc.rewrite import clamp_field
+    from extproc.usage import Endpoint
+
+    written = {
+        clamp_field(e, body, data)
+        for e in (*Endpoint, None)
+        for body, data in ((b"{}", None), (b'{"max_completion_tokens":1}', None), (b"{}", {}))
+    }
+    assert written == set(_MAX_TOKENS_KEYS)
+
+
+def counting_json_loads(monkeypatch: Any) -> list[int]:
+    """Counts `json.loads` calls on whole bodies (of 64 bytes or more) from here on."""
+    calls: list[int] = []
+    real = json.loads
+
+    def counted(s: Any, *args: Any, **kw: Any) -> Any:
+        if len(s) >= 64:
+            calls.append(len(s))
+        return real(s, *args, **kw)
+
+    monkeypatch.setattr(json, "loads", counted)
+    return calls
+
+
+def test_each_body_is_parsed_once(monkeypatch: Any) -> None:
+    calls = counting_json_loads(monkeypatch)
+    # An answer without its headers: whether it is an error, and its usage, from one parse.
+    ex = started(grant={**GRANT, "stream": True})
+    body = b'{"error": {"message": "model overloaded", "type": "server_error"}}'
+    ex.on_response_body(body, True)
+    s, again = ex.settlement(), ex.settlement()
+    assert s is not None and s.outcome == "upstream_error" and again == s
+    assert calls == [len(body)]
+    # A request body authz did not parse: parsed here once, then rewritten by splicing.
+    calls.clear()
+    request = b'{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}'
+    ex = started(grant={**GRANT, "granted_completion": 7.0})
+    new = body_of(ex.on_request_body(request), "request_body")
+    assert calls == [len(request)]
+    assert new is not None and json.loads(new)["max_tokens"] == 7
+    # A JSON answer cut off before its end: counted once, however often it is asked.
+    calls.clear()
+    ex = json_exchange()
+    feed(ex, big_completion(100)[:-1], eos=False)
+    first, second = ex.settlement(), ex.settlement()
+    assert first is not None and first.outcome == "disconnected" and second == first
+    assert len(calls) == 1
 
 
 def test_mesh_request_headers_answer_keeps_the_whole_mode() -> None:

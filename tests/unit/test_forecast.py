@@ -4,6 +4,7 @@ with short history, hostile values and the pattern summary."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -16,10 +17,22 @@ from atlas.forecast import (
     Forecast,
     forecast_hourly,
     hour_floor,
-    mape,
     synthetic_series,
     usage_patterns,
 )
+
+
+def mape(actual: Sequence[float], predicted: Sequence[float]) -> float:
+    """Mean absolute percentage error over points where actual > 0 (0.0 if there are none)."""
+    a = np.asarray(actual, dtype=np.float64)
+    p = np.asarray(predicted, dtype=np.float64)
+    if a.shape != p.shape:
+        raise ValueError(f"length mismatch: {a.shape} vs {p.shape}")
+    ok = np.isfinite(a) & np.isfinite(p) & (a > 0)
+    if not ok.any():
+        return 0.0
+    return float(np.mean(np.abs(a[ok] - p[ok]) / a[ok]) * 100.0)
+
 
 MONDAY = 1_704_067_200  # 2024-01-01 00:00 UTC, a Monday
 DAY = 24

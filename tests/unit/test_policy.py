@@ -6,12 +6,13 @@ from typing import Any
 
 import pytest
 
+from atlas.credentials import client_key as bearer_token
 from atlas.errors import Denied
 from atlas.keymodel import KeyRecord
 from atlas.modelnames import ModelNames
 from atlas.settings import Settings
 from authz.keycache import KeyCache
-from authz.policy import Authorizer, CheckInput, bearer_token, ratelimit_headers
+from authz.policy import Authorizer, CheckInput, ratelimit_headers
 from tests.factories import key_record
 from tests.unit.fakes import FakeLedger, admission
 

@@ -21,7 +21,7 @@ def ledger() -> RedisLedger:
 
 def redis_py_packing(led: RedisLedger, ks: list[str], args: list[object]) -> bytes:
     conn = Connection()
-    return b"".join(conn.pack_command("EVALSHA", led._admit.sha, len(ks), *ks, *args))
+    return b"".join(conn.pack_command("EVALSHA", led.scripts.admit.sha, len(ks), *ks, *args))
 
 
 def test_admit_command_is_what_redis_py_sends() -> None:
@@ -50,9 +50,9 @@ def test_admit_command_is_what_redis_py_sends() -> None:
             choices=rng.randrange(1, 50),
             unattended=rng.random() < 0.5,
         )
-        ks, args = led._admit_call(rec, req)
+        ks, args = led.admissions.call(rec, req)
         assert len(ks) == 6 and len(args) == 22
-        assert led._admit_command(rec, req) == redis_py_packing(led, ks, args)
+        assert led.admissions.command(rec, req) == redis_py_packing(led, ks, args)
 
 
 def test_a_changed_record_is_encoded_anew() -> None:
@@ -67,6 +67,6 @@ def test_a_changed_record_is_encoded_anew() -> None:
     )
     old = key_record(burst=10)
     new = key_record(burst=20)  # the cache's next record for the same key id
-    assert led._admit_command(old, req) == redis_py_packing(led, *led._admit_call(old, req))
-    assert led._admit_command(new, req) == redis_py_packing(led, *led._admit_call(new, req))
-    assert led._admit_command(new, req) != led._admit_command(old, req)
+    assert led.admissions.command(old, req) == redis_py_packing(led, *led.admissions.call(old, req))
+    assert led.admissions.command(new, req) == redis_py_packing(led, *led.admissions.call(new, req))
+    assert led.admissions.command(new, req) != led.admissions.command(old, req)

@@ -9,7 +9,7 @@ import pytest
 
 from admin.selfserve import SelfServe
 from atlas.errors import Denied
-from authz.local_limiter import LocalLimiter
+from atlas.local_limiter import LocalLimiter
 from tests.factories import key_record
 from tests.unit.fakes import FakeLedger
 from tests.unit.test_policy import authorizer, inp, make_key

@@ -13,16 +13,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from atlas.requestbody import estimate_prompt_tokens
+from extproc.json_usage import JsonBodyAccountant
 from extproc.sse import Event, SSEDecoder
-from extproc.usage import (
-    MAX_KEPT_TEXT,
-    Endpoint,
-    StreamAccountant,
-    Usage,
-    endpoint_for_path,
-    estimate_prompt_tokens,
-    usage_from_json,
-)
+from extproc.stream_usage import StreamAccountant
+from extproc.text import MAX_KEPT_TEXT
+from extproc.usage import Endpoint, Usage, endpoint_for_path
+from tests.unit.usage_helpers import usage_from_json
 
 STREAMS_DIR = Path(__file__).resolve().parents[1] / "data" / "streams"
 
@@ -720,8 +717,6 @@ def test_oversized_chat_event_is_scanned_for_usage_and_counted_as_text() -> None
 
 @pytest.mark.parametrize("chunk", [1, 7, 4096, 1 << 20])
 def test_json_body_accountant_finds_usage_across_chunks_in_bounded_memory(chunk: int) -> None:
-    from extproc.usage import JsonBodyAccountant
-
     body = (
         b'{"choices":[{"text":"' + b"a" * 20_000 + b'"}],"usage" : {"prompt_tokens":5,'
         b'"completion_tokens":6,"total_tokens":11},"prompt_logprobs":[' + b"1," * 9_000 + b"1]}"

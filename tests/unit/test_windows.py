@@ -223,18 +223,18 @@ class Clock:
 def test_the_ledger_computes_a_zone_once_per_hour() -> None:
     clock = Clock(utc(2026, 3, 8, 6, 10))
     led = RedisLedger(aioredis.Redis(), Settings(), clock=clock)
-    ny = led._zone_arg("America/New_York")
+    ny = led.zones.arg("America/New_York")
     assert ny[2] == zone_spec(NY, clock.now).text
     clock.now += 1000
-    assert led._zone_arg("America/New_York") is ny  # same hour: the cached argument
+    assert led.zones.arg("America/New_York") is ny  # same hour: the cached argument
     clock.now = utc(2026, 3, 8, 7, 0)
-    later = led._zone_arg("America/New_York")
+    later = led.zones.arg("America/New_York")
     assert later is not ny and later[0] == ny[0] + 3600
     clock.now = utc(2026, 3, 8, 9)  # two hours on, the transition has left the spec
-    assert led._zone_arg("America/New_York")[2] == "0 -14400"
-    assert led._zone_arg(None)[2] == "0 0"  # the default, UTC
+    assert led.zones.arg("America/New_York")[2] == "0 -14400"
+    assert led.zones.arg(None)[2] == "0 0"  # the default, UTC
     # A stored name this machine cannot read: the default zone, not a failed admission.
-    assert led._zone_arg("Gone/Zone")[2] == "0 0"
+    assert led.zones.arg("Gone/Zone")[2] == "0 0"
 
 
 def test_the_admit_command_carries_the_keys_zone() -> None:
@@ -249,10 +249,10 @@ def test_the_admit_command_carries_the_keys_zone() -> None:
         ceiling=1.0,
     )
     own = key_record(id="key_ny", window_timezone="America/New_York")
-    _, args = led._admit_call(own, req)
+    _, args = led.admissions.call(own, req)
     assert args[11] == zone_spec(NY, clock.now).text  # ARGV[12]
-    assert zone_spec(NY, clock.now).text.encode() in led._admit_command(own, req)
-    _, args = led._admit_call(key_record(id="key_default"), req)
+    assert zone_spec(NY, clock.now).text.encode() in led.admissions.command(own, req)
+    _, args = led.admissions.call(key_record(id="key_default"), req)
     assert args[11] == f"0 7200 {utc(2026, 10, 25, 1)} 3600"
 
 

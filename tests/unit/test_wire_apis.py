@@ -6,15 +6,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from extproc.json_usage import JsonBodyAccountant
 from extproc.sse import SSEDecoder
-from extproc.usage import (
-    Endpoint,
-    JsonBodyAccountant,
-    StreamAccountant,
-    Usage,
-    endpoint_for_path,
-    usage_from_json,
-)
+from extproc.stream_usage import StreamAccountant
+from extproc.usage import Endpoint, Usage, endpoint_for_path
+from tests.unit.usage_helpers import usage_from_json
 
 
 def sse(events: list[tuple[str | None, dict[str, Any]]], crlf: bool = False) -> bytes:

@@ -9,8 +9,7 @@ from dataclasses import dataclass
 
 from atlas.forecast import synthetic_series
 from atlas.keymodel import KeyRecord, hash_secret, new_key_id, new_secret, secret_hint
-from atlas.ledger import keys as names_of
-from atlas.ledger.redis import RedisLedger
+from atlas.ledger.protocol import GLOBAL_HISTORY, AdminLedger, HistoryScope
 from atlas.windows import local_day_month
 
 #: Prompt share of the tokens and tokens per request, typical of chat traffic.
@@ -37,7 +36,7 @@ TEAMS = (
 
 
 async def backfill(
-    ledger: RedisLedger,
+    ledger: AdminLedger,
     *,
     days: int = 28,
     keys: int = 4,
@@ -79,7 +78,7 @@ async def backfill(
         )
         await ledger.create_key(rec)
         created.append((rec, secret))
-        rows: list[tuple[str, int, dict[str, int]]] = []
+        rows: list[tuple[HistoryScope, int, dict[str, int]]] = []
         day_used = month_used = day_requests = month_requests = 0
         for h, total in enumerate(series):
             ts = first + 3600 * h
@@ -89,11 +88,11 @@ async def backfill(
             prompt = int(tokens * PROMPT_SHARE)
             requests = max(1, math.ceil(tokens / TOKENS_PER_REQUEST)) if tokens else 0
             fields = {"requests": requests, "prompt": prompt, "completion": tokens - prompt}
-            rows.append((names_of.window_prefix(rec.id), ts, fields))
-            rows.append((names_of.GLOBAL_PREFIX, ts, fields))
+            rows.append((HistoryScope.key(rec.id), ts, fields))
+            rows.append((GLOBAL_HISTORY, ts, fields))
             split = _split(fields, len(models), i + h)
             rows += [
-                (names_of.model_prefix(m), ts, part) for m, part in zip(models, split, strict=True)
+                (HistoryScope.model(m), ts, part) for m, part in zip(models, split, strict=True)
             ]
             day, month = local_day_month(ts, zone)
             if month == today_month:
@@ -104,11 +103,9 @@ async def backfill(
                     day_requests += requests
         await ledger.add_history(rows)
         # Today's and this month's quota windows, as the history implies.
-        await ledger.add_window_fields(
-            rec.id, f"d:{today_day}", {"used": day_used, "requests": day_requests}
-        )
-        await ledger.add_window_fields(
-            rec.id, f"m:{today_month}", {"used": month_used, "requests": month_requests}
+        await ledger.add_day_window(rec.id, today_day, {"used": day_used, "requests": day_requests})
+        await ledger.add_month_window(
+            rec.id, today_month, {"used": month_used, "requests": month_requests}
         )
     return created
 

@@ -1,0 +1,236 @@
+"""The connection every part of the Redis ledger shares: the client, one place that turns
+Redis failures into `LedgerUnavailable` / `LedgerInputError`, pipelined per-key script runs,
+and the fast lane of pre-encoded commands (admit, and settle on a plain server)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, cast
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
+
+from atlas.errors import LedgerUnavailable
+from atlas.ledger.protocol import LedgerInputError
+from atlas.settings import Settings
+
+log = logging.getLogger("atlas.ledger.redis")
+
+
+def connect(settings: Settings) -> Any:
+    """A redis-py asyncio client (plain or cluster) for `settings.redis_url`."""
+    opts: dict[str, Any] = {
+        "decode_responses": True,
+        "socket_timeout": settings.redis_timeout_s,
+        "socket_connect_timeout": settings.redis_timeout_s,
+    }
+    if settings.redis_cluster:
+        return RedisCluster.from_url(
+            settings.redis_url, max_connections=settings.redis_max_connections, **opts
+        )
+    # A bounded pool that makes callers wait (up to the command timeout) for a connection,
+    # instead of failing a burst of concurrent Checks with "Too many connections".
+    pool = aioredis.BlockingConnectionPool.from_url(
+        settings.redis_url,
+        max_connections=settings.redis_max_connections,
+        timeout=settings.redis_timeout_s,
+        health_check_interval=30,
+        **opts,
+    )
+    return aioredis.Redis.from_pool(pool)  # aclose() closes the pool too
+
+
+def script_error(exc: BaseException) -> bool:
+    """A script that ran and failed on its input (Redis prefixes the place `@user_script`),
+    as opposed to a server that cannot answer now (BUSY, LOADING, READONLY, ...): retrying
+    the same call cannot help, so it must not be retried or journaled forever."""
+    text = str(exc)
+    return (
+        isinstance(exc, ResponseError)
+        and "user_script" in text
+        and not text.startswith(("BUSY", "NOSCRIPT"))
+    )
+
+
+async def _stale(conn: Any) -> bool:
+    """An idle connection the server closed (restart, idle timeout) or that holds unread
+    data: what redis-py's pool checks before handing one out, so it reconnects instead of
+    failing the command."""
+    try:
+        return bool(await conn.can_read())
+    except (RedisConnectionError, OSError):
+        return True
+
+
+class ScriptLane:
+    """Connections of their own for one hot script (admit: one EVALSHA per Check).
+
+    redis-py's generic path (Script object, `execute_command`, the blocking pool's condition,
+    connection probe and observability records, a task per write timeout) cost ~130 µs of
+    CPU per admit on the 2-core machines, the command itself ~50 µs (issue 12). Here one
+    pre-encoded command goes over a redis-py `Connection` (same URL, auth, TLS and protocol
+    as the pool's) taken from a plain stack, bounded by one `asyncio.timeout` for the whole
+    write and read: the connections have no socket timeout of their own. A connection whose
+    command failed or timed out is disconnected (redis-py does it, and so do we), so a late
+    reply never meets the next command; the next use reconnects.
+    """
+
+    def __init__(self, pool: Any, *, max_connections: int, timeout_s: float) -> None:
+        # (`orig_socket_timeout` is what redis-py restores after a maintenance window.)
+        no_timeout = {"socket_timeout": None, "orig_socket_timeout": None}
+        self._kwargs = {**pool.connection_kwargs, **no_timeout}
+        self._connection_class = pool.connection_class
+        self._timeout_s = timeout_s
+        self._free = asyncio.Semaphore(max_connections)
+        self._idle: list[Any] = []
+        self._all: list[Any] = []
+
+    async def call(self, command: bytes) -> Any:
+        """The reply to `command` (one packed RESP command).
+
+        :raises TimeoutError: no connection free, or no reply, within the timeout.
+        :raises ResponseError: the server's error reply (the connection stays usable).
+        """
+        if self._free.locked():
+            try:
+                async with asyncio.timeout(self._timeout_s):
+                    await self._free.acquire()
+            except TimeoutError:
+                raise RedisConnectionError("No connection available.") from None
+        else:
+            await self._free.acquire()  # returns at once
+        conn = self._idle.pop() if self._idle else self._connect()
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                if conn.is_connected and await _stale(conn):
+                    await conn.disconnect()  # send_packed_command connects it again
+                await conn.send_packed_command(command)
+                return await conn.read_response()
+        except ResponseError:
+            raise
+        except BaseException:
+            await conn.disconnect(nowait=True)
+            raise
+        finally:
+            self._idle.append(conn)
+            self._free.release()
+
+    def _connect(self) -> Any:
+        conn = self._connection_class(**self._kwargs)
+        self._all.append(conn)
+        return conn
+
+    async def close(self) -> None:
+        for conn in self._all:
+            await conn.disconnect()
+
+
+class Conn:
+    """The client and how every ledger call runs on it."""
+
+    def __init__(self, client: Any, settings: Settings) -> None:
+        self.r = client
+        self.url = settings.redis_url
+        self.timeout_s = settings.redis_timeout_s
+        self.cluster = settings.redis_cluster
+        # RedisCluster has no blocking pool: past `max_connections` on a node it raises
+        # MaxConnectionsError at once. Bounding the calls in flight makes a burst wait for a
+        # connection (up to the command timeout) as it does on the plain pool; one call uses
+        # at most one connection per node, so no node's pool can run out.
+        self._slots = asyncio.Semaphore(settings.redis_max_connections) if self.cluster else None
+        # The hot scripts' own connections (None in a cluster: redis-py routes by keys).
+        self.lane = (
+            None
+            if self.cluster
+            else ScriptLane(
+                client.connection_pool,
+                max_connections=settings.redis_max_connections,
+                timeout_s=settings.redis_timeout_s,
+            )
+        )
+
+    async def close(self) -> None:
+        if self.lane is not None:
+            await self.lane.close()
+        await self.r.aclose()
+
+    async def call(self, what: str, fn: Callable[[], Awaitable[Any]]) -> Any:
+        """`fn()`, with Redis failures as `LedgerUnavailable` and refused input as
+        `LedgerInputError`."""
+        if self._slots is not None:
+            try:
+                async with asyncio.timeout(self.timeout_s):
+                    await self._slots.acquire()
+            except TimeoutError as exc:
+                raise LedgerUnavailable(f"{what}: no connection available") from exc
+        try:
+            if self.cluster:
+                # Load the slot map before the first command (a no-op once loaded). A cold
+                # client sends keyed commands to a random node; a burst of them meets MOVED,
+                # the client then closes every connection, in-flight commands included, and
+                # retries them: a script could run twice.
+                await self.r.initialize()
+            return await fn()
+        except ResponseError as exc:
+            if script_error(exc):
+                raise LedgerInputError(f"{what}: {exc}") from exc
+            raise LedgerUnavailable(f"{what}: {exc}") from exc
+        # RedisClusterException is no RedisError: "cannot be connected", SlotNotCoveredError.
+        except (TimeoutError, RedisError, RedisClusterException, OSError) as exc:
+            raise LedgerUnavailable(f"{what}: {exc}") from exc
+        finally:
+            if self._slots is not None:
+                self._slots.release()
+
+    async def run_lane(self, script: Any, command: bytes) -> Any:
+        """`command` (an EVALSHA of `script`, pre-encoded) over the lane."""
+        assert self.lane is not None
+        try:
+            return await self.lane.call(command)
+        except NoScriptError:
+            # The server lost its scripts (restart, failover): load it and run it once more,
+            # as redis-py's Script object does.
+            await self.r.script_load(script.script)
+            return await self.lane.call(command)
+
+    async def run_per_key(
+        self, what: str, script: Any, calls: Sequence[tuple[list[str], list[Any]]]
+    ) -> list[Any]:
+        """Run `script` once per (keys, args), all in one pipelined round trip. Each call's
+        keys share one slot; in a cluster the pipeline splits by node. A call that fails
+        comes back as its exception, so one bad key does not stop the others."""
+
+        async def run() -> list[Any]:
+            pipe = self.r.pipeline(transaction=False)
+            if self.cluster:
+                # redis-py refuses Script calls (evalsha) in a cluster pipeline. Send EVALSHA
+                # itself, once every primary has the script, as a plain pipeline's
+                # load_scripts() does.
+                if not all(await self.r.script_exists(script.sha)):
+                    script.sha = await self.r.script_load(script.script)
+                for ks, args in calls:
+                    pipe.execute_command("EVALSHA", script.sha, len(ks), *ks, *args)
+            else:
+                for ks, args in calls:
+                    await script(keys=ks, args=args, client=pipe)
+            return cast(list[Any], await pipe.execute(raise_on_error=False))
+
+        return cast(list[Any], await self.call(what, run))
+
+    def ok_rows(self, what: str, key_ids: Sequence[str], rows: Sequence[Any]) -> list[Any]:
+        """The rows of `run_per_key` whose script ran; a script that failed on its input is
+        logged and left out, a server that did not run it raises `LedgerUnavailable` (a
+        later pass retries)."""
+        ok = []
+        for key_id, row in zip(key_ids, rows, strict=True):
+            if not isinstance(row, BaseException):
+                ok.append(row)
+            elif not script_error(row):
+                raise LedgerUnavailable(f"{what} {key_id}: {row}") from row
+            else:
+                log.error("%s of key %s failed, other keys go on: %s", what, key_id, row)
+        return ok
