@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 
 from atlas.forecast import Forecast, forecast_hourly
@@ -94,10 +94,17 @@ def typical(values: Sequence[int]) -> float:
 
 @dataclass(slots=True)
 class Limits:
+    """The limits a replay applies (None: not limited)."""
+
     daily_limit: int | None = None
     monthly_limit: int | None = None
     rate_per_sec: float | None = None
     tokens_per_minute: int | None = None
+
+    @classmethod
+    def of(cls, source: object) -> Limits:
+        """The same-named limits of a key record or a proposal (`admin.schemas.PlanLimits`)."""
+        return cls(*(getattr(source, f.name) for f in fields(cls)))
 
 
 @dataclass(slots=True)

@@ -25,9 +25,11 @@ from atlas.settings import Priority
 from atlas.windows import load_zone
 
 
-class _Limits(BaseModel):
-    # Every number is bounded (atlas/limits.py): Lua stores doubles, and a value refused here
-    # never reaches Redis. NaN and infinities are refused too.
+class PlanLimits(BaseModel):
+    """The limits a what-if replay and a key's edit share, bounded alike: every number is
+    bounded (atlas/limits.py), since Lua stores doubles and a value refused here never
+    reaches Redis. NaN and infinities are refused too."""
+
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     daily_limit: int | None = Field(None, ge=0, le=MAX_TOKEN_LIMIT, description="Tokens per day")
@@ -37,10 +39,13 @@ class _Limits(BaseModel):
     rate_per_sec: float | None = Field(
         None, ge=MIN_RATE_PER_SEC, le=MAX_RATE_PER_SEC, description="Requests per second"
     )
-    burst: int | None = Field(None, ge=1, le=MAX_BURST, description="Requests allowed at once")
     tokens_per_minute: int | None = Field(
         None, ge=1, le=MAX_TOKEN_LIMIT, description="Token rate; unset = none"
     )
+
+
+class _Limits(PlanLimits):
+    burst: int | None = Field(None, ge=1, le=MAX_BURST, description="Requests allowed at once")
     max_concurrent: int | None = Field(
         None, ge=1, le=MAX_CONCURRENT, description="Open requests; unset = none"
     )

@@ -10,7 +10,7 @@ from datetime import UTC, date, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Query, status
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from admin.deps import AdminDep, CallerDep, LedgerDep, SelfServeDep, SettingsDep
 from admin.planning import (
@@ -22,11 +22,12 @@ from admin.planning import (
     what_if,
 )
 from admin.routes.history import hour_out, recent_hours
+from admin.schemas import PlanLimits
 from admin.selfserve import SelfServe
 from atlas.forecast import Forecast, usage_patterns
 from atlas.keymodel import KeyRecord
 from atlas.ledger.protocol import GLOBAL_HISTORY, AdminLedger, HistoryScope, HourRow, KeyUsage
-from atlas.limits import MAX_QUERY_HOURS, MAX_RATE_PER_SEC, MAX_TOKEN_LIMIT, MIN_RATE_PER_SEC
+from atlas.limits import MAX_QUERY_HOURS
 from atlas.pricing import usd
 from atlas.windows import Zone, day_bounds, local_date
 
@@ -263,15 +264,11 @@ def _capacity(rows: list[HourRow], configured_tps: float) -> dict[str, Any]:
     return out
 
 
-class WhatIfIn(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+class WhatIfIn(PlanLimits):
+    """Proposed limits (unset: none) to replay a key's recorded usage against."""
 
     key_id: str | None = Field(None, max_length=100, description="admin: any key; else own")
     days_back: int = Field(28, ge=1, le=MAX_DAYS_BACK)
-    daily_limit: int | None = Field(None, ge=0, le=MAX_TOKEN_LIMIT)
-    monthly_limit: int | None = Field(None, ge=0, le=MAX_TOKEN_LIMIT)
-    rate_per_sec: float | None = Field(None, ge=MIN_RATE_PER_SEC, le=MAX_RATE_PER_SEC)
-    tokens_per_minute: int | None = Field(None, ge=1, le=MAX_TOKEN_LIMIT)
 
 
 @router.post("/what-if")
@@ -283,10 +280,7 @@ async def what_if_replay(
         raise HTTPException(422, "key_id is required")
     _, _, rec = await _scope(caller, ledger, body.key_id, None)
     assert rec is not None
-    proposed = Limits(
-        body.daily_limit, body.monthly_limit, body.rate_per_sec, body.tokens_per_minute
-    )
-    current = Limits(rec.daily_limit, rec.monthly_limit, rec.rate_per_sec, rec.tokens_per_minute)
+    proposed, current = Limits.of(body), Limits.of(rec)
     async with guard.slot():
         rows = await recent_hours(ledger, HistoryScope.key(rec.id), 24 * body.days_back)
         zone = ledger.zone_of(rec)
