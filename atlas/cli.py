@@ -196,7 +196,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="settle non-streamed completions through ext_proc, not the gRPC access log "
         "(must match the services' ATLAS_SETTLE_FROM_ACCESS_LOG=false)",
     )
+    render.add_argument(
+        "--providers", metavar="FILE", help="providers file: their clusters and routes"
+    )
     render.add_argument("--validate", action="store_true", help="check with envoy --mode validate")
+    check = sub.add_parser(
+        "check-config",
+        help="validate the settings (environment) and the providers file",
+        description="Validate ATLAS_* settings and the providers file; with --secrets also read"
+        " every pool member's credential (never printed); with --envoy render and validate the"
+        " bootstrap with envoy --mode validate. Exit 0 when all hold, 2 otherwise.",
+    )
+    check.add_argument("--providers", metavar="FILE", help="default: ATLAS_PROVIDERS_FILE")
+    check.add_argument("--secrets", action="store_true", help="resolve every credential")
+    check.add_argument("--envoy", action="store_true", help="render and validate with Envoy")
     return parser
 
 
@@ -249,6 +262,7 @@ def _render_envoy(ns: argparse.Namespace) -> int:
     from pathlib import Path
 
     from atlas.envoy_config import EnvoyParams, render, validate
+    from atlas.providers import config as providers_config
 
     text = render(
         EnvoyParams(
@@ -262,6 +276,7 @@ def _render_envoy(ns: argparse.Namespace) -> int:
             model_routes=_model_routes(ns.model_route),
             authz_protocol=ns.authz_protocol,
             access_log_settlement=ns.access_log_settlement,
+            providers=providers_config.load(ns.providers) if ns.providers else None,
         )
     )
     if ns.validate:
@@ -270,6 +285,39 @@ def _render_envoy(ns: argparse.Namespace) -> int:
             path.write_text(text)
             validate(path)
     sys.stdout.write(text)
+    return 0
+
+
+def _check_config(ns: argparse.Namespace) -> int:
+    import tempfile
+    from pathlib import Path
+
+    from atlas.envoy_config import EnvoyParams, render, validate
+    from atlas.providers import config as providers_config
+    from atlas.providers.credentials import resolve
+
+    settings = load_settings({})
+    path = ns.providers or settings.providers_file
+    providers = providers_config.load(path) if path else None
+    if providers is not None:
+        members = sum(len(p.pool.members) if p.pool else 0 for p in providers.providers)
+        print(
+            f"{path}: {len(providers.providers)} providers, {members} pool members,"
+            f" {len(providers.models)} model aliases"
+        )
+        if ns.secrets:
+            resolve(providers)
+            print(f"{path}: every credential is readable")
+    if ns.envoy:
+        text = render(
+            EnvoyParams(upstream=settings.upstream or "http://127.0.0.1:9000", providers=providers)
+        )
+        with tempfile.TemporaryDirectory() as d:
+            target = Path(d) / "envoy.yaml"
+            target.write_text(text)
+            validate(target)
+        print("envoy --mode validate: the rendered bootstrap is valid")
+    print("atlas check-config: ok")
     return 0
 
 
@@ -300,6 +348,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if ns.command == "render-envoy":
             return _render_envoy(ns)
+        if ns.command == "check-config":
+            return _check_config(ns)
         overrides = {k: v for k, v in vars(ns).items() if k in Settings.model_fields}
         settings = load_settings(overrides)
         if ns.command == "simulate":

@@ -8,6 +8,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from string import Template
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import yaml
@@ -23,6 +24,9 @@ from atlas.grant import (
     MODEL_HEADER,
 )
 from atlas.limits import ENVOY_HEADROOM_BYTES
+
+if TYPE_CHECKING:
+    from atlas.providers.config import ProvidersFile
 
 _REPO_ENVOY = Path(__file__).resolve().parent.parent / "envoy"
 _PACKAGED_ENVOY = Path(__file__).resolve().parent / "_envoy_configs"
@@ -73,7 +77,7 @@ def _endpoints(addrs: list[tuple[str, int]]) -> str:
     )
 
 
-def _discovery(hosts: list[str]) -> str:
+def discovery_type(hosts: list[str]) -> str:
     return "STATIC" if all(_is_ip(h) for h in hosts) else "STRICT_DNS"
 
 
@@ -104,6 +108,8 @@ class EnvoyParams:
     #: Non-streamed completions settled from the gRPC access log (json_to_metadata reads
     #: their usage) instead of an ext_proc stream (Settings.settle_from_access_log).
     access_log_settlement: bool = True
+    #: Upstream providers (atlas/providers): their clusters and header-matched routes.
+    providers: ProvidersFile | None = None
 
 
 #: Resilience of model clusters (see docs): a failing replica is retried on another, ejected
@@ -182,7 +188,7 @@ def _model_lines(routes: dict[str, list[str]]) -> tuple[str, str]:
         )
         cluster: dict[str, object] = {
             "name": name,
-            "type": _discovery([u.host for u in ups]),
+            "type": discovery_type([u.host for u in ups]),
             "connect_timeout": "2s",
             "lb_policy": "LEAST_REQUEST",
             "load_assignment": {
@@ -240,6 +246,19 @@ def render(params: EnvoyParams, template: str = "atlas.yaml.tmpl") -> str:
     if up.path and up.path != "/v1":
         rewrite_line = "prefix_rewrite: " + json.dumps(up.path + "/")
     routes, clusters = _model_lines(params.model_routes)
+    if params.providers is not None:
+        from atlas.providers.envoy import envoy_objects  # it builds on this module
+
+        p_routes, p_clusters = envoy_objects(params.providers)
+        routes = f"\n{ROUTE_INDENT}".join(
+            [*(_yaml_item(r, ROUTE_INDENT) for r in p_routes), *([routes] if routes else [])]
+        )
+        clusters = f"\n{CLUSTER_INDENT}".join(
+            [
+                *(_yaml_item(c, CLUSTER_INDENT) for c in p_clusters),
+                *([clusters] if clusters else []),
+            ]
+        )
     values = {
         "listen_address": params.listen_address,
         "listen_port": params.listen_port,
@@ -255,16 +274,18 @@ def render(params: EnvoyParams, template: str = "atlas.yaml.tmpl") -> str:
         "extproc_failure_mode_allow": str(params.extproc_failure_mode_allow).lower(),
         "upstream_host": up.host,
         "upstream_port": up.port,
-        "upstream_discovery": _discovery([up.host]),
+        "upstream_discovery": discovery_type([up.host]),
         "upstream_tls_line": tls_line,
         "prefix_rewrite_line": rewrite_line,
         "atlas_admin_host": params.atlas_admin[0],
         "atlas_admin_port": params.atlas_admin[1],
-        "admin_discovery": _discovery([params.atlas_admin[0]]),
-        "grpc_discovery": _discovery([h for h, _ in params.authz + params.extproc]),
+        "admin_discovery": discovery_type([params.atlas_admin[0]]),
+        "grpc_discovery": discovery_type([h for h, _ in params.authz + params.extproc]),
         "authz_endpoints_json": _endpoints(params.authz),
         "extproc_endpoints_json": _endpoints(params.extproc),
         "model_routes_lines": routes,
+        # authz's x-atlas-provider picks the provider's route: match again after ext_authz.
+        "authz_clear_route_cache": str(params.providers is not None).lower(),
         "model_clusters_lines": clusters,
         "authz_service_line": _json_line(
             authz_service(params.authz_protocol, params.authz_timeout)
@@ -285,7 +306,9 @@ def render(params: EnvoyParams, template: str = "atlas.yaml.tmpl") -> str:
             ]
         ),
         "settlement_access_log_line": (
-            "- " + json.dumps(settlement_access_log()) if params.access_log_settlement else ""
+            "- " + json.dumps(settlement_access_log(params))
+            if params.access_log_settlement or params.providers is not None
+            else ""
         ),
     }
     text = (config_dir() / template).read_text()

@@ -16,6 +16,7 @@ from atlas.grant import (
     KEY_ID_HEADER,
     PRIORITY_HEADER,
     PROC_HEADER,
+    PROVIDER_HEADER,
     USAGE_NAMESPACE,
     ProcMode,
 )
@@ -50,8 +51,14 @@ def authz_service(protocol: str, timeout: str) -> dict[str, object]:
             },
             "path_prefix": "/check",
             "authorization_response": {
+                # A provider's credential rides in its wire API's header (atlas/providers).
                 "allowed_upstream_headers": _patterns(
-                    KEY_ID_HEADER, PRIORITY_HEADER, "authorization"
+                    KEY_ID_HEADER,
+                    PRIORITY_HEADER,
+                    PROVIDER_HEADER,
+                    "authorization",
+                    "x-api-key",
+                    "x-goog-api-key",
                 ),
                 "allowed_client_headers": _patterns(
                     "content-type",
@@ -63,7 +70,7 @@ def authz_service(protocol: str, timeout: str) -> dict[str, object]:
                     DEGRADED_HEADER, prefix=("x-ratelimit-",)
                 ),
                 "dynamic_metadata_from_headers": _patterns(
-                    GRANT_HEADER, KEY_ID_HEADER, PROC_HEADER
+                    GRANT_HEADER, KEY_ID_HEADER, PROC_HEADER, PROVIDER_HEADER
                 ),
             },
         }
@@ -222,31 +229,50 @@ def usage_filter(params: EnvoyParams) -> dict[str, object]:
     }
 
 
-def settlement_access_log() -> dict[str, object]:
-    """The gRPC access log to extproc, for `json` exchanges only: many entries per message on
-    one long-lived stream, flushed every 50 ms."""
+def settlement_access_log(params: EnvoyParams) -> dict[str, object]:
+    """The gRPC access log to extproc: many entries per message on one long-lived stream,
+    flushed every 50 ms. It carries `json` exchanges (settled from it, when enabled) and every
+    exchange authz sent to a provider (what the provider answered: cooling, health)."""
+    json_mode = {
+        "metadata_filter": {
+            "matcher": {
+                "filter": AUTHZ_NAMESPACE,
+                "path": [{"key": PROC_HEADER}],
+                "value": {"string_match": {"exact": ProcMode.JSON}},
+            }
+        }
+    }
+    to_provider = {
+        "metadata_filter": {
+            "matcher": {
+                "filter": AUTHZ_NAMESPACE,
+                "path": [{"key": PROVIDER_HEADER}],
+                "value": {"present_match": True},
+            }
+        }
+    }
+    wanted = [
+        *([json_mode] if params.access_log_settlement else []),
+        *([to_provider] if params.providers is not None else []),
+    ]
+    common: dict[str, object] = {
+        "log_name": "atlas-settlements",
+        "transport_api_version": "V3",
+        "grpc_service": {"envoy_grpc": {"cluster_name": "atlas_extproc"}},
+        "buffer_flush_interval": "0.05s",
+        "buffer_size_bytes": 16384,
+    }
+    config: dict[str, object] = {
+        "@type": "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3"
+        ".HttpGrpcAccessLogConfig",
+        "common_config": common,
+    }
+    if params.providers is not None:
+        config["additional_response_headers_to_log"] = ["retry-after"]
     return {
         "name": "envoy.access_loggers.http_grpc",
-        "filter": {
-            "metadata_filter": {
-                "matcher": {
-                    "filter": AUTHZ_NAMESPACE,
-                    "path": [{"key": PROC_HEADER}],
-                    "value": {"string_match": {"exact": ProcMode.JSON}},
-                }
-            }
-        },
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3"
-            ".HttpGrpcAccessLogConfig",
-            "common_config": {
-                "log_name": "atlas-settlements",
-                "transport_api_version": "V3",
-                "grpc_service": {"envoy_grpc": {"cluster_name": "atlas_extproc"}},
-                "buffer_flush_interval": "0.05s",
-                "buffer_size_bytes": 16384,
-            },
-        },
+        "filter": wanted[0] if len(wanted) == 1 else {"or_filter": {"filters": wanted}},
+        "typed_config": config,
     }
 
 

@@ -38,6 +38,9 @@ DEGRADED_HEADER = "x-atlas-degraded"
 #: authz (and Envoy's own local replies, by local_reply_config) -> client: why a request was
 #: refused (the error code, or `gateway`). ext_proc skips responses that carry it.
 REFUSAL_HEADER = "x-atlas-refusal"
+#: authz -> Envoy (a request header for the provider routes, and dynamic metadata for the
+#: access log that reports what the provider did): the provider chosen (atlas/providers).
+PROVIDER_HEADER = "x-atlas-provider"
 #: extproc -> Envoy: the body's model, for per-model routes.
 MODEL_HEADER = "x-atlas-model"
 #: Envoy -> authz: set by ext_authz when the body it forwarded is cut at max_request_bytes.
@@ -49,6 +52,8 @@ _ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
 
 #: Model names are client input; the grant carries a bounded prefix (the ledger folds names).
 MAX_GRANT_MODEL_CHARS = 256
+#: Provider and member ids are config names (atlas/providers/config.py NAME): 48 characters.
+MAX_GRANT_NAME_CHARS = 48
 
 
 class ProcMode:
@@ -96,6 +101,9 @@ class Grant:
     #: The upstream reports usage on every chunk when asked (vLLM's
     #: `stream_options.continuous_usage_stats`): extproc asks, so a hang-up is charged exactly.
     continuous_usage: bool = False
+    #: The provider and pool member authz chose (atlas/providers; "" without providers).
+    provider: str = ""
+    member: str = ""
 
     def encode(self) -> str:
         """Printable ASCII JSON (a header value): non-ASCII and control characters escaped.
@@ -145,6 +153,8 @@ class Grant:
             route=text("route"),
             choices=max(1, num("choices")),
             continuous_usage=d.get("continuous_usage") is True,
+            provider=text("provider")[:MAX_GRANT_NAME_CHARS],
+            member=text("member")[:MAX_GRANT_NAME_CHARS],
         )
 
 

@@ -188,6 +188,11 @@ class Settings(BaseSettings):
         ' completion); "*" prices any other model (environment only)',
     )
 
+    providers_file: str | None = Field(
+        None,
+        description="Providers file (YAML): upstream providers, their key pools and the model"
+        " aliases they serve; see README 'Providers' and `atlas check-config`",
+    )
     model_routes: dict[str, list[str]] = Field(
         default_factory=dict,
         description='Route by model, JSON: {"llama-3*": ["http://vllm-a:8000"], "gpt-4o": [...]};'

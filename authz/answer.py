@@ -20,6 +20,7 @@ from atlas.grant import (
     GRANT_HEADER,
     KEY_ID_HEADER,
     PRIORITY_HEADER,
+    PROVIDER_HEADER,
     Grant,
     ProcMode,
     proc_mode,
@@ -127,15 +128,26 @@ async def decide(authorizer: Authorizer, inp: CheckInput) -> Verdict | Denied:
 
 def admitted(v: Verdict, inp: CheckInput, settings: Settings) -> Answer:
     # With an upstream credential of our own, the client's key is never needed upstream.
-    strip_key = settings.strip_client_key or settings.upstream_api_key is not None
+    strip_key = (
+        settings.strip_client_key or settings.upstream_api_key is not None or v.upstream is not None
+    )
     remove = client_headers_to_remove(inp.headers, strip_key=strip_key)
     if v.key is None or v.admission is None:  # global shadow mode, refused before the ledger
         return Answer(remove_headers=remove, proc=ProcMode.NONE)
     up = [(KEY_ID_HEADER, v.key.id), (PRIORITY_HEADER, v.priority)]
     ours = _SET
-    if settings.upstream_api_key is not None:
+    choice = v.upstream
+    # The default upstream's credential goes to the default upstream only.
+    if settings.upstream_api_key is not None and choice is None:
         up.append(("authorization", "Bearer " + settings.upstream_api_key.get_secret_value()))
         ours = _SET_WITH_CREDENTIAL
+    if choice is not None:
+        # The provider's route, and its own credential (never the client's, never another's).
+        up.append((PROVIDER_HEADER, choice.provider))
+        ours = ours | {PROVIDER_HEADER}
+        if choice.credential is not None:
+            up.append(choice.credential)
+            ours = ours | {choice.credential[0]}
     # Envoy applies removals after sets: a header we set must not also be removed (the grant:
     # meshes whose ext_authz cannot make metadata pass it to extproc as a request header, set
     # over any client's; Atlas's bootstrap removes a client's at the router).
@@ -163,6 +175,8 @@ def admitted(v: Verdict, inp: CheckInput, settings: Settings) -> Answer:
         shadow_decision=v.shadow_reason,
         route=v.route,
         choices=req.choices,
+        provider=choice.provider if choice is not None else "",
+        member=choice.member if choice is not None else "",
         continuous_usage=req.stream
         and settings.continuous_usage_models != []
         and continuous_usage(tuple(settings.continuous_usage_models), req.model),

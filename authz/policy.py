@@ -21,6 +21,7 @@ from atlas.limits import MAX_RESERVATION_TOKENS
 from atlas.local_limiter import LocalLimiter
 from atlas.modelnames import ModelNames
 from atlas.pricing import PriceBook
+from atlas.providers.routing import Choice, ProviderRouter
 from atlas.requestbody import LLMRequest, parse_llm_request
 from atlas.settings import PRIORITIES, Priority, Settings
 from authz.bodyparse import BodyParser
@@ -61,6 +62,7 @@ class Verdict:
     shadow_reason: str  # the rule that would have refused, in shadow mode
     degraded: bool = False  # decided without Redis (fail mode local)
     route: str = ""  # the endpoint's bounded name (authz.endpoints.Route.name)
+    upstream: Choice | None = None  # the provider and member chosen (atlas/providers)
 
 
 #: What a request without an LLM body (GET /v1/models, ATLAS_EXTRA_ENDPOINTS) is counted as.
@@ -110,6 +112,7 @@ class Authorizer:
         local: LocalLimiter | None = None,
         names: ModelNames | None = None,
         parser: BodyParser | None = None,
+        providers: ProviderRouter | None = None,
         new_id: Callable[[], str] = lambda: secrets.token_hex(12),
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -118,6 +121,7 @@ class Authorizer:
         self._ledger = ledger
         self._names = names if names is not None else ModelNames.from_settings(settings)
         self._parser = parser if parser is not None else BodyParser(workers=0)
+        self._providers = providers
         self._endpoints = Endpoints(settings.extra_endpoints)
         self._cache = cache
         self._s = settings
@@ -237,9 +241,25 @@ class Authorizer:
             _count_refusal(admission.reason, key.id)
         if not admission.admitted:
             raise refusal(admission, key)
+        upstream = None
+        if self._providers is not None and route.reads_body:
+            try:
+                upstream = await self._providers.choose(req.model, admission.reserved)
+            except Denied:
+                await self.release(key.id, rid)  # no provider can serve: nothing was used
+                raise
         if self._shedder is not None:
             self._shedder.gauge.add(admission.reserved)
-        return Verdict(key, rid, priority, req, admission, admission.reason, route=route.name)
+        return Verdict(
+            key,
+            rid,
+            priority,
+            req,
+            admission,
+            admission.reason,
+            route=route.name,
+            upstream=upstream,
+        )
 
     def _simple_request(self, inp: CheckInput, route: Route) -> LLMRequest | None:
         """What the body asks for, or None when it must be parsed off the event loop;

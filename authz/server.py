@@ -20,7 +20,7 @@ from google.protobuf import struct_pb2, wrappers_pb2
 from google.rpc import code_pb2, status_pb2
 
 from atlas.errors import Denied
-from atlas.grant import GRANT_HEADER, KEY_ID_HEADER, PROC_HEADER, REFUSAL_HEADER
+from atlas.grant import GRANT_HEADER, KEY_ID_HEADER, PROC_HEADER, PROVIDER_HEADER, REFUSAL_HEADER
 from atlas.grpc_service import grpc_server
 from atlas.openai_errors import error_body
 from atlas.settings import Settings
@@ -78,6 +78,8 @@ def answer_ok(v: Verdict, inp: CheckInput, settings: Settings) -> auth_pb2.Check
     metadata.update({PROC_HEADER: a.proc})
     if a.grant is not None:
         metadata.update({GRANT_HEADER: a.grant.encode(), KEY_ID_HEADER: a.grant.key_id})
+        if a.grant.provider:
+            metadata.update({PROVIDER_HEADER: a.grant.provider})
     else:
         metadata.update({"shadow_decision": v.shadow_reason})
     return auth_pb2.CheckResponse(

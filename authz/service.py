@@ -13,6 +13,10 @@ from atlas.grpc_service import stop_tasks, wait_for_shutdown
 from atlas.inflight import InflightGauge
 from atlas.ledger.redis import RedisLedger
 from atlas.modelnames import ModelNames
+from atlas.pricing import PriceBook
+from atlas.providers import config as providers_config
+from atlas.providers.credentials import resolve
+from atlas.providers.routing import ProviderRouter
 from atlas.settings import Settings
 from authz.bodyparse import BodyParser
 from authz.http_server import serve_http
@@ -39,6 +43,12 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
         tokenizer=tokenizer,
     )
     parser.start()
+    router = None
+    if settings.providers_file:
+        providers = providers_config.load(settings.providers_file)
+        router = ProviderRouter(
+            providers, resolve(providers), ledger, PriceBook(settings.model_prices)
+        )
     authorizer = Authorizer(
         ledger,
         cache,
@@ -46,6 +56,7 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
         shedder=shedder,
         names=ModelNames.from_settings(settings),
         parser=parser,
+        providers=router,
     )
     protocol = serve_grpc if settings.authz_protocol == "grpc" else serve_http
     try:

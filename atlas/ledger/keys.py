@@ -104,3 +104,14 @@ def day_window(key_id: str, day: str) -> str:
 def month_window(key_id: str, month: str) -> str:
     """Hash, as the day window: one key's month window (`YYYYMM`)."""
     return f"{window_prefix(key_id)}m:{month}"
+
+
+def pool_tag(provider: str) -> str:
+    """Every key of one provider's pool shares this hash tag (pool_pick.lua, pool_report.lua)."""
+    return f"{ROOT}:{{p:{provider}}}:"
+
+
+def pool_keys(provider: str) -> list[str]:
+    """[cooling hash, per-minute use hash, round-robin cursor, per-minute stats prefix]."""
+    t = pool_tag(provider)
+    return [t + "cool", t + "use", t + "rr", t + "stats:"]

@@ -17,6 +17,10 @@ from atlas.ledger.protocol import (
     KeyUsage,
     Leases,
     Ledger,
+    PoolObservation,
+    PoolPick,
+    Pools,
+    PoolState,
     Reaping,
     ReapTotals,
     Settlement,
@@ -28,6 +32,7 @@ from atlas.ledger.redis.audit import RedisAudit
 from atlas.ledger.redis.client import Conn, connect
 from atlas.ledger.redis.history import RedisHistory, ScopeOrPrefix
 from atlas.ledger.redis.keystore import RedisKeyStore
+from atlas.ledger.redis.pools import RedisPools
 from atlas.ledger.redis.scripts import Scripts
 from atlas.ledger.redis.settlement import RedisSettlements
 from atlas.ledger.redis.zones import Zones
@@ -58,6 +63,7 @@ class RedisLedger:
         )
         self.windows = RedisHistory(self.conn, self.zones, settings)
         self.audit_log = RedisAudit(self.conn)
+        self.pools = RedisPools(self.conn)
 
     @classmethod
     def from_settings(cls, settings: Settings, *, buffer_history: bool = False) -> RedisLedger:
@@ -164,6 +170,18 @@ class RedisLedger:
     async def add_window_fields(self, key_id: str, window: str, fields: dict[str, int]) -> None:
         await self.windows.add_window_fields(key_id, window, fields)
 
+    # ---- Pools -------------------------------------------------------------------------
+    async def pick(
+        self, provider: str, strategy: str, estimate: int, members: Sequence[tuple[str, int, int]]
+    ) -> PoolPick:
+        return await self.pools.pick(provider, strategy, estimate, members)
+
+    async def report(self, provider: str, observations: Sequence[PoolObservation]) -> None:
+        await self.pools.report(provider, observations)
+
+    async def pool_state(self, provider: str, minutes: int) -> PoolState:
+        return await self.pools.pool_state(provider, minutes)
+
     # ---- Audit -------------------------------------------------------------------------
     async def audit(self, entry: dict[str, Any]) -> None:
         await self.audit_log.audit(entry)
@@ -176,5 +194,5 @@ if TYPE_CHECKING:  # mypy checks RedisLedger against every port
 
     def _ports(
         led: RedisLedger,
-    ) -> tuple[Ledger, AdminLedger, Admissions, Leases, Settlements, Reaping]:
-        return led, led, led, led, led, led
+    ) -> tuple[Ledger, AdminLedger, Admissions, Leases, Settlements, Reaping, Pools]:
+        return led, led, led, led, led, led, led

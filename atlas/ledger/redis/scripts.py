@@ -27,7 +27,7 @@ REAP_BATCH = 100
 MAX_CACHED_ADMIT_KEYS = 10_000
 
 
-def _load_script(name: str) -> str:
+def load_script(name: str) -> str:
     pkg = resources.files("atlas.ledger") / "lua"
     prelude = (pkg / "_clock.lua").read_text()
     return prelude + "\n" + (pkg / f"{name}.lua").read_text()
@@ -47,7 +47,7 @@ class Scripts:
     def register(cls, client: Any) -> Scripts:
         return cls(
             *(
-                client.register_script(_load_script(name))
+                client.register_script(load_script(name))
                 for name in ("admit", "settle", "reap", "lease", "release")
             )
         )
