@@ -12,7 +12,16 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
-from admin.routes import audit, dashboard, forecasting, health, history, keys, usage
+from admin.routes import (
+    audit,
+    dashboard,
+    forecasting,
+    health,
+    history,
+    keys,
+    providers,
+    usage,
+)
 from admin.selfserve import SelfServe
 from atlas import metrics
 from atlas.errors import Denied, LedgerUnavailable
@@ -77,6 +86,7 @@ def create_app(settings: Settings, ledger: AdminLedger | None = None) -> FastAPI
     app.include_router(history.router)
     app.include_router(audit.router)
     app.include_router(forecasting.router)
+    app.include_router(providers.router)
     app.include_router(dashboard.router)
     return app
 

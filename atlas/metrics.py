@@ -6,7 +6,7 @@ Each process exports its own registry: authz and extproc on their metrics ports,
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 REQUESTS = Counter(
     "atlas_requests_total",
@@ -81,4 +81,40 @@ LEASES = Counter(
     "atlas_reservation_leases_total",
     "Reservation claims and renewals written for live ext_proc streams",
     ["op"],  # claim | renew
+)
+
+# ---- providers (extproc, from Envoy's access log and settlements) ---------------------------
+_PROVIDER_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+PROVIDER_REQUESTS = Counter(
+    "atlas_provider_requests_total",
+    "Requests sent to a provider, by provider, pool member and status class"
+    " (2xx, 4xx, 429, 5xx, error: no answer)",
+    ["provider", "member", "status_class"],
+)
+PROVIDER_LATENCY = Histogram(
+    "atlas_provider_latency_seconds",
+    "Provider response time, first byte sent to last byte received",
+    ["provider"],
+    buckets=_PROVIDER_BUCKETS,
+)
+PROVIDER_TTFB = Histogram(
+    "atlas_provider_ttfb_seconds",
+    "Provider time to first byte (a stream's first token)",
+    ["provider"],
+    buckets=_PROVIDER_BUCKETS,
+)
+PROVIDER_COOLING = Gauge(
+    "atlas_provider_member_cooling",
+    "1 while a pool member (member '*': the whole provider) is cooling after 429/401/5xx",
+    ["provider", "member"],
+)
+PROVIDER_TOKENS = Counter(
+    "atlas_provider_tokens_total",
+    "Tokens settled per provider and pool member, by kind (prompt, completion)",
+    ["provider", "member", "kind"],
+)
+PROVIDER_SPEND = Counter(
+    "atlas_provider_spend_usd_total",
+    "Spend settled per provider and pool member (ATLAS_MODEL_PRICES), USD",
+    ["provider", "member"],
 )

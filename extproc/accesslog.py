@@ -34,6 +34,7 @@ from atlas.grant import (
     GRANT_HEADER,
     OWNER_KEY,
     PROC_HEADER,
+    PROVIDER_HEADER,
     USAGE_NAMESPACE,
     Grant,
     ProcMode,
@@ -42,6 +43,7 @@ from atlas.ledger.protocol import Settlement
 from atlas.modelnames import ModelNames
 from atlas.pricing import PriceBook
 from atlas.requestbody import tokens_for_chars
+from extproc.providers import ProviderReporter
 from extproc.settlement import settlement_for
 from extproc.usage import Usage
 
@@ -179,7 +181,10 @@ class AccessLogSettler(als_pb2_grpc.AccessLogServiceServicer):
         *,
         prices: PriceBook | None = None,
         models: ModelNames | None = None,
+        providers: ProviderReporter | None = None,
     ) -> None:
+        """:param providers: told what each provider-routed request's provider answered."""
+        self._providers = providers
         self._submit = submit
         self._release = release
         self._prices = prices
@@ -191,6 +196,8 @@ class AccessLogSettler(als_pb2_grpc.AccessLogServiceServicer):
         async for msg in request_iterator:
             for entry in msg.http_logs.log_entry:
                 try:
+                    if self._providers is not None:
+                        self._report_provider(entry)
                     d = decide(entry, self._prices, self._models)
                 except Exception:  # one odd entry must not end the stream for the others
                     log.exception("access-log entry could not be read; skipped")
@@ -204,6 +211,16 @@ class AccessLogSettler(als_pb2_grpc.AccessLogServiceServicer):
                 elif d.release:
                     self._release(d.grant.key_id, d.grant.reservation_id)
         return als_pb2.StreamAccessLogsResponse()
+
+    def _report_provider(self, entry: al.HTTPAccessLogEntry) -> None:
+        assert self._providers is not None
+        authz = entry.common_properties.metadata.filter_metadata.get(AUTHZ_NAMESPACE)
+        if authz is None or _string(authz.fields, PROVIDER_HEADER) is None:
+            return
+        text = _string(authz.fields, GRANT_HEADER)
+        grant = Grant.decode(text) if text else None
+        if grant is not None and grant.provider:
+            self._providers.entry(entry, grant)
 
 
 _ENTRIES = metrics.DECISIONS.labels(service="extproc", decision="access_log_settled")

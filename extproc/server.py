@@ -29,11 +29,13 @@ from atlas.ledger.protocol import LedgerInputError, Settlement, Settlements
 from atlas.ledger.redis import RedisLedger
 from atlas.modelnames import ModelNames
 from atlas.pricing import PriceBook
+from atlas.providers import config as providers_config
 from atlas.settings import Settings
 from extproc.accesslog import AccessLogSettler
 from extproc.exchange import Exchange
 from extproc.journal import SettlementJournal
 from extproc.leases import LeaseKeeper
+from extproc.providers import ProviderReporter
 from extproc.reaper import Reaper
 
 log = logging.getLogger("atlas.extproc")
@@ -77,11 +79,13 @@ class Settler:
         *,
         journal: SettlementJournal | None = None,
         inflight: InflightGauge | None = None,
+        providers: ProviderReporter | None = None,
         sleep: Callable[[float], Any] = asyncio.sleep,
     ) -> None:
         self._ledger = ledger
         self._journal = journal
         self._inflight = inflight
+        self._providers = providers
         self._sleep = sleep
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -126,6 +130,8 @@ class Settler:
         metrics.SETTLEMENTS.labels(outcome=s.outcome, source=source, status=result.status).inc()
         if result.status == "duplicate":
             return
+        if self._providers is not None and grant is not None and grant.provider:
+            self._providers.settled(s, grant)
         metrics.REQUESTS.labels(key_id=s.key_id, model=s.model, outcome=s.outcome).inc()
         tokens = metrics.TOKENS_USED.labels
         tokens(key_id=s.key_id, model=s.model, kind="prompt").inc(s.prompt_tokens)
@@ -302,7 +308,11 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
         journal_dir / f"atlas-extproc-{settings.extproc_port}.journal",
         max_bytes=settings.journal_max_bytes,
     )
-    settler = Settler(ledger, journal=journal, inflight=inflight)
+    reporter = None
+    if settings.providers_file:
+        reporter = ProviderReporter(providers_config.load(settings.providers_file), ledger)
+        background.append(asyncio.create_task(reporter.run()))
+    settler = Settler(ledger, journal=journal, inflight=inflight, providers=reporter)
     background.append(asyncio.create_task(_replay_forever(journal, ledger)))
     reaper = Reaper(
         ledger,
@@ -326,6 +336,7 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
         leases.abandon,
         prices=PriceBook(settings.model_prices),
         models=ModelNames.from_settings(settings),
+        providers=reporter,
     )
 
     def register(server: Any) -> None:

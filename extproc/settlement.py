@@ -55,6 +55,8 @@ def settlement_for(
         cached_tokens=cached,
         reasoning_tokens=reasoning,
         cache_write_tokens=cache_write,
+        provider=g.provider,
+        member=g.member,
     )
 
 

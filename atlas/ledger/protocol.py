@@ -81,6 +81,9 @@ class Settlement:
     cached_tokens: int = 0
     reasoning_tokens: int = 0
     cache_write_tokens: int = 0
+    #: The provider and pool member that served it (atlas/providers; "" without providers).
+    provider: str = ""
+    member: str = ""
 
 
 @dataclass(slots=True, frozen=True)
@@ -258,8 +261,53 @@ class Audit(Protocol):
     ) -> list[dict[str, Any]]: ...
 
 
-class AdminLedger(Probe, KeyStore, History, Audit, Protocol):
-    """What admin uses: key records, history and the audit stream."""
+@dataclass(slots=True, frozen=True)
+class PoolPick:
+    """A pool's answer: the member to use, or how long until one may serve and why."""
+
+    member: str
+    wait_ms: int = 0
+    why: str = ""
+
+
+@dataclass(slots=True, frozen=True)
+class PoolObservation:
+    """What one request did at a provider (from Envoy's access log or a settlement)."""
+
+    member: str = ""
+    cool_ms: int = 0
+    cool_scope: str = "member"  # member | provider
+    reason: str = ""
+    #: Tokens used minus the estimate the pick counted (per-minute use of the member).
+    token_correction: int = 0
+    #: "<member or *>|<field>" -> amount added to this minute's stats.
+    stats: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(slots=True, frozen=True)
+class PoolState:
+    """A provider's shared state for the health view: cooling entries (member or "*" ->
+    (until epoch s, reason)), this minute's use per member, and per-minute stats."""
+
+    cooling: dict[str, tuple[float, str]]
+    use: dict[str, int]  # "<member>|r" / "<member>|t" -> this minute's count
+    minutes: list[dict[str, int]]  # newest last
+
+
+class Pools(Protocol):
+    """Provider key pools shared by every replica: picks, cooling, per-minute numbers."""
+
+    async def pick(
+        self, provider: str, strategy: str, estimate: int, members: Sequence[tuple[str, int, int]]
+    ) -> PoolPick: ...
+
+    async def report(self, provider: str, observations: Sequence[PoolObservation]) -> None: ...
+
+    async def pool_state(self, provider: str, minutes: int) -> PoolState: ...
+
+
+class AdminLedger(Probe, KeyStore, History, Audit, Pools, Protocol):
+    """What admin uses: key records, history, the audit stream and provider pools."""
 
 
 class Ledger(Protocol):
@@ -346,48 +394,3 @@ def check_settlement(s: Settlement) -> None:
     _check("cached_tokens", s.cached_tokens, 0, s.prompt_tokens)
     _check("cache_write_tokens", s.cache_write_tokens, 0, s.prompt_tokens - s.cached_tokens)
     _check("reasoning_tokens", s.reasoning_tokens, 0, s.completion_tokens)
-
-
-@dataclass(slots=True, frozen=True)
-class PoolPick:
-    """A pool's answer: the member to use, or how long until one may serve and why."""
-
-    member: str
-    wait_ms: int = 0
-    why: str = ""
-
-
-@dataclass(slots=True, frozen=True)
-class PoolObservation:
-    """What one request did at a provider (from Envoy's access log or a settlement)."""
-
-    member: str = ""
-    cool_ms: int = 0
-    cool_scope: str = "member"  # member | provider
-    reason: str = ""
-    #: Tokens used minus the estimate the pick counted (per-minute use of the member).
-    token_correction: int = 0
-    #: "<member or *>|<field>" -> amount added to this minute's stats.
-    stats: dict[str, int] = field(default_factory=dict)
-
-
-@dataclass(slots=True, frozen=True)
-class PoolState:
-    """A provider's shared state for the health view: cooling entries (member or "*" ->
-    (until epoch s, reason)), this minute's use per member, and per-minute stats."""
-
-    cooling: dict[str, tuple[float, str]]
-    use: dict[str, int]  # "<member>|r" / "<member>|t" -> this minute's count
-    minutes: list[dict[str, int]]  # newest last
-
-
-class Pools(Protocol):
-    """Provider key pools shared by every replica: picks, cooling, per-minute numbers."""
-
-    async def pick(
-        self, provider: str, strategy: str, estimate: int, members: Sequence[tuple[str, int, int]]
-    ) -> PoolPick: ...
-
-    async def report(self, provider: str, observations: Sequence[PoolObservation]) -> None: ...
-
-    async def pool_state(self, provider: str, minutes: int) -> PoolState: ...

@@ -26,6 +26,7 @@ from atlas.local.ports import free_port
 from atlas.local.procs import Child, ComponentDied, redis_ping
 from atlas.local.valkey import valkey_argv
 from atlas.probes import authz_serving, grpc_serving, http_ok
+from atlas.providers import config as providers_config
 from atlas.settings import LEGACY_ENV_NAMES, Settings
 
 #: Timeout of one readiness probe (s); probes repeat every 50 ms until the child is ready.
@@ -189,6 +190,9 @@ class Stack:
                     model_routes=s.model_routes,
                     authz_protocol=s.authz_protocol,
                     access_log_settlement=s.settle_from_access_log,
+                    providers=providers_config.load(s.providers_file)
+                    if s.providers_file
+                    else None,
                 )
             )
         )
