@@ -245,21 +245,13 @@ class Authorizer:
         if self._providers is not None and route.reads_body:
             try:
                 upstream = await self._providers.choose(req.model, admission.reserved)
-            except Denied:
-                await self.release(key.id, rid)  # no provider can serve: nothing was used
+            except Denied:  # no provider can serve: nothing was used
+                await self.release(key.id, rid)
                 raise
         if self._shedder is not None:
             self._shedder.gauge.add(admission.reserved)
-        return Verdict(
-            key,
-            rid,
-            priority,
-            req,
-            admission,
-            admission.reason,
-            route=route.name,
-            upstream=upstream,
-        )
+        v = Verdict(key, rid, priority, req, admission, admission.reason, route=route.name)
+        return dataclasses.replace(v, upstream=upstream) if upstream else v
 
     def _simple_request(self, inp: CheckInput, route: Route) -> LLMRequest | None:
         """What the body asks for, or None when it must be parsed off the event loop;

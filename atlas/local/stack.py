@@ -190,9 +190,7 @@ class Stack:
                     model_routes=s.model_routes,
                     authz_protocol=s.authz_protocol,
                     access_log_settlement=s.settle_from_access_log,
-                    providers=providers_config.load(s.providers_file)
-                    if s.providers_file
-                    else None,
+                    providers=providers_config.load(s.providers_file) if s.providers_file else None,
                 )
             )
         )

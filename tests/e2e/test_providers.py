@@ -84,7 +84,8 @@ async def world(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World
         ):
             key = (
                 await admin.post(
-                    "/v1/admin/keys", json={"name": "providers", "rate_per_sec": 1000, "burst": 1000}
+                    "/v1/admin/keys",
+                    json={"name": "providers", "rate_per_sec": 1000, "burst": 1000},
                 )
             ).json()
             yield World(stack, *ups, admin, key)
@@ -100,7 +101,9 @@ async def _mode(up: DemoUpstream, mode: dict[str, Any] | None) -> None:
 
 
 def _credentials_seen(up: DemoUpstream) -> list[str]:
-    return [r["headers"].get("authorization", "") for r in up.requests if r["path"].startswith("/v1")]
+    return [
+        r["headers"].get("authorization", "") for r in up.requests if r["path"].startswith("/v1")
+    ]
 
 
 async def _health(w: World) -> dict[str, Any]:
@@ -135,7 +138,9 @@ async def test_credentials_reach_only_their_provider(world: World) -> None:
 
 @pytest.mark.asyncio(loop_scope="session")
 async def test_a_member_cools_for_its_retry_after_and_returns(world: World) -> None:
-    await _mode(world.pooled, {"credentials": {SECRETS["pool-2"]: {"status": 429, "retry_after": 3}}})
+    await _mode(
+        world.pooled, {"credentials": {SECRETS["pool-2"]: {"status": 429, "retry_after": 3}}}
+    )
     client = world.client()
     try:
         statuses = []
@@ -180,7 +185,13 @@ async def _not_cooling(w: World, provider: str, member: str) -> bool:
 async def test_every_member_cooling_is_a_503_with_retry_after(world: World) -> None:
     await _mode(
         world.pooled,
-        {"credentials": {s: {"status": 429, "retry_after": 2} for k, s in SECRETS.items() if k.startswith("pool")}},
+        {
+            "credentials": {
+                s: {"status": 429, "retry_after": 2}
+                for k, s in SECRETS.items()
+                if k.startswith("pool")
+            }
+        },
     )
     try:
         async with httpx.AsyncClient(base_url=world.stack.proxy_url) as c:
@@ -189,9 +200,7 @@ async def test_every_member_cooling_is_a_503_with_retry_after(world: World) -> N
             for _ in range(3):
                 r = await c.post("/v1/chat/completions", json=body, headers=auth)
                 assert r.status_code == 429
-            await _until(
-                lambda: _all_cooling(world), timeout_s=2
-            )
+            await _until(lambda: _all_cooling(world), timeout_s=2)
             r = await c.post("/v1/chat/completions", json=body, headers=auth)
             assert r.status_code == 503, r.text
             assert r.json()["error"]["code"] == "providers_unavailable"
@@ -235,6 +244,7 @@ async def test_failover_to_the_secondary_is_charged_once_and_names_it(world: Wor
     assert after["daily"]["used"] - before["daily"]["used"] == (
         r.usage.total_tokens + (r2.usage.total_tokens if r2.usage else 0)
     )  # the failed attempt was refunded: each completion charged once
+
     async def usage_reported() -> bool:  # written after the settlement, batched
         return bool((await _health(world))["secondary"]["usage"]["requests"] >= 2)
 

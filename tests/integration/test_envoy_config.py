@@ -86,3 +86,27 @@ def test_bad_model_route_is_a_clear_error() -> None:
         render(EnvoyParams(upstream="http://u:1", model_routes={"m": ["ftp://x"]}))
     with pytest.raises(ConfigError, match="model route 'm'"):
         render(EnvoyParams(upstream="http://u:1", model_routes={"m": []}))
+
+
+PROVIDERS_EXAMPLE = EXAMPLE.parent / "providers.yaml"
+PROVIDERS_FILE = EXAMPLE.parents[2] / "deploy" / "providers" / "providers.example.yaml"
+
+
+def test_providers_example_is_current_and_valid(capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's providers file renders to the shipped example, which Envoy accepts."""
+    from atlas.cli import main
+
+    args = ["render-envoy", "--upstream", "http://vllm:8000", "--authz", "authz:50051"]
+    args += ["--extproc", "extproc:50052", "--admin", "admin:8081"]
+    assert main([*args, "--providers", str(PROVIDERS_FILE.relative_to(Path.cwd()))]) == 0
+    fresh = capsys.readouterr().out
+    shipped = "".join(
+        ln
+        for ln in PROVIDERS_EXAMPLE.read_text().splitlines(keepends=True)
+        if not ln.startswith("## ")
+    )
+    assert shipped == fresh, "regenerate envoy/examples/providers.yaml (see its header)"
+    validate(PROVIDERS_EXAMPLE)
+    for name in ("vllm", "openai", "groq", "gemini", "anthropic"):
+        assert f'"name": "provider_{name}"' in fresh or f"name: provider_{name}" in fresh
+    assert "clear_route_cache: true" in fresh

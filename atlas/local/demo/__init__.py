@@ -123,6 +123,7 @@ from atlas.local.demo.counting import (
     count_tokens,
     generated_text,
 )
+from atlas.local.demo.modes import Failure, Mode, ModeError, parse_mode
 from atlas.local.demo.server import DemoUpstream, main, serve
 
 __all__ = [
@@ -131,9 +132,13 @@ __all__ = [
     "TOKENIZER",
     "VOCABULARY",
     "DemoUpstream",
+    "Failure",
+    "Mode",
+    "ModeError",
     "count_tokens",
     "generated_text",
     "main",
+    "parse_mode",
     "serve",
     "true_prompt_tokens",
 ]

@@ -7,6 +7,7 @@ import asyncio
 import collections
 import contextlib
 import json
+import re
 import signal
 import sys
 from typing import Any, Final
@@ -24,6 +25,7 @@ from atlas.local.demo.connection import _Connection
 from atlas.local.demo.counting import _DEFAULT_VOCAB, _VOCABS
 from atlas.local.demo.gemini import _gemini, _is_gemini_path
 from atlas.local.demo.hooks import _header_flag, _header_int, _Hooks
+from atlas.local.demo.modes import NORMAL, Failure, Mode, ModeError, failure_response, parse_mode
 from atlas.local.demo.protocol import _Request
 from atlas.local.demo.responses import (
     _ANTHROPIC,
@@ -50,21 +52,40 @@ class DemoUpstream:
         history_size: int = HISTORY_SIZE,
         fail_status: int | None = None,
         strict: bool = False,
+        name: str | None = None,
     ) -> None:
-        """:param fail_status: answer every /v1 request with this status (a broken replica
-        for retry and outlier-detection tests); /health stays healthy.
+        """:param fail_status: the initial mode: answer every /v1 request with this status (a
+        broken replica for retry and outlier-detection tests); /health stays healthy.
         :param strict: refuse unknown OpenAI request fields as OpenAI does (``x-demo-strict``
-        overrides it per request)."""
+        overrides it per request).
+        :param name: the provider this instance plays, sent back as ``x-demo-provider`` so a
+        test sees which instance answered."""
+        if name is not None and not _NAME.fullmatch(name):
+            raise ValueError("name must be 1..64 of letters, digits and -_.:")
         self.host = host
         self.port = port
         self.chunk_delay_s = chunk_delay_s
-        self.fail_status = fail_status
         self.strict = strict
+        self.name = name
+        self._provider = b"" if name is None else f"x-demo-provider: {name}\r\n".encode()
+        # None while normal, so the request path pays one attribute test for the feature.
+        self._mode: Mode | None = None
+        if fail_status is not None:
+            self.mode = Mode(Failure(fail_status))
         self._plain_hooks: _Hooks | None = None
         self.requests: collections.deque[dict[str, Any]] = collections.deque(maxlen=history_size)
         self._server: asyncio.Server | None = None
         self._connections: set[_Connection] = set()
         self._all_gone: asyncio.Event | None = None
+
+    @property
+    def mode(self) -> Mode:
+        """The failure mode (see :mod:`atlas.local.demo.modes`); ``PUT /demo/mode`` sets it."""
+        return NORMAL if self._mode is None else self._mode
+
+    @mode.setter
+    def mode(self, mode: Mode) -> None:
+        self._mode = None if mode.is_normal else mode
 
     @property
     def url(self) -> str:
@@ -130,8 +151,8 @@ class DemoUpstream:
             if method != "GET":
                 return _method_not_allowed("GET", ka)
             return _json_response(200, _HEALTH_BODY, ka)
-        if path == "/demo/requests":
-            return self._demo_requests(method, ka)
+        if path.startswith("/demo/"):
+            return self._demo(req)
 
         raw = req.body
         body: Any = ""
@@ -144,6 +165,7 @@ class DemoUpstream:
                 body = raw.decode("utf-8", "replace")
         self._record(req, body)
 
+        provider = self._provider
         handler = _POST_ROUTES.get(path)
         dialect = _OPENAI
         if handler is not None:
@@ -159,17 +181,22 @@ class DemoUpstream:
         else:
             dialect = _GEMINI if path.startswith("/v1beta/") else _OPENAI
             message = f"Unknown path: {method} {path}"
-            return _json_response(404, _error_body(404, message, dialect=dialect), ka)
+            return _json_response(404, _error_body(404, message, dialect=dialect), ka, provider)
         if method != allowed:
-            return _method_not_allowed(allowed, ka, dialect)
+            return _method_not_allowed(allowed, ka, dialect, provider)
 
         try:
-            status = _header_int(req.headers, "x-demo-status", 400, 599) or self.fail_status
+            status = _header_int(req.headers, "x-demo-status", 400, 599)
             if status is not None:
                 message = f"demo upstream: forced status {status}"
-                return _json_response(status, _error_body(status, message, dialect=dialect), ka)
+                error = _error_body(status, message, dialect=dialect)
+                return _json_response(status, error, ka, provider)
+            if self._mode is not None:
+                failure = self._mode.failure_for(req.headers)
+                if failure is not None:
+                    return failure_response(failure, dialect, ka, provider)
             if handler is None:
-                return _json_response(200, _model_body(path), ka)
+                return _json_response(200, _model_body(path), ka, provider)
             if not body_is_json or not isinstance(body, dict):
                 raise _ApiError(
                     400,
@@ -182,10 +209,10 @@ class DemoUpstream:
             result, plan = handler(body, hooks, req)
         except _ApiError as e:
             error = _error_body(e.status, e.message, e.param, dialect, e.code)
-            return _json_response(e.status, error, ka)
+            return _json_response(e.status, error, ka, provider)
         if plan is None:
             payload = result if isinstance(result, bytes) else _dumps(result).encode()
-            return _json_response(200, payload, ka)
+            return _json_response(200, payload, ka, provider)
         chunked = req.version == "HTTP/1.1"
         if not chunked:
             # HTTP/1.0 has no chunked coding: the end of the stream is the end of the connection.
@@ -194,7 +221,32 @@ class DemoUpstream:
             return _Stream(plan.events, hooks.delay_s, hooks.abort_after, plan.done_marker)
         # Unpaced streams are rendered in one go: one write, no task, no per-event awaits.
         head = _stream_head(req.keep_alive, chunked)
+        if provider:
+            head = head[:-2] + provider + b"\r\n"  # before the blank line that ends the head
         return head + _stream_bytes(plan.events, plan.done_marker, chunked)
+
+    def _demo(self, req: _Request) -> bytes:
+        """The test controls under /demo/; never recorded, never failed by the mode."""
+        if req.path == "/demo/requests":
+            return self._demo_requests(req.method, req.keep_alive)
+        if req.path == "/demo/mode":
+            return self._demo_mode(req)
+        message = f"Unknown path: {req.method} {req.path}"
+        return _json_response(404, _error_body(404, message), req.keep_alive)
+
+    def _demo_mode(self, req: _Request) -> bytes:
+        method = req.method
+        keep_alive = req.keep_alive
+        if method == "PUT":
+            try:
+                self.mode = parse_mode(req.body)
+            except ModeError as e:
+                return _json_response(400, _error_body(400, str(e)), keep_alive)
+        elif method == "DELETE":
+            self.mode = NORMAL
+        elif method != "GET":
+            return _method_not_allowed("GET, PUT, DELETE", keep_alive)
+        return _json_response(200, _dumps(self.mode.to_json()).encode(), keep_alive)
 
     def _demo_requests(self, method: str, keep_alive: bool) -> bytes:
         if method == "GET":
@@ -239,6 +291,7 @@ class DemoUpstream:
         )
 
 
+_NAME: Final = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 _HOOK_HEADERS: Final = frozenset(
     {
         "x-demo-tokens", "x-demo-no-usage", "x-demo-chunk-delay-ms", "x-demo-abort-after",
@@ -257,12 +310,14 @@ def _model_body(path: str) -> bytes:
     ).encode()
 
 
-def _method_not_allowed(allow: str, keep_alive: bool, dialect: str = _OPENAI) -> bytes:
+def _method_not_allowed(
+    allow: str, keep_alive: bool, dialect: str = _OPENAI, extra: bytes = b""
+) -> bytes:
     return _json_response(
         405,
         _error_body(405, f"Method not allowed; use {allow}", dialect=dialect),
         keep_alive,
-        f"allow: {allow}\r\n".encode(),
+        f"allow: {allow}\r\n".encode() + extra,
     )
 
 
@@ -291,7 +346,12 @@ async def serve(
 
 
 async def _run(
-    host: str, port: int, chunk_delay_s: float, fail_status: int | None, strict: bool
+    host: str,
+    port: int,
+    chunk_delay_s: float,
+    fail_status: int | None,
+    strict: bool,
+    name: str | None,
 ) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -299,7 +359,7 @@ async def _run(
     for sig in signals:
         loop.add_signal_handler(sig, stop.set)
     upstream = DemoUpstream(
-        host, port, chunk_delay_s=chunk_delay_s, fail_status=fail_status, strict=strict
+        host, port, chunk_delay_s=chunk_delay_s, fail_status=fail_status, strict=strict, name=name
     )
     try:
         try:
@@ -307,7 +367,8 @@ async def _run(
         except OSError as e:
             print(f"demo-upstream: cannot listen on {host}:{port}: {e}", file=sys.stderr)
             return 1
-        print(f"demo-upstream listening on {upstream.url}", flush=True)
+        playing = "" if name is None else f" as {name}"
+        print(f"demo-upstream listening on {upstream.url}{playing}", flush=True)
         await stop.wait()
         await upstream.stop()
         return 0
@@ -334,7 +395,13 @@ def main(argv: list[str] | None = None) -> int:
         "--fail-status",
         type=int,
         default=None,
-        help="answer every /v1 request with this status (400..599), /health stays 200",
+        help="initial mode: answer every /v1 request with this status (400..599), /health "
+        "stays 200; PUT /demo/mode changes it at runtime",
+    )
+    parser.add_argument(
+        "--name",
+        default=None,
+        help="the provider this instance plays, echoed as the x-demo-provider response header",
     )
     parser.add_argument(
         "--strict",
@@ -347,9 +414,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--chunk-delay-ms must be >= 0")
     if args.fail_status is not None and not 400 <= args.fail_status <= 599:
         parser.error("--fail-status must be 400..599")
+    if args.name is not None and not _NAME.fullmatch(args.name):
+        parser.error("--name must be 1..64 of letters, digits and -_.:")
+    delay_s = args.chunk_delay_ms / 1000.0
     try:
         return asyncio.run(
-            _run(args.host, args.port, args.chunk_delay_ms / 1000.0, args.fail_status, args.strict)
+            _run(args.host, args.port, delay_s, args.fail_status, args.strict, args.name)
         )
     except KeyboardInterrupt:
         return 0
