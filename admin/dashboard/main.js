@@ -7,6 +7,7 @@
  *   page.js      shared state, banner, ready   charts.js  uPlot plumbing
  *   keys.js      the API keys table            usage.js   tiles and the usage chart
  *   forecast.js  forecast chart, quota warnings and capacity
+ *   providers.js upstream providers and pool members: state, errors, latency, spend
  *
  * For tests and people alike, <body> carries data-ready="true" once every fetch of the latest
  * refresh has finished and the page shows its outcome, and data-state = ok | partial | error |
@@ -26,6 +27,7 @@ import { markSelectedRow, renderKeys, renderScopeOptions, scopeName } from "./ke
 import {
   $, hideBanner, setReady, showBanner, showProblems, state, tracked,
 } from "./page.js";
+import { clearProviders, providersPath, renderProviders } from "./providers.js";
 import { HISTORY_HOURS, historyPath, renderTiles, renderUsage } from "./usage.js";
 
 const REFRESH_MS = 60_000;
@@ -41,6 +43,7 @@ function clearData() {
   $("warnings").replaceChildren();
   $("usage-chart").replaceChildren();
   $("forecast-chart").replaceChildren();
+  clearProviders();
   $("content").hidden = true;
   $("refresh").hidden = true;
   $("signout").hidden = true;
@@ -81,9 +84,10 @@ function refreshAll() {
     try {
       const keysBody = await api("/v1/admin/keys?limit=500");
       const keys = keysBody.items || [];
-      const [capacity, globalHistory, usages] = await Promise.all([
+      const [capacity, globalHistory, providers, usages] = await Promise.all([
         soft(api("/v1/forecasting/capacity-recommendations"), "Quota forecast", problems),
         soft(api(`/v1/admin/history?hours=${HISTORY_HOURS}`), "Usage history", problems),
+        soft(api(providersPath()), "Providers", problems),
         mapLimit(keys, USAGE_CONCURRENCY, (k) =>
           soft(api(`/v1/admin/keys/${encodeURIComponent(k.id)}/usage`), "Key usage", problems)),
       ]);
@@ -101,6 +105,7 @@ function refreshAll() {
       renderTiles(keysBody, globalHistory);
       renderKeys(keysBody);
       renderWarnings(capacity);
+      renderProviders(providers);
       renderScopeOptions();
       await loadCharts(problems, globalHistory);
       if (gen !== state.refreshGen) return;

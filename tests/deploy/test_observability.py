@@ -29,6 +29,8 @@ LAZY_ENVOY_STATS = {
     "envoy_cluster_ext_authz_ok",
     "envoy_cluster_ext_authz_denied",
     "envoy_cluster_upstream_rq_time",
+    # Exported only for clusters with outlier detection (provider and model clusters).
+    "envoy_cluster_outlier_detection_ejections_active",
 }
 
 

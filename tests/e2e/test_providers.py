@@ -6,6 +6,7 @@ the provider health endpoint. Each provider is its own demo upstream."""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from atlas.local.stack import Stack
 from tests.e2e.conftest import ADMIN_TOKEN, running_stack
 from tests.e2e.helpers import settled
 
+DOCS_SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "providers.png"
 MESSAGES = [{"role": "user", "content": "Tell me about foxes."}]
 SECRETS = {"pool-1": "sk-pool-one", "pool-2": "sk-pool-two", "pool-3": "sk-pool-three"}
 SECRETS |= {"primary-1": "sk-primary", "secondary-1": "sk-secondary"}
@@ -274,3 +276,48 @@ async def test_streams_route_to_providers_and_are_settled(world: World) -> None:
     assert text
     assert world.pooled.requests[-1]["headers"]["authorization"].startswith("Bearer sk-pool-")
     await settled(world.admin, world.key["id"])
+
+
+PANEL = """(() => {
+  const rows = (sel, attr) => Object.fromEntries([...document.querySelectorAll(sel)].map(
+    (tr) => [tr.dataset[attr], tr.querySelector('.state').textContent.trim()]));
+  return {
+    configured: document.getElementById('providers').dataset.configured,
+    providers: rows('#providers tr[data-provider]', 'provider'),
+    members: rows('#providers tr[data-member]', 'member'),
+    text: document.getElementById('providers').innerText,
+  };
+})()"""
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_dashboard_panel_shows_provider_states(world: World, tmp_path: Path) -> None:
+    """After the failover above the primary cools (server_error_s: 30); the panel shows it,
+    in Chromium."""
+    from tests.browser import CHROMIUM, chromium
+
+    if not CHROMIUM.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{CHROMIUM} is missing")
+        pytest.skip(f"{CHROMIUM} is missing: run scripts/install-chromium.sh")
+    async with chromium(CHROMIUM) as browser:
+        page = await browser.new_page()
+        try:
+            await page.goto(f"{world.stack.admin_url}/dashboard#token={ADMIN_TOKEN}")
+            await page.wait_for(
+                "document.querySelector('#providers tr[data-provider=primary]') !== null"
+            )
+            shown = await page.evaluate(PANEL)
+            png = await page.screenshot()
+        finally:
+            await page.close()
+    (tmp_path / "providers.png").write_bytes(png)
+    if os.environ.get("ATLAS_UPDATE_SCREENSHOT") == "1":
+        DOCS_SCREENSHOT.write_bytes(png)
+    assert shown["configured"] == "true"
+    assert shown["providers"]["primary"] == "cooling", shown
+    assert shown["providers"]["secondary"] == "active", shown
+    assert shown["providers"]["pooled"] in ("active", "cooling"), shown
+    assert set(shown["members"]) == {"pool-1", "pool-2", "pool-3", "primary-1", "secondary-1"}
+    assert "503" in shown["text"]  # the cooling reason
+    assert not page.errors, page.errors
