@@ -200,6 +200,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--providers", metavar="FILE", help="providers file: their clusters and routes"
     )
     render.add_argument("--validate", action="store_true", help="check with envoy --mode validate")
+    mesh = sub.add_parser(
+        "render-mesh",
+        help="print Istio or Envoy Gateway resources for the providers file",
+        description="The providers of FILE as Istio (ServiceEntry, DestinationRule, VirtualService)"
+        " or Envoy Gateway (Backend, BackendTLSPolicy, HTTPRoute) resources, multi-document YAML.",
+    )
+    mesh.add_argument("--providers", metavar="FILE", required=True)
+    mesh.add_argument("--mesh", choices=("istio", "gateway"), required=True)
+    mesh.add_argument("--namespace", default="atlas")
+    mesh.add_argument(
+        "--gateway", default="istio-system/atlas", help="Istio gateway / EG parent name"
+    )
     check = sub.add_parser(
         "check-config",
         help="validate the settings (environment) and the providers file",
@@ -288,6 +300,21 @@ def _render_envoy(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _render_mesh(ns: argparse.Namespace) -> int:
+    import yaml
+
+    from atlas.providers import config as providers_config
+    from atlas.providers import mesh
+
+    config = providers_config.load(ns.providers)
+    if ns.mesh == "istio":
+        docs = mesh.istio(config, namespace=ns.namespace, gateway=ns.gateway)
+    else:
+        docs = mesh.gateway(config, namespace=ns.namespace, parent=ns.gateway.split("/")[-1])
+    sys.stdout.write(yaml.safe_dump_all(docs, sort_keys=False))
+    return 0
+
+
 def _check_config(ns: argparse.Namespace) -> int:
     import tempfile
     from pathlib import Path
@@ -350,6 +377,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _render_envoy(ns)
         if ns.command == "check-config":
             return _check_config(ns)
+        if ns.command == "render-mesh":
+            return _render_mesh(ns)
         overrides = {k: v for k, v in vars(ns).items() if k in Settings.model_fields}
         settings = load_settings(overrides)
         if ns.command == "simulate":
