@@ -27,6 +27,8 @@ PER_KEY += ("reservation_expiry", "reservation_claims", "window_prefix", "window
 #: `lock` is global state ({g}); `model_prefix` is per model; `secret_index` has its own
 #: slot and is never touched by a script.
 OTHERS = ("lock", "model_prefix", "secret_index")
+#: builders of one provider pool's names: all in the slot of `{p:<provider>}`.
+POOL = ("pool_tag", "pool_keys")
 #: builders of one window or history hour by name: in the slot of their key or prefix.
 NAMED = ("day_window", "month_window", "history_hour")
 
@@ -62,7 +64,14 @@ def test_every_builder_in_keys_is_classified() -> None:
         for name, fn in inspect.getmembers(keys, inspect.isfunction)
         if fn.__module__ == keys.__name__
     }
-    assert builders == set(PER_KEY) | set(OTHERS) | set(NAMED)
+    assert builders == set(PER_KEY) | set(OTHERS) | set(NAMED) | set(POOL)
+
+
+@pytest.mark.parametrize("provider", ["openai", "a-b_c", "x" * 48])
+def test_a_pools_names_share_one_slot(provider: str) -> None:
+    cool, use, rr, stats = keys.pool_keys(provider)
+    names = [cool, use, rr, f"{stats}29552480", keys.pool_tag(provider)]
+    assert {slot(n) for n in names} == {slot(f"p:{provider}")}
 
 
 SAMPLE_IDS = ["key_0", "key_" + "f" * 16]

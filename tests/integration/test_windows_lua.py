@@ -132,8 +132,8 @@ class Pinned:
 async def pinned(
     settings: Settings, redis_sync: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[Pinned]:
-    load = redis_scripts._load_script
-    monkeypatch.setattr(redis_scripts, "_load_script", lambda name: PIN_TIME + load(name))
+    load = redis_scripts.load_script
+    monkeypatch.setattr(redis_scripts, "load_script", lambda name: PIN_TIME + load(name))
     p = Pinned(settings, redis_sync)
     yield p
     await p.ledger.close()
