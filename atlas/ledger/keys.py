@@ -112,6 +112,7 @@ def pool_tag(provider: str) -> str:
 
 
 def pool_keys(provider: str) -> list[str]:
-    """[cooling hash, per-minute use hash, round-robin cursor, per-minute stats prefix]."""
+    """[cooling hash, per-minute use prefix, round-robin cursor, per-minute stats prefix]
+    (the scripts append the minute to a prefix)."""
     t = pool_tag(provider)
-    return [t + "cool", t + "use", t + "rr", t + "stats:"]
+    return [t + "cool", t + "use:", t + "rr", t + "stats:"]

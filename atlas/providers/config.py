@@ -9,7 +9,6 @@ secrets; authz resolves them when it loads the file (atlas/providers/credentials
 
 from __future__ import annotations
 
-import fnmatch
 import re
 from pathlib import Path
 from typing import Annotated, Literal
@@ -156,8 +155,8 @@ class Alias(_Strict):
         return self
 
     def matches(self, model: str) -> bool:
-        if self.alias.endswith("*"):
-            return fnmatch.fnmatchcase(model, self.alias)
+        if self.alias.endswith("*"):  # a plain prefix: `?` and `[` are not glob syntax here
+            return model.startswith(self.alias[:-1])
         return model == self.alias
 
 

@@ -3,7 +3,8 @@
 -- answer for every authz replica.
 --
 -- KEYS[1] cool  hash member -> "until_ms|reason" (member "*": the whole provider)
--- KEYS[2] use   hash "<member>|r|<minute>" / "<member>|t|<minute>": requests and tokens per minute
+-- KEYS[2] use   prefix of per-minute hashes "<prefix><minute>": "<member>|r" / "<member>|t",
+--               requests and tokens of that minute (each hash expires after 3 minutes)
 -- KEYS[3] rr    integer: the round-robin cursor
 -- ARGV: strategy ("round_robin" | "least_used"), estimated tokens, member count, then per
 --       member: id, requests/min limit (0: none), tokens/min limit (0: none)
@@ -14,6 +15,7 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local minute = math.floor(now / 60000)
 local to_next_minute = (minute + 1) * 60000 - now
 local strategy, estimate, n = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local use = KEYS[2] .. minute
 
 local function until_of(entry)
   if not entry then return 0 end
@@ -40,10 +42,10 @@ end
 local cool = redis.call('HMGET', KEYS[1], unpack(fields))
 local counts = {}
 for i = 1, n do
-  counts[#counts + 1] = ids[i] .. '|r|' .. minute
-  counts[#counts + 1] = ids[i] .. '|t|' .. minute
+  counts[#counts + 1] = ids[i] .. '|r'
+  counts[#counts + 1] = ids[i] .. '|t'
 end
-local used = redis.call('HMGET', KEYS[2], unpack(counts))
+local used = redis.call('HMGET', use, unpack(counts))
 local reqs, toks = {}, {}
 for i = 1, n do
   reqs[i] = tonumber(used[2 * i - 1]) or 0
@@ -80,9 +82,9 @@ for _, i in ipairs(order) do
   else
     -- Rule: the chosen member counts the request and its estimate now (settlement corrects
     -- the tokens), so concurrent picks see each other.
-    redis.call('HINCRBY', KEYS[2], ids[i] .. '|r|' .. minute, 1)
-    redis.call('HINCRBY', KEYS[2], ids[i] .. '|t|' .. minute, estimate)
-    redis.call('PEXPIRE', KEYS[2], 180000)
+    redis.call('HINCRBY', use, ids[i] .. '|r', 1)
+    redis.call('HINCRBY', use, ids[i] .. '|t', estimate)
+    redis.call('PEXPIRE', use, 180000)
     if strategy == 'round_robin' then redis.call('SET', KEYS[3], i, 'PX', 86400000) end
     return {ids[i], 0, ''}
   end

@@ -2,7 +2,7 @@
 -- and the numbers the health view reads. One provider per call (hash tag {p:<provider>}).
 --
 -- KEYS[1] cool   hash member -> "until_ms|reason" (member "*": the whole provider)
--- KEYS[2] use    hash (see pool_pick.lua): "<member>|t|<minute>" token corrections
+-- KEYS[2] use    prefix of per-minute use hashes (see pool_pick.lua): token corrections
 -- KEYS[3] stats  prefix of per-minute hashes "<prefix><minute>"
 -- ARGV: stats ttl s, count, then per observation: member ("" for none), cool ms (0: none),
 --       cool scope ("member" | "provider"), reason, token correction, then field/amount pairs
@@ -32,9 +32,13 @@ for _ = 1, count do
   end
   if correction ~= 0 and member ~= '' then
     -- Rule: the tokens a pick counted by estimate become the tokens used (never below 0).
-    local f = member .. '|t|' .. minute
-    local v = redis.call('HINCRBY', KEYS[2], f, correction)
-    if v < 0 then redis.call('HSET', KEYS[2], f, 0) end
+    -- (into this minute's hash, which always gets its expiry: a late correction never
+    -- leaves a key without one)
+    local use = KEYS[2] .. minute
+    local f = member .. '|t'
+    local v = redis.call('HINCRBY', use, f, correction)
+    if v < 0 then redis.call('HSET', use, f, 0) end
+    redis.call('PEXPIRE', use, 180000)
   end
   for _ = 1, pairs_n do
     redis.call('HINCRBY', stats, ARGV[i], tonumber(ARGV[i + 1]))

@@ -53,7 +53,7 @@ class RedisPools:
         minute = int(now_s // 60)
         pipe = self._c.r.pipeline(transaction=False)
         pipe.hgetall(cool)
-        pipe.hgetall(use)
+        pipe.hgetall(f"{use}{minute}")
         for m in range(minute - minutes + 1, minute + 1):
             pipe.hgetall(f"{stats}{m}")
         rows = await self._c.call("pool state", pipe.execute)
@@ -62,12 +62,7 @@ class RedisPools:
             until_ms, _, reason = _text(v).partition("|")
             if until_ms.isdigit() and int(until_ms) / 1000 > now_s:
                 cooling[_text(k)] = (int(until_ms) / 1000, reason)
-        current: dict[str, int] = {}
-        suffix = f"|{minute}"
-        for k, v in rows[1].items():
-            name = _text(k)
-            if name.endswith(suffix):
-                current[name[: -len(suffix)]] = int(v)
+        current = {_text(k): int(v) for k, v in rows[1].items()}
         per_minute = [{_text(k): int(v) for k, v in h.items()} for h in rows[2:]]
         return PoolState(cooling, current, per_minute)
 
