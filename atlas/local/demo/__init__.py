@@ -12,9 +12,12 @@ Endpoints
 ``POST /v1/completions``, ``POST /v1/embeddings``, ``POST /v1/responses`` (OpenAI and vLLM),
 ``POST /v1/messages`` (Anthropic Messages), ``POST /v1beta/models/{model}:generateContent`` and
 ``:streamGenerateContent`` (Gemini; ``?alt=sse`` for SSE, else one JSON array; ``/v1/models/``
-works too), ``GET|DELETE /demo/requests``. Any model name is accepted and echoed back. Errors
-have each API's own shape (OpenAI ``{"error": {message, type, param, code}}``, Anthropic
-``{"type": "error", "error": {type, message}}``, Gemini ``{"error": {code, message, status}}``).
+works too), ``GET|DELETE /demo/requests``, ``GET|PUT|DELETE /demo/mode`` (the instance plays a
+provider: per-credential 429/401 with ``Retry-After`` or a whole-instance failure; see
+:mod:`atlas.local.demo.modes`; ``--name`` adds ``x-demo-provider``). Any model name is
+accepted and echoed back. Errors have each API's own shape (OpenAI ``{"error": {message,
+type, param, code}}``, Anthropic ``{"type": "error", "error": {type, message}}``, Gemini
+``{"error": {code, message, status}}``).
 
 Token model: the "truth" Atlas's estimators are tested against
 ------------------------------------------------------------------
