@@ -54,6 +54,8 @@ _ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
 MAX_GRANT_MODEL_CHARS = 256
 #: Provider and member ids are config names (atlas/providers/config.py NAME): 48 characters.
 MAX_GRANT_NAME_CHARS = 48
+#: End-user ids are client input (a header or OpenAI's `user` field): a bounded prefix.
+MAX_GRANT_USER_CHARS = 128
 
 
 class ProcMode:
@@ -104,12 +106,18 @@ class Grant:
     #: The provider and pool member authz chose (atlas/providers; "" without providers).
     provider: str = ""
     member: str = ""
+    #: Who is accounted: the key's team, the app the mesh identified, and the end user the
+    #: caller named (header or the body's `user`); "" when none.
+    team: str = ""
+    app: str = ""
+    end_user: str = ""
 
     def encode(self) -> str:
         """Printable ASCII JSON (a header value): non-ASCII and control characters escaped.
         Read field by field: `dataclasses.asdict` deep-copies each value (~25 µs a Check)."""
         d = {name: getattr(self, name) for name in _GRANT_FIELDS}
         d["model"] = self.model[:MAX_GRANT_MODEL_CHARS]
+        d["end_user"] = self.end_user[:MAX_GRANT_USER_CHARS]
         return _ENCODE(d)
 
     @classmethod
@@ -155,6 +163,9 @@ class Grant:
             continuous_usage=d.get("continuous_usage") is True,
             provider=text("provider")[:MAX_GRANT_NAME_CHARS],
             member=text("member")[:MAX_GRANT_NAME_CHARS],
+            team=text("team")[:MAX_GRANT_NAME_CHARS],
+            app=text("app")[:MAX_GRANT_NAME_CHARS],
+            end_user=text("end_user")[:MAX_GRANT_USER_CHARS],
         )
 
 

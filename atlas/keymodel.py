@@ -29,8 +29,24 @@ def new_secret() -> str:
     return SECRET_PREFIX + secrets.token_urlsafe(32)
 
 
-def new_key_id() -> str:
-    return "key_" + secrets.token_hex(8)
+#: A team id: a short slug an admin chooses (it appears in key ids, refusals and metrics).
+TEAM_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,31}$"
+#: Between a key id's own part and its team: `key_<hex>.<team>`.
+TEAM_SEPARATOR = "."
+
+
+def new_key_id(team: str | None = None) -> str:
+    """`key_<16 hex>`, or `key_<16 hex>.<team>` for a key of a team: the ledger derives the
+    hash tag from the id (atlas/ledger/keys.py), so a team's keys and the team's own limits
+    share one Redis Cluster slot and one admission script checks both."""
+    own = "key_" + secrets.token_hex(8)
+    return own + TEAM_SEPARATOR + team if team else own
+
+
+def team_of(key_id: str) -> str:
+    """The team a key id names ("" for a key of no team)."""
+    _, sep, team = key_id.partition(TEAM_SEPARATOR)
+    return team if sep else ""
 
 
 def hash_secret(secret: str) -> str:
@@ -93,6 +109,12 @@ class KeyRecord(BaseModel):
     #: ATLAS_WINDOW_TIMEZONE). Validated by admin; the ledger falls back to the default for a
     #: name this machine's tz database does not know.
     window_timezone: str | None = None
+    #: The team whose limits also apply (fixed at creation: the key id carries it).
+    team: str | None = None
+    #: The person the key belongs to (an owner record, admin/owners), and that owner's
+    #: `valid_until`, copied here by admin so authz refuses the key without another lookup.
+    owner: str | None = None
+    owner_valid_until: datetime | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     updated_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
@@ -112,4 +134,11 @@ class KeyRecord(BaseModel):
         if self.expired(now):
             raise Denied(
                 403, "This API key has expired.", type="permission_denied", code="key_expired"
+            )
+        if self.owner_valid_until is not None and self.owner_valid_until <= now:
+            raise Denied(
+                403,
+                "The owner of this API key is no longer valid.",
+                type="permission_denied",
+                code="owner_expired",
             )
