@@ -27,12 +27,8 @@ from atlas.grant import (
 )
 from atlas.metrics import DECISIONS
 from atlas.settings import Settings
-from authz.policy import (
-    Authorizer,
-    CheckInput,
-    Verdict,
-    ratelimit_header_list,
-)
+from authz.policy import Authorizer, CheckInput, Verdict
+from authz.refusals import ratelimit_header_list
 
 log = logging.getLogger("atlas.authz")
 

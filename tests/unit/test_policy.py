@@ -12,7 +12,8 @@ from atlas.keymodel import KeyRecord
 from atlas.modelnames import ModelNames
 from atlas.settings import Settings
 from authz.keycache import KeyCache
-from authz.policy import Authorizer, CheckInput, ratelimit_headers
+from authz.policy import Authorizer, CheckInput
+from authz.refusals import ratelimit_headers
 from tests.factories import key_record
 from tests.unit.fakes import FakeLedger, admission
 

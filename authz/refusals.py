@@ -1,0 +1,85 @@
+"""How a refused admission reaches the client: the OpenAI-shaped 429 (with `x-atlas-limit`
+naming the limit hit, key or team), OpenAI's `x-ratelimit-*` headers, and the counters."""
+
+from __future__ import annotations
+
+import math
+
+from atlas import metrics
+from atlas.errors import Denied
+from atlas.keymodel import KeyRecord
+from atlas.ledger.protocol import Admission
+
+
+def count_refusal(reason: str, key_id: str) -> None:
+    if reason.startswith(("quota_", "budget_")):
+        metrics.QUOTA_REJECTIONS.labels(key_id=key_id, window=reason).inc()
+    else:
+        metrics.RATE_LIMIT_REJECTIONS.labels(key_id=key_id, limit=reason).inc()
+
+
+def _duration(ms: int) -> str:
+    return f"{max(0, ms) / 1000:.3f}s"
+
+
+def ratelimit_header_list(a: Admission, key: KeyRecord) -> list[tuple[str, str]]:
+    """OpenAI's `x-ratelimit-*` headers. Tokens describe the tokens/minute bucket when the key
+    has one, else the daily quota."""
+    if key.tokens_per_minute and a.tokens_remaining is not None:
+        tokens = (
+            str(key.tokens_per_minute),
+            str(max(0, a.tokens_remaining)),
+            _duration(a.tokens_reset_ms),
+        )
+    else:
+        tokens = (
+            str(key.daily_limit),
+            str(max(0, key.daily_limit - a.day_used - a.day_reserved)),
+            _duration(a.day_reset_s * 1000 - a.now_ms),
+        )
+    return [
+        ("x-ratelimit-limit-requests", str(key.burst)),
+        ("x-ratelimit-remaining-requests", str(max(0, a.requests_remaining))),
+        ("x-ratelimit-reset-requests", _duration(a.requests_reset_ms)),
+        ("x-ratelimit-limit-tokens", tokens[0]),
+        ("x-ratelimit-remaining-tokens", tokens[1]),
+        ("x-ratelimit-reset-tokens", tokens[2]),
+    ]
+
+
+def ratelimit_headers(a: Admission, key: KeyRecord) -> dict[str, str]:
+    """`ratelimit_header_list` as a dict."""
+    return dict(ratelimit_header_list(a, key))
+
+
+def refusal(a: Admission, key: KeyRecord) -> Denied:
+    """Translate a refused admission into the OpenAI-shaped 429."""
+    retry_s = max(1, math.ceil(a.retry_after_ms / 1000))
+    headers = ratelimit_headers(a, key)
+    if a.reason.startswith(("quota_", "budget_")):
+        what = {
+            "quota_daily": "daily token quota",
+            "quota_monthly": "monthly token quota",
+            "budget_monthly": "monthly budget",
+        }.get(a.reason, a.reason)
+        return Denied(
+            429,
+            f"You exceeded the {what} of this API key.",
+            type="insufficient_quota",
+            code="insufficient_quota",
+            retry_after_s=retry_s,
+            headers=headers,
+        )
+    what = {
+        "rate_limit_requests": f"requests per second ({key.rate_per_sec:g}, burst {key.burst})",
+        "rate_limit_tokens": f"tokens per minute ({key.tokens_per_minute})",
+        "concurrency": f"concurrent requests ({key.max_concurrent})",
+    }.get(a.reason, a.reason)
+    return Denied(
+        429,
+        f"Rate limit reached for {what}. Retry after {retry_s}s.",
+        type="requests" if a.reason != "rate_limit_tokens" else "tokens",
+        code="rate_limit_exceeded",
+        retry_after_s=a.retry_after_ms / 1000,
+        headers=headers,
+    )
