@@ -31,6 +31,8 @@ GRANT_HEADER = "x-atlas-grant"
 #: authz -> upstream: who is calling, at what priority.
 KEY_ID_HEADER = "x-atlas-key-id"
 PRIORITY_HEADER = "x-atlas-priority"
+#: authz -> client, on a refused admission: which limit was hit (`key.daily`, `team.daily`, ...).
+LIMIT_HEADER = "x-atlas-limit"
 #: authz -> Envoy: which ext_proc configuration serves this exchange (see `ProcMode`).
 PROC_HEADER = "x-atlas-proc"
 #: authz -> client, on admission without the ledger.

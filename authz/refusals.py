@@ -7,12 +7,13 @@ import math
 
 from atlas import metrics
 from atlas.errors import Denied
+from atlas.grant import LIMIT_HEADER
 from atlas.keymodel import KeyRecord
 from atlas.ledger.protocol import Admission
 
 
 def count_refusal(reason: str, key_id: str) -> None:
-    if reason.startswith(("quota_", "budget_")):
+    if reason.removeprefix("team_").startswith(("quota_", "budget_")):
         metrics.QUOTA_REJECTIONS.labels(key_id=key_id, window=reason).inc()
     else:
         metrics.RATE_LIMIT_REJECTIONS.labels(key_id=key_id, limit=reason).inc()
@@ -52,33 +53,62 @@ def ratelimit_headers(a: Admission, key: KeyRecord) -> dict[str, str]:
     return dict(ratelimit_header_list(a, key))
 
 
+#: admit.lua's reason -> the `x-atlas-limit` value a client and a dashboard read.
+LIMIT_NAMES = {
+    "rate_limit_requests": "key.requests",
+    "rate_limit_tokens": "key.tokens",
+    "quota_daily": "key.daily",
+    "quota_monthly": "key.monthly",
+    "budget_monthly": "key.budget",
+    "concurrency": "key.concurrency",
+    "team_rate_limit_requests": "team.requests",
+    "team_rate_limit_tokens": "team.tokens",
+    "team_quota_daily": "team.daily",
+    "team_quota_monthly": "team.monthly",
+    "team_budget_monthly": "team.budget",
+}
+
+_QUOTA_WORDS = {
+    "quota_daily": "daily token quota",
+    "quota_monthly": "monthly token quota",
+    "budget_monthly": "monthly budget",
+}
+
+
 def refusal(a: Admission, key: KeyRecord) -> Denied:
     """Translate a refused admission into the OpenAI-shaped 429."""
     retry_s = max(1, math.ceil(a.retry_after_ms / 1000))
     headers = ratelimit_headers(a, key)
-    if a.reason.startswith(("quota_", "budget_")):
-        what = {
-            "quota_daily": "daily token quota",
-            "quota_monthly": "monthly token quota",
-            "budget_monthly": "monthly budget",
-        }.get(a.reason, a.reason)
+    headers[LIMIT_HEADER] = LIMIT_NAMES.get(a.reason, a.reason)
+    team = a.reason.startswith("team_")
+    reason = a.reason.removeprefix("team_")
+    whose = f"team {key.team!r}" if team else "this API key"
+    if reason.startswith(("quota_", "budget_")):
+        what = _QUOTA_WORDS.get(reason, reason)
         return Denied(
             429,
-            f"You exceeded the {what} of this API key.",
+            f"You exceeded the {what} of {whose}.",
             type="insufficient_quota",
             code="insufficient_quota",
             retry_after_s=retry_s,
             headers=headers,
         )
-    what = {
-        "rate_limit_requests": f"requests per second ({key.rate_per_sec:g}, burst {key.burst})",
-        "rate_limit_tokens": f"tokens per minute ({key.tokens_per_minute})",
-        "concurrency": f"concurrent requests ({key.max_concurrent})",
-    }.get(a.reason, a.reason)
+    if team:
+        what = {
+            "rate_limit_requests": "requests per second",
+            "rate_limit_tokens": "tokens per minute",
+        }.get(reason, reason)
+        what = f"{what} of {whose}"
+    else:
+        what = {
+            "rate_limit_requests": f"requests per second ({key.rate_per_sec:g}, burst {key.burst})",
+            "rate_limit_tokens": f"tokens per minute ({key.tokens_per_minute})",
+            "concurrency": f"concurrent requests ({key.max_concurrent})",
+        }.get(reason, reason)
     return Denied(
         429,
         f"Rate limit reached for {what}. Retry after {retry_s}s.",
-        type="requests" if a.reason != "rate_limit_tokens" else "tokens",
+        type="requests" if reason != "rate_limit_tokens" else "tokens",
         code="rate_limit_exceeded",
         retry_after_s=a.retry_after_ms / 1000,
         headers=headers,

@@ -5,6 +5,12 @@ between the first `{` and `}`, so every key of one API key lands in one slot and
 script (admit, settle, reap) can touch all of them atomically. Global state lives under the
 tag `{g}` and is updated by separate commands, never inside a per-key script.
 
+Teams: a key of a team (id `key_<hex>.<team>`, atlas/keymodel.py) is tagged `{t:<team>}`
+instead, beside the team's own limits, buckets and windows, so one admit.lua call checks the
+key's limits and its team's atomically, in one slot, in Redis Cluster too. The price: a
+team's traffic is one slot's (one shard's) load, and a key cannot change teams (its state
+lives under the team's tag; moving means a new key in the other team).
+
 Windows and history are named by the script itself from a prefix and Redis `TIME`
 (`<prefix>d:20261123`, `<prefix>m:202611`, `<prefix>h:2026112314`), so a prefix carrying the
 key's hash tag is what the script receives in KEYS.
@@ -37,7 +43,46 @@ def lock(name: str) -> str:
 
 
 def tag(key_id: str) -> str:
-    return f"{ROOT}:{{k:{key_id}}}:"
+    _, sep, team = key_id.partition(".")  # atlas.keymodel.TEAM_SEPARATOR
+    return f"{ROOT}:{{t:{team}}}:k:{key_id}:" if sep else f"{ROOT}:{{k:{key_id}}}:"
+
+
+#: sorted set of every team id, scored by creation time (ms).
+TEAM_INDEX = f"{ROOT}:{{g}}:teams"
+
+
+def team_tag(team: str) -> str:
+    """The hash tag a team's state shares with its keys' (see the module's docstring)."""
+    return f"{ROOT}:{{t:{team}}}:team:"
+
+
+def team_record(team: str) -> str:
+    """String: the team record as JSON (admin's view)."""
+    return team_tag(team) + "rec"
+
+
+def team_limits(team: str) -> str:
+    """Hash {rate, burst, tpm, daily, monthly, budget}: what admit.lua enforces for the team
+    (0 = no limit), written with the record."""
+    return team_tag(team) + "lim"
+
+
+def team_members(team: str) -> str:
+    """Set of the team's key ids."""
+    return team_tag(team) + "keys"
+
+
+def team_request_bucket(team: str) -> str:
+    return team_tag(team) + "rb"
+
+
+def team_token_bucket(team: str) -> str:
+    return team_tag(team) + "tb"
+
+
+def team_window_prefix(team: str) -> str:
+    """Prefix of the team's `d:<YYYYMMDD>` and `m:<YYYYMM>` windows (its keys' zone)."""
+    return team_tag(team)
 
 
 def record(key_id: str) -> str:

@@ -13,6 +13,7 @@ from typing import Any, Literal, Protocol
 from atlas import limits
 from atlas.keymodel import KeyRecord
 from atlas.settings import Priority
+from atlas.teammodel import TeamRecord
 from atlas.windows import Zone
 
 #: Completions one request may generate (`n` x `best_of` x prompts), at most.
@@ -306,7 +307,27 @@ class Pools(Protocol):
     async def pool_state(self, provider: str, minutes: int) -> PoolState: ...
 
 
-class AdminLedger(Probe, KeyStore, History, Audit, Pools, Protocol):
+class TeamStore(Protocol):
+    """Teams: records, the limits admit.lua enforces beside their keys', members, windows."""
+
+    async def create_team(self, team: TeamRecord) -> None: ...
+
+    async def put_team(self, team: TeamRecord) -> None: ...
+
+    async def get_team(self, team_id: str) -> TeamRecord | None: ...
+
+    async def list_teams(self, offset: int = 0, limit: int = 100) -> list[TeamRecord]: ...
+
+    async def count_teams(self) -> int: ...
+
+    async def team_key_ids(self, team_id: str) -> list[str]: ...
+
+    async def delete_team(self, team_id: str) -> None: ...
+
+    async def team_usage(self, team: TeamRecord) -> tuple[Window, Window]: ...
+
+
+class AdminLedger(Probe, KeyStore, History, Audit, Pools, TeamStore, Protocol):
     """What admin uses: key records, history, the audit stream and provider pools."""
 
 

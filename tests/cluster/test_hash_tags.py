@@ -17,6 +17,7 @@ from atlas.keymodel import new_key_id
 from atlas.ledger import keys
 from atlas.ledger.protocol import AdmitRequest, Settlement
 from atlas.ledger.redis import RedisLedger
+from atlas.teammodel import TeamRecord
 from atlas.windows import window_names
 from tests.cluster.conftest import primaries
 from tests.factories import key_record
@@ -29,6 +30,9 @@ PER_KEY += ("reservation_expiry", "reservation_claims", "window_prefix", "window
 OTHERS = ("lock", "model_prefix", "secret_index")
 #: builders of one provider pool's names: all in the slot of `{p:<provider>}`.
 POOL = ("pool_tag", "pool_keys")
+#: builders of one team's names: all in the slot of `{t:<team>}`, with its keys' names.
+TEAM = ("team_tag", "team_record", "team_limits", "team_members", "team_request_bucket")
+TEAM += ("team_token_bucket", "team_window_prefix")
 #: builders of one window or history hour by name: in the slot of their key or prefix.
 NAMED = ("day_window", "month_window", "history_hour")
 
@@ -64,7 +68,19 @@ def test_every_builder_in_keys_is_classified() -> None:
         for name, fn in inspect.getmembers(keys, inspect.isfunction)
         if fn.__module__ == keys.__name__
     }
-    assert builders == set(PER_KEY) | set(OTHERS) | set(NAMED) | set(POOL)
+    assert builders == set(PER_KEY) | set(OTHERS) | set(NAMED) | set(POOL) | set(TEAM)
+
+
+@pytest.mark.parametrize("team", ["research", "a", "x" * 32])
+def test_a_teams_names_and_its_keys_share_one_slot(team: str) -> None:
+    team_slot = slot(f"t:{team}")
+    assert {n: slot(getattr(keys, n)(team)) for n in TEAM} == dict.fromkeys(TEAM, team_slot)
+    for key_id in (new_key_id(team), f"key_0.{team}"):
+        names = script_names(key_id)
+        assert {n: slot(v) for n, v in names.items()} == dict.fromkeys(names, team_slot)
+    # Keys of different teams, and of no team, spread over slots as before.
+    spread = {slot(keys.tag(new_key_id(f"t{i}"))) for i in range(200)}
+    assert len(spread) >= 190
 
 
 @pytest.mark.parametrize("provider", ["openai", "a-b_c", "x" * 48])
@@ -184,3 +200,34 @@ async def test_scripts_touch_only_their_keys_slot_on_the_cluster(
     }
     for kid, kinds in seen.items():
         assert kinds >= {"rb", "tb", "resv", "d", "m", "h", "done"}, kid
+
+
+async def test_team_scripts_touch_only_the_teams_slot_on_the_cluster(
+    ledger: RedisLedger, redis_sync: RedisCluster
+) -> None:
+    """A team's keys and the team's limits, buckets and windows in one slot (the teams here
+    land on several masters): admit, settle and reap run on the cluster (no CROSSSLOT) and
+    enforce the team's quota across keys."""
+
+    calls: list[list[str]] = []
+    for attr in ("admit", "settle", "reap"):
+        setattr(ledger.scripts, attr, Recorder(getattr(ledger.scripts, attr), calls))
+    teams = [f"team-{i}" for i in range(6)]
+    for t in teams:
+        await ledger.create_team(TeamRecord(id=t, daily_limit=25, tokens_per_minute=1000))
+        a = key_record(f"a{t}" * 8, id=f"key_a.{t}", team=t)
+        b = key_record(f"b{t}" * 8, id=f"key_b.{t}", team=t)
+        assert (await ledger.admit(a, AdmitRequest("r1", 5, 5, "normal", "m", 1.0))).admitted
+        assert (await ledger.admit(b, AdmitRequest("r2", 5, 5, "normal", "m", 1.0))).admitted
+        refused = await ledger.admit(b, AdmitRequest("r3", 5, 5, "normal", "m", 1.0))
+        assert refused.reason == "team_quota_daily"
+        assert (await ledger.settle(Settlement(a.id, "r1", 5, 1, "m", True, "done"))).status == (
+            "settled"
+        )
+        redis_sync.zadd(keys.reservation_expiry(b.id), {"r2": 0})
+        assert await ledger.reap(b.id) == (1, 0)  # never claimed: released
+        day, _ = await ledger.team_usage(TeamRecord(id=t, daily_limit=25))
+        assert (day.used, day.reserved) == (6, 0)
+    assert len(calls) == 6 * 5
+    for key_calls in calls:
+        assert len({slot(k) for k in key_calls}) == 1, key_calls

@@ -44,23 +44,37 @@ REQ = AdmitRequest("r1", 1, 2, "normal", "m", 1.0)
 SETTLE = Settlement("key_1", "r1", 1, 2, "m", True, "completed")
 
 
+TEAM_KEY = "key_1.research"
+
+
 @pytest.mark.parametrize(
-    ("name", "ks", "args"),
+    ("name", "keys_of", "own", "args"),
     [
-        ("admit", AdmitCodec.keys("key_1"), AdmitCodec(1, 2, 3).args(key_record(), REQ, "0")),
-        ("settle", SettleCodec.keys("key_1"), SettleCodec(1, True).args(SETTLE, "0")),
-        ("reap", ReapCodec.keys("key_1"), ReapCodec(1).args("0", charge=True)),
+        ("admit", AdmitCodec.keys, 6, AdmitCodec(1, 2, 3).args(key_record(), REQ, "0")),
+        ("settle", SettleCodec.keys, 5, SettleCodec(1, True).args(SETTLE, "0")),
+        ("reap", ReapCodec.keys, 4, ReapCodec(1).args("0", charge=True)),
     ],
 )
-def test_fixed_arguments_match_the_header(name: str, ks: list[str], args: list[Any]) -> None:
+def test_fixed_arguments_match_the_header(
+    name: str, keys_of: Any, own: int, args: list[Any]
+) -> None:
+    """A key of a team passes every KEYS the header lists (the team's last); a key of no
+    team only its own."""
     text = header(name)
-    assert len(ks) == highest("KEYS", text)
+    assert len(keys_of(TEAM_KEY)) == highest("KEYS", text)
+    assert len(keys_of("key_1")) == own
     assert len(args) == highest("ARGV", text)
+
+
+def test_a_team_keys_names_share_one_slot_with_its_team() -> None:
+    tags = {k[k.index("{") : k.index("}") + 1] for k in AdmitCodec.keys(TEAM_KEY)}
+    assert tags == {"{t:research}"}
+    assert {k[k.index("{") : k.index("}") + 1] for k in AdmitCodec.keys("key_1")} == {"{k:key_1}"}
 
 
 def test_admit_counts_are_the_headers() -> None:
     text = header("admit")
-    assert (highest("KEYS", text), highest("ARGV", text)) == (AdmitCodec.N_KEYS, AdmitCodec.N_ARGS)
+    assert highest("ARGV", text) == AdmitCodec.N_ARGS
 
 
 def test_reservation_id_lists_follow_the_fixed_arguments() -> None:

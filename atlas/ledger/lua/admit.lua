@@ -4,6 +4,10 @@
 -- KEYS[4] reservation expiry zset   KEYS[5] window prefix (d:/m:/h: keys built from TIME, and
 --   tz: the key's zone argument kept for settle and reap)
 -- KEYS[6] claimed set
+-- A key of a team only (atlas/ledger/keys.py: the same hash tag): KEYS[7] the team's limits
+--   hash {rate, burst, tpm, daily, monthly, budget (micro-USD); 0 or absent = none}
+--   KEYS[8] its request bucket   KEYS[9] its token bucket   KEYS[10] its window prefix
+--   (d:/m:, in the key's zone)
 -- ARGV[1] reservation id        ARGV[2] prompt estimate        ARGV[3] completion estimate
 -- ARGV[4] rate_per_sec          ARGV[5] burst                  ARGV[6] tokens_per_minute (0 none)
 -- ARGV[7] daily_limit           ARGV[8] monthly_limit          ARGV[9] quota ceiling (0..1)
@@ -17,6 +21,10 @@
 --   an ext_proc stream claims it (lease.lua) by then   ARGV[21] choices (completions generated)
 -- ARGV[22] unattended (1 = settled from Envoy's access log, which no stream claims: claimed
 --   at admission, for claim_ms)
+-- Rule (precedence): every limit on the path must pass, the key's and its team's; the reason
+--   reported is the first that fails in this order: requests/s (key, then team), quotas
+--   (the smallest room of the key's and the team's day and month), budgets (key, team),
+--   tokens/minute (key, team), concurrency. A team's reasons start `team_`.
 -- Returns {admitted, reason, retry_after_ms, granted_completion (-1 = unchanged), reserved,
 --   req_remaining, req_reset_ms, tok_remaining (-1 none), tok_reset_ms,
 --   day_used, day_reserved, day_reset_s, month_used, month_reserved, month_reset_s, now_ms,
@@ -43,6 +51,14 @@ local claim_ms = math.min(tonumber(ARGV[20]), ttl_ms)
 local choices = tonumber(ARGV[21])
 local unattended = ARGV[22] == '1'
 
+local team = #KEYS >= 10
+local t_rate, t_burst, t_tpm, t_daily, t_monthly, t_budget = 0, 0, 0, 0, 0, 0
+if team then
+  local l = redis.call('HMGET', KEYS[7], 'rate', 'burst', 'tpm', 'daily', 'monthly', 'budget')
+  t_rate, t_burst, t_tpm = tonumber(l[1]) or 0, tonumber(l[2]) or 0, tonumber(l[3]) or 0
+  t_daily, t_monthly, t_budget = tonumber(l[4]) or 0, tonumber(l[5]) or 0, tonumber(l[6]) or 0
+end
+
 local c = clock(z)
 store_zone(KEYS[5], ARGV[12])
 local now = c.now_ms
@@ -62,6 +78,16 @@ if req_tokens < 1 then
   reason = 'rate_limit_requests'
   retry_ms = math.ceil((1 - req_tokens) / req_rate)
 end
+-- Rule: the team's requests/s with burst, over all its keys (when the team sets one).
+local t_req_rate, t_req_tokens = 0, 0
+if t_rate > 0 and t_burst > 0 then
+  t_req_rate = t_rate / 1000
+  t_req_tokens = refill(KEYS[8], t_req_rate, t_burst, now)
+  if reason == '' and t_req_tokens < 1 then
+    reason = 'team_rate_limit_requests'
+    retry_ms = math.ceil((1 - t_req_tokens) / t_req_rate)
+  end
+end
 
 -- Rule: daily and monthly quota; a priority may only fill its ceiling share of each.
 local day = redis.call('HMGET', day_key, 'used', 'reserved')
@@ -72,6 +98,27 @@ local spend, spend_res = tonumber(mon[3] or '0'), tonumber(mon[4] or '0')
 local day_room = math.floor(daily_limit * ceiling) - day_used - day_res
 local mon_room = math.floor(monthly_limit * ceiling) - mon_used - mon_res
 local room = math.min(day_room, mon_room)
+-- Rule: a team's day and month quotas are rooms too (the priority's ceiling share of each).
+local tday_key, tmonth_key = '', ''
+local t_spend, t_spend_res = 0, 0
+local t_room_reason, t_room_reset = '', 0
+if team then
+  tday_key = KEYS[10] .. 'd:' .. c.day
+  tmonth_key = KEYS[10] .. 'm:' .. c.month
+  local td = redis.call('HMGET', tday_key, 'used', 'reserved')
+  local tm = redis.call('HMGET', tmonth_key, 'used', 'reserved', 'spend', 'spend_reserved')
+  t_spend, t_spend_res = tonumber(tm[3] or '0'), tonumber(tm[4] or '0')
+  if t_daily > 0 then
+    local r = math.floor(t_daily * ceiling) - tonumber(td[1] or '0') - tonumber(td[2] or '0')
+    if r < room then room, t_room_reason, t_room_reset = r, 'team_quota_daily', c.day_reset_s end
+  end
+  if t_monthly > 0 then
+    local r = math.floor(t_monthly * ceiling) - tonumber(tm[1] or '0') - tonumber(tm[2] or '0')
+    if r < room then
+      room, t_room_reason, t_room_reset = r, 'team_quota_monthly', c.month_reset_s
+    end
+  end
+end
 if reason == '' and estimate > room then
   -- Rule: clamp lowers max_tokens to what is left, if the prompt and one token per choice
   -- still fit. max_tokens is per choice: the request generates `choices` completions.
@@ -80,7 +127,10 @@ if reason == '' and estimate > room then
     granted = per_choice
     estimate = prompt + per_choice * choices
   else
-    if day_room <= mon_room then
+    if t_room_reason ~= '' then
+      reason = t_room_reason
+      retry_ms = t_room_reset * 1000 - now
+    elseif day_room <= mon_room then
       reason = 'quota_daily'
       retry_ms = c.day_reset_s * 1000 - now
     else
@@ -95,6 +145,11 @@ if reason == '' and budget > 0 and spend + spend_res + est_cost > budget then
   reason = 'budget_monthly'
   retry_ms = c.month_reset_s * 1000 - now
 end
+-- Rule: the team's monthly budget over all its keys.
+if reason == '' and t_budget > 0 and t_spend + t_spend_res + est_cost > t_budget then
+  reason = 'team_budget_monthly'
+  retry_ms = c.month_reset_s * 1000 - now
+end
 
 -- Rule: tokens/minute; a request needs its estimate (at most a full bucket) available.
 local tok_rate, tok_tokens = 0, -1
@@ -105,6 +160,17 @@ if tpm > 0 then
   if reason == '' and tok_tokens < need then
     reason = 'rate_limit_tokens'
     retry_ms = math.ceil((need - tok_tokens) / tok_rate)
+  end
+end
+-- Rule: the team's tokens/minute, as the key's.
+local t_tok_rate, t_tok_tokens = 0, 0
+if t_tpm > 0 then
+  t_tok_rate = t_tpm / 60000
+  t_tok_tokens = refill(KEYS[9], t_tok_rate, t_tpm, now)
+  local need = math.min(estimate, t_tpm)
+  if reason == '' and t_tok_tokens < need then
+    reason = 'team_rate_limit_tokens'
+    retry_ms = math.ceil((need - t_tok_tokens) / t_tok_rate)
   end
 end
 
@@ -141,6 +207,19 @@ if admitted then
   incr_window(month_key, 'reserved', estimate, MONTH_TTL_S)
   incr_window(month_key, 'requests', 1, MONTH_TTL_S)
   incr_window(month_key, 'spend_reserved', est_cost, MONTH_TTL_S)
+  if team then
+    -- Rule: the team's windows count its keys' reservations and requests alike (settle and
+    -- reap release and charge them there too).
+    if t_req_rate > 0 then
+      store_bucket(KEYS[8], math.max(0, t_req_tokens - 1), t_req_rate, t_burst, now)
+    end
+    if t_tpm > 0 then store_bucket(KEYS[9], t_tok_tokens - estimate, t_tok_rate, t_tpm, now) end
+    incr_window(tday_key, 'reserved', estimate, DAY_TTL_S)
+    incr_window(tday_key, 'requests', 1, DAY_TTL_S)
+    incr_window(tmonth_key, 'reserved', estimate, MONTH_TTL_S)
+    incr_window(tmonth_key, 'requests', 1, MONTH_TTL_S)
+    incr_window(tmonth_key, 'spend_reserved', est_cost, MONTH_TTL_S)
+  end
   day_res = day_res + estimate
   mon_res = mon_res + estimate
 else

@@ -5,7 +5,8 @@
 -- crashed, the gRPC stream was lost) is charged what it reserved when ARGV[2] says so.
 -- KEYS[1] reservations hash   KEYS[2] reservation expiry zset   KEYS[3] window prefix (also of
 --   tz, the key's zone argument admit stored)
--- KEYS[4] claimed set
+-- KEYS[4] claimed set   KEYS[5], a key of a team only: the team's window prefix (its windows
+--   are released and charged as the key's)
 -- ARGV[1] default zone argument (_clock.lua `zone`), for a key with no stored zone
 -- ARGV[2] charge (1 = charge the reserved amount, 0 = release only)
 -- ARGV[3] max reservations per call   ARGV[4] done-marker ttl s   ARGV[5] history ttl s
@@ -18,6 +19,7 @@ local hist_ttl = tonumber(ARGV[5])
 -- Rule: charges land in the windows of now, in the key's own zone.
 local c = clock(key_zone(KEYS[3], ARGV[1]))
 local hour_key = KEYS[3] .. 'h:' .. c.hour
+local team = #KEYS >= 5
 
 local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', c.now_ms, 'LIMIT', 0, tonumber(ARGV[3]))
 local charged_total = 0
@@ -39,6 +41,11 @@ for _, rid in ipairs(expired) do
       decr_floor(KEYS[3] .. 'd:' .. rday, 'reserved', reserved)
       decr_floor(KEYS[3] .. 'm:' .. rmonth, 'reserved', reserved)
       decr_floor(KEYS[3] .. 'm:' .. rmonth, 'spend_reserved', rcost)
+      if team then
+        decr_floor(KEYS[5] .. 'd:' .. rday, 'reserved', reserved)
+        decr_floor(KEYS[5] .. 'm:' .. rmonth, 'reserved', reserved)
+        decr_floor(KEYS[5] .. 'm:' .. rmonth, 'spend_reserved', rcost)
+      end
       -- Rule: a claimed, unsettled request is charged what it reserved (the safe side for a
       -- quota); an unclaimed one never reached the upstream and is charged nothing. A late
       -- settlement corrects either via the `reaped:` marker.
@@ -51,6 +58,11 @@ for _, rid in ipairs(expired) do
       incr_window(KEYS[3] .. 'd:' .. c.day, 'used', charged, DAY_TTL_S)
       incr_window(KEYS[3] .. 'm:' .. c.month, 'used', charged, MONTH_TTL_S)
       incr_window(KEYS[3] .. 'm:' .. c.month, 'spend', charged_cost, MONTH_TTL_S)
+      if team then
+        incr_window(KEYS[5] .. 'd:' .. c.day, 'used', charged, DAY_TTL_S)
+        incr_window(KEYS[5] .. 'm:' .. c.month, 'used', charged, MONTH_TTL_S)
+        incr_window(KEYS[5] .. 'm:' .. c.month, 'spend', charged_cost, MONTH_TTL_S)
+      end
       incr_window(hour_key, 'reaped', 1, hist_ttl)
       incr_window(hour_key, 'reaped_tokens', charged, hist_ttl)
       redis.call('SET', KEYS[3] .. 'done:' .. rid,

@@ -4,6 +4,8 @@
 -- KEYS[1] reservations hash   KEYS[2] reservation expiry zset   KEYS[3] token bucket
 -- KEYS[4] window prefix (d:/m:/h:/done: keys built from TIME and the rid; tz: the key's zone
 --   argument admit stored)   KEYS[5] claimed set
+-- A key of a team only: KEYS[6] the team's limits hash   KEYS[7] its token bucket
+--   KEYS[8] its window prefix
 -- ARGV[1] reservation id   ARGV[2] prompt tokens   ARGV[3] completion tokens
 -- ARGV[4] default zone argument (_clock.lua `zone`), for a key with no stored zone
 -- ARGV[5] tokens_per_minute (0 none)   ARGV[6] exact (1) or estimated (0)
@@ -36,6 +38,10 @@ local done_key = KEYS[4] .. 'done:' .. rid
 local day_key = KEYS[4] .. 'd:' .. c.day
 local month_key = KEYS[4] .. 'm:' .. c.month
 local hour_key = KEYS[4] .. 'h:' .. c.hour
+-- Rule: a team's windows are charged, released and corrected exactly as its key's are.
+local team = #KEYS >= 8
+local tday_key = team and (KEYS[8] .. 'd:' .. c.day) or ''
+local tmonth_key = team and (KEYS[8] .. 'm:' .. c.month) or ''
 
 -- Rule: cached, cache-write and reasoning tokens are recorded in every window beside the
 -- charge (reports and /v1/usage), whether or not the quota counts them.
@@ -65,17 +71,27 @@ if done then
   local cost_delta = cost - (tonumber(reaped_cost) or 0)
   if cost_delta > 0 then
     incr_window(month_key, 'spend', cost_delta, MONTH_TTL_S)
+    if team then incr_window(tmonth_key, 'spend', cost_delta, MONTH_TTL_S) end
   elseif cost_delta < 0 then
     decr_floor(month_key, 'spend', -cost_delta)
+    if team then decr_floor(tmonth_key, 'spend', -cost_delta) end
   end
   -- Rule: a settlement arriving after the reaper corrects the reaped charge to the actual.
   local delta = actual - tonumber(amount)
   if delta > 0 then
     incr_window(day_key, 'used', delta, DAY_TTL_S)
     incr_window(month_key, 'used', delta, MONTH_TTL_S)
+    if team then
+      incr_window(tday_key, 'used', delta, DAY_TTL_S)
+      incr_window(tmonth_key, 'used', delta, MONTH_TTL_S)
+    end
   elseif delta < 0 then
     decr_floor(day_key, 'used', -delta)
     decr_floor(month_key, 'used', -delta)
+    if team then
+      decr_floor(tday_key, 'used', -delta)
+      decr_floor(tmonth_key, 'used', -delta)
+    end
   end
   redis.call('SET', done_key, 'settled:' .. int(actual), 'EX', done_ttl)
   -- History: the reaped estimate is replaced by the real usage.
@@ -102,6 +118,11 @@ if resv then
     decr_floor(KEYS[4] .. 'd:' .. rday, 'reserved', reserved)
     decr_floor(KEYS[4] .. 'm:' .. rmonth, 'reserved', reserved)
     decr_floor(KEYS[4] .. 'm:' .. rmonth, 'spend_reserved', rcost)
+    if team then
+      decr_floor(KEYS[8] .. 'd:' .. rday, 'reserved', reserved)
+      decr_floor(KEYS[8] .. 'm:' .. rmonth, 'reserved', reserved)
+      decr_floor(KEYS[8] .. 'm:' .. rmonth, 'spend_reserved', rcost)
+    end
   end
   redis.call('HDEL', KEYS[1], rid)
   redis.call('ZREM', KEYS[2], rid)
@@ -111,12 +132,25 @@ end
 incr_window(day_key, 'used', actual, DAY_TTL_S)
 incr_window(month_key, 'used', actual, MONTH_TTL_S)
 incr_window(month_key, 'spend', cost, MONTH_TTL_S)
+if team then
+  incr_window(tday_key, 'used', actual, DAY_TTL_S)
+  incr_window(tmonth_key, 'used', actual, MONTH_TTL_S)
+  incr_window(tmonth_key, 'spend', cost, MONTH_TTL_S)
+end
 
 -- Rule: the tokens/minute bucket gets back what was reserved and not used (or pays the excess).
 if tpm > 0 and status == 'settled' then
   local rate = tpm / 60000
   local t = refill(KEYS[3], rate, tpm, c.now_ms)
   store_bucket(KEYS[3], math.min(tpm, t + reserved - actual), rate, tpm, c.now_ms)
+end
+if team and status == 'settled' then
+  local t_tpm = tonumber(redis.call('HGET', KEYS[6], 'tpm') or '0') or 0
+  if t_tpm > 0 then
+    local rate = t_tpm / 60000
+    local t = refill(KEYS[7], rate, t_tpm, c.now_ms)
+    store_bucket(KEYS[7], math.min(t_tpm, t + reserved - actual), rate, t_tpm, c.now_ms)
+  end
 end
 
 local refunded = reserved - actual

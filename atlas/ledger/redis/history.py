@@ -29,7 +29,7 @@ def prefix_of(scope: ScopeOrPrefix) -> str:
     return keys.GLOBAL_PREFIX
 
 
-def _window(h: dict[str, str], limit: int, reset: int) -> Window:
+def window_of(h: dict[str, str], limit: int, reset: int) -> Window:
     return Window(
         limit=limit,
         used=int(h.get("used", 0)),
@@ -70,8 +70,8 @@ class RedisHistory:
         names, day, month, open_n = await self._c.call("usage", run)
         return KeyUsage(
             key_id=rec.id,
-            daily=_window(day, rec.daily_limit, names.day_reset_s),
-            monthly=_window(month, rec.monthly_limit, names.month_reset_s),
+            daily=window_of(day, rec.daily_limit, names.day_reset_s),
+            monthly=window_of(month, rec.monthly_limit, names.month_reset_s),
             open_reservations=int(open_n),
         )
 

@@ -26,6 +26,8 @@ class RedisKeyStore:
             if not claimed:
                 return False
             await self._r.set(keys.record(rec.id), rec.model_dump_json())
+            if rec.team:
+                await self._r.sadd(keys.team_members(rec.team), rec.id)
             await self._r.zadd(keys.KEY_INDEX, {rec.id: int(rec.created_at.timestamp() * 1000)})
             await self._r.publish(keys.KEY_CHANGED_CHANNEL, rec.id)
             return True
@@ -49,6 +51,8 @@ class RedisKeyStore:
         async def run() -> None:
             await self._r.delete(keys.secret_index(rec.secret_hash))
             await self._r.delete(keys.record(rec.id))
+            if rec.team:
+                await self._r.srem(keys.team_members(rec.team), rec.id)
             await self._r.zrem(keys.KEY_INDEX, rec.id)
             await self._r.publish(keys.KEY_CHANGED_CHANNEL, rec.id)
 

@@ -26,6 +26,7 @@ from atlas.ledger.protocol import (
     Settlement,
     Settlements,
     SettleResult,
+    Window,
 )
 from atlas.ledger.redis.admission import RedisAdmissions
 from atlas.ledger.redis.audit import RedisAudit
@@ -35,8 +36,10 @@ from atlas.ledger.redis.keystore import RedisKeyStore
 from atlas.ledger.redis.pools import RedisPools
 from atlas.ledger.redis.scripts import Scripts
 from atlas.ledger.redis.settlement import RedisSettlements
+from atlas.ledger.redis.teams import RedisTeams
 from atlas.ledger.redis.zones import Zones
 from atlas.settings import Settings
+from atlas.teammodel import TeamRecord
 from atlas.windows import Zone
 
 
@@ -64,6 +67,7 @@ class RedisLedger:
         self.windows = RedisHistory(self.conn, self.zones, settings)
         self.audit_log = RedisAudit(self.conn)
         self.pools = RedisPools(self.conn)
+        self.teams = RedisTeams(self.conn)
 
     @classmethod
     def from_settings(cls, settings: Settings, *, buffer_history: bool = False) -> RedisLedger:
@@ -181,6 +185,32 @@ class RedisLedger:
 
     async def pool_state(self, provider: str, minutes: int) -> PoolState:
         return await self.pools.pool_state(provider, minutes)
+
+    # ---- Teams -------------------------------------------------------------------------
+    async def create_team(self, team: TeamRecord) -> None:
+        await self.teams.create_team(team)
+
+    async def put_team(self, team: TeamRecord) -> None:
+        await self.teams.put_team(team)
+
+    async def get_team(self, team_id: str) -> TeamRecord | None:
+        return await self.teams.get_team(team_id)
+
+    async def list_teams(self, offset: int = 0, limit: int = 100) -> list[TeamRecord]:
+        return await self.teams.list_teams(offset, limit)
+
+    async def count_teams(self) -> int:
+        return await self.teams.count_teams()
+
+    async def team_key_ids(self, team_id: str) -> list[str]:
+        return await self.teams.team_key_ids(team_id)
+
+    async def delete_team(self, team_id: str) -> None:
+        await self.teams.delete_team(team_id)
+
+    async def team_usage(self, team: TeamRecord) -> tuple[Window, Window]:
+        now = int(await self.windows.server_time())
+        return await self.teams.team_windows(team, self.zones.zone_of(team), now)
 
     # ---- Audit -------------------------------------------------------------------------
     async def audit(self, entry: dict[str, Any]) -> None:

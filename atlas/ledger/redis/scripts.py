@@ -14,7 +14,7 @@ from importlib import resources
 from typing import Any
 
 from atlas import limits
-from atlas.keymodel import KeyRecord
+from atlas.keymodel import KeyRecord, team_of
 from atlas.ledger import keys
 from atlas.ledger.protocol import Admission, AdmitRequest, ReapTotals, Settlement, SettleResult
 from atlas.pricing import MICROS_PER_USD
@@ -90,10 +90,10 @@ _BULK_BOOL = (bulk(b"0"), bulk(b"1"))
 # ---- admit.lua -------------------------------------------------------------------------
 @dataclass(slots=True)
 class AdmitCodec:
-    """admit.lua: 6 KEYS, 22 ARGV, a 17-element reply. `args` is the generic form (cluster:
-    redis-py routes the script), `command` the same EVALSHA pre-encoded: the key's part once
-    per record (the key cache hands out the same record until it changes), the request's
-    part per call."""
+    """admit.lua: 6 KEYS (10 for a key of a team), 22 ARGV, a 17-element reply. `args` is
+    the generic form (cluster: redis-py routes the script), `command` the same EVALSHA
+    pre-encoded: the key's part once per record (the key cache hands out the same record
+    until it changes), the request's part per call."""
 
     ttl_ms: int
     history_ttl_s: int
@@ -105,7 +105,6 @@ class AdmitCodec:
     _floats: dict[float, bytes] = field(init=False, repr=False, default_factory=dict)
     _texts: dict[str, bytes] = field(init=False, repr=False, default_factory=dict)
 
-    N_KEYS = 6
     N_ARGS = 22
 
     def __post_init__(self) -> None:
@@ -117,13 +116,23 @@ class AdmitCodec:
 
     @staticmethod
     def keys(key_id: str) -> list[str]:
-        return [
+        own = [
             keys.request_bucket(key_id),
             keys.token_bucket(key_id),
             keys.reservations(key_id),
             keys.reservation_expiry(key_id),
             keys.window_prefix(key_id),
             keys.reservation_claims(key_id),
+        ]
+        team = team_of(key_id)
+        if not team:
+            return own
+        return [
+            *own,
+            keys.team_limits(team),
+            keys.team_request_bucket(team),
+            keys.team_token_bucket(team),
+            keys.team_window_prefix(team),
         ]
 
     @staticmethod
@@ -205,12 +214,13 @@ class AdmitCodec:
     ) -> tuple[KeyRecord, bytes, bytes, bytes, bytes]:
         if len(self._pieces) >= MAX_CACHED_ADMIT_KEYS:
             self._pieces.clear()
+        ks = self.keys(rec.id)
         head = [
-            b"*%d\r\n" % (3 + self.N_KEYS + self.N_ARGS),
+            b"*%d\r\n" % (3 + len(ks) + self.N_ARGS),
             bulk(b"EVALSHA"),
             bulk(sha.encode()),
-            bulk_int(self.N_KEYS),
-            *(bulk(k.encode()) for k in self.keys(rec.id)),
+            bulk_int(len(ks)),
+            *(bulk(k.encode()) for k in ks),
         ]
         rate_to_monthly, concurrent, budget = (
             b"".join(bulk(encoded(v)) for v in part) for part in self.key_limits(rec)
@@ -264,19 +274,29 @@ class AdmitCodec:
 # ---- settle.lua ------------------------------------------------------------------------
 @dataclass(slots=True, frozen=True)
 class SettleCodec:
-    """settle.lua: 5 KEYS, 13 ARGV; replies {status, charged, refunded, now_ms, hour}."""
+    """settle.lua: 5 KEYS (8 for a key of a team), 13 ARGV; replies {status, charged,
+    refunded, now_ms, hour}."""
 
     history_ttl_s: int
     counts_cached: bool
 
     @staticmethod
     def keys(key_id: str) -> list[str]:
-        return [
+        own = [
             keys.reservations(key_id),
             keys.reservation_expiry(key_id),
             keys.token_bucket(key_id),
             keys.window_prefix(key_id),
             keys.reservation_claims(key_id),
+        ]
+        team = team_of(key_id)
+        if not team:
+            return own
+        return [
+            *own,
+            keys.team_limits(team),
+            keys.team_token_bucket(team),
+            keys.team_window_prefix(team),
         ]
 
     def args(self, s: Settlement, zone: str) -> list[int | str]:
@@ -306,18 +326,21 @@ class SettleCodec:
 # ---- reap.lua --------------------------------------------------------------------------
 @dataclass(slots=True, frozen=True)
 class ReapCodec:
-    """reap.lua: 4 KEYS, 5 ARGV; replies {reaped, charged, released, abandoned, malformed}."""
+    """reap.lua: 4 KEYS (5 for a key of a team), 5 ARGV; replies {reaped, charged,
+    released, abandoned, malformed}."""
 
     history_ttl_s: int
 
     @staticmethod
     def keys(key_id: str) -> list[str]:
-        return [
+        own = [
             keys.reservations(key_id),
             keys.reservation_expiry(key_id),
             keys.window_prefix(key_id),
             keys.reservation_claims(key_id),
         ]
+        team = team_of(key_id)
+        return [*own, keys.team_window_prefix(team)] if team else own
 
     def args(self, zone: str, *, charge: bool) -> list[int | str]:
         return [zone, int(charge), REAP_BATCH, DONE_MARKER_TTL_S, self.history_ttl_s]

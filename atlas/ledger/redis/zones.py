@@ -9,6 +9,7 @@ from collections.abc import Callable
 from atlas.keymodel import KeyRecord
 from atlas.ledger.redis.scripts import bulk
 from atlas.settings import Settings
+from atlas.teammodel import TeamRecord
 from atlas.windows import Zone, default_zone, hour_start, load_zone, zone_spec
 
 log = logging.getLogger("atlas.ledger.redis")
@@ -29,9 +30,9 @@ class Zones:
         # zone argument.
         self._args: dict[str | None, tuple[float, float, str, bytes]] = {}
 
-    def zone_of(self, rec: KeyRecord | None) -> Zone:
-        """The zone of a key's day and month windows (its own, else the default; also the
-        default for a name this machine's tz database does not know). None: the default."""
+    def zone_of(self, rec: KeyRecord | TeamRecord | None) -> Zone:
+        """The zone of a key's (or a team's) day and month windows: its own, else the default
+        (also for a name this machine's tz database does not know). None: the default."""
         name = rec.window_timezone if rec is not None else None
         if name is None:
             return self._default
