@@ -20,6 +20,7 @@ from admin.routes import (
     history,
     keys,
     providers,
+    teams,
     usage,
 )
 from admin.selfserve import SelfServe
@@ -87,6 +88,7 @@ def create_app(settings: Settings, ledger: AdminLedger | None = None) -> FastAPI
     app.include_router(audit.router)
     app.include_router(forecasting.router)
     app.include_router(providers.router)
+    app.include_router(teams.router)
     app.include_router(dashboard.router)
     return app
 

@@ -40,3 +40,29 @@ async def record_change(
             "after": _public(after),
         }
     )
+
+
+async def record_event(
+    ledger: Audit,
+    request: Request,
+    who: object,
+    action: str,
+    *,
+    subject: str,
+    before: dict[str, Any] | None,
+    after: dict[str, Any] | None,
+) -> None:
+    """A change to something other than a key (a team, an app, an alert rule): who did it,
+    what, its id, before/after (never a secret), when."""
+    await ledger.audit(
+        {
+            "at": datetime.now(UTC).isoformat(),
+            "actor": who,
+            "client": request.client.host if request.client else None,
+            "user_agent": request.headers.get("user-agent"),
+            "action": action,
+            "subject": subject,
+            "before": before,
+            "after": after,
+        }
+    )

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from atlas.keymodel import KeyRecord, KeyStatus
+from atlas.keymodel import TEAM_ID_PATTERN, KeyRecord, KeyStatus
 from atlas.limits import (
     MAX_BUDGET_USD,
     MAX_BURST,
@@ -90,6 +90,11 @@ class _Limits(PlanLimits):
 
 class KeyCreate(_Limits):
     name: str = Field("", max_length=200)
+    team: str | None = Field(
+        None,
+        pattern=TEAM_ID_PATTERN,
+        description="The team whose limits also apply (fixed for the key's life)",
+    )
     api_key: str | None = Field(
         None,
         min_length=16,
@@ -121,6 +126,9 @@ class KeyPublic(BaseModel):
     status: KeyStatus
     shadow: bool
     window_timezone: str | None = None
+    team: str | None = None
+    owner: str | None = None
+    owner_valid_until: datetime | None = None
     metadata: dict[str, Any]
     created_at: datetime
     updated_at: datetime

@@ -173,6 +173,7 @@ def admitted(v: Verdict, inp: CheckInput, settings: Settings) -> Answer:
         choices=req.choices,
         provider=choice.provider if choice is not None else "",
         member=choice.member if choice is not None else "",
+        team=v.key.team or "",
         continuous_usage=req.stream
         and settings.continuous_usage_models != []
         and continuous_usage(tuple(settings.continuous_usage_models), req.model),

@@ -55,6 +55,26 @@ def _check_priorities(rec: KeyRecord, sent: set[str]) -> None:
     )
 
 
+def _invalid(field: str, msg: str, value: object) -> RequestValidationError:
+    return RequestValidationError(
+        [{"type": "value_error", "loc": ("body", field), "msg": msg, "input": value}]
+    )
+
+
+async def _team_zone(ledger: LedgerDep, team_id: str, asked: str | None) -> str | None:
+    """A key of a team counts in the team's windows, so it uses the team's zone."""
+    team = await ledger.get_team(team_id)
+    if team is None:
+        raise _invalid("team", f"team {team_id!r} does not exist", team_id)
+    if asked is not None and asked != team.window_timezone:
+        raise _invalid(
+            "window_timezone",
+            f"a key of team {team_id!r} uses the team's zone ({team.window_timezone})",
+            asked,
+        )
+    return team.window_timezone
+
+
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=KeyCreated)
 async def create_key(
     body: KeyCreate, _: AdminDep, ledger: LedgerDep, settings: SettingsDep, request: Request
@@ -62,8 +82,10 @@ async def create_key(
     """Create an API key; the response carries its secret, once."""
     secret = body.api_key or new_secret()
     fields = body.model_dump(exclude_none=True, exclude={"api_key"})
+    if body.team is not None:
+        fields["window_timezone"] = await _team_zone(ledger, body.team, body.window_timezone)
     rec = KeyRecord(
-        id=new_key_id(),
+        id=new_key_id(body.team),
         secret_hash=hash_secret(secret),
         secret_hint=secret_hint(secret),
         **{
@@ -92,7 +114,9 @@ async def list_keys(
     status_: Annotated[KeyStatus | None, Query(alias="status")] = None,
     priority: Priority | None = None,
     name: Annotated[str | None, Query(max_length=200, description="substring, any case")] = None,
-    team: Annotated[str | None, Query(max_length=200, description="metadata.team")] = None,
+    team: Annotated[
+        str | None, Query(max_length=200, description="the key's team (or metadata.team)")
+    ] = None,
     tag: Annotated[str | None, Query(max_length=200, description="one of metadata.tags")] = None,
 ) -> KeyList:
     """List API keys, oldest first, optionally filtered."""
@@ -111,7 +135,7 @@ async def list_keys(
             (status_ is None or r.status == status_)
             and (priority is None or r.priority == priority)
             and (name is None or name.lower() in r.name.lower())
-            and (team is None or r.metadata.get("team") == team)
+            and (team is None or team in (r.team, r.metadata.get("team")))
             and (tag is None or (isinstance(tags, list) and tag in tags))
         )
 
@@ -139,6 +163,10 @@ async def update_key(
     """Change limits, status, priority or expiry; every authz replica sees it within 1 s."""
     rec = await _get(ledger, key_id)
     changes = body.model_dump(exclude_unset=True)
+    if rec.team and changes.get("window_timezone", rec.window_timezone) != rec.window_timezone:
+        raise _invalid(
+            "window_timezone", "a key of a team uses the team's zone", changes["window_timezone"]
+        )
     updated = rec.model_copy(update={**changes, "updated_at": datetime.now(UTC)})
     updated = KeyRecord.model_validate(updated.model_dump())
     _check_priorities(updated, set(changes))

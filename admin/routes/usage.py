@@ -15,7 +15,7 @@ from atlas.pricing import usd
 router = APIRouter(tags=["usage"])
 
 
-def _window(w: Window) -> WindowOut:
+def window_out(w: Window) -> WindowOut:
     return WindowOut(
         limit=w.limit,
         used=w.used,
@@ -35,8 +35,8 @@ async def _usage(ledger: History, rec: KeyRecord) -> UsageOut:
     return UsageOut(
         key_id=rec.id,
         priority=rec.priority,
-        daily=_window(u.daily),
-        monthly=_window(u.monthly),
+        daily=window_out(u.daily),
+        monthly=window_out(u.monthly),
         open_reservations=u.open_reservations,
         monthly_budget_usd=rec.monthly_budget_usd,
         daily_used=u.daily.used,
