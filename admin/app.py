@@ -13,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
 from admin.routes import (
+    apps,
     audit,
     dashboard,
     forecasting,
@@ -89,6 +90,7 @@ def create_app(settings: Settings, ledger: AdminLedger | None = None) -> FastAPI
     app.include_router(forecasting.router)
     app.include_router(providers.router)
     app.include_router(teams.router)
+    app.include_router(apps.router)
     app.include_router(dashboard.router)
     return app
 

@@ -44,7 +44,7 @@ class PlanLimits(BaseModel):
     )
 
 
-class _Limits(PlanLimits):
+class KeyLimits(PlanLimits):
     burst: int | None = Field(None, ge=1, le=MAX_BURST, description="Requests allowed at once")
     max_concurrent: int | None = Field(
         None, ge=1, le=MAX_CONCURRENT, description="Open requests; unset = none"
@@ -88,7 +88,7 @@ class _Limits(PlanLimits):
         return value
 
 
-class KeyCreate(_Limits):
+class KeyCreate(KeyLimits):
     name: str = Field("", max_length=200)
     team: str | None = Field(
         None,
@@ -103,7 +103,7 @@ class KeyCreate(_Limits):
     )
 
 
-class KeyUpdate(_Limits):
+class KeyUpdate(KeyLimits):
     name: str | None = Field(None, max_length=200)
     status: KeyStatus | None = None
 
@@ -129,13 +129,16 @@ class KeyPublic(BaseModel):
     team: str | None = None
     owner: str | None = None
     owner_valid_until: datetime | None = None
+    app: str | None = Field(None, description="The internal app this record is (/v1/admin/apps)")
     metadata: dict[str, Any]
     created_at: datetime
     updated_at: datetime
 
     @classmethod
     def of(cls, rec: KeyRecord) -> KeyPublic:
-        return cls.model_validate(rec.model_dump(exclude={"secret_hash"}))
+        return cls.model_validate(
+            rec.model_dump(exclude={"secret_hash", "app_secret_hash", "principals"})
+        )
 
 
 class KeyCreated(KeyPublic):

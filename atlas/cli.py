@@ -199,6 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument(
         "--providers", metavar="FILE", help="providers file: their clusters and routes"
     )
+    render.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate")
+    render.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
+    render.add_argument(
+        "--client-ca", metavar="PEM", help="verify client certificates (mTLS app identity)"
+    )
     render.add_argument("--validate", action="store_true", help="check with envoy --mode validate")
     mesh = sub.add_parser(
         "render-mesh",
@@ -273,9 +278,12 @@ def _render_envoy(ns: argparse.Namespace) -> int:
     import tempfile
     from pathlib import Path
 
-    from atlas.envoy_config import EnvoyParams, render, validate
+    from atlas.envoy_config import EnvoyParams, ListenerTls, render, validate
     from atlas.providers import config as providers_config
 
+    if bool(ns.tls_cert) != bool(ns.tls_key) or (ns.client_ca and not ns.tls_cert):
+        raise ConfigError("--tls-cert and --tls-key go together; --client-ca needs both")
+    tls = ListenerTls(ns.tls_cert, ns.tls_key, ns.client_ca) if ns.tls_cert else None
     text = render(
         EnvoyParams(
             upstream=ns.upstream,
@@ -289,6 +297,7 @@ def _render_envoy(ns: argparse.Namespace) -> int:
             authz_protocol=ns.authz_protocol,
             access_log_settlement=ns.access_log_settlement,
             providers=providers_config.load(ns.providers) if ns.providers else None,
+            listener_tls=tls,
         )
     )
     if ns.validate:

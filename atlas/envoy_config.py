@@ -110,6 +110,41 @@ class EnvoyParams:
     access_log_settlement: bool = True
     #: Upstream providers (atlas/providers): their clusters and header-matched routes.
     providers: ProvidersFile | None = None
+    #: TLS on the client listener (PEM files): Envoy's certificate and key, and the CA that
+    #: client certificates must chain to (apps identified by mTLS; a client without a
+    #: certificate still connects and presents an API key). None: plain HTTP.
+    listener_tls: ListenerTls | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerTls:
+    cert_file: str
+    key_file: str
+    client_ca_file: str | None = None
+
+    def transport_socket(self) -> dict[str, object]:
+        common: dict[str, object] = {
+            "tls_certificates": [
+                {
+                    "certificate_chain": {"filename": self.cert_file},
+                    "private_key": {"filename": self.key_file},
+                }
+            ],
+            "alpn_protocols": ["h2", "http/1.1"],
+        }
+        if self.client_ca_file:
+            # A certificate, when presented, must chain to this CA (else no handshake); XFCC
+            # then carries its URI and DNS SANs to authz (atlas/identity.py).
+            common["validation_context"] = {"trusted_ca": {"filename": self.client_ca_file}}
+        return {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3"
+                ".DownstreamTlsContext",
+                "require_client_certificate": False,
+                "common_tls_context": common,
+            },
+        }
 
 
 #: Resilience of model clusters (see docs): a failing replica is retried on another, ejected
@@ -291,6 +326,11 @@ def render(params: EnvoyParams, template: str = "atlas.yaml.tmpl") -> str:
             authz_service(params.authz_protocol, params.authz_timeout)
         ),
         "authz_grpc": str(params.authz_protocol == "grpc").lower(),
+        # The chain's name, and (TLS) its transport socket on the next line of the item.
+        "listener_chain_line": "name: mtls\n      transport_socket: "
+        + json.dumps(params.listener_tls.transport_socket())
+        if params.listener_tls is not None
+        else "name: plain",
         # Every request header reaches authz (HTTP sends only these; gRPC sends all anyway).
         "authz_allowed_headers_line": _json_line(
             {"allowed_headers": {"patterns": [{"safe_regex": {"regex": ".*"}}]}}

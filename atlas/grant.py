@@ -16,6 +16,8 @@ import json
 from dataclasses import dataclass, fields
 from typing import Any
 
+from atlas.limits import MAX_END_USER_CHARS
+
 #: The ext_authz filter's dynamic metadata namespace (its filter name).
 AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"
 #: json_to_metadata's namespace (Envoy -> the access log -> extproc): the usage it lifted.
@@ -31,6 +33,14 @@ GRANT_HEADER = "x-atlas-grant"
 #: authz -> upstream: who is calling, at what priority.
 KEY_ID_HEADER = "x-atlas-key-id"
 PRIORITY_HEADER = "x-atlas-priority"
+#: client (an internal app without mTLS) -> authz: its app id and shared secret; and the end
+#: user an app attributes a request to (OpenAI's body `user` is read too). Never forwarded.
+APP_ID_HEADER = "x-atlas-app-id"
+APP_SECRET_HEADER = "x-atlas-app-secret"
+END_USER_HEADER = "x-atlas-end-user"
+#: Envoy -> authz: the verified client certificate of an mTLS connection (Envoy's HCM sets it
+#: with forward_client_cert_details SANITIZE_SET, replacing any a client sent).
+XFCC_HEADER = "x-forwarded-client-cert"
 #: authz -> client, on a refused admission: which limit was hit (`key.daily`, `team.daily`, ...).
 LIMIT_HEADER = "x-atlas-limit"
 #: authz -> Envoy: which ext_proc configuration serves this exchange (see `ProcMode`).
@@ -57,7 +67,7 @@ MAX_GRANT_MODEL_CHARS = 256
 #: Provider and member ids are config names (atlas/providers/config.py NAME): 48 characters.
 MAX_GRANT_NAME_CHARS = 48
 #: End-user ids are client input (a header or OpenAI's `user` field): a bounded prefix.
-MAX_GRANT_USER_CHARS = 128
+MAX_GRANT_USER_CHARS = MAX_END_USER_CHARS
 
 
 class ProcMode:

@@ -53,6 +53,16 @@ def hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode("utf-8", "surrogateescape")).hexdigest()
 
 
+def principal_hash(principal: str) -> str:
+    """The secret-index hash an app's mTLS principal is found by (atlas/identity.py)."""
+    return hash_secret("mtls:" + principal)
+
+
+def app_secret_hash(app_id: str, secret: str) -> str:
+    """The secret-index hash an app's shared secret is found by (scoped to its app id)."""
+    return hash_secret(f"app:{app_id}:{secret}")
+
+
 def _public_prefix(text: str) -> str:
     return next((p for p in PUBLIC_PREFIXES if text.startswith(p)), "")
 
@@ -115,11 +125,23 @@ class KeyRecord(BaseModel):
     #: `valid_until`, copied here by admin so authz refuses the key without another lookup.
     owner: str | None = None
     owner_valid_until: datetime | None = None
+    #: An internal app's record (admin/routes/apps.py): its id, the mTLS principals it is
+    #: known by, and the hash of its shared secret. Its `secret_hash` is of a secret nobody
+    #: was shown: an app is found by principal or shared secret, not by a bearer key.
+    app: str | None = None
+    principals: list[str] = Field(default_factory=list)
+    app_secret_hash: str | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     updated_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
     _hint = field_validator("secret_hint")(bounded_hint)
+
+    def lookup_hashes(self) -> list[str]:
+        """Every secret-index entry that finds this record: its key's, and an app's
+        principals' and shared secret's."""
+        found_by = [self.secret_hash, *(principal_hash(p) for p in self.principals)]
+        return found_by + ([self.app_secret_hash] if self.app_secret_hash else [])
 
     def expired(self, now: datetime) -> bool:
         return self.expires_at is not None and self.expires_at <= now

@@ -38,6 +38,8 @@ MAX_KEY_MODELS = 1000
 MAX_METADATA_BYTES = 16 * 1024
 #: Model names are client input; longer ones are refused or folded.
 MAX_MODEL_NAME_CHARS = 256
+#: End-user ids (a header or OpenAI's `user`) are client input: a bounded prefix is kept.
+MAX_END_USER_CHARS = 128
 #: Bytes above ATLAS_MAX_REQUEST_BYTES for headers and framing: Envoy's per-connection buffer
 #: is max_request_bytes plus this, and a gRPC message to authz or extproc carries a whole
 #: body plus its headers, so ATLAS_GRPC_MAX_MESSAGE_BYTES must be at least as large.

@@ -21,6 +21,7 @@ from atlas import tokens
 from atlas.limits import (
     MAX_CHOICES,
     MAX_COMPLETION_TOKENS,
+    MAX_END_USER_CHARS,
     MAX_MODEL_NAME_CHARS,
     MAX_PROMPTS,
     MAX_RESERVATION_TOKENS,
@@ -76,6 +77,8 @@ class LLMRequest:
     prompts: int = 1  # completions: a list of prompts is that many generations
     invalid: str = ""  # why the body must be refused (400); '' when it may go on
     invalid_param: str | None = None
+    #: OpenAI's `user`: the end user the caller attributes the request to (bounded; "").
+    user: str = ""
 
     @property
     def choices(self) -> int:
@@ -195,12 +198,17 @@ def _fields(data: dict[str, Any], size: int, body: bytes) -> LLMRequest:
             f"This request could generate {max_tokens * req_choices} tokens "
             f"(max_tokens x choices x prompts); at most {MAX_RESERVATION_TOKENS} are allowed.",
         )
+    user = data.get("user")
+    user = user[:MAX_END_USER_CHARS] if isinstance(user, str) else ""
     tokens_n, whole = _estimate(data)
     if not whole:  # too deep or too many parts to walk: fall back on the bytes
         tokens_n = max(tokens_n, bytes_estimate(size, body))
     # Positional, in field order: a frozen dataclass takes keywords at twice the cost, and
     # this runs for every request (test_requestbody checks the order).
-    return LLMRequest(True, model, stream, include_usage, max_tokens, n, tokens_n, best_of, prompts)
+    return LLMRequest(
+        True, model, stream, include_usage, max_tokens, n, tokens_n, best_of, prompts, "", None,
+        user,
+    )  # fmt: skip
 
 
 def _unparsed(size: int, sample: bytes = b"") -> LLMRequest:

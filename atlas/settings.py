@@ -230,6 +230,20 @@ class Settings(BaseSettings):
         gt=0,
         description="A reservation no ext_proc stream claims within this is released, charged 0, s",
     )
+    listener_tls_cert_file: str | None = Field(
+        None, description="`atlas up`: Envoy serves TLS with this PEM certificate"
+    )
+    listener_tls_key_file: str | None = Field(None, description="`atlas up`: its private key")
+    listener_client_ca_file: str | None = Field(
+        None, description="`atlas up`: client certificates must chain to this CA (mTLS apps)"
+    )
+    mtls_identity: bool = Field(
+        True,
+        description="A request without an API key is identified by its mTLS principal (the "
+        "URI or DNS SAN Envoy verified, from x-forwarded-client-cert or gRPC's source "
+        "principal) when an app claims it. The Envoy in front must sanitize XFCC "
+        "(forward_client_cert_details: SANITIZE_SET, as Atlas's bootstrap does); else false",
+    )
     settle_from_access_log: bool = Field(
         True,
         description="Non-streamed completions are settled from Envoy's gRPC access log "

@@ -174,6 +174,8 @@ def admitted(v: Verdict, inp: CheckInput, settings: Settings) -> Answer:
         provider=choice.provider if choice is not None else "",
         member=choice.member if choice is not None else "",
         team=v.key.team or "",
+        app=v.key.app or "",
+        end_user=v.end_user,
         continuous_usage=req.stream
         and settings.continuous_usage_models != []
         and continuous_usage(tuple(settings.continuous_usage_models), req.model),

@@ -35,7 +35,8 @@ class KeyCache:
         self._ttl_s = ttl_s
         self._clock = clock
         self._entries: dict[str, tuple[KeyRecord | None, float]] = {}
-        self._ids: dict[str, str] = {}  # key id -> secret hash
+        #: key id -> the secret hashes it is cached under (an app's principals and secret)
+        self._ids: dict[str, set[str]] = {}
 
     def fresh(self, secret_hash: str) -> tuple[KeyRecord | None] | None:
         """`(record,)` while a fresh entry is cached (a None record: an unknown secret), else
@@ -58,7 +59,7 @@ class KeyCache:
         ttl = self._ttl_s if rec is not None else min(self._ttl_s, NEGATIVE_TTL_S)
         self._entries[secret_hash] = (rec, now + ttl)
         if rec is not None:
-            self._ids[rec.id] = secret_hash
+            self._ids.setdefault(rec.id, set()).add(secret_hash)
         return rec
 
     def stale(self, secret_hash: str) -> KeyRecord | None:
@@ -70,8 +71,7 @@ class KeyCache:
         self._entries = {h: (rec, 0.0) for h, (rec, _) in self._entries.items() if rec}
 
     def invalidate(self, key_id: str) -> None:
-        secret_hash = self._ids.pop(key_id, None)
-        if secret_hash is not None:
+        for secret_hash in self._ids.pop(key_id, ()):
             self._entries.pop(secret_hash, None)
         # A new key may reuse a secret we cached as unknown.
         self._entries = {h: e for h, e in self._entries.items() if e[0] is not None}

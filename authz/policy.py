@@ -14,10 +14,18 @@ from datetime import UTC, datetime
 from atlas import metrics
 from atlas.credentials import client_key
 from atlas.errors import Denied, LedgerUnavailable
-from atlas.grant import ProcMode, proc_mode_for
+from atlas.grant import (
+    APP_ID_HEADER,
+    APP_SECRET_HEADER,
+    END_USER_HEADER,
+    XFCC_HEADER,
+    ProcMode,
+    proc_mode_for,
+)
+from atlas.identity import MAX_APP_SECRET_CHARS, app_secret_hash, principal_hash, xfcc_principal
 from atlas.keymodel import KeyRecord, cap_priority, hash_secret
 from atlas.ledger.protocol import Admission, Admissions, AdmitRequest, LedgerInputError
-from atlas.limits import MAX_RESERVATION_TOKENS
+from atlas.limits import MAX_END_USER_CHARS, MAX_RESERVATION_TOKENS
 from atlas.local_limiter import LocalLimiter
 from atlas.modelnames import ModelNames
 from atlas.pricing import PriceBook
@@ -48,6 +56,9 @@ class CheckInput:
     body_complete: bool
     body_size: int = 0  # the whole body's length when Envoy sent only its start
     method: str = "POST"
+    #: The mTLS principal Envoy verified (gRPC CheckRequest source.principal); over HTTP it
+    #: comes in the XFCC header.
+    principal: str = ""
 
 
 @dataclass(slots=True, frozen=True)
@@ -64,6 +75,7 @@ class Verdict:
     degraded: bool = False  # decided without Redis (fail mode local)
     route: str = ""  # the endpoint's bounded name (authz.endpoints.Route.name)
     upstream: Choice | None = None  # the provider and member chosen (atlas/providers)
+    end_user: str = ""  # whom the caller attributes the request to (header or body `user`)
 
 
 #: What a request without an LLM body (GET /v1/models, ATLAS_EXTRA_ENDPOINTS) is counted as.
@@ -162,13 +174,25 @@ class Authorizer:
     async def _check(self, inp: CheckInput) -> Verdict:
         path = request_path(inp.path)  # 400 before anything else: the path is malformed
         secret = client_key(inp.headers)
-        if secret is None:
-            raise _denied_401("Missing API key. Send it as 'Authorization: Bearer <key>'.")
-        secret_hash = hash_secret(secret)
-        hit = self._cache.fresh(secret_hash)  # a known key's every Check: no coroutine
-        key, degraded = (hit[0], False) if hit is not None else await self._find_key(secret_hash)
+        key, degraded = None, False
+        if secret:
+            secret_hash = hash_secret(secret)
+            hit = self._cache.fresh(secret_hash)  # a known key's every Check: no coroutine
+            key, degraded = (hit[0], False) if hit else await self._find_key(secret_hash)
         if key is None:
-            raise _denied_401("Incorrect API key provided.")
+            # An internal app: SDKs insist on some api_key, so a bearer Atlas does not know
+            # (a placeholder) gives way to the app's verified identity.
+            app_hash = self._app_identity(inp)
+            if app_hash is not None:
+                key, degraded = await self._lookup(app_hash)
+            if key is None:
+                raise _denied_401(
+                    "This app identity (certificate or app secret) is not known to Atlas."
+                    if app_hash is not None
+                    else "Incorrect API key provided."
+                    if secret
+                    else "Missing API key. Send it as 'Authorization: Bearer <key>'."
+                )
         key.check_usable(datetime.fromtimestamp(self._clock(), UTC))
         route = self._endpoints.route(inp.method, path)
         req = self._simple_request(inp, route)
@@ -251,8 +275,35 @@ class Authorizer:
                 raise
         if self._shedder is not None:
             self._shedder.gauge.add(admission.reserved)
-        v = Verdict(key, rid, priority, req, admission, admission.reason, route=route.name)
-        return dataclasses.replace(v, upstream=upstream) if upstream else v
+        end_user = inp.headers.get(END_USER_HEADER) or req.user
+        return Verdict(
+            key,
+            rid,
+            priority,
+            req,
+            admission,
+            admission.reason,
+            route=route.name,
+            upstream=upstream,
+            end_user=end_user[:MAX_END_USER_CHARS],
+        )
+
+    async def _lookup(self, secret_hash: str) -> tuple[KeyRecord | None, bool]:
+        hit = self._cache.fresh(secret_hash)
+        return (hit[0], False) if hit is not None else await self._find_key(secret_hash)
+
+    def _app_identity(self, inp: CheckInput) -> str | None:
+        """The secret-index hash of an internal app without a key: its app id and shared
+        secret, else (where the Envoy in front sanitizes XFCC) its verified mTLS principal."""
+        h = inp.headers
+        app_id, app_secret = h.get(APP_ID_HEADER, ""), h.get(APP_SECRET_HEADER, "")
+        if app_id and app_secret and len(app_id) <= 64 and len(app_secret) <= MAX_APP_SECRET_CHARS:
+            return app_secret_hash(app_id, app_secret)
+        if self._s.mtls_identity:
+            principal = inp.principal or xfcc_principal(h.get(XFCC_HEADER, ""))
+            if principal:
+                return principal_hash(principal)
+        return None
 
     def _simple_request(self, inp: CheckInput, route: Route) -> LLMRequest | None:
         """What the body asks for, or None when it must be parsed off the event loop;

@@ -22,6 +22,7 @@ from google.rpc import code_pb2, status_pb2
 from atlas.errors import Denied
 from atlas.grant import GRANT_HEADER, KEY_ID_HEADER, PROC_HEADER, PROVIDER_HEADER, REFUSAL_HEADER
 from atlas.grpc_service import grpc_server
+from atlas.identity import MAX_PRINCIPAL_CHARS
 from atlas.openai_errors import error_body
 from atlas.settings import Settings
 from authz.answer import admitted, decide
@@ -67,6 +68,7 @@ def check_input(req: auth_pb2.CheckRequest) -> CheckInput:
         body_complete=not partial,
         body_size=int(length) if length.isdigit() else 0,
         method=http.method or headers.get(":method", ""),
+        principal=req.attributes.source.principal[:MAX_PRINCIPAL_CHARS],
     )
 
 

@@ -36,7 +36,15 @@ async def _get(ledger: LedgerDep, key_id: str) -> KeyRecord:
     return rec
 
 
-def _check_priorities(rec: KeyRecord, sent: set[str]) -> None:
+def _not_an_app(rec: KeyRecord) -> None:
+    """An app's identities are kept with its record: it is rotated and deleted as an app."""
+    if rec.app is not None:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT, f"{rec.id!r} is app {rec.app!r}: use /v1/admin/apps"
+        )
+
+
+def check_priorities(rec: KeyRecord, sent: set[str]) -> None:
     """A key's default priority may not exceed its max_priority (requests would run above
     the cap). Checked on the record as it would be stored, so a create that names only one of
     them (the other is the default) and an update that changes only one are both covered."""
@@ -61,7 +69,7 @@ def _invalid(field: str, msg: str, value: object) -> RequestValidationError:
     )
 
 
-async def _team_zone(ledger: LedgerDep, team_id: str, asked: str | None) -> str | None:
+async def team_zone(ledger: LedgerDep, team_id: str, asked: str | None) -> str | None:
     """A key of a team counts in the team's windows, so it uses the team's zone."""
     team = await ledger.get_team(team_id)
     if team is None:
@@ -83,7 +91,7 @@ async def create_key(
     secret = body.api_key or new_secret()
     fields = body.model_dump(exclude_none=True, exclude={"api_key"})
     if body.team is not None:
-        fields["window_timezone"] = await _team_zone(ledger, body.team, body.window_timezone)
+        fields["window_timezone"] = await team_zone(ledger, body.team, body.window_timezone)
     rec = KeyRecord(
         id=new_key_id(body.team),
         secret_hash=hash_secret(secret),
@@ -96,7 +104,7 @@ async def create_key(
             **fields,
         },
     )
-    _check_priorities(rec, set(fields))
+    check_priorities(rec, set(fields))
     try:
         await ledger.create_key(rec)
     except ValueError as exc:
@@ -169,7 +177,7 @@ async def update_key(
         )
     updated = rec.model_copy(update={**changes, "updated_at": datetime.now(UTC)})
     updated = KeyRecord.model_validate(updated.model_dump())
-    _check_priorities(updated, set(changes))
+    check_priorities(updated, set(changes))
     await ledger.put_key(updated)
     await record_change(ledger, request, "key.update", before=rec, after=updated)
     return KeyPublic.of(updated)
@@ -189,6 +197,7 @@ async def revoke_key(key_id: str, _: AdminDep, ledger: LedgerDep, request: Reque
 async def rotate_key(key_id: str, _: AdminDep, ledger: LedgerDep, request: Request) -> KeyCreated:
     """Replace the secret; the old one stops working at once."""
     rec = await _get(ledger, key_id)
+    _not_an_app(rec)
     secret = new_secret()
     updated = rec.model_copy(
         update={
@@ -206,5 +215,6 @@ async def rotate_key(key_id: str, _: AdminDep, ledger: LedgerDep, request: Reque
 async def delete_key(key_id: str, _: AdminDep, ledger: LedgerDep, request: Request) -> None:
     """Delete a key; its usage history stays until it expires."""
     rec = await _get(ledger, key_id)
+    _not_an_app(rec)
     await ledger.delete_key(rec)
     await record_change(ledger, request, "key.delete", before=rec, after=None)

@@ -47,6 +47,8 @@ def tag(key_id: str) -> str:
     return f"{ROOT}:{{t:{team}}}:k:{key_id}:" if sep else f"{ROOT}:{{k:{key_id}}}:"
 
 
+#: hash app id -> the key id of the app's record (internal apps, atlas/identity.py).
+APP_INDEX = f"{ROOT}:{{g}}:apps"
 #: sorted set of every team id, scored by creation time (ms).
 TEAM_INDEX = f"{ROOT}:{{g}}:teams"
 

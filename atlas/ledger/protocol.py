@@ -173,7 +173,13 @@ class KeyStore(Protocol):
 
     async def create_key(self, rec: KeyRecord) -> None: ...
 
-    async def put_key(self, rec: KeyRecord, *, old_secret_hash: str | None = None) -> None: ...
+    async def put_key(
+        self,
+        rec: KeyRecord,
+        *,
+        old_secret_hash: str | None = None,
+        old_lookup_hashes: list[str] | None = None,
+    ) -> None: ...
 
     async def delete_key(self, rec: KeyRecord) -> None: ...
 
@@ -327,7 +333,19 @@ class TeamStore(Protocol):
     async def team_usage(self, team: TeamRecord) -> tuple[Window, Window]: ...
 
 
-class AdminLedger(Probe, KeyStore, History, Audit, Pools, TeamStore, Protocol):
+class AppIndex(Protocol):
+    """Internal apps: app id -> the key record holding the app's limits and identities."""
+
+    async def claim_app(self, app_id: str, key_id: str) -> bool: ...
+
+    async def app_key_id(self, app_id: str) -> str | None: ...
+
+    async def app_ids(self) -> dict[str, str]: ...
+
+    async def drop_app(self, app_id: str) -> None: ...
+
+
+class AdminLedger(Probe, KeyStore, History, Audit, Pools, TeamStore, AppIndex, Protocol):
     """What admin uses: key records, history, the audit stream and provider pools."""
 
 

@@ -21,7 +21,7 @@ from typing import Any, TextIO
 
 from pydantic import SecretStr
 
-from atlas.envoy_config import EnvoyParams, envoy_binary, render
+from atlas.envoy_config import EnvoyParams, ListenerTls, envoy_binary, render
 from atlas.local.ports import free_port
 from atlas.local.procs import Child, ComponentDied, redis_ping
 from atlas.local.valkey import valkey_argv
@@ -98,7 +98,8 @@ class Stack:
     # ---- URLs ------------------------------------------------------------------------------
     @property
     def proxy_url(self) -> str:
-        return f"http://127.0.0.1:{self.settings.proxy_port}"
+        scheme = "https" if self.settings.listener_tls_cert_file else "http"
+        return f"{scheme}://127.0.0.1:{self.settings.proxy_port}"
 
     @property
     def admin_url(self) -> str:
@@ -191,6 +192,11 @@ class Stack:
                     authz_protocol=s.authz_protocol,
                     access_log_settlement=s.settle_from_access_log,
                     providers=providers_config.load(s.providers_file) if s.providers_file else None,
+                    listener_tls=ListenerTls(
+                        s.listener_tls_cert_file, s.listener_tls_key_file, s.listener_client_ca_file
+                    )
+                    if s.listener_tls_cert_file and s.listener_tls_key_file
+                    else None,
                 )
             )
         )

@@ -168,6 +168,24 @@ async def test_key_cache_hits_and_invalidation(fake: FakeLedger) -> None:
     assert lookups == 5
 
 
+async def test_key_cache_invalidates_every_hash_an_app_is_cached_under() -> None:
+    app = make_key().model_copy(update={"app": "checkout", "principals": ["spiffe://a"]})
+    by_hash = {h: app for h in app.lookup_hashes()}
+    lookups = 0
+
+    async def lookup(h: str) -> KeyRecord | None:
+        nonlocal lookups
+        lookups += 1
+        return by_hash.get(h)
+
+    cache = KeyCache(lookup, ttl_s=30)
+    for h in by_hash:
+        assert await cache.get(h) == app
+    cache.invalidate(app.id)
+    assert all(cache.fresh(h) is None for h in by_hash)
+    assert lookups == len(by_hash) == 2
+
+
 def raw_inp(body: bytes, path: str = "/v1/chat/completions", **kw: Any) -> CheckInput:
     h = {"authorization": f"Bearer {SECRET}", **kw.pop("headers", {})}
     return CheckInput(headers=h, path=path, body=body, body_complete=True, **kw)

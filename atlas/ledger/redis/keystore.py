@@ -22,9 +22,13 @@ class RedisKeyStore:
 
     async def create_key(self, rec: KeyRecord) -> None:
         async def run() -> bool:
-            claimed = await self._r.set(keys.secret_index(rec.secret_hash), rec.id, nx=True)
-            if not claimed:
-                return False
+            taken: list[str] = []
+            for h in rec.lookup_hashes():
+                if not await self._r.set(keys.secret_index(h), rec.id, nx=True):
+                    for t in taken:  # one taken entry: none of this record's stays
+                        await self._r.delete(keys.secret_index(t))
+                    return False
+                taken.append(h)
             await self._r.set(keys.record(rec.id), rec.model_dump_json())
             if rec.team:
                 await self._r.sadd(keys.team_members(rec.team), rec.id)
@@ -33,23 +37,47 @@ class RedisKeyStore:
             return True
 
         if not await self._c.call("create_key", run):
-            raise ValueError("a key with this secret already exists")
+            raise ValueError("a key with this secret (or principal) already exists")
 
-    async def put_key(self, rec: KeyRecord, *, old_secret_hash: str | None = None) -> None:
-        """Replace a record (and move its secret index when the secret was rotated)."""
+    async def put_key(
+        self,
+        rec: KeyRecord,
+        *,
+        old_secret_hash: str | None = None,
+        old_lookup_hashes: list[str] | None = None,
+    ) -> None:
+        """Replace a record (and move its secret index when the secret was rotated, or an
+        app's principals or shared secret changed: `old_lookup_hashes`).
 
-        async def run() -> None:
-            if old_secret_hash and old_secret_hash != rec.secret_hash:
-                await self._r.set(keys.secret_index(rec.secret_hash), rec.id)
-                await self._r.delete(keys.secret_index(old_secret_hash))
+        :raises ValueError: a new principal already finds another record."""
+
+        async def run() -> bool:
+            old = set(old_lookup_hashes or [])
+            if old_secret_hash:
+                old.add(old_secret_hash)
+            new = set(rec.lookup_hashes())
+            if old:
+                claimed: list[str] = []
+                for h in new - old:
+                    if await self._r.set(keys.secret_index(h), rec.id, nx=True):
+                        claimed.append(h)
+                    elif await self._r.get(keys.secret_index(h)) != rec.id:
+                        for c in claimed:  # refused: none of the new entries stays
+                            await self._r.delete(keys.secret_index(c))
+                        return False
+                for h in old - new:
+                    await self._r.delete(keys.secret_index(h))
             await self._r.set(keys.record(rec.id), rec.model_dump_json())
             await self._r.publish(keys.KEY_CHANGED_CHANNEL, rec.id)
+            return True
 
-        await self._c.call("put_key", run)
+        if not await self._c.call("put_key", run):
+            raise ValueError("a principal or secret of this record already finds another one")
 
     async def delete_key(self, rec: KeyRecord) -> None:
         async def run() -> None:
-            await self._r.delete(keys.secret_index(rec.secret_hash))
+            for h in rec.lookup_hashes():
+                await self._r.delete(keys.secret_index(h))
             await self._r.delete(keys.record(rec.id))
             if rec.team:
                 await self._r.srem(keys.team_members(rec.team), rec.id)

@@ -29,6 +29,7 @@ from atlas.ledger.protocol import (
     Window,
 )
 from atlas.ledger.redis.admission import RedisAdmissions
+from atlas.ledger.redis.apps import RedisApps
 from atlas.ledger.redis.audit import RedisAudit
 from atlas.ledger.redis.client import Conn, connect
 from atlas.ledger.redis.history import RedisHistory, ScopeOrPrefix
@@ -68,6 +69,7 @@ class RedisLedger:
         self.audit_log = RedisAudit(self.conn)
         self.pools = RedisPools(self.conn)
         self.teams = RedisTeams(self.conn)
+        self.apps = RedisApps(self.conn)
 
     @classmethod
     def from_settings(cls, settings: Settings, *, buffer_history: bool = False) -> RedisLedger:
@@ -83,8 +85,16 @@ class RedisLedger:
     async def create_key(self, rec: KeyRecord) -> None:
         await self.key_store.create_key(rec)
 
-    async def put_key(self, rec: KeyRecord, *, old_secret_hash: str | None = None) -> None:
-        await self.key_store.put_key(rec, old_secret_hash=old_secret_hash)
+    async def put_key(
+        self,
+        rec: KeyRecord,
+        *,
+        old_secret_hash: str | None = None,
+        old_lookup_hashes: list[str] | None = None,
+    ) -> None:
+        await self.key_store.put_key(
+            rec, old_secret_hash=old_secret_hash, old_lookup_hashes=old_lookup_hashes
+        )
 
     async def delete_key(self, rec: KeyRecord) -> None:
         await self.key_store.delete_key(rec)
@@ -211,6 +221,19 @@ class RedisLedger:
     async def team_usage(self, team: TeamRecord) -> tuple[Window, Window]:
         now = int(await self.windows.server_time())
         return await self.teams.team_windows(team, self.zones.zone_of(team), now)
+
+    # ---- Apps --------------------------------------------------------------------------
+    async def claim_app(self, app_id: str, key_id: str) -> bool:
+        return await self.apps.claim_app(app_id, key_id)
+
+    async def app_key_id(self, app_id: str) -> str | None:
+        return await self.apps.app_key_id(app_id)
+
+    async def app_ids(self) -> dict[str, str]:
+        return await self.apps.app_ids()
+
+    async def drop_app(self, app_id: str) -> None:
+        await self.apps.drop_app(app_id)
 
     # ---- Audit -------------------------------------------------------------------------
     async def audit(self, entry: dict[str, Any]) -> None:
