@@ -23,6 +23,7 @@ up: $(STAMP) ## run the whole local stack (proxy :8080, admin :8081); Ctrl-C sto
 
 test: $(STAMP) ## run every test (unit, integration, end-to-end through the real Envoy)
 	bash scripts/install-chromium.sh
+	bash scripts/install-helm.sh
 	$(BIN)/python -m pytest $(ARGS)
 
 test-unit: $(STAMP) ## unit tests only (no sockets)
