@@ -295,6 +295,48 @@ class Settings(BaseSettings):
         64 << 20, ge=4096, description="Journal size bound; beyond it the reaper charges"
     )
     reap_interval_s: float = Field(5.0, gt=0, description="How often extproc runs the reaper, s")
+    request_log_days: int = Field(
+        7, ge=1, le=400, description="Request log records kept, days (one stream per UTC day)"
+    )
+    request_log_max_per_day: int = Field(
+        1_000_000,
+        ge=1000,
+        le=100_000_000,
+        description="Request log records kept per day at most (older ones of the day are "
+        "trimmed first; each is ~300 bytes of Redis memory)",
+    )
+    alert_thresholds: list[int] = Field(
+        default_factory=lambda: [50, 80, 100],
+        max_length=10,
+        description="Percent of each quota and budget at which an alert fires, once per "
+        "window (JSON list); a key's or team's alert rule overrides it",
+    )
+    alert_signing_secret: SecretStr | None = Field(
+        None,
+        description="HMAC-SHA256 secret that signs every webhook delivery "
+        "(X-Atlas-Signature); unset: deliveries are unsigned",
+    )
+    alert_interval_s: float = Field(
+        5.0, gt=0, le=3600, description="How often admin's alerter evaluates changed usage, s"
+    )
+    alert_anomaly_margin: float = Field(
+        0.5,
+        ge=0,
+        le=100,
+        description="An hour's usage outside the forecast's interval widened by this share "
+        "fires an anomaly alert (0 = off)",
+    )
+    admin_jwt_issuer: str | None = Field(
+        None, description="Admin single sign-on: the JWT issuer (iss) accepted"
+    )
+    admin_jwt_audience: str | None = Field(None, description="The JWT audience (aud) required")
+    admin_jwt_jwks_file: str | None = Field(None, description="The issuer's JWKS, from a file")
+    admin_jwt_jwks_url: str | None = Field(
+        None, description="The issuer's JWKS, from a URL (cached, refetched on an unknown kid)"
+    )
+    admin_jwt_role_claim: str = Field(
+        "atlas_role", description="The JWT claim naming the admin's role (viewer/operator/owner)"
+    )
     key_cache_ttl_s: float = Field(
         30.0, ge=0, description="In-process key cache lifetime (pub/sub invalidates sooner), s"
     )
@@ -316,6 +358,13 @@ class Settings(BaseSettings):
             if bad:
                 raise ValueError(f"{model}: not http(s) URLs: {bad}")
         return v
+
+    @field_validator("alert_thresholds")
+    @classmethod
+    def _percentages(cls, v: list[int]) -> list[int]:
+        if any(not 1 <= t <= 1000 for t in v):
+            raise ValueError("each threshold is a percentage from 1 to 1000")
+        return sorted(set(v))
 
     @field_validator("extra_endpoints")
     @classmethod

@@ -49,6 +49,19 @@ def tag(key_id: str) -> str:
 
 #: hash app id -> the key id of the app's record (internal apps, atlas/identity.py).
 APP_INDEX = f"{ROOT}:{{g}}:apps"
+#: Hash admin name -> JSON record (role, token hash): named admin credentials (admin/auth).
+ADMIN_INDEX = f"{ROOT}:{{g}}:admins"
+#: Hash token hash -> admin name: how a presented admin token finds its admin.
+ADMIN_TOKENS = f"{ROOT}:{{g}}:admins:tokens"
+#: Set of "key:<id>" / "team:<id>" whose usage changed since the alerter last looked (the
+#: request log writer adds them in its batch, off the request path).
+ALERT_DIRTY = f"{ROOT}:{{g}}:alerts:dirty"
+#: Hash webhook id -> JSON (url, scopes): where alerts are delivered.
+ALERT_WEBHOOKS = f"{ROOT}:{{g}}:alerts:webhooks"
+#: Hash "<scope>:<id>" -> JSON thresholds overriding ATLAS_ALERT_THRESHOLDS.
+ALERT_RULES = f"{ROOT}:{{g}}:alerts:rules"
+#: Stream of fired alerts and their deliveries (bounded).
+ALERT_EVENTS = f"{ROOT}:{{g}}:alerts:events"
 #: sorted set of every team id, scored by creation time (ms).
 TEAM_INDEX = f"{ROOT}:{{g}}:teams"
 
@@ -151,6 +164,18 @@ def day_window(key_id: str, day: str) -> str:
 def month_window(key_id: str, month: str) -> str:
     """Hash, as the day window: one key's month window (`YYYYMM`)."""
     return f"{window_prefix(key_id)}m:{month}"
+
+
+def alert_fired(scope: str, window: str) -> str:
+    """Set of "<limit>:<threshold>" an alert already fired for, in one window of one scope
+    (`key:<id>` or `team:<id>`; window `d:<YYYYMMDD>` or `m:<YYYYMM>`): once per window."""
+    return f"{ROOT}:{{g}}:alerts:fired:{scope}:{window}"
+
+
+def request_log_day(day: str) -> str:
+    """Stream of one UTC day's (`YYYYMMDD`) request records (atlas/requestlog.py); each day its
+    own hash tag, so a cluster spreads the log's days over its slots."""
+    return f"{ROOT}:{{rl:{day}}}:requests"
 
 
 def pool_tag(provider: str) -> str:

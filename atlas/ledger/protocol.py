@@ -12,6 +12,7 @@ from typing import Any, Literal, Protocol
 
 from atlas import limits
 from atlas.keymodel import KeyRecord
+from atlas.requestlog import RequestRecord
 from atlas.settings import Priority
 from atlas.teammodel import TeamRecord
 from atlas.windows import Zone
@@ -345,7 +346,22 @@ class AppIndex(Protocol):
     async def drop_app(self, app_id: str) -> None: ...
 
 
-class AdminLedger(Probe, KeyStore, History, Audit, Pools, TeamStore, AppIndex, Protocol):
+class RequestLog(Protocol):
+    """The request log (atlas/requestlog.py): batches written off the request path, read by
+    day newest first."""
+
+    async def log_requests(
+        self, records: Sequence[RequestRecord], dirty: Sequence[str]
+    ) -> None: ...
+
+    async def request_log_page(
+        self, day: str, before: str | None, count: int
+    ) -> list[tuple[str, RequestRecord]]: ...
+
+
+class AdminLedger(
+    Probe, KeyStore, History, Audit, Pools, TeamStore, AppIndex, RequestLog, Protocol
+):
     """What admin uses: key records, history, the audit stream and provider pools."""
 
 

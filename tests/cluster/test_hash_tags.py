@@ -27,7 +27,7 @@ PER_KEY = ("tag", "record", "request_bucket", "token_bucket", "reservations")
 PER_KEY += ("reservation_expiry", "reservation_claims", "window_prefix", "window_zone")
 #: `lock` is global state ({g}); `model_prefix` is per model; `secret_index` has its own
 #: slot and is never touched by a script.
-OTHERS = ("lock", "model_prefix", "secret_index")
+OTHERS = ("lock", "model_prefix", "secret_index", "alert_fired", "request_log_day")
 #: builders of one provider pool's names: all in the slot of `{p:<provider>}`.
 POOL = ("pool_tag", "pool_keys")
 #: builders of one team's names: all in the slot of `{t:<team>}`, with its keys' names.

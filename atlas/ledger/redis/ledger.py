@@ -35,10 +35,12 @@ from atlas.ledger.redis.client import Conn, connect
 from atlas.ledger.redis.history import RedisHistory, ScopeOrPrefix
 from atlas.ledger.redis.keystore import RedisKeyStore
 from atlas.ledger.redis.pools import RedisPools
+from atlas.ledger.redis.requestlog import RedisRequestLog
 from atlas.ledger.redis.scripts import Scripts
 from atlas.ledger.redis.settlement import RedisSettlements
 from atlas.ledger.redis.teams import RedisTeams
 from atlas.ledger.redis.zones import Zones
+from atlas.requestlog import RequestRecord
 from atlas.settings import Settings
 from atlas.teammodel import TeamRecord
 from atlas.windows import Zone
@@ -70,6 +72,7 @@ class RedisLedger:
         self.pools = RedisPools(self.conn)
         self.teams = RedisTeams(self.conn)
         self.apps = RedisApps(self.conn)
+        self.requests = RedisRequestLog(self.conn, settings)
 
     @classmethod
     def from_settings(cls, settings: Settings, *, buffer_history: bool = False) -> RedisLedger:
@@ -234,6 +237,15 @@ class RedisLedger:
 
     async def drop_app(self, app_id: str) -> None:
         await self.apps.drop_app(app_id)
+
+    # ---- Request log -------------------------------------------------------------------
+    async def log_requests(self, records: Sequence[RequestRecord], dirty: Sequence[str]) -> None:
+        await self.requests.log_requests(records, dirty)
+
+    async def request_log_page(
+        self, day: str, before: str | None, count: int
+    ) -> list[tuple[str, RequestRecord]]:
+        return await self.requests.request_log_page(day, before, count)
 
     # ---- Audit -------------------------------------------------------------------------
     async def audit(self, entry: dict[str, Any]) -> None:

@@ -1,0 +1,79 @@
+"""The request log's record: one per request Atlas decided (admitted and settled, or refused),
+never its prompt or completion text. Written in batches off the request path
+(atlas/requestlog_writer.py), stored one Redis stream per UTC day (atlas/ledger/redis/
+requestlog.py), read by admins (admin/routes/requests.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from atlas.limits import MAX_END_USER_CHARS
+
+#: Strings a record keeps at most (client input: models, end users).
+MAX_FIELD_CHARS = 200
+
+#: What became of the request.
+OUTCOMES = ("completed", "upstream_error", "disconnected", "released", "refused", "reaped")
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    at_ms: int  # when it was decided (refusal) or settled, epoch ms
+    request_id: str  # the reservation id ("" for a refusal)
+    key_id: str = ""  # "" when no key was identified (a 401)
+    team: str = ""
+    app: str = ""
+    end_user: str = ""
+    model: str = ""
+    provider: str = ""
+    member: str = ""
+    status: int = 0  # HTTP status the client got (0: unknown, e.g. a hang-up)
+    outcome: str = "completed"
+    reason: str = ""  # the refusal's code (rate_limit_requests, team_quota_daily, ...)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    exact: bool = True  # counts from the upstream's usage (False: estimated)
+    cost_micros: int = 0  # spend, USD millionths
+    latency_ms: int = 0
+    priority: str = ""
+    stream: bool = False
+
+    def fields(self) -> dict[str, str]:
+        """The stream entry's fields (strings bounded; bools as 0/1)."""
+        out: dict[str, str] = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, bool):
+                out[f.name] = "1" if v else "0"
+            elif isinstance(v, str):
+                cap = MAX_END_USER_CHARS if f.name == "end_user" else MAX_FIELD_CHARS
+                out[f.name] = v[:cap]
+            else:
+                out[f.name] = str(int(v))
+        return out
+
+    @classmethod
+    def from_fields(cls, d: dict[str, str]) -> RequestRecord:
+        """The record of a stream entry; unknown fields ignored, missing ones defaulted."""
+        kw: dict[str, object] = {}
+        for f in dataclasses.fields(cls):
+            raw = d.get(f.name)
+            if raw is None:
+                continue
+            if f.type in ("int", int):
+                kw[f.name] = int(raw) if raw.lstrip("-").isdigit() else 0
+            elif f.type in ("bool", bool):
+                kw[f.name] = raw == "1"
+            else:
+                kw[f.name] = raw
+        kw.setdefault("at_ms", 0)
+        kw.setdefault("request_id", "")
+        return cls(**kw)  # type: ignore[arg-type]
+
+    @property
+    def day(self) -> str:
+        """The UTC day (`YYYYMMDD`) whose stream holds it."""
+        return datetime.fromtimestamp(self.at_ms / 1000, UTC).strftime("%Y%m%d")
