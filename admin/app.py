@@ -21,6 +21,7 @@ from admin.routes import (
     history,
     keys,
     providers,
+    requests,
     teams,
     usage,
 )
@@ -91,6 +92,7 @@ def create_app(settings: Settings, ledger: AdminLedger | None = None) -> FastAPI
     app.include_router(providers.router)
     app.include_router(teams.router)
     app.include_router(apps.router)
+    app.include_router(requests.router)
     app.include_router(dashboard.router)
     return app
 

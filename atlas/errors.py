@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class AtlasError(Exception):
     """Base of every error Atlas raises on purpose."""
@@ -37,6 +39,8 @@ class Denied(AtlasError):
         self.retry_after_s = retry_after_s
         self.headers = headers or {}
         self.param = param  # the request field at fault, as in OpenAI's error body
+        #: The key (or app) record refused, once authz identified it (the request log's).
+        self.subject: Any = None
 
     def __repr__(self) -> str:
         return f"Denied({self.status}, {self.code!r}, {self.message!r})"

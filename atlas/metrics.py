@@ -82,6 +82,11 @@ LEASES = Counter(
     "Reservation claims and renewals written for live ext_proc streams",
     ["op"],  # claim | renew
 )
+REQUEST_LOG = Counter(
+    "atlas_request_log_records_total",
+    "Request log records, by event",
+    ["service", "event"],  # written | dropped (buffer full or Redis unreachable too long)
+)
 
 # ---- providers (extproc, from Envoy's access log and settlements) ---------------------------
 _PROVIDER_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)

@@ -20,7 +20,7 @@ OUTCOMES = ("completed", "upstream_error", "disconnected", "released", "refused"
 
 @dataclass(slots=True)
 class RequestRecord:
-    at_ms: int  # when it was decided (refusal) or settled, epoch ms
+    at_ms: int  # when the request started (reached Atlas), epoch ms
     request_id: str  # the reservation id ("" for a refusal)
     key_id: str = ""  # "" when no key was identified (a 401)
     team: str = ""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import logging
+import time
 from dataclasses import dataclass, field
 
 from atlas.credentials import CLIENT_KEY_HEADERS
@@ -28,7 +29,7 @@ from atlas.grant import (
 from atlas.metrics import DECISIONS
 from atlas.settings import Settings
 from authz.policy import Authorizer, CheckInput, Verdict
-from authz.refusals import ratelimit_header_list
+from authz.refusals import ratelimit_header_list, refusal_record
 
 log = logging.getLogger("atlas.authz")
 
@@ -113,6 +114,8 @@ async def decide(authorizer: Authorizer, inp: CheckInput) -> Verdict | Denied:
         verdict = await authorizer.check(inp)
     except Denied as d:
         DECISIONS.labels(service="authz", decision=d.code or str(d.status)).inc()
+        if authorizer.requests is not None:
+            authorizer.requests.add(refusal_record(inp.headers, d, time.time()))
         return d
     except Exception:
         log.exception("Check failed")

@@ -31,6 +31,7 @@ from atlas.modelnames import ModelNames
 from atlas.pricing import PriceBook
 from atlas.providers.routing import Choice, ProviderRouter
 from atlas.requestbody import LLMRequest, parse_llm_request
+from atlas.requestlog_writer import RequestLogWriter
 from atlas.settings import PRIORITIES, Priority, Settings
 from authz.bodyparse import BodyParser
 from authz.endpoints import GEMINI, Endpoints, Route, gemini_call, request_path
@@ -126,6 +127,7 @@ class Authorizer:
         names: ModelNames | None = None,
         parser: BodyParser | None = None,
         providers: ProviderRouter | None = None,
+        requests: RequestLogWriter | None = None,
         new_id: Callable[[], str] = lambda: secrets.token_hex(12),
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -135,6 +137,7 @@ class Authorizer:
         self._names = names if names is not None else ModelNames.from_settings(settings)
         self._parser = parser if parser is not None else BodyParser(workers=0)
         self._providers = providers
+        self.requests = requests  # refusals' request log records (answer.decide)
         self._endpoints = Endpoints(settings.extra_endpoints)
         self._cache = cache
         self._s = settings
@@ -193,6 +196,15 @@ class Authorizer:
                     if secret
                     else "Missing API key. Send it as 'Authorization: Bearer <key>'."
                 )
+        try:
+            return await self._admit_key(inp, path, key, degraded)
+        except Denied as d:
+            d.subject = key  # the request log names whom it refused
+            raise
+
+    async def _admit_key(
+        self, inp: CheckInput, path: str, key: KeyRecord, degraded: bool
+    ) -> Verdict:
         key.check_usable(datetime.fromtimestamp(self._clock(), UTC))
         route = self._endpoints.route(inp.method, path)
         req = self._simple_request(inp, route)

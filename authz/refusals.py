@@ -4,12 +4,14 @@ naming the limit hit, key or team), OpenAI's `x-ratelimit-*` headers, and the co
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 from atlas import metrics
 from atlas.errors import Denied
-from atlas.grant import LIMIT_HEADER
+from atlas.grant import END_USER_HEADER, LIMIT_HEADER
 from atlas.keymodel import KeyRecord
 from atlas.ledger.protocol import Admission
+from atlas.requestlog import RequestRecord
 
 
 def count_refusal(reason: str, key_id: str) -> None:
@@ -112,4 +114,23 @@ def refusal(a: Admission, key: KeyRecord) -> Denied:
         code="rate_limit_exceeded",
         retry_after_s=a.retry_after_ms / 1000,
         headers=headers,
+    )
+
+
+def refusal_record(headers: Mapping[str, str], d: Denied, now_s: float) -> RequestRecord:
+    """The request log's record of a refusal: whom (once identified), why, never the body."""
+    key = d.subject
+    return RequestRecord(
+        at_ms=int(now_s * 1000),
+        request_id="",
+        key_id=key.id if key is not None else "",
+        team=(key.team or "") if key is not None else "",
+        app=(key.app or "") if key is not None else "",
+        end_user=headers.get(END_USER_HEADER, ""),
+        status=d.status,
+        outcome="refused",
+        # The limit hit as the client's x-atlas-limit names it (key.daily, team.rpm, ...),
+        # else the error's code (invalid_api_key, model_not_allowed, ...).
+        reason=d.headers.get(LIMIT_HEADER) or d.code or str(d.status),
+        priority=key.priority if key is not None else "",
     )

@@ -17,6 +17,7 @@ from atlas.pricing import PriceBook
 from atlas.providers import config as providers_config
 from atlas.providers.credentials import resolve
 from atlas.providers.routing import ProviderRouter
+from atlas.requestlog_writer import RequestLogWriter
 from atlas.settings import Settings
 from authz.bodyparse import BodyParser
 from authz.http_server import serve_http
@@ -49,6 +50,8 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
         router = ProviderRouter(
             providers, resolve(providers), ledger, PriceBook(settings.model_prices)
         )
+    requests = RequestLogWriter(ledger, service="authz")
+    background.append(asyncio.create_task(requests.run()))
     authorizer = Authorizer(
         ledger,
         cache,
@@ -57,6 +60,7 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
         names=ModelNames.from_settings(settings),
         parser=parser,
         providers=router,
+        requests=requests,
     )
     protocol = serve_grpc if settings.authz_protocol == "grpc" else serve_http
     try:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, Protocol
 
 from envoy.data.accesslog.v3 import accesslog_pb2 as al
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
@@ -170,13 +170,27 @@ def _settlement(
     )
 
 
+class Submit(Protocol):
+    """extproc.server.Settler.submit."""
+
+    def __call__(
+        self,
+        s: Settlement,
+        grant: Grant,
+        *,
+        status: int = 0,
+        latency_ms: float = 0.0,
+        started_s: float | None = None,
+    ) -> None: ...
+
+
 class AccessLogSettler(als_pb2_grpc.AccessLogServiceServicer):
     """Envoy's access-log stream: each entry is decided and handed to the settler, or its
     reservation released (batched, like claims)."""
 
     def __init__(
         self,
-        submit: Callable[[Settlement, Grant], None],
+        submit: Submit,
         release: Callable[[str, str], None],
         *,
         prices: PriceBook | None = None,
@@ -207,7 +221,15 @@ class AccessLogSettler(als_pb2_grpc.AccessLogServiceServicer):
                     continue
                 _ENTRIES.inc()
                 if d.settlement is not None:
-                    self._submit(d.settlement, d.grant)
+                    cp = entry.common_properties
+                    took = cp.time_to_last_downstream_tx_byte
+                    self._submit(
+                        d.settlement,
+                        d.grant,
+                        status=entry.response.response_code.value,
+                        latency_ms=took.seconds * 1000 + took.nanos / 1e6,
+                        started_s=cp.start_time.seconds + cp.start_time.nanos / 1e9,
+                    )
                 elif d.release:
                     self._release(d.grant.key_id, d.grant.reservation_id)
         return als_pb2.StreamAccessLogsResponse()

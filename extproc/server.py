@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import tempfile
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from atlas.ledger.redis import RedisLedger
 from atlas.modelnames import ModelNames
 from atlas.pricing import PriceBook
 from atlas.providers import config as providers_config
+from atlas.requestlog_writer import RequestLogWriter
 from atlas.settings import Settings
 from extproc.accesslog import AccessLogSettler
 from extproc.exchange import Exchange
@@ -37,6 +39,7 @@ from extproc.journal import SettlementJournal
 from extproc.leases import LeaseKeeper
 from extproc.providers import ProviderReporter
 from extproc.reaper import Reaper
+from extproc.settlement import request_record
 
 log = logging.getLogger("atlas.extproc")
 
@@ -80,17 +83,37 @@ class Settler:
         journal: SettlementJournal | None = None,
         inflight: InflightGauge | None = None,
         providers: ProviderReporter | None = None,
+        requests: RequestLogWriter | None = None,
         sleep: Callable[[float], Any] = asyncio.sleep,
     ) -> None:
         self._ledger = ledger
+        self._requests = requests
         self._journal = journal
         self._inflight = inflight
         self._providers = providers
         self._sleep = sleep
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def submit(self, s: Settlement, grant: Grant | None, *, stream_s: float | None = None) -> None:
-        """:param stream_s: for a streamed response, how long it streamed (None: not one)."""
+    def submit(
+        self,
+        s: Settlement,
+        grant: Grant | None,
+        *,
+        stream_s: float | None = None,
+        status: int = 0,
+        latency_ms: float = 0.0,
+        started_s: float | None = None,
+    ) -> None:
+        """:param stream_s: for a streamed response, how long it streamed (None: not one).
+        :param status: the HTTP status the client got; `latency_ms`: how long the exchange
+        took, `started_s` when it started (epoch s, if known): the request log's."""
+        if self._requests is not None:
+            now = time.time()
+            self._requests.add(
+                request_record(
+                    s, grant, status=status, latency_ms=latency_ms, now_s=now, started_s=started_s
+                )
+            )
         task = asyncio.create_task(self._settle(s, grant, stream_s))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -256,7 +279,14 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
                 if ex.streaming_response:
                     done = ex.finished_at
                     stream_s = -1.0 if done is None else done - ex.started_at
-                self._settler.submit(settlement, ex.grant, stream_s=stream_s)
+                ended = ex.finished_at if ex.finished_at is not None else time.monotonic()
+                self._settler.submit(
+                    settlement,
+                    ex.grant,
+                    stream_s=stream_s,
+                    status=ex.status,
+                    latency_ms=(ended - ex.started_at) * 1000,
+                )
             if self._leases is not None and ex.grant is not None:
                 self._leases.release(ex.grant.key_id, ex.grant.reservation_id)
             if ex.first_chunk_at is not None:
@@ -312,7 +342,11 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
     if settings.providers_file:
         reporter = ProviderReporter(providers_config.load(settings.providers_file), ledger)
         background.append(asyncio.create_task(reporter.run()))
-    settler = Settler(ledger, journal=journal, inflight=inflight, providers=reporter)
+    requests = RequestLogWriter(ledger, service="extproc")
+    background.append(asyncio.create_task(requests.run()))
+    settler = Settler(
+        ledger, journal=journal, inflight=inflight, providers=reporter, requests=requests
+    )
     background.append(asyncio.create_task(_replay_forever(journal, ledger)))
     reaper = Reaper(
         ledger,

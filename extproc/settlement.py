@@ -8,6 +8,7 @@ from collections.abc import Callable
 from atlas.grant import Grant
 from atlas.ledger.protocol import Settlement
 from atlas.pricing import PriceBook
+from atlas.requestlog import RequestRecord
 from extproc.usage import Usage
 
 
@@ -100,4 +101,42 @@ def counted_settlement(
         outcome=outcome,
         prices=prices,
         details=usage if exact else None,  # an upstream error's are cut to its 0s
+    )
+
+
+def request_record(
+    s: Settlement,
+    g: Grant | None,
+    *,
+    status: int,
+    latency_ms: float,
+    now_s: float,
+    started_s: float | None = None,
+) -> RequestRecord:
+    """The request log's record of a settled exchange (what was charged, and for whom),
+    timed at its start: `started_s` (Envoy's, from the access log), else `now_s` less its
+    latency."""
+    start_ms = started_s * 1000 if started_s else now_s * 1000 - max(0.0, latency_ms)
+    return RequestRecord(
+        at_ms=int(start_ms),
+        request_id=s.reservation_id,
+        key_id=s.key_id,
+        team=g.team if g is not None else "",
+        app=g.app if g is not None else "",
+        end_user=g.end_user if g is not None else "",
+        model=s.model,
+        provider=s.provider,
+        member=s.member,
+        # ext_proc's body-only mode (ProcMode.JSON) sees no status: a completed answer is 200.
+        status=status or (200 if s.outcome == "completed" else 0),
+        outcome=s.outcome,
+        reason=g.shadow_decision if g is not None else "",
+        prompt_tokens=s.prompt_tokens,
+        completion_tokens=s.completion_tokens,
+        cached_tokens=s.cached_tokens,
+        exact=s.exact,
+        cost_micros=s.cost_micros,
+        latency_ms=max(0, round(latency_ms)),
+        priority=g.priority if g is not None else "",
+        stream=g.stream if g is not None else False,
     )

@@ -350,9 +350,8 @@ class RequestLog(Protocol):
     """The request log (atlas/requestlog.py): batches written off the request path, read by
     day newest first."""
 
-    async def log_requests(
-        self, records: Sequence[RequestRecord], dirty: Sequence[str]
-    ) -> None: ...
+    async def log_requests(self, records: Sequence[RequestRecord], dirty: Sequence[str]) -> None:
+        """Append `records`; mark `dirty` scopes for the alerter."""
 
     async def request_log_page(
         self, day: str, before: str | None, count: int

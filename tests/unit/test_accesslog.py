@@ -109,7 +109,7 @@ def test_hostile_usage_numbers_fall_back_to_the_estimate() -> None:
 def test_the_stream_settles_each_entry_and_survives_a_bad_one() -> None:
     settled: list[Any] = []
     released: list[tuple[str, str]] = []
-    svc = AccessLogSettler(lambda s, g: settled.append(s), lambda k, r: released.append((k, r)))
+    svc = AccessLogSettler(lambda s, g, **_: settled.append(s), lambda k, r: released.append((k, r)))
     msg = als_pb2.StreamAccessLogsMessage()
     good = entry(usage={"prompt_tokens": 1, "completion_tokens": 2})
     bad = entry()
