@@ -47,21 +47,49 @@ export function takeTokenFromFragment() {
 }
 
 export class ApiError extends Error {
-  constructor(path, status, detail) {
+  /** `body` is the answer's JSON when it had one: FastAPI's {"detail": str | [errors]}. */
+  constructor(path, status, detail, body = null) {
     super(status ? `HTTP ${status}${detail ? ` – ${detail}` : ""}` : detail);
     this.path = path;
     this.status = status;
+    this.body = body;
   }
 }
 
 export const isUnauthorized = (err) => err instanceof ApiError && err.status === 401;
 
 /** The JSON body of GET `path`; an ApiError for a network failure or a non-2xx answer. */
-export async function api(path) {
+export const api = (path) => send("GET", path);
+
+/** The answer to `method path` (with `body` as JSON): its JSON, or null for 204; an ApiError
+ * for a network failure or a non-2xx answer. */
+export async function send(method, path, body) {
+  const res = await call(method, path, body, "application/json");
+  return res.status === 204 ? null : res.json();
+}
+
+/** GET `path` (with the token, so not a plain link) and save the answer as `filename`. */
+export async function download(path, filename) {
+  const res = await call("GET", path, undefined, "*/*");
+  const url = URL.createObjectURL(await res.blob());
+  const a = document.createElement("a");
+  a.href = url;
+  a.download = filename;
+  document.body.append(a);
+  a.click();
+  a.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 10_000);
+}
+
+async function call(method, path, body, accept) {
+  const headers = { Authorization: `Bearer ${token}`, Accept: accept };
+  if (body !== undefined) headers["Content-Type"] = "application/json";
   let res;
   try {
     res = await fetch(path, {
-      headers: { Authorization: `Bearer ${token}`, Accept: "application/json" },
+      method,
+      headers,
+      body: body === undefined ? undefined : JSON.stringify(body),
       cache: "no-store",
       credentials: "omit",
     });
@@ -70,17 +98,18 @@ export async function api(path) {
   }
   if (!res.ok) {
     let detail = res.statusText;
+    let json = null;
     try {
-      const body = await res.json();
-      if (body && body.detail) {
-        detail = typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail);
+      json = await res.json();
+      if (json && json.detail) {
+        detail = typeof json.detail === "string" ? json.detail : JSON.stringify(json.detail);
       }
     } catch {
       // not JSON: the status text says enough
     }
-    throw new ApiError(path, res.status, detail);
+    throw new ApiError(path, res.status, detail, json);
   }
-  return res.json();
+  return res;
 }
 
 /** Runs `fn` over `items` with at most `limit` calls in flight; results in order. */

@@ -70,7 +70,7 @@ export function renderKeys(keysBody) {
   });
   if (!rows.length) {
     rows.push(el("tr", { class: "empty" }, el("td", { colspan: "7" },
-      "No API keys yet. Create one with POST /v1/admin/keys.")));
+      "No API keys yet. Create one in the Keys tab (or POST /v1/admin/keys).")));
   }
   tbody.replaceChildren(...rows);
   const total = keysBody.total ?? state.keys.length;

@@ -8,27 +8,62 @@
  *   keys.js      the API keys table            usage.js   tiles and the usage chart
  *   forecast.js  forecast chart, quota warnings and capacity
  *   providers.js upstream providers and pool members: state, errors, latency, spend
+ *   forms.js     forms, API errors beside them, dialogs, read-only mode after a 403
+ *   keyadmin.js  the Keys tab (create, edit, rotate, revoke, delete)
+ *   teams.js     the Teams tab               apps.js    the Apps tab
+ *   requests.js  the request log and its exports
+ *   audit.js     the audit log               alerts.js  fired alerts and webhooks
  *
+ * The tabs other than the overview load when they are opened (and after their own writes).
  * For tests and people alike, <body> carries data-ready="true" once every fetch of the latest
  * refresh has finished and the page shows its outcome, and data-state = ok | partial | error |
- * unauthorized | signed-out.
+ * unauthorized | signed-out, and data-tab names the tab shown.
  */
 
 import {
   adoptStoredToken, api, hasToken, isUnauthorized, mapLimit, signIn, signOut, soft,
   takeTokenFromFragment,
 } from "./api.js";
+import { loadAlerts, setUpAlerts } from "./alerts.js";
+import { setUpApps, loadApps } from "./apps.js";
+import { loadAudit, setUpAudit } from "./audit.js";
 import { destroyCharts, followWidth } from "./charts.js";
 import {
   forecastPath, quotaWarnings, renderForecast, renderWarnings,
 } from "./forecast.js";
 import { clockTime } from "./format.js";
+import { setUpDialogs } from "./forms.js";
+import { loadKeyAdmin, setUpKeyAdmin } from "./keyadmin.js";
 import { markSelectedRow, renderKeys, renderScopeOptions, scopeName } from "./keys.js";
 import {
   $, hideBanner, setReady, showBanner, showProblems, state, tracked,
 } from "./page.js";
 import { clearProviders, providersPath, renderProviders } from "./providers.js";
+import { loadRequests, setUpRequests, showingRequests } from "./requests.js";
+import { loadTeams, setUpTeams } from "./teams.js";
 import { HISTORY_HOURS, historyPath, renderTiles, renderUsage } from "./usage.js";
+
+const TABS = {
+  overview: () => (overviewStale ? refreshAll() : null),
+  keys: () => Promise.all([loadKeyAdmin(), loadTeams()]), // teams: the form's team choices
+  teams: () => loadTeams(),
+  apps: () => Promise.all([loadApps(), loadTeams()]),
+  requests: () => loadRequests(),
+  audit: () => loadAudit(),
+  alerts: () => loadAlerts(),
+};
+let overviewStale = false; // a write since the overview's last refresh
+
+function showTab(name) {
+  if (!(name in TABS)) return;
+  document.body.dataset.tab = name;
+  for (const b of document.querySelectorAll("#tabs [data-tab]")) {
+    b.setAttribute("aria-selected", String(b.dataset.tab === name));
+  }
+  for (const tab of Object.keys(TABS)) $(`tab-${tab}`).hidden = tab !== name;
+  showingRequests(name === "requests");
+  TABS[name]();
+}
 
 const REFRESH_MS = 60_000;
 const USAGE_CONCURRENCY = 6; // per-key usage calls in flight at once
@@ -45,6 +80,12 @@ function clearData() {
   $("forecast-chart").replaceChildren();
   clearProviders();
   $("content").hidden = true;
+  delete document.body.dataset.readonly; // the next token may write
+  $("readonly-note").hidden = true;
+  for (const b of document.querySelectorAll("[data-write]")) b.disabled = false;
+  for (const tab of Object.keys(TABS)) $(`tab-${tab}`).hidden = tab !== "overview";
+  document.body.dataset.tab = "overview";
+  showingRequests(false);
   $("refresh").hidden = true;
   $("signout").hidden = true;
   $("updated").textContent = "";
@@ -92,6 +133,7 @@ function refreshAll() {
           soft(api(`/v1/admin/keys/${encodeURIComponent(k.id)}/usage`), "Key usage", problems)),
       ]);
       if (gen !== state.refreshGen) return;
+      overviewStale = false;
       state.keys = keys;
       state.usage = new Map(keys.map((k, i) => [k.id, usages[i]]));
       state.globalHistory = globalHistory;
@@ -168,7 +210,25 @@ function start() {
     hideBanner();
     refreshAll();
   });
-  $("refresh").addEventListener("click", () => refreshAll());
+  $("refresh").addEventListener("click", () => {
+    const tab = document.body.dataset.tab || "overview";
+    if (tab === "overview") refreshAll();
+    else TABS[tab]();
+  });
+  $("tabs").addEventListener("click", (ev) => {
+    const b = ev.target.closest("[data-tab]");
+    if (b) showTab(b.dataset.tab);
+  });
+  const changed = () => {
+    overviewStale = true;
+  };
+  setUpDialogs();
+  setUpKeyAdmin(changed);
+  setUpTeams(changed);
+  setUpApps(changed);
+  setUpRequests();
+  setUpAudit();
+  setUpAlerts();
   $("signout").addEventListener("click", () => signedOut(null));
   $("scope").addEventListener("change", (ev) => selectScope(ev.target.value));
   const pick = (ev) => {
@@ -189,7 +249,8 @@ function start() {
     if (adoptStoredToken()) refreshAll();
   });
   setInterval(() => {
-    if (hasToken() && state.inflight === 0 && document.visibilityState === "visible") {
+    if (hasToken() && state.inflight === 0 && document.visibilityState === "visible" &&
+        (document.body.dataset.tab || "overview") === "overview") {
       refreshAll();
     }
   }, REFRESH_MS);
