@@ -43,6 +43,8 @@ from atlas.ledger.protocol import Settlement
 from atlas.modelnames import ModelNames
 from atlas.pricing import PriceBook
 from atlas.requestbody import tokens_for_chars
+from atlas.requestlog import RequestRecord
+from atlas.requestlog_writer import RequestLogWriter
 from extproc.providers import ProviderReporter
 from extproc.settlement import settlement_for
 from extproc.usage import Usage
@@ -170,6 +172,26 @@ def _settlement(
     )
 
 
+def released_record(entry: al.HTTPAccessLogEntry, g: Grant) -> RequestRecord:
+    """The request log's record of an admitted request the upstream never saw (Envoy answered
+    it, e.g. 503 without a healthy upstream): charged nothing."""
+    cp = entry.common_properties
+    return RequestRecord(
+        at_ms=cp.start_time.seconds * 1000 + cp.start_time.nanos // 1_000_000,
+        request_id=g.reservation_id,
+        key_id=g.key_id,
+        team=g.team,
+        app=g.app,
+        end_user=g.end_user,
+        model=g.model,
+        provider=g.provider,
+        status=entry.response.response_code.value,
+        outcome="released",
+        priority=g.priority,
+        stream=g.stream,
+    )
+
+
 class Submit(Protocol):
     """extproc.server.Settler.submit."""
 
@@ -196,8 +218,11 @@ class AccessLogSettler(als_pb2_grpc.AccessLogServiceServicer):
         prices: PriceBook | None = None,
         models: ModelNames | None = None,
         providers: ProviderReporter | None = None,
+        requests: RequestLogWriter | None = None,
     ) -> None:
-        """:param providers: told what each provider-routed request's provider answered."""
+        """:param providers: told what each provider-routed request's provider answered.
+        :param requests: where a released request's record goes (settled ones: `submit`)."""
+        self._requests = requests
         self._providers = providers
         self._submit = submit
         self._release = release
@@ -232,6 +257,8 @@ class AccessLogSettler(als_pb2_grpc.AccessLogServiceServicer):
                     )
                 elif d.release:
                     self._release(d.grant.key_id, d.grant.reservation_id)
+                    if self._requests is not None:
+                        self._requests.add(released_record(entry, d.grant))
         return als_pb2.StreamAccessLogsResponse()
 
     def _report_provider(self, entry: al.HTTPAccessLogEntry) -> None:

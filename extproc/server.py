@@ -371,6 +371,7 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
         prices=PriceBook(settings.model_prices),
         models=ModelNames.from_settings(settings),
         providers=reporter,
+        requests=requests,
     )
 
     def register(server: Any) -> None:

@@ -10,6 +10,7 @@ from envoy.service.accesslog.v3 import als_pb2
 
 from atlas.grant import AUTHZ_NAMESPACE, GRANT_HEADER, PROC_HEADER, Grant, ProcMode
 from atlas.modelnames import ModelNames
+from atlas.requestlog_writer import RequestLogWriter
 from extproc.accesslog import (
     EXTPROC_NAMESPACE,
     OWNER_KEY,
@@ -17,6 +18,7 @@ from extproc.accesslog import (
     AccessLogSettler,
     decide,
 )
+from tests.unit.test_request_log_writer import Store
 
 GRANT = Grant(key_id="key_a", reservation_id="r1", reserved=60, prompt_estimate=9, model="m")
 NAMES = ModelNames()
@@ -109,7 +111,12 @@ def test_hostile_usage_numbers_fall_back_to_the_estimate() -> None:
 def test_the_stream_settles_each_entry_and_survives_a_bad_one() -> None:
     settled: list[Any] = []
     released: list[tuple[str, str]] = []
-    svc = AccessLogSettler(lambda s, g, **_: settled.append(s), lambda k, r: released.append((k, r)))
+    writer = RequestLogWriter(Store(), service="test")
+    svc = AccessLogSettler(
+        lambda s, g, **_: settled.append(s),
+        lambda k, r: released.append((k, r)),
+        requests=writer,
+    )
     msg = als_pb2.StreamAccessLogsMessage()
     good = entry(usage={"prompt_tokens": 1, "completion_tokens": 2})
     bad = entry()
@@ -127,6 +134,10 @@ def test_the_stream_settles_each_entry_and_survives_a_bad_one() -> None:
     asyncio.run(svc.StreamAccessLogs(messages(), None))
     assert [(s.reservation_id, s.prompt_tokens) for s in settled] == [("r1", 1)]
     assert released == [("k2", "r2")]
+    # The released request is in the request log, charged nothing.
+    assert writer.pending == 1
+    (rec,) = writer._buffer
+    assert (rec.request_id, rec.outcome, rec.prompt_tokens) == ("r2", "released", 0)
 
 
 def test_cached_and_reasoning_details_are_settled_and_priced() -> None:
