@@ -12,6 +12,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
+from admin.auth import Authenticator, JwtVerifier
 from admin.routes import (
     apps,
     audit,
@@ -30,6 +31,7 @@ from atlas import metrics
 from atlas.errors import Denied, LedgerUnavailable
 from atlas.ledger.protocol import AdminLedger
 from atlas.ledger.redis import RedisLedger
+from atlas.ledger.redis.admins import RedisAdmins
 from atlas.openai_errors import error_body
 from atlas.settings import Settings
 
@@ -55,6 +57,10 @@ def create_app(settings: Settings, ledger: AdminLedger | None = None) -> FastAPI
     app.state.settings = settings
     app.state.ledger = the_ledger
     app.state.selfserve = SelfServe()
+    admins = RedisAdmins(conn) if (conn := getattr(the_ledger, "conn", None)) else None
+    app.state.auth = Authenticator(
+        settings, admins, jwt_verifier=JwtVerifier.from_settings(settings)
+    )
 
     @app.exception_handler(LedgerUnavailable)
     async def ledger_down(request: Request, exc: LedgerUnavailable) -> JSONResponse:

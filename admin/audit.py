@@ -7,6 +7,7 @@ from typing import Any
 
 from fastapi import Request
 
+from admin.auth import Admin
 from admin.schemas import KeyPublic
 from atlas.keymodel import KeyRecord
 from atlas.ledger.protocol import Audit
@@ -16,22 +17,31 @@ def _public(rec: KeyRecord | None) -> dict[str, Any] | None:
     return None if rec is None else KeyPublic.of(rec).model_dump(mode="json")
 
 
+def _actor(who: object) -> dict[str, Any]:
+    """The admin's name and how they signed in (`who` from another caller: as given)."""
+    if isinstance(who, Admin):
+        return {"actor": who.name, "via": who.via, "role": who.role}
+    return {"actor": str(who)}
+
+
 async def record_change(
     ledger: Audit,
     request: Request,
+    who: Admin,
     action: str,
     *,
     before: KeyRecord | None,
     after: KeyRecord | None,
 ) -> None:
-    """Who (the admin token holder, from which address and client), what, before/after, when.
+    """Who (the admin's name and sign-in, from which address and client), what, before/after,
+    when.
     Secrets and their hashes are never written."""
     record = after or before
     key_id = record.id if record is not None else None
     await ledger.audit(
         {
             "at": datetime.now(UTC).isoformat(),
-            "actor": "admin",
+            **_actor(who),
             "client": request.client.host if request.client else None,
             "user_agent": request.headers.get("user-agent"),
             "action": action,
@@ -57,7 +67,7 @@ async def record_event(
     await ledger.audit(
         {
             "at": datetime.now(UTC).isoformat(),
-            "actor": who,
+            **_actor(who),
             "client": request.client.host if request.client else None,
             "user_agent": request.headers.get("user-agent"),
             "action": action,

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import hmac
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
 
+from admin.auth import Admin, Authenticator
+from admin.auth_store import Role
 from admin.selfserve import SelfServe
 from atlas.credentials import bearer, client_key
 from atlas.errors import Denied
@@ -33,25 +35,51 @@ LedgerDep = Annotated[AdminLedger, Depends(get_ledger)]
 SelfServeDep = Annotated[SelfServe, Depends(get_selfserve)]
 
 
+def get_auth(request: Request) -> Authenticator:
+    auth: Authenticator | None = getattr(request.app.state, "auth", None)
+    if auth is None:  # an app not built by create_app: the bootstrap token only
+        auth = request.app.state.auth = Authenticator(request.app.state.settings, None)
+    return auth
+
+
+AuthDep = Annotated[Authenticator, Depends(get_auth)]
+
+
 def _presented_token(request: Request) -> str | None:
     token = bearer(request.headers.get("authorization", ""))
     return token if token is not None else request.headers.get("x-admin-key")  # Atlas's
 
 
-def require_admin(request: Request, settings: SettingsDep) -> str:
-    token = _presented_token(request)
-    expected = settings.admin_token.get_secret_value() if settings.admin_token else None
-    # Constant-time comparison: the token's prefix must not be guessable by timing.
-    if not token or not expected or not hmac.compare_digest(token.encode(), expected.encode()):
+async def require_admin(request: Request, auth: AuthDep) -> Admin:
+    """Any admin (viewer or above); 401 without a valid admin credential."""
+    admin = await auth.authenticate(_presented_token(request))
+    if admin is None:
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
             "admin token required (Authorization: Bearer <token>)",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    return "admin"
+    return admin
 
 
-AdminDep = Annotated[str, Depends(require_admin)]
+def require_role(role: Role) -> Callable[[Admin], Admin]:
+    def check(admin: Annotated[Admin, Depends(require_admin)]) -> Admin:
+        if not admin.may(role):
+            raise HTTPException(
+                status.HTTP_403_FORBIDDEN,
+                f"this needs the {role} role; {admin.name!r} is {admin.role}",
+            )
+        return admin
+
+    return check
+
+
+#: Reading anything admin shows (role viewer or above).
+AdminDep = Annotated[Admin, Depends(require_admin)]
+#: Changing keys, teams, apps, owners, alert rules (role operator or above).
+OperatorDep = Annotated[Admin, Depends(require_role("operator"))]
+#: Managing admin credentials (role owner).
+OwnerDep = Annotated[Admin, Depends(require_role("owner"))]
 
 
 async def require_client_key(request: Request, ledger: LedgerDep, guard: SelfServeDep) -> KeyRecord:
@@ -76,9 +104,10 @@ ClientKeyDep = Annotated[KeyRecord, Depends(require_client_key)]
 
 @dataclass(slots=True, frozen=True)
 class Caller:
-    """Who is asking: the admin (any key) or a key holder (their own key only)."""
+    """Who is asking: an admin (any key) or a key holder (their own key only)."""
 
-    key: KeyRecord | None  # None for the admin
+    key: KeyRecord | None  # None for an admin
+    admin: Admin | None = None
 
     @property
     def is_admin(self) -> bool:
@@ -86,12 +115,11 @@ class Caller:
 
 
 async def identify_caller(
-    request: Request, settings: SettingsDep, ledger: LedgerDep, guard: SelfServeDep
+    request: Request, auth: AuthDep, ledger: LedgerDep, guard: SelfServeDep
 ) -> Caller:
-    token = _presented_token(request)
-    expected = settings.admin_token.get_secret_value() if settings.admin_token else None
-    if token and expected and hmac.compare_digest(token.encode(), expected.encode()):
-        return Caller(None)
+    admin = await auth.authenticate(_presented_token(request))
+    if admin is not None:
+        return Caller(None, admin)
     return Caller(await require_client_key(request, ledger, guard))
 
 

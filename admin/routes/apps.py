@@ -13,7 +13,7 @@ from fastapi import APIRouter, HTTPException, Query, Request, status
 
 from admin.app_schemas import AppCreate, AppCreated, AppList, AppPublic, AppUpdate
 from admin.audit import record_event
-from admin.deps import AdminDep, LedgerDep, SettingsDep
+from admin.deps import AdminDep, LedgerDep, OperatorDep, SettingsDep
 from admin.routes.keys import check_priorities, team_zone
 from atlas.identity import app_secret_hash
 from atlas.keymodel import KeyRecord, hash_secret, new_key_id, new_secret
@@ -37,7 +37,7 @@ def _audited(rec: KeyRecord | None) -> dict[str, Any] | None:
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=AppCreated)
 async def create_app(
-    body: AppCreate, who: AdminDep, ledger: LedgerDep, settings: SettingsDep, request: Request
+    body: AppCreate, who: OperatorDep, ledger: LedgerDep, settings: SettingsDep, request: Request
 ) -> AppCreated:
     """Register an app by its principals and/or a shared secret (at least one)."""
     if not body.principals and not body.shared_secret:
@@ -105,7 +105,7 @@ async def get_app(app_id: str, _: AdminDep, ledger: LedgerDep) -> AppPublic:
 
 @router.patch("/{app_id}", response_model=AppPublic)
 async def update_app(
-    app_id: str, body: AppUpdate, who: AdminDep, ledger: LedgerDep, request: Request
+    app_id: str, body: AppUpdate, who: OperatorDep, ledger: LedgerDep, request: Request
 ) -> AppPublic:
     """Change an app's limits, status or principals; every authz replica sees it at once."""
     rec = await get_app_or_404(ledger, app_id)
@@ -140,7 +140,7 @@ async def update_app(
 
 @router.post("/{app_id}/rotate-secret", response_model=AppCreated)
 async def rotate_app_secret(
-    app_id: str, who: AdminDep, ledger: LedgerDep, request: Request
+    app_id: str, who: OperatorDep, ledger: LedgerDep, request: Request
 ) -> AppCreated:
     """Issue a new shared secret (the old one stops working at once); also gives an app
     known only by principals a secret."""
@@ -158,7 +158,7 @@ async def rotate_app_secret(
 
 
 @router.delete("/{app_id}", status_code=status.HTTP_204_NO_CONTENT)
-async def delete_app(app_id: str, who: AdminDep, ledger: LedgerDep, request: Request) -> None:
+async def delete_app(app_id: str, who: OperatorDep, ledger: LedgerDep, request: Request) -> None:
     """Delete an app: its principals and secret stop identifying anything at once; its usage
     history stays until it expires."""
     rec = await get_app_or_404(ledger, app_id)

@@ -9,7 +9,7 @@ from fastapi import APIRouter, HTTPException, Query, Request, status
 from fastapi.exceptions import RequestValidationError
 
 from admin.audit import record_change
-from admin.deps import AdminDep, LedgerDep, SettingsDep
+from admin.deps import AdminDep, LedgerDep, OperatorDep, SettingsDep
 from admin.schemas import KeyCreate, KeyCreated, KeyList, KeyPublic, KeyUpdate
 from atlas.keymodel import (
     KeyRecord,
@@ -85,7 +85,7 @@ async def team_zone(ledger: LedgerDep, team_id: str, asked: str | None) -> str |
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=KeyCreated)
 async def create_key(
-    body: KeyCreate, _: AdminDep, ledger: LedgerDep, settings: SettingsDep, request: Request
+    body: KeyCreate, who: OperatorDep, ledger: LedgerDep, settings: SettingsDep, request: Request
 ) -> KeyCreated:
     """Create an API key; the response carries its secret, once."""
     secret = body.api_key or new_secret()
@@ -109,7 +109,7 @@ async def create_key(
         await ledger.create_key(rec)
     except ValueError as exc:
         raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
-    await record_change(ledger, request, "key.create", before=None, after=rec)
+    await record_change(ledger, request, who, "key.create", before=None, after=rec)
     return KeyCreated(**KeyPublic.of(rec).model_dump(), api_key=secret)
 
 
@@ -166,7 +166,7 @@ async def get_key(key_id: str, _: AdminDep, ledger: LedgerDep) -> KeyPublic:
 
 @router.patch("/{key_id}", response_model=KeyPublic)
 async def update_key(
-    key_id: str, body: KeyUpdate, _: AdminDep, ledger: LedgerDep, request: Request
+    key_id: str, body: KeyUpdate, who: OperatorDep, ledger: LedgerDep, request: Request
 ) -> KeyPublic:
     """Change limits, status, priority or expiry; every authz replica sees it within 1 s."""
     rec = await _get(ledger, key_id)
@@ -179,22 +179,26 @@ async def update_key(
     updated = KeyRecord.model_validate(updated.model_dump())
     check_priorities(updated, set(changes))
     await ledger.put_key(updated)
-    await record_change(ledger, request, "key.update", before=rec, after=updated)
+    await record_change(ledger, request, who, "key.update", before=rec, after=updated)
     return KeyPublic.of(updated)
 
 
 @router.post("/{key_id}/revoke", response_model=KeyPublic)
-async def revoke_key(key_id: str, _: AdminDep, ledger: LedgerDep, request: Request) -> KeyPublic:
+async def revoke_key(
+    key_id: str, who: OperatorDep, ledger: LedgerDep, request: Request
+) -> KeyPublic:
     """Disable a key (kept, with its history); refused everywhere within 1 s."""
     rec = await _get(ledger, key_id)
     updated = rec.model_copy(update={"status": "disabled", "updated_at": datetime.now(UTC)})
     await ledger.put_key(updated)
-    await record_change(ledger, request, "key.revoke", before=rec, after=updated)
+    await record_change(ledger, request, who, "key.revoke", before=rec, after=updated)
     return KeyPublic.of(updated)
 
 
 @router.post("/{key_id}/rotate", response_model=KeyCreated)
-async def rotate_key(key_id: str, _: AdminDep, ledger: LedgerDep, request: Request) -> KeyCreated:
+async def rotate_key(
+    key_id: str, who: OperatorDep, ledger: LedgerDep, request: Request
+) -> KeyCreated:
     """Replace the secret; the old one stops working at once."""
     rec = await _get(ledger, key_id)
     _not_an_app(rec)
@@ -207,14 +211,14 @@ async def rotate_key(key_id: str, _: AdminDep, ledger: LedgerDep, request: Reque
         }
     )
     await ledger.put_key(updated, old_secret_hash=rec.secret_hash)
-    await record_change(ledger, request, "key.rotate", before=rec, after=updated)
+    await record_change(ledger, request, who, "key.rotate", before=rec, after=updated)
     return KeyCreated(**KeyPublic.of(updated).model_dump(), api_key=secret)
 
 
 @router.delete("/{key_id}", status_code=status.HTTP_204_NO_CONTENT)
-async def delete_key(key_id: str, _: AdminDep, ledger: LedgerDep, request: Request) -> None:
+async def delete_key(key_id: str, who: OperatorDep, ledger: LedgerDep, request: Request) -> None:
     """Delete a key; its usage history stays until it expires."""
     rec = await _get(ledger, key_id)
     _not_an_app(rec)
     await ledger.delete_key(rec)
-    await record_change(ledger, request, "key.delete", before=rec, after=None)
+    await record_change(ledger, request, who, "key.delete", before=rec, after=None)

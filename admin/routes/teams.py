@@ -9,7 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, HTTPException, Query, Request, status
 
 from admin.audit import record_event
-from admin.deps import AdminDep, LedgerDep
+from admin.deps import AdminDep, LedgerDep, OperatorDep
 from admin.routes.usage import window_out
 from admin.team_schemas import TeamCreate, TeamList, TeamPublic, TeamUpdate, TeamUsageOut
 from atlas.ledger.protocol import AdminLedger
@@ -32,7 +32,7 @@ def _public(team: TeamRecord | None) -> dict[str, Any] | None:
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=TeamPublic)
 async def create_team(
-    body: TeamCreate, who: AdminDep, ledger: LedgerDep, request: Request
+    body: TeamCreate, who: OperatorDep, ledger: LedgerDep, request: Request
 ) -> TeamPublic:
     """Create a team; its limits apply to every key created in it."""
     team = TeamRecord.model_validate(body.model_dump(exclude_none=True))
@@ -67,7 +67,7 @@ async def get_team(team_id: str, _: AdminDep, ledger: LedgerDep) -> TeamPublic:
 
 @router.patch("/{team_id}", response_model=TeamPublic)
 async def update_team(
-    team_id: str, body: TeamUpdate, who: AdminDep, ledger: LedgerDep, request: Request
+    team_id: str, body: TeamUpdate, who: OperatorDep, ledger: LedgerDep, request: Request
 ) -> TeamPublic:
     """Change a team's limits: every replica's next admission enforces them (they are read
     by the admission script itself, not cached)."""
@@ -93,7 +93,7 @@ async def update_team(
 
 
 @router.delete("/{team_id}", status_code=status.HTTP_204_NO_CONTENT)
-async def delete_team(team_id: str, who: AdminDep, ledger: LedgerDep, request: Request) -> None:
+async def delete_team(team_id: str, who: OperatorDep, ledger: LedgerDep, request: Request) -> None:
     """Delete a team without keys (409 while it has any)."""
     team = await get_team_or_404(ledger, team_id)
     try:

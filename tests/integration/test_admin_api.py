@@ -104,7 +104,7 @@ async def test_update_rotate_delete_and_the_audit_log(
     assert [e["action"] for e in audit] == ["key.delete", "key.rotate", "key.update", "key.create"]
     update = audit[2]
     assert update["before"]["daily_limit"] == 100 and update["after"]["daily_limit"] == 200
-    assert update["actor"] == "admin" and update["at"]
+    assert update["actor"] == "bootstrap" and update["via"] == "bootstrap" and update["at"]
     text = str(audit)
     assert old_secret not in text and rotated["api_key"] not in text
     assert "secret_hash" not in text
