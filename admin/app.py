@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, Response
 
 from admin.auth import Authenticator, JwtVerifier
 from admin.routes import (
+    admins,
     apps,
     audit,
     dashboard,
@@ -57,9 +58,9 @@ def create_app(settings: Settings, ledger: AdminLedger | None = None) -> FastAPI
     app.state.settings = settings
     app.state.ledger = the_ledger
     app.state.selfserve = SelfServe()
-    admins = RedisAdmins(conn) if (conn := getattr(the_ledger, "conn", None)) else None
+    admin_store = RedisAdmins(conn) if (conn := getattr(the_ledger, "conn", None)) else None
     app.state.auth = Authenticator(
-        settings, admins, jwt_verifier=JwtVerifier.from_settings(settings)
+        settings, admin_store, jwt_verifier=JwtVerifier.from_settings(settings)
     )
 
     @app.exception_handler(LedgerUnavailable)
@@ -99,6 +100,7 @@ def create_app(settings: Settings, ledger: AdminLedger | None = None) -> FastAPI
     app.include_router(teams.router)
     app.include_router(apps.router)
     app.include_router(requests.router)
+    app.include_router(admins.router)
     app.include_router(dashboard.router)
     return app
 

@@ -126,3 +126,41 @@ async def test_single_sign_on_tokens(
     entries = (await api.get("/v1/admin/audit", headers=bearer(ok))).json()["entries"]
     (created,) = [e for e in entries if e["action"] == "key.create"]
     assert (created["actor"], created["via"]) == ("ada@example.test", "jwt")
+
+
+async def test_owners_manage_named_credentials(api: httpx.AsyncClient, ledger: RedisLedger) -> None:
+    owner = bearer("test-admin-token")
+    r = await api.post("/v1/admin/admins", json={"name": "olga", "role": "operator"}, headers=owner)
+    assert r.status_code == 201, r.text
+    created = r.json()
+    token = created["token"]
+    assert created["role"] == "operator" and "token_hash" not in created
+    assert (
+        await api.post("/v1/admin/admins", json={"name": "olga"}, headers=owner)
+    ).status_code == 409
+    assert (
+        await api.post("/v1/admin/admins", json={"name": "bootstrap"}, headers=owner)
+    ).status_code == 409
+    assert (
+        await api.post("/v1/admin/admins", json={"name": "Bad Name"}, headers=owner)
+    ).status_code == 422
+    # An operator may change keys but not admins.
+    assert (await api.get("/v1/admin/admins", headers=bearer(token))).status_code == 403
+    assert (
+        await api.post("/v1/admin/keys", json={"name": "k"}, headers=bearer(token))
+    ).status_code == 201
+    listed = (await api.get("/v1/admin/admins", headers=owner)).json()["items"]
+    assert [a["name"] for a in listed] == ["olga"]
+    r = await api.post("/v1/admin/admins/olga/rotate", headers=owner)
+    fresh = r.json()["token"]
+    assert (await api.get("/v1/admin/keys", headers=bearer(token))).status_code == 401
+    assert (await api.get("/v1/admin/keys", headers=bearer(fresh))).status_code == 200
+    r = await api.patch("/v1/admin/admins/olga", json={"disabled": True}, headers=owner)
+    assert r.status_code == 200 and r.json()["disabled"]
+    assert (await api.get("/v1/admin/keys", headers=bearer(fresh))).status_code == 401
+    assert (await api.delete("/v1/admin/admins/olga", headers=owner)).status_code == 204
+    assert (await api.get("/v1/admin/admins/olga", headers=owner)).status_code == 404
+    entries = (await api.get("/v1/admin/audit", headers=owner)).json()["entries"]
+    actions = [e["action"] for e in entries if e.get("subject") == "olga"]
+    assert actions == ["admin.delete", "admin.update", "admin.rotate", "admin.create"]
+    assert all(e["actor"] == "bootstrap" for e in entries if e.get("subject") == "olga")
