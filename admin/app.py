@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,6 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from admin.auth import Authenticator, JwtVerifier
 from admin.routes import (
     admins,
+    alerts,
     apps,
     audit,
     dashboard,
@@ -29,10 +32,12 @@ from admin.routes import (
 )
 from admin.selfserve import SelfServe
 from atlas import metrics
+from atlas.alerts.alerter import Alerter
 from atlas.errors import Denied, LedgerUnavailable
 from atlas.ledger.protocol import AdminLedger
 from atlas.ledger.redis import RedisLedger
 from atlas.ledger.redis.admins import RedisAdmins
+from atlas.ledger.redis.alerts import RedisAlerts
 from atlas.openai_errors import error_body
 from atlas.settings import Settings
 
@@ -43,9 +48,20 @@ def create_app(settings: Settings, ledger: AdminLedger | None = None) -> FastAPI
         ledger = owned = RedisLedger.from_settings(settings)
     the_ledger: AdminLedger = ledger
 
+    conn = getattr(the_ledger, "conn", None)
+    alert_store = RedisAlerts(conn) if conn is not None else None
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        alerter = None
+        if alert_store is not None:
+            runner = Alerter(the_ledger, alert_store, settings)
+            alerter = asyncio.create_task(runner.run())
         yield
+        if alerter is not None:
+            alerter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await alerter
         if owned is not None:
             await owned.close()
 
@@ -58,7 +74,8 @@ def create_app(settings: Settings, ledger: AdminLedger | None = None) -> FastAPI
     app.state.settings = settings
     app.state.ledger = the_ledger
     app.state.selfserve = SelfServe()
-    admin_store = RedisAdmins(conn) if (conn := getattr(the_ledger, "conn", None)) else None
+    app.state.alerts = alert_store
+    admin_store = RedisAdmins(conn) if conn is not None else None
     app.state.auth = Authenticator(
         settings, admin_store, jwt_verifier=JwtVerifier.from_settings(settings)
     )
@@ -101,6 +118,7 @@ def create_app(settings: Settings, ledger: AdminLedger | None = None) -> FastAPI
     app.include_router(apps.router)
     app.include_router(requests.router)
     app.include_router(admins.router)
+    app.include_router(alerts.router)
     app.include_router(dashboard.router)
     return app
 

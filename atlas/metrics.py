@@ -82,6 +82,14 @@ LEASES = Counter(
     "Reservation claims and renewals written for live ext_proc streams",
     ["op"],  # claim | renew
 )
+ALERTS_FIRED = Counter(
+    "atlas_alerts_fired_total",
+    "Quota and budget alerts fired (once per window and threshold)",
+    ["kind", "limit", "threshold"],
+)
+ALERT_DELIVERIES = Counter(
+    "atlas_alert_deliveries_total", "Webhook deliveries of alerts, by result", ["result"]
+)
 REQUEST_LOG = Counter(
     "atlas_request_log_records_total",
     "Request log records, by event",

@@ -323,8 +323,8 @@ class Settings(BaseSettings):
         0.5,
         ge=0,
         le=100,
-        description="An hour's usage outside the forecast's interval widened by this share "
-        "fires an anomaly alert (0 = off)",
+        description="Reserved for the anomaly alert (an hour's usage outside the forecast's "
+        "interval widened by this share); not read yet",
     )
     admin_jwt_issuer: str | None = Field(
         None, description="Admin single sign-on: the JWT issuer (iss) accepted"

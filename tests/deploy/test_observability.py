@@ -254,3 +254,15 @@ def test_promtool_accepts_config_and_queries(dashboard: dict[str, Any], tmp_path
             [promtool, *args], capture_output=True, text=True, timeout=60, check=False
         )
         assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_alerting_rules_name_only_real_metrics_and_labels() -> None:
+    rules = load_yaml(DEPLOY / "prometheus" / "alerts.yml")
+    atlas_metrics = atlas_metric_labels()
+    exprs_seen = [r["expr"] for g in rules["groups"] for r in g["rules"]]
+    assert len(exprs_seen) >= 3
+    for expr in exprs_seen:
+        names = metric_names(expr)
+        assert names and names <= set(atlas_metrics), expr
+        allowed = set().union(*(atlas_metrics[n] for n in names))
+        assert not label_names(expr) - allowed, expr
