@@ -7,7 +7,7 @@
 import { api, send } from "./api.js";
 import {
   KEY_LIMIT_FIELDS, buildForm, button, clearError, closeFormDialog, confirmAction,
-  openFormDialog, showError, showSecret,
+  openFormDialog, rowAction, showError, showSecret,
 } from "./forms.js";
 import { compact, int } from "./format.js";
 import { $, el, tracked } from "./page.js";
@@ -121,17 +121,8 @@ async function remove(a) {
   await act(() => send("DELETE", path(a.app)));
 }
 
-async function act(work) {
-  const box = $("apps-error");
-  clearError(box);
-  try {
-    await work();
-  } catch (err) {
-    showError(box, err);
-    return;
-  }
-  await done();
-}
+/** A row action: its error shown above the table. */
+const act = (work) => rowAction($("apps-error"), work, done);
 
 async function done() {
   onChange();

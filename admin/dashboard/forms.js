@@ -91,6 +91,18 @@ export function clearError(box) {
   box.hidden = true;
 }
 
+/** A table's row action: `work`, its error shown in `box` (then nothing more), else `after`. */
+export async function rowAction(box, work, after) {
+  clearError(box);
+  try {
+    await work();
+  } catch (err) {
+    showError(box, err);
+    return;
+  }
+  await after();
+}
+
 // ---- forms -----------------------------------------------------------------------------------
 
 const pad = (n) => String(n).padStart(2, "0");

@@ -6,7 +6,7 @@
 import { api, send } from "./api.js";
 import {
   KEY_LIMIT_FIELDS, buildForm, button, clearError, closeFormDialog, confirmAction,
-  openFormDialog, showError, showSecret,
+  openFormDialog, rowAction, showError, showSecret,
 } from "./forms.js";
 import { compact, dateTime, int, toMs } from "./format.js";
 import { $, el, tracked } from "./page.js";
@@ -148,17 +148,7 @@ async function remove(k) {
 }
 
 /** A row action: its error shown above the table. */
-async function act(work) {
-  const box = $("mkeys-error");
-  clearError(box);
-  try {
-    await work();
-  } catch (err) {
-    showError(box, err);
-    return;
-  }
-  await done();
-}
+const act = (work) => rowAction($("mkeys-error"), work, done);
 
 async function done() {
   onChange();

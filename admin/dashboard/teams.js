@@ -6,7 +6,7 @@
 import { api, send } from "./api.js";
 import {
   buildForm, button, clearError, closeFormDialog, confirmAction, facts, openFormDialog,
-  showError,
+  rowAction, showError,
 } from "./forms.js";
 import { compact, dateTime, int, toMs } from "./format.js";
 import { $, el, tracked } from "./page.js";
@@ -123,15 +123,7 @@ async function showUsage(t) {
 async function remove(t) {
   if (!(await confirmAction(`Delete team ${t.id}?`,
     "Only a team without keys can be deleted."))) return;
-  const box = $("teams-error");
-  clearError(box);
-  try {
-    await send("DELETE", path(t.id));
-  } catch (err) {
-    showError(box, err);
-    return;
-  }
-  await done();
+  await rowAction($("teams-error"), () => send("DELETE", path(t.id)), done);
 }
 
 async function done() {

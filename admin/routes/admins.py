@@ -142,8 +142,9 @@ async def rotate_admin(
 async def delete_admin(
     name: str, who: OwnerDep, auth: AuthDep, ledger: LedgerDep, request: Request
 ) -> None:
-    rec = await _get(_store(auth), name)
-    await _store(auth).delete_admin(name, rec.token_hash)
+    store = _store(auth)
+    rec = await _get(store, name)
+    await store.delete_admin(name, rec.token_hash)
     auth.forget()
     await record_event(
         ledger, request, who, "admin.delete", subject=name, before=_audited(rec), after=None

@@ -14,7 +14,7 @@ from fastapi import APIRouter, HTTPException, Query, Request, status
 from admin.app_schemas import AppCreate, AppCreated, AppList, AppPublic, AppUpdate
 from admin.audit import record_event
 from admin.deps import AdminDep, LedgerDep, OperatorDep, SettingsDep
-from admin.routes.keys import check_priorities, team_zone
+from admin.routes.keys import check_priorities, keep_team_zone, team_zone
 from atlas.identity import app_secret_hash
 from atlas.keymodel import KeyRecord, hash_secret, new_key_id, new_secret
 from atlas.ledger.protocol import AdminLedger
@@ -110,10 +110,7 @@ async def update_app(
     """Change an app's limits, status or principals; every authz replica sees it at once."""
     rec = await get_app_or_404(ledger, app_id)
     changes = body.model_dump(exclude_unset=True)
-    if rec.team and changes.get("window_timezone", rec.window_timezone) != rec.window_timezone:
-        raise HTTPException(
-            status.HTTP_422_UNPROCESSABLE_CONTENT, "an app of a team uses the team's zone"
-        )
+    keep_team_zone(rec, changes)
     for field in ("name", "status", "principals"):  # null means "leave it"
         if field in changes and changes[field] is None:
             del changes[field]

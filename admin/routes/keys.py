@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, Request, status
 from fastapi.exceptions import RequestValidationError
@@ -81,6 +81,14 @@ async def team_zone(ledger: LedgerDep, team_id: str, asked: str | None) -> str |
             asked,
         )
     return team.window_timezone
+
+
+def keep_team_zone(rec: KeyRecord, changes: dict[str, Any]) -> None:
+    """A key (or app) of a team keeps the team's zone: its windows are the team's too."""
+    if rec.team and changes.get("window_timezone", rec.window_timezone) != rec.window_timezone:
+        raise _invalid(
+            "window_timezone", "a key of a team uses the team's zone", changes["window_timezone"]
+        )
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=KeyCreated)
@@ -171,10 +179,7 @@ async def update_key(
     """Change limits, status, priority or expiry; every authz replica sees it within 1 s."""
     rec = await _get(ledger, key_id)
     changes = body.model_dump(exclude_unset=True)
-    if rec.team and changes.get("window_timezone", rec.window_timezone) != rec.window_timezone:
-        raise _invalid(
-            "window_timezone", "a key of a team uses the team's zone", changes["window_timezone"]
-        )
+    keep_team_zone(rec, changes)
     updated = rec.model_copy(update={**changes, "updated_at": datetime.now(UTC)})
     updated = KeyRecord.model_validate(updated.model_dump())
     check_priorities(updated, set(changes))

@@ -61,3 +61,17 @@ async def send_and_reset(port: int, data: bytes, after_s: float = 0.0) -> None:
     sock = writer.get_extra_info("socket")
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     writer.transport.abort()
+
+
+async def upstream_saw(upstream_url: str) -> list[dict[str, Any]]:
+    """The requests the demo upstream recorded (method, path, headers, body)."""
+    async with httpx.AsyncClient(timeout=5) as c:
+        r = await c.get(upstream_url + "/demo/requests")
+    seen: list[dict[str, Any]] = r.json()
+    return seen
+
+
+async def clear_upstream(upstream_url: str) -> None:
+    """Forget what the demo upstream recorded."""
+    async with httpx.AsyncClient(timeout=5) as c:
+        await c.delete(upstream_url + "/demo/requests")

@@ -19,7 +19,7 @@ import pytest_asyncio
 from atlas.local.stack import Stack
 from tests.certs import Authority, Pem
 from tests.e2e.conftest import running_stack
-from tests.e2e.helpers import settled
+from tests.e2e.helpers import clear_upstream, settled, upstream_saw
 
 CHECKOUT = "spiffe://atlas.test/ns/shop/sa/checkout"
 BILLING = "spiffe://atlas.test/ns/shop/sa/billing"
@@ -93,29 +93,19 @@ async def new_app(admin: httpx.AsyncClient, app_id: str, **fields: Any) -> dict[
     return r.json()  # type: ignore[no-any-return]
 
 
-async def upstream_saw(stack: Stack) -> list[dict[str, Any]]:
-    async with httpx.AsyncClient(timeout=5) as c:
-        return (await c.get(stack.upstream_url + "/demo/requests")).json()  # type: ignore[no-any-return]
-
-
-async def clear_upstream(stack: Stack) -> None:
-    async with httpx.AsyncClient(timeout=5) as c:
-        await c.delete(stack.upstream_url + "/demo/requests")
-
-
 async def test_an_mtls_app_is_admitted_and_accounted_without_a_bearer_key(
     stack: Stack, admin: httpx.AsyncClient, https: Any
 ) -> None:
     app = await new_app(admin, "checkout", principals=[CHECKOUT])
     assert app["app_secret"] is None and app["principals"] == [CHECKOUT]
-    await clear_upstream(stack)
+    await clear_upstream(stack.upstream_url)
     client = sdk(stack, https("checkout"))
     got = await client.chat.completions.create(model="demo-small", messages=MESSAGES, max_tokens=20)
     assert got.usage is not None
     usage = await settled(admin, app["id"])
     assert usage["daily"]["used"] == got.usage.total_tokens
     assert usage["daily"]["requests"] == 1
-    (seen,) = await upstream_saw(stack)
+    (seen,) = await upstream_saw(stack.upstream_url)
     assert seen["headers"]["x-atlas-key-id"] == app["id"]
     # A stream is accounted to the app as well.
     stream = await client.chat.completions.create(
@@ -175,13 +165,13 @@ async def test_a_shared_secret_app_without_mtls(
     secret = app["app_secret"]
     assert secret and app["has_shared_secret"] and "app_secret_hash" not in app
     ids = {"x-atlas-app-id": "batch", "x-atlas-app-secret": secret}
-    await clear_upstream(stack)
+    await clear_upstream(stack.upstream_url)
     got = await sdk(stack, https(None), **ids).chat.completions.create(
         model="demo-small", messages=MESSAGES, max_tokens=5
     )
     assert got.usage is not None
     assert (await settled(admin, app["id"]))["daily"]["used"] == got.usage.total_tokens
-    (seen,) = await upstream_saw(stack)
+    (seen,) = await upstream_saw(stack.upstream_url)
     assert seen["headers"]["x-atlas-key-id"] == app["id"]
     assert secret not in str(seen), "the app secret reached the upstream"
     # The secret is scoped to its app id, and rotating it retires the old one at once.

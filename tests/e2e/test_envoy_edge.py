@@ -13,21 +13,9 @@ import pytest
 
 from atlas.local.stack import Stack
 from tests.e2e.conftest import ADMIN_TOKEN, MakeKey
-from tests.e2e.helpers import settled
+from tests.e2e.helpers import clear_upstream, settled, upstream_saw
 
 BODY = {"model": "m", "messages": [{"role": "user", "content": "Tell me about foxes."}]}
-
-
-async def _upstream_saw(stack: Stack) -> list[dict[str, Any]]:
-    async with httpx.AsyncClient(timeout=5) as c:
-        r = await c.get(stack.upstream_url + "/demo/requests")
-    seen: list[dict[str, Any]] = r.json()
-    return seen
-
-
-async def _clear_upstream(stack: Stack) -> None:
-    async with httpx.AsyncClient(timeout=5) as c:
-        await c.delete(stack.upstream_url + "/demo/requests")
 
 
 @pytest.mark.parametrize(
@@ -53,7 +41,7 @@ async def test_underscore_and_envoy_headers_never_reach_the_upstream(
     stack: Stack, make_key: MakeKey
 ) -> None:
     key = await make_key()
-    await _clear_upstream(stack)
+    await clear_upstream(stack.upstream_url)
     headers = {
         "authorization": f"Bearer {key['api_key']}",
         "x_atlas_key_id": "key_someone_else",
@@ -65,7 +53,7 @@ async def test_underscore_and_envoy_headers_never_reach_the_upstream(
     async with httpx.AsyncClient(base_url=stack.proxy_url, timeout=10) as c:
         r = await c.post("/v1/chat/completions", json=BODY, headers=headers)
     assert r.status_code == 200, r.text
-    (seen,) = await _upstream_saw(stack)
+    (seen,) = await upstream_saw(stack.upstream_url)
     assert not [h for h in seen["headers"] if "_" in h], seen["headers"]
     sent = {h for h in headers if h.startswith("x-envoy-")}
     assert not sent & set(seen["headers"]), seen["headers"]
@@ -97,7 +85,7 @@ async def test_one_spelling_of_every_path(
 ) -> None:
     key = await make_key()
     auth = {"authorization": f"Bearer {key['api_key']}"}
-    await _clear_upstream(stack)
+    await clear_upstream(stack.upstream_url)
     async with httpx.AsyncClient(base_url=stack.proxy_url, timeout=10) as c:
         for path in ("/v1//chat/completions", "/v1/x/../chat/completions"):
             r = await c.post(path, json=BODY, headers=auth)
@@ -108,7 +96,7 @@ async def test_one_spelling_of_every_path(
             r = await c.post(path, json=BODY, headers=auth)
             assert r.status_code == 307, (path, r.status_code, r.text)
             assert r.headers["location"].endswith("/v1/chat/completions"), r.headers
-    seen = await _upstream_saw(stack)
+    seen = await upstream_saw(stack.upstream_url)
     assert [s["path"] for s in seen] == ["/v1/chat/completions"] * 2
     u = await settled(admin, key["id"])
     assert u["daily"]["requests"] == 2
