@@ -44,36 +44,40 @@ class RequestRecord:
     def fields(self) -> dict[str, str]:
         """The stream entry's fields (strings bounded; bools as 0/1)."""
         out: dict[str, str] = {}
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, bool):
-                out[f.name] = "1" if v else "0"
-            elif isinstance(v, str):
-                cap = MAX_END_USER_CHARS if f.name == "end_user" else MAX_FIELD_CHARS
-                out[f.name] = v[:cap]
+        for name, kind in _KINDS:
+            v = getattr(self, name)
+            if kind == "bool":
+                out[name] = "1" if v else "0"
+            elif kind == "str":
+                out[name] = v[: MAX_END_USER_CHARS if name == "end_user" else MAX_FIELD_CHARS]
             else:
-                out[f.name] = str(int(v))
+                out[name] = str(int(v))
         return out
 
     @classmethod
     def from_fields(cls, d: dict[str, str]) -> RequestRecord:
         """The record of a stream entry; unknown fields ignored, missing ones defaulted."""
-        kw: dict[str, object] = {}
-        for f in dataclasses.fields(cls):
-            raw = d.get(f.name)
+        kw: dict[str, object] = {"at_ms": 0, "request_id": ""}
+        for name, kind in _KINDS:
+            raw = d.get(name)
             if raw is None:
                 continue
-            if f.type in ("int", int):
-                kw[f.name] = int(raw) if raw.lstrip("-").isdigit() else 0
-            elif f.type in ("bool", bool):
-                kw[f.name] = raw == "1"
+            if kind == "int":
+                kw[name] = int(raw) if raw.lstrip("-").isdigit() else 0
+            elif kind == "bool":
+                kw[name] = raw == "1"
             else:
-                kw[f.name] = raw
-        kw.setdefault("at_ms", 0)
-        kw.setdefault("request_id", "")
+                kw[name] = raw
         return cls(**kw)  # type: ignore[arg-type]
 
     @property
     def day(self) -> str:
         """The UTC day (`YYYYMMDD`) whose stream holds it."""
         return datetime.fromtimestamp(self.at_ms / 1000, UTC).strftime("%Y%m%d")
+
+
+#: Each field's name and type name ("str", "int", "bool"), read once: the annotations are
+#: strings (`from __future__ import annotations`).
+_KINDS: tuple[tuple[str, str], ...] = tuple(
+    (f.name, str(f.type)) for f in dataclasses.fields(RequestRecord)
+)
