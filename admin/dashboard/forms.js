@@ -97,8 +97,7 @@ export async function rowAction(box, work, after) {
   try {
     await work();
   } catch (err) {
-    showError(box, err);
-    return;
+    return showError(box, err); // and not `after`
   }
   await after();
 }
