@@ -6,6 +6,7 @@ requestlog.py), read by admins (admin/routes/requests.py)."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -41,33 +42,32 @@ class RequestRecord:
     priority: str = ""
     stream: bool = False
 
-    def fields(self) -> dict[str, str]:
-        """The stream entry's fields (strings bounded; bools as 0/1)."""
-        out: dict[str, str] = {}
+    def row(self) -> list[object]:
+        """The record's values in COLUMNS order (strings bounded; bools as 0/1): one row of a
+        batch entry (atlas/ledger/redis/requestlog.py)."""
+        out: list[object] = []
         for name, kind in _KINDS:
             v = getattr(self, name)
-            if kind == "bool":
-                out[name] = "1" if v else "0"
-            elif kind == "str":
-                out[name] = v[: MAX_END_USER_CHARS if name == "end_user" else MAX_FIELD_CHARS]
+            if kind == "str":
+                out.append(v[: MAX_END_USER_CHARS if name == "end_user" else MAX_FIELD_CHARS])
             else:
-                out[name] = str(int(v))
+                out.append(int(v))
         return out
 
     @classmethod
-    def from_fields(cls, d: dict[str, str]) -> RequestRecord:
-        """The record of a stream entry; unknown fields ignored, missing ones defaulted."""
+    def from_row(cls, columns: Sequence[str], row: Sequence[object]) -> RequestRecord:
+        """The record of a stored row written with `columns` (an older or newer writer's
+        columns: unknown ones ignored, missing ones defaulted; a value of the wrong type is
+        defaulted too)."""
         kw: dict[str, object] = {"at_ms": 0, "request_id": ""}
-        for name, kind in _KINDS:
-            raw = d.get(name)
-            if raw is None:
-                continue
-            if kind == "int":
-                kw[name] = int(raw) if raw.lstrip("-").isdigit() else 0
-            elif kind == "bool":
-                kw[name] = raw == "1"
-            else:
-                kw[name] = raw
+        for name, v in zip(columns, row, strict=False):
+            kind = _KIND_OF.get(name)
+            if kind == "str" and isinstance(v, str):
+                kw[name] = v[:MAX_FIELD_CHARS]
+            elif kind == "int" and type(v) is int:
+                kw[name] = v
+            elif kind == "bool" and type(v) is int:
+                kw[name] = v == 1
         return cls(**kw)  # type: ignore[arg-type]
 
     @property
@@ -81,3 +81,6 @@ class RequestRecord:
 _KINDS: tuple[tuple[str, str], ...] = tuple(
     (f.name, str(f.type)) for f in dataclasses.fields(RequestRecord)
 )
+_KIND_OF = dict(_KINDS)
+#: The names of a row's values, in order (stored once per batch entry).
+COLUMNS: tuple[str, ...] = tuple(name for name, _ in _KINDS)

@@ -20,6 +20,7 @@ from pydantic import BaseModel, Field
 from admin.deps import AdminDep, LedgerDep, SettingsDep
 from atlas.ledger.protocol import RequestLog
 from atlas.requestlog import OUTCOMES, RequestRecord
+from atlas.settings import Settings
 
 router = APIRouter(prefix="/v1/admin/requests", tags=["request log"])
 
@@ -27,9 +28,11 @@ router = APIRouter(prefix="/v1/admin/requests", tags=["request log"])
 MAX_SCAN = 50_000
 #: Rows one export writes at most.
 MAX_EXPORT_ROWS = 100_000
-#: Records read from Redis per round trip.
-PAGE = 500
-CURSOR = r"^\d{8}/\d{1,20}-\d{1,20}$"
+#: Entries read from Redis per round trip (an entry is one writer's batch: 1 to 500 records).
+PAGE = 50
+#: How far another host's clock may be behind Redis's (a record's time is its host's), ms.
+CLOCK_SLACK_MS = 60_000
+CURSOR = r"^\d{8}/\d{1,20}-\d{1,20}/\d{1,4}$"
 Outcome = Literal["completed", "upstream_error", "disconnected", "released", "refused", "reaped"]
 assert set(OUTCOMES) == set(Outcome.__args__)  # type: ignore[attr-defined]
 Text = Annotated[str | None, Query(max_length=200)]
@@ -132,42 +135,58 @@ def _cursor_day(text: str) -> datetime:
 
 
 async def _scan(
-    log: RequestLog, f: Filters, days_kept: int, cursor: str | None, budget: int
+    log: RequestLog, f: Filters, settings: Settings, cursor: str | None, budget: int
 ) -> AsyncIterator[tuple[str, RequestRecord | None]]:
-    """(cursor, record) for each matching record, newest first; at the end of `budget` reads
-    one (cursor, None) to continue from (none when the log is exhausted)."""
+    """(cursor, record) for each matching record, newest logged first; at the end of
+    `budget` reads one (cursor, None) to continue from (none when the log is exhausted).
+    A record's time is when its request started; it is logged (an entry of its day's
+    stream) when it ended, so entries are read from `until` plus the longest a request
+    can run, and a day ends at the first entry older than `since`."""
     now = datetime.now(UTC)
     until = min(_aware(f.until), now) if f.until else now
-    oldest = now - timedelta(days=days_kept + 1)
+    oldest = now - timedelta(days=settings.request_log_days + 1)
     since = max(_aware(f.since), oldest) if f.since else oldest
-    since_ms = int(since.timestamp() * 1000)
-    before: str | None = f"{int(until.timestamp() * 1000) + 1}-0"  # exclusive: to `until`
+    since_ms, until_ms = int(since.timestamp() * 1000), int(until.timestamp() * 1000)
+    top = None if f.until is None else f"{until_ms + 1000 * settings.reservation_ttl_s}-0"
     day = until.replace(hour=0, minute=0, second=0, microsecond=0)
-    if cursor:  # "<day>/<the last entry id returned>" (checked by the route)
-        day_text, after = cursor.split("/")
+    resume: tuple[str, int] | None = None  # (entry id, its records not read yet)
+    if cursor:  # "<day>/<entry id>/<records of it left>" (checked by the route)
+        day_text, entry, unread = cursor.split("/")
         at = _cursor_day(day_text)
         if at <= day:  # (a cursor beyond `until` starts at `until`)
-            day, before = at, after
+            day, resume = at, (entry, int(unread))
     read = 0
     while day.date() >= since.date():
         name = day.strftime("%Y%m%d")
+        before = _just_after(resume[0]) if resume else top
         while True:
-            if read >= budget:
-                end_of_day = f"{int((day + timedelta(days=1)).timestamp() * 1000)}-0"
-                yield f"{name}/{before or end_of_day}", None
-                return
-            rows = await log.request_log_page(name, before, min(PAGE, budget - read))
-            read += len(rows)
-            for rid, rec in rows:
-                if int(rid.split("-")[0]) < since_ms:
+            rows = await log.request_log_page(name, before, PAGE)
+            for rid, recs in rows:
+                if int(rid.split("-")[0]) < since_ms - CLOCK_SLACK_MS:
                     return
-                if f.match(rec):
-                    yield f"{name}/{rid}", rec
+                left = len(recs)
+                if resume is not None and rid == resume[0]:
+                    left = min(left, resume[1])
+                resume = None
+                for i in range(left - 1, -1, -1):
+                    if read >= budget:
+                        yield f"{name}/{rid}/{i + 1}", None
+                        return
+                    read += 1
+                    rec = recs[i]
+                    if since_ms <= rec.at_ms <= until_ms and f.match(rec):
+                        yield f"{name}/{rid}/{i}", rec
             if len(rows) < PAGE:
                 break
             before = rows[-1][0]
         day -= timedelta(days=1)
-        before = None
+        resume = None
+
+
+def _just_after(entry: str) -> str:
+    """The stream id right after `entry` (reading before it includes `entry`)."""
+    ms, seq = entry.split("-")
+    return f"{ms}-{int(seq) + 1}"
 
 
 @router.get("", response_model=RequestLogList)
@@ -181,7 +200,7 @@ async def request_log(
 ) -> RequestLogList:
     """Request records, newest first, matching every filter given."""
     items: list[RequestOut] = []
-    async for at, rec in _scan(ledger, f, settings.request_log_days, cursor, MAX_SCAN):
+    async for at, rec in _scan(ledger, f, settings, cursor, MAX_SCAN):
         if rec is None:
             return RequestLogList(items=items, next_cursor=at)
         items.append(RequestOut.of(rec))
@@ -205,7 +224,7 @@ async def export_request_log(
         if format == "csv":
             yield ",".join(columns) + "\r\n"
         n = 0
-        async for _, rec in _scan(ledger, f, settings.request_log_days, None, MAX_EXPORT_ROWS):
+        async for _, rec in _scan(ledger, f, settings, None, MAX_EXPORT_ROWS):
             if rec is None or n >= MAX_EXPORT_ROWS:
                 return
             out = RequestOut.of(rec).model_dump(mode="json")

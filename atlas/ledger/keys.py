@@ -178,6 +178,12 @@ def request_log_day(day: str) -> str:
     return f"{ROOT}:{{rl:{day}}}:requests"
 
 
+def request_log_count(day: str) -> str:
+    """Records one UTC day's request log stream holds (log_append.lua keeps it; the
+    stream's hash tag)."""
+    return f"{ROOT}:{{rl:{day}}}:requests:n"
+
+
 def pool_tag(provider: str) -> str:
     """Every key of one provider's pool shares this hash tag (pool_pick.lua, pool_report.lua)."""
     return f"{ROOT}:{{p:{provider}}}:"

@@ -355,7 +355,7 @@ class RequestLog(Protocol):
 
     async def request_log_page(
         self, day: str, before: str | None, count: int
-    ) -> list[tuple[str, RequestRecord]]: ...
+    ) -> list[tuple[str, list[RequestRecord]]]: ...
 
 
 class AdminLedger(

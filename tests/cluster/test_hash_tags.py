@@ -26,8 +26,10 @@ from tests.factories import key_record
 PER_KEY = ("tag", "record", "request_bucket", "token_bucket", "reservations")
 PER_KEY += ("reservation_expiry", "reservation_claims", "window_prefix", "window_zone")
 #: `lock` is global state ({g}); `model_prefix` is per model; `secret_index` has its own
-#: slot and is never touched by a script.
-OTHERS = ("lock", "model_prefix", "secret_index", "alert_fired", "request_log_day")
+#: slot and is never touched by a script; a request log day's stream and count share
+#: the day's slot.
+OTHERS = ("lock", "model_prefix", "secret_index", "alert_fired")
+OTHERS += ("request_log_day", "request_log_count")
 #: builders of one provider pool's names: all in the slot of `{p:<provider>}`.
 POOL = ("pool_tag", "pool_keys")
 #: builders of one team's names: all in the slot of `{t:<team>}`, with its keys' names.
@@ -121,6 +123,9 @@ def test_global_and_model_names_share_their_own_slots() -> None:
     ):
         prefix = keys.model_prefix(model)
         assert slot(prefix) == slot(f"{prefix}h:2026112314") == slot(tag), model
+    for day in ("20261203", "20261204"):  # log_append.lua touches both names of a day
+        assert slot(keys.request_log_day(day)) == slot(keys.request_log_count(day))
+        assert slot(keys.request_log_day(day)) == slot(f"rl:{day}")
     # Secrets are looked up by hash without a tag: spread over the whole key space.
     assert len({slot(keys.secret_index(f"{i:064x}")) for i in range(100)}) > 95
 

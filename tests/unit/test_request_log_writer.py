@@ -1,12 +1,13 @@
-"""The request log's record and its batched writer: fields round-trip, strings bounded, the
+"""The request log's record and its batched writer: rows round-trip, strings bounded, the
 buffer keeps the newest while the store is away, scopes for the alerter are marked."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 from atlas.errors import LedgerUnavailable
-from atlas.requestlog import MAX_FIELD_CHARS, RequestRecord
+from atlas.requestlog import COLUMNS, MAX_FIELD_CHARS, RequestRecord
 from atlas.requestlog_writer import RequestLogWriter
 
 
@@ -22,7 +23,7 @@ class Store:
 
     async def request_log_page(
         self, day: str, before: str | None, count: int
-    ) -> list[tuple[str, RequestRecord]]:
+    ) -> list[tuple[str, list[RequestRecord]]]:
         return []
 
 
@@ -30,13 +31,20 @@ def rec(i: int, **kw: object) -> RequestRecord:
     return RequestRecord(at_ms=1_764_000_000_000 + i, request_id=f"r{i}", **kw)  # type: ignore[arg-type]
 
 
-def test_fields_round_trip_and_are_bounded() -> None:
+def test_rows_round_trip_and_are_bounded() -> None:
     r = rec(1, key_id="key_a.eng", team="eng", model="m" * 1000, exact=False, stream=True)
-    back = RequestRecord.from_fields(r.fields())
+    back = RequestRecord.from_row(COLUMNS, json.loads(json.dumps(r.row())))
     assert back.model == "m" * MAX_FIELD_CHARS
     assert (back.exact, back.stream, back.team, back.at_ms) == (False, True, "eng", r.at_ms)
-    assert RequestRecord.from_fields({"status": "x", "junk": "1"}).status == 0
     assert rec(0).day == "20251124"
+
+
+def test_a_row_of_other_columns_or_wrong_types_reads_defaulted() -> None:
+    """Another version's writer (columns added, dropped, reordered) or a damaged row."""
+    back = RequestRecord.from_row(["junk", "status", "model", "exact"], [1, "x", 7, 1])
+    assert (back.status, back.model, back.exact, back.at_ms) == (0, "", True, 0)
+    short = RequestRecord.from_row(["at_ms", "request_id", "status"], [5, "r5"])
+    assert (short.at_ms, short.request_id, short.status) == (5, "r5", 0)
 
 
 async def test_batches_mark_scopes_and_keep_the_newest_while_down() -> None:

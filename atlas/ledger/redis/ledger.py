@@ -244,7 +244,7 @@ class RedisLedger:
 
     async def request_log_page(
         self, day: str, before: str | None, count: int
-    ) -> list[tuple[str, RequestRecord]]:
+    ) -> list[tuple[str, list[RequestRecord]]]:
         return await self.requests.request_log_page(day, before, count)
 
     # ---- Audit -------------------------------------------------------------------------
