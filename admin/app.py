@@ -25,6 +25,7 @@ from admin.routes import (
     health,
     history,
     keys,
+    owners,
     providers,
     requests,
     teams,
@@ -34,7 +35,7 @@ from admin.selfserve import SelfServe
 from atlas import metrics
 from atlas.alerts.alerter import Alerter
 from atlas.errors import Denied, LedgerUnavailable
-from atlas.ledger.protocol import AdminLedger
+from atlas.ledger.admin_protocol import AdminLedger
 from atlas.ledger.redis import RedisLedger
 from atlas.ledger.redis.admins import RedisAdmins
 from atlas.ledger.redis.alerts import RedisAlerts
@@ -118,6 +119,7 @@ def create_app(settings: Settings, ledger: AdminLedger | None = None) -> FastAPI
     app.include_router(apps.router)
     app.include_router(requests.router)
     app.include_router(admins.router)
+    app.include_router(owners.router)
     app.include_router(alerts.router)
     app.include_router(dashboard.router)
     return app

@@ -14,7 +14,7 @@ from admin.selfserve import SelfServe
 from atlas.credentials import bearer, client_key
 from atlas.errors import Denied
 from atlas.keymodel import KeyRecord, hash_secret
-from atlas.ledger.protocol import AdminLedger
+from atlas.ledger.admin_protocol import AdminLedger
 from atlas.settings import Settings
 
 

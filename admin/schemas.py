@@ -21,6 +21,7 @@ from atlas.limits import (
     MIN_BUDGET_USD,
     MIN_RATE_PER_SEC,
 )
+from atlas.ownermodel import OWNER_ID_PATTERN
 from atlas.settings import Priority
 from atlas.windows import load_zone
 
@@ -95,6 +96,11 @@ class KeyCreate(KeyLimits):
         pattern=TEAM_ID_PATTERN,
         description="The team whose limits also apply (fixed for the key's life)",
     )
+    owner: str | None = Field(
+        None,
+        pattern=OWNER_ID_PATTERN,
+        description="The owner (/v1/admin/owners) whose valid_until also ends the key",
+    )
     api_key: str | None = Field(
         None,
         min_length=16,
@@ -106,6 +112,9 @@ class KeyCreate(KeyLimits):
 class KeyUpdate(KeyLimits):
     name: str | None = Field(None, max_length=200)
     status: KeyStatus | None = None
+    owner: str | None = Field(
+        None, pattern=OWNER_ID_PATTERN, description="Move the key to this owner; null: none"
+    )
 
 
 class KeyPublic(BaseModel):

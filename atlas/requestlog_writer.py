@@ -14,7 +14,7 @@ from collections import deque
 
 from atlas import metrics
 from atlas.errors import LedgerUnavailable
-from atlas.ledger.protocol import RequestLog
+from atlas.ledger.admin_protocol import RequestLog
 from atlas.requestlog import RequestRecord
 
 log = logging.getLogger("atlas.requestlog")

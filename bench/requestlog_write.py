@@ -54,7 +54,7 @@ async def cpu_per_record(write: Callable[[list[RequestRecord]], Awaitable[object
 
 async def main(url: str) -> None:
     r = Redis.from_url(url, decode_responses=True)
-    ledger = RedisLedger.from_settings(Settings(redis_url=url, admin_token="x" * 16))
+    ledger = RedisLedger.from_settings(Settings.model_validate({"redis_url": url}))
 
     async def xadd_fields(b: list[RequestRecord]) -> object:
         pipe = r.pipeline(transaction=False)
@@ -68,8 +68,8 @@ async def main(url: str) -> None:
             pipe.xadd("bench:json", {"r": json.dumps(rec.row())})
         return await pipe.execute()
 
-    async def log_append(b: list[RequestRecord]) -> object:
-        return await ledger.log_requests(b, ["key:key_abcdef123456"])
+    async def log_append(b: list[RequestRecord]) -> None:
+        await ledger.log_requests(b, ["key:key_abcdef123456"])
 
     print(f"writer CPU per record, batches of {BATCH} (µs)")
     for name, write in (

@@ -17,7 +17,7 @@ from admin.deps import AdminDep, LedgerDep, OperatorDep, SettingsDep
 from admin.routes.keys import check_priorities, keep_team_zone, team_zone
 from atlas.identity import app_secret_hash
 from atlas.keymodel import KeyRecord, hash_secret, new_key_id, new_secret
-from atlas.ledger.protocol import AdminLedger
+from atlas.ledger.admin_protocol import AdminLedger
 from atlas.limits import MAX_LIST_OFFSET
 
 router = APIRouter(prefix="/v1/admin/apps", tags=["apps"])

@@ -26,7 +26,8 @@ from admin.schemas import PlanLimits
 from admin.selfserve import SelfServe
 from atlas.forecast import Forecast, usage_patterns
 from atlas.keymodel import KeyRecord
-from atlas.ledger.protocol import GLOBAL_HISTORY, AdminLedger, HistoryScope, HourRow, KeyUsage
+from atlas.ledger.admin_protocol import AdminLedger
+from atlas.ledger.protocol import GLOBAL_HISTORY, HistoryScope, HourRow, KeyUsage
 from atlas.limits import MAX_QUERY_HOURS
 from atlas.pricing import usd
 from atlas.windows import Zone, day_bounds, local_date

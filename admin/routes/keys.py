@@ -83,6 +83,16 @@ async def team_zone(ledger: LedgerDep, team_id: str, asked: str | None) -> str |
     return team.window_timezone
 
 
+async def owner_end(ledger: LedgerDep, owner_id: str | None) -> datetime | None:
+    """The `valid_until` a key of this owner copies (422 naming body.owner if unknown)."""
+    if owner_id is None:
+        return None
+    owner = await ledger.get_owner(owner_id)
+    if owner is None:
+        raise _invalid("owner", f"owner {owner_id!r} does not exist", owner_id)
+    return owner.valid_until
+
+
 def keep_team_zone(rec: KeyRecord, changes: dict[str, Any]) -> None:
     """A key (or app) of a team keeps the team's zone: its windows are the team's too."""
     if rec.team and changes.get("window_timezone", rec.window_timezone) != rec.window_timezone:
@@ -100,6 +110,7 @@ async def create_key(
     fields = body.model_dump(exclude_none=True, exclude={"api_key"})
     if body.team is not None:
         fields["window_timezone"] = await team_zone(ledger, body.team, body.window_timezone)
+    fields["owner_valid_until"] = await owner_end(ledger, body.owner)
     rec = KeyRecord(
         id=new_key_id(body.team),
         secret_hash=hash_secret(secret),
@@ -180,6 +191,8 @@ async def update_key(
     rec = await _get(ledger, key_id)
     changes = body.model_dump(exclude_unset=True)
     keep_team_zone(rec, changes)
+    if "owner" in changes:
+        changes["owner_valid_until"] = await owner_end(ledger, changes["owner"])
     updated = rec.model_copy(update={**changes, "updated_at": datetime.now(UTC)})
     updated = KeyRecord.model_validate(updated.model_dump())
     check_priorities(updated, set(changes))

@@ -18,7 +18,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
 from admin.deps import AdminDep, LedgerDep, SettingsDep
-from atlas.ledger.protocol import RequestLog
+from atlas.ledger.admin_protocol import RequestLog
 from atlas.requestlog import OUTCOMES, RequestRecord
 from atlas.settings import Settings
 

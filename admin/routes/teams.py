@@ -12,7 +12,7 @@ from admin.audit import record_event
 from admin.deps import AdminDep, LedgerDep, OperatorDep
 from admin.routes.usage import window_out
 from admin.team_schemas import TeamCreate, TeamList, TeamPublic, TeamUpdate, TeamUsageOut
-from atlas.ledger.protocol import AdminLedger
+from atlas.ledger.admin_protocol import AdminLedger
 from atlas.limits import MAX_LIST_OFFSET
 from atlas.teammodel import TeamRecord
 

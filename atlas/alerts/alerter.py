@@ -15,7 +15,7 @@ import logging
 import secrets
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 
 import httpx
 
@@ -23,7 +23,8 @@ from atlas import metrics
 from atlas.alerts.delivery import deliver
 from atlas.alerts.thresholds import Measure, reached
 from atlas.errors import LedgerUnavailable
-from atlas.ledger.protocol import AdminLedger, Window
+from atlas.ledger.admin_protocol import AdminLedger, AlertStore
+from atlas.ledger.protocol import Window
 from atlas.settings import Settings
 
 log = logging.getLogger("atlas.alerts")
@@ -34,18 +35,6 @@ MAX_SCOPES_PER_ROUND = 500
 MAX_DELIVERIES = 32
 #: A fired set outlives its window by this (a month window is at most 31 days).
 FIRED_TTL_S = 32 * 86_400
-
-
-class AlertStore(Protocol):
-    """atlas/ledger/redis/alerts.py `RedisAlerts`."""
-
-    async def pop_dirty(self, count: int) -> list[str]: ...
-
-    async def first_time(self, scope: str, window: str, member: str, ttl_s: int) -> bool: ...
-
-    async def webhooks(self) -> dict[str, dict[str, Any]]: ...
-
-    async def add_event(self, event: dict[str, Any]) -> None: ...
 
 
 def _measures(prefix: str, day: Window, month: Window, budget_usd: float | None) -> list[Measure]:

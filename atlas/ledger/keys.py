@@ -64,6 +64,8 @@ ALERT_RULES = f"{ROOT}:{{g}}:alerts:rules"
 ALERT_EVENTS = f"{ROOT}:{{g}}:alerts:events"
 #: sorted set of every team id, scored by creation time (ms).
 TEAM_INDEX = f"{ROOT}:{{g}}:teams"
+#: Owner id -> owner record JSON (atlas/ownermodel.py).
+OWNERS = f"{ROOT}:{{g}}:owners"
 
 
 def team_tag(team: str) -> str:
@@ -194,3 +196,9 @@ def pool_keys(provider: str) -> list[str]:
     (the scripts append the minute to a prefix)."""
     t = pool_tag(provider)
     return [t + "cool", t + "use:", t + "rr", t + "stats:"]
+
+
+def owner_keys(owner_id: str) -> str:
+    """Ids of the keys created for (or moved to) an owner; a key moved away stays listed
+    until read (readers check each record's owner)."""
+    return f"{ROOT}:{{g}}:owners:keys:{owner_id}"

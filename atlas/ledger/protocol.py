@@ -1,6 +1,7 @@
 """What authz, extproc and admin may ask of the ledger, as narrow ports by concern: callers
 type against the port they use (authz: `Admissions`; extproc: `Settlements`, `Leases`,
-`Reaping`; admin: `AdminLedger`). Only `atlas.ledger.redis` implements them against Redis;
+`Reaping`; admin: `AdminLedger`, with its tenancy stores in atlas/ledger/admin_protocol.py).
+Only `atlas.ledger.redis` implements them against Redis;
 unit tests use fakes checked against these Protocols. No caller names a Redis key: history
 is asked for by `HistoryScope`, windows by key id and calendar name."""
 
@@ -12,9 +13,7 @@ from typing import Any, Literal, Protocol
 
 from atlas import limits
 from atlas.keymodel import KeyRecord
-from atlas.requestlog import RequestRecord
 from atlas.settings import Priority
-from atlas.teammodel import TeamRecord
 from atlas.windows import Zone
 
 #: Completions one request may generate (`n` x `best_of` x prompts), at most.
@@ -312,56 +311,6 @@ class Pools(Protocol):
     async def report(self, provider: str, observations: Sequence[PoolObservation]) -> None: ...
 
     async def pool_state(self, provider: str, minutes: int) -> PoolState: ...
-
-
-class TeamStore(Protocol):
-    """Teams: records, the limits admit.lua enforces beside their keys', members, windows."""
-
-    async def create_team(self, team: TeamRecord) -> None: ...
-
-    async def put_team(self, team: TeamRecord) -> None: ...
-
-    async def get_team(self, team_id: str) -> TeamRecord | None: ...
-
-    async def list_teams(self, offset: int = 0, limit: int = 100) -> list[TeamRecord]: ...
-
-    async def count_teams(self) -> int: ...
-
-    async def team_key_ids(self, team_id: str) -> list[str]: ...
-
-    async def delete_team(self, team_id: str) -> None: ...
-
-    async def team_usage(self, team: TeamRecord) -> tuple[Window, Window]: ...
-
-
-class AppIndex(Protocol):
-    """Internal apps: app id -> the key record holding the app's limits and identities."""
-
-    async def claim_app(self, app_id: str, key_id: str) -> bool: ...
-
-    async def app_key_id(self, app_id: str) -> str | None: ...
-
-    async def app_ids(self) -> dict[str, str]: ...
-
-    async def drop_app(self, app_id: str) -> None: ...
-
-
-class RequestLog(Protocol):
-    """The request log (atlas/requestlog.py): batches written off the request path, read by
-    day newest first."""
-
-    async def log_requests(self, records: Sequence[RequestRecord], dirty: Sequence[str]) -> None:
-        """Append `records`; mark `dirty` scopes for the alerter."""
-
-    async def request_log_page(
-        self, day: str, before: str | None, count: int
-    ) -> list[tuple[str, list[RequestRecord]]]: ...
-
-
-class AdminLedger(
-    Probe, KeyStore, History, Audit, Pools, TeamStore, AppIndex, RequestLog, Protocol
-):
-    """What admin uses: key records, history, the audit stream and provider pools."""
 
 
 class Ledger(Protocol):

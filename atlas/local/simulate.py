@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 from atlas.forecast import synthetic_series
 from atlas.keymodel import KeyRecord, hash_secret, new_key_id, new_secret, secret_hint
-from atlas.ledger.protocol import GLOBAL_HISTORY, AdminLedger, HistoryScope
+from atlas.ledger.admin_protocol import AdminLedger
+from atlas.ledger.protocol import GLOBAL_HISTORY, HistoryScope
 from atlas.windows import local_day_month
 
 #: Prompt share of the tokens and tokens per request, typical of chat traffic.

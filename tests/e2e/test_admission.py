@@ -180,6 +180,26 @@ async def test_rotate_and_revoke_reach_envoy_within_a_second(
     assert await _refused_within(new, 1.0) == "key_disabled"
 
 
+async def test_an_expired_owner_has_every_key_refused_with_403(
+    make_key: MakeKey, client_for: Client, admin: httpx.AsyncClient
+) -> None:
+    owner = f"ada-{time.monotonic_ns()}@example.com"
+    later = (datetime.now(UTC) + timedelta(days=30)).isoformat()
+    r = await admin.post("/v1/admin/owners", json={"id": owner, "valid_until": later})
+    assert r.status_code == 201, r.text
+    clients = [client_for((await make_key(owner=owner))["api_key"]) for _ in range(2)]
+    for client in clients:
+        await client.chat.completions.create(model="demo-small", messages=MESSAGES, max_tokens=2)
+    past = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
+    r = await admin.patch(f"/v1/admin/owners/{owner}", json={"valid_until": past})
+    assert r.status_code == 200 and r.json()["expired"] is True and r.json()["keys"] == 2
+    for client in clients:  # both keys, within the key cache's second
+        assert await _refused_within(client, 1.0) == "owner_expired"
+    report = (await admin.post("/v1/admin/owners/check-expired")).json()
+    mine = [o for o in report["expired"] if o["id"] == owner]
+    assert len(mine) == 1 and len(mine[0]["keys"]) == 2 and mine[0]["disabled"] == []
+
+
 async def test_self_serve_usage_and_forecasts_through_envoy(
     make_key: MakeKey, client_for: Client, stack: Stack
 ) -> None:

@@ -32,6 +32,8 @@ class RedisKeyStore:
             await self._r.set(keys.record(rec.id), rec.model_dump_json())
             if rec.team:
                 await self._r.sadd(keys.team_members(rec.team), rec.id)
+            if rec.owner:
+                await self._r.sadd(keys.owner_keys(rec.owner), rec.id)
             await self._r.zadd(keys.KEY_INDEX, {rec.id: int(rec.created_at.timestamp() * 1000)})
             await self._r.publish(keys.KEY_CHANGED_CHANNEL, rec.id)
             return True
@@ -68,6 +70,8 @@ class RedisKeyStore:
                 for h in old - new:
                     await self._r.delete(keys.secret_index(h))
             await self._r.set(keys.record(rec.id), rec.model_dump_json())
+            if rec.owner:
+                await self._r.sadd(keys.owner_keys(rec.owner), rec.id)
             await self._r.publish(keys.KEY_CHANGED_CHANNEL, rec.id)
             return True
 
@@ -81,6 +85,8 @@ class RedisKeyStore:
             await self._r.delete(keys.record(rec.id))
             if rec.team:
                 await self._r.srem(keys.team_members(rec.team), rec.id)
+            if rec.owner:
+                await self._r.srem(keys.owner_keys(rec.owner), rec.id)
             await self._r.zrem(keys.KEY_INDEX, rec.id)
             await self._r.publish(keys.KEY_CHANGED_CHANNEL, rec.id)
 

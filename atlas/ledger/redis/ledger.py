@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequen
 from typing import TYPE_CHECKING, Any
 
 from atlas.keymodel import KeyRecord
+from atlas.ledger.admin_protocol import AdminLedger
 from atlas.ledger.protocol import (
-    AdminLedger,
     Admission,
     Admissions,
     AdmitRequest,
@@ -34,12 +34,14 @@ from atlas.ledger.redis.audit import RedisAudit
 from atlas.ledger.redis.client import Conn, connect
 from atlas.ledger.redis.history import RedisHistory, ScopeOrPrefix
 from atlas.ledger.redis.keystore import RedisKeyStore
+from atlas.ledger.redis.owners import RedisOwners
 from atlas.ledger.redis.pools import RedisPools
 from atlas.ledger.redis.requestlog import RedisRequestLog
 from atlas.ledger.redis.scripts import Scripts
 from atlas.ledger.redis.settlement import RedisSettlements
 from atlas.ledger.redis.teams import RedisTeams
 from atlas.ledger.redis.zones import Zones
+from atlas.ownermodel import OwnerRecord
 from atlas.requestlog import RequestRecord
 from atlas.settings import Settings
 from atlas.teammodel import TeamRecord
@@ -71,6 +73,7 @@ class RedisLedger:
         self.audit_log = RedisAudit(self.conn)
         self.pools = RedisPools(self.conn)
         self.teams = RedisTeams(self.conn)
+        self.owners = RedisOwners(self.conn)
         self.apps = RedisApps(self.conn)
         self.requests = RedisRequestLog(self.conn, settings)
 
@@ -224,6 +227,28 @@ class RedisLedger:
     async def team_usage(self, team: TeamRecord) -> tuple[Window, Window]:
         now = int(await self.windows.server_time())
         return await self.teams.team_windows(team, self.zones.zone_of(team), now)
+
+    # ---- Owners ------------------------------------------------------------------------
+    async def create_owner(self, owner: OwnerRecord) -> bool:
+        return await self.owners.create_owner(owner)
+
+    async def put_owner(self, owner: OwnerRecord) -> None:
+        await self.owners.put_owner(owner)
+
+    async def get_owner(self, owner_id: str) -> OwnerRecord | None:
+        return await self.owners.get_owner(owner_id)
+
+    async def list_owners(self) -> list[OwnerRecord]:
+        return await self.owners.list_owners()
+
+    async def delete_owner(self, owner_id: str) -> None:
+        await self.owners.delete_owner(owner_id)
+
+    async def owner_key_ids(self, owner_id: str) -> list[str]:
+        return await self.owners.owner_key_ids(owner_id)
+
+    async def forget_owner_keys(self, owner_id: str, key_ids: Sequence[str]) -> None:
+        await self.owners.forget_owner_keys(owner_id, key_ids)
 
     # ---- Apps --------------------------------------------------------------------------
     async def claim_app(self, app_id: str, key_id: str) -> bool:
