@@ -323,8 +323,8 @@ class Settings(BaseSettings):
         0.5,
         ge=0,
         le=100,
-        description="Reserved for the anomaly alert (an hour's usage outside the forecast's "
-        "interval widened by this share); not read yet",
+        description="The anomaly alert fires when an hour's tokens fall outside the "
+        "forecast's 90% interval widened by this share of its width",
     )
     admin_jwt_issuer: str | None = Field(
         None, description="Admin single sign-on: the JWT issuer (iss) accepted"

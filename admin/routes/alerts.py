@@ -7,16 +7,21 @@ from __future__ import annotations
 import secrets
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Query, Request, status
+from fastapi import APIRouter, HTTPException, Path, Query, Request, status
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from admin.audit import record_event
-from admin.deps import AdminDep, LedgerDep, OperatorDep
+from admin.deps import AdminDep, LedgerDep, OperatorDep, SettingsDep
+from atlas.ledger.admin_protocol import AdminLedger
 from atlas.ledger.redis.alerts import RedisAlerts
 
 router = APIRouter(prefix="/v1/admin/alerts", tags=["alerts"])
 
 MAX_WEBHOOKS = 50
+#: Scopes with their own thresholds, at most.
+MAX_RULES = 10_000
+#: A rule's scope: one key or one team.
+RULE_SCOPE = r"^(key|team):[A-Za-z0-9._-]{1,100}$"
 
 
 def get_store(request: Request) -> RedisAlerts:
@@ -53,8 +58,37 @@ class WebhookList(BaseModel):
     items: list[WebhookOut]
 
 
+class RuleIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    thresholds: list[Annotated[int, Field(ge=1, le=1000)]] = Field(
+        max_length=10,
+        description="Percentages of each quota and budget that alert (replacing"
+        " ATLAS_ALERT_THRESHOLDS for this scope); [] silences its threshold alerts",
+        examples=[[75, 95]],
+    )
+
+
+class RuleOut(BaseModel):
+    scope: str
+    thresholds: list[int]
+
+
+class RuleList(BaseModel):
+    items: list[RuleOut]
+    default: list[int] = Field(description="ATLAS_ALERT_THRESHOLDS: every other scope's")
+
+
 class AlertList(BaseModel):
     items: list[dict[str, Any]] = Field(description="Fired alerts, each with its deliveries")
+
+
+def _message(a: dict[str, Any]) -> str:
+    if a.get("kind") == "anomaly":
+        return (
+            f"{a['limit']} {a['direction']} forecast in the hour from {a['hour']}: "
+            f"{a['used']:g} (expected {a['expected']:g}, interval {a['lower']:g}-{a['upper']:g})"
+        )
+    return f"{a['limit']} reached {a['threshold']}% ({a['used']:g} of {a['limit_value']:g})"
 
 
 @router.get("", response_model=AlertList)
@@ -79,12 +113,7 @@ async def fired_alerts(
                 }
             )
     items = [
-        {
-            **a,
-            "message": f"{a['limit']} reached {a['threshold']}% ({a['used']:g} of "
-            f"{a['limit_value']:g})",
-            "deliveries": deliveries.get(str(a["id"]), []),
-        }
+        {**a, "message": _message(a), "deliveries": deliveries.get(str(a["id"]), [])}
         for a in fired[:limit]
     ]
     return AlertList(items=items)
@@ -125,4 +154,63 @@ async def delete_webhook(
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"webhook {hook_id!r} not found")
     await record_event(
         ledger, request, who, "webhook.delete", subject=hook_id, before=None, after=None
+    )
+
+
+@router.get("/rules", response_model=RuleList)
+async def list_rules(_: AdminDep, request: Request, settings: SettingsDep) -> RuleList:
+    """Scopes with their own thresholds; every other scope uses the default."""
+    rules = await get_store(request).rules()
+    items = [RuleOut(scope=k, thresholds=v) for k, v in rules.items()]
+    return RuleList(items=items, default=list(settings.alert_thresholds))
+
+
+async def _scope_exists(ledger: AdminLedger, scope: str) -> None:
+    kind, _, ident = scope.partition(":")
+    found = await (ledger.get_key(ident) if kind == "key" else ledger.get_team(ident))
+    if found is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"{kind} {ident!r} not found")
+
+
+@router.put("/rules/{scope}", response_model=RuleOut)
+async def put_rule(
+    scope: Annotated[str, Path(pattern=RULE_SCOPE, description="key:<id> or team:<id>")],
+    body: RuleIn,
+    who: OperatorDep,
+    ledger: LedgerDep,
+    request: Request,
+) -> RuleOut:
+    """Give one key or team its own thresholds (from the next alert round)."""
+    store = get_store(request)
+    await _scope_exists(ledger, scope)
+    rules = await store.rules()
+    if scope not in rules and len(rules) >= MAX_RULES:
+        raise HTTPException(status.HTTP_409_CONFLICT, f"at most {MAX_RULES} alert rules")
+    rule = RuleOut(scope=scope, thresholds=sorted(set(body.thresholds)))
+    await store.put_rule(scope, rule.thresholds)
+    before = {"thresholds": rules[scope]} if scope in rules else None
+    await record_event(
+        ledger,
+        request,
+        who,
+        "alert_rule.put",
+        subject=scope,
+        before=before,
+        after={"thresholds": rule.thresholds},
+    )
+    return rule
+
+
+@router.delete("/rules/{scope}", status_code=status.HTTP_204_NO_CONTENT)
+async def delete_rule(
+    scope: Annotated[str, Path(pattern=RULE_SCOPE)],
+    who: OperatorDep,
+    ledger: LedgerDep,
+    request: Request,
+) -> None:
+    """The scope goes back to the default thresholds."""
+    if not await get_store(request).drop_rule(scope):
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no alert rule for {scope!r}")
+    await record_event(
+        ledger, request, who, "alert_rule.delete", subject=scope, before=None, after=None
     )

@@ -1,9 +1,11 @@
 """The alerter (runs in admin): every ATLAS_ALERT_INTERVAL_S it takes the scopes whose usage
 changed (`key:<id>`, `team:<id>`, marked by the request log writer), measures each quota and
-budget in its current window, and fires each threshold once per window (a Redis set per
-scope and window decides, so replicas never fire twice): an audit entry, a metric, an event
+budget in its current window, and fires each threshold (the scope's own rule, else
+ATLAS_ALERT_THRESHOLDS) once per window (a Redis set per scope and window decides, so
+replicas never fire twice): an audit entry, a metric, an event
 in the alert stream and a signed delivery to every matching webhook (as tasks, bounded, so
-a slow receiver never holds the loop). Each delivery's result is an event too."""
+a slow receiver never holds the loop). Each delivery's result is an event too. When an hour
+closes, the anomaly alert (atlas/alerts/anomaly.py) judges it."""
 
 from __future__ import annotations
 
@@ -20,9 +22,11 @@ from typing import Any
 import httpx
 
 from atlas import metrics
+from atlas.alerts.anomaly import Anomaly, check_hour
 from atlas.alerts.delivery import deliver
 from atlas.alerts.thresholds import Measure, reached
 from atlas.errors import LedgerUnavailable
+from atlas.forecast import HOUR_S, hour_floor
 from atlas.ledger.admin_protocol import AdminLedger, AlertStore
 from atlas.ledger.protocol import Window
 from atlas.settings import Settings
@@ -35,6 +39,8 @@ MAX_SCOPES_PER_ROUND = 500
 MAX_DELIVERIES = 32
 #: A fired set outlives its window by this (a month window is at most 31 days).
 FIRED_TTL_S = 32 * 86_400
+#: An hour's set of active scopes is kept until the hour after next has been judged.
+ACTIVE_TTL_S = 3 * HOUR_S
 
 
 def _measures(prefix: str, day: Window, month: Window, budget_usd: float | None) -> list[Measure]:
@@ -62,6 +68,9 @@ class Alerter:
         self._store = store
         self._thresholds: Sequence[int] = settings.alert_thresholds
         self._interval_s = settings.alert_interval_s
+        self._margin = settings.alert_anomaly_margin
+        #: The last closed hour this replica judged (0: it judges the one before it starts).
+        self._judged_hour = 0
         secret = settings.alert_signing_secret
         self._secret = secret.get_secret_value() if secret else None
         self._client = client or httpx.AsyncClient(timeout=5.0)
@@ -85,14 +94,34 @@ class Alerter:
                 await self._client.aclose()
 
     async def round(self) -> int:
-        """Evaluate the changed scopes; the alerts fired."""
+        """Evaluate the changed scopes, and the anomaly alert once an hour closes; the alerts
+        fired."""
         fired = 0
-        for scope in await self._store.pop_dirty(MAX_SCOPES_PER_ROUND):
-            for m in await self._measure(scope):
-                for t in reached(m, self._thresholds):
+        scopes = await self._store.pop_dirty(MAX_SCOPES_PER_ROUND)
+        hour = hour_floor(await self._ledger.server_time())
+        await self._store.mark_active(hour, scopes, ACTIVE_TTL_S)
+        rules = await self._store.rules() if scopes else {}
+        for scope in scopes:
+            thresholds = rules.get(scope, self._thresholds)
+            for m in await self._measure(scope) if thresholds else []:
+                for t in reached(m, thresholds):
                     if await self._store.first_time(scope, m.window, f"{m.limit}:{t}", FIRED_TTL_S):
                         await self._fire(scope, m, t)
                         fired += 1
+        closed = hour - HOUR_S
+        if closed > self._judged_hour:
+            self._judged_hour = closed
+            fired += await self._judge(closed)
+        return fired
+
+    async def _judge(self, hour_ts: int) -> int:
+        """The anomaly alert for the hour that just closed (once per scope and hour)."""
+        active = await self._store.active_scopes([hour_ts, hour_ts - HOUR_S])
+        fired = 0
+        for a in await check_hour(self._ledger, active, hour_ts, self._margin):
+            if await self._store.first_time(a.scope, f"h:{hour_ts}", "anomaly", FIRED_TTL_S):
+                await self._fire_anomaly(a)
+                fired += 1
         return fired
 
     async def _measure(self, scope: str) -> list[Measure]:
@@ -123,7 +152,32 @@ class Alerter:
             "window_resets_at": datetime.fromtimestamp(int(m.window), UTC).isoformat(),
             "at": datetime.now(UTC).isoformat(),
         }
-        metrics.ALERTS_FIRED.labels(kind="threshold", limit=m.limit, threshold=str(threshold)).inc()
+        await self._emit(alert, str(threshold))
+
+    async def _fire_anomaly(self, a: Anomaly) -> None:
+        alert = {
+            "id": "alrt_" + secrets.token_hex(8),
+            "kind": "anomaly",
+            "scope": a.scope,
+            "limit": ("key" if a.scope.startswith("key:") else "global") + ".hourly_tokens",
+            "direction": a.direction,
+            "used": a.used,
+            "expected": round(a.expected, 1),
+            "lower": round(a.lower, 1),
+            "upper": round(a.upper, 1),
+            "margin": self._margin,
+            "hour": datetime.fromtimestamp(a.hour_ts, UTC).isoformat(),
+            "at": datetime.now(UTC).isoformat(),
+        }
+        await self._emit(alert, a.direction)
+
+    async def _emit(self, alert: dict[str, Any], threshold: str) -> None:
+        """An alert as a metric, an event, an audit entry and a delivery to each webhook whose
+        scope patterns match."""
+        scope = str(alert["scope"])
+        metrics.ALERTS_FIRED.labels(
+            kind=alert["kind"], limit=alert["limit"], threshold=threshold
+        ).inc()
         await self._store.add_event({"event": "fired", **alert})
         await self._ledger.audit(
             {

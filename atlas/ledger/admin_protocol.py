@@ -81,13 +81,21 @@ class OwnerStore(Protocol):
 
 class AlertStore(Protocol):
     """Alert state: the scopes whose usage changed, the once-per-window fired sets, the
-    webhooks and the stream of alert events."""
+    webhooks, each scope's own thresholds and the stream of alert events."""
 
     async def pop_dirty(self, count: int) -> list[str]: ...
 
     async def first_time(self, scope: str, window: str, member: str, ttl_s: int) -> bool: ...
 
+    async def mark_active(self, hour_ts: int, scopes: list[str], ttl_s: int) -> None: ...
+
+    async def active_scopes(self, hours: list[int]) -> list[str]:
+        """The scopes marked active in any of these hours."""
+
     async def webhooks(self) -> dict[str, dict[str, Any]]: ...
+
+    async def rules(self) -> dict[str, list[int]]:
+        """Scopes with their own thresholds (an empty list: no threshold alerts)."""
 
     async def add_event(self, event: dict[str, Any]) -> None: ...
 

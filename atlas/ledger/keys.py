@@ -168,6 +168,12 @@ def month_window(key_id: str, month: str) -> str:
     return f"{window_prefix(key_id)}m:{month}"
 
 
+def alert_active(hour_ts: int) -> str:
+    """Set of the scopes whose usage changed in the hour starting at `hour_ts` (the anomaly
+    alert judges them when the hour closes)."""
+    return f"{ROOT}:{{g}}:alerts:active:{hour_ts}"
+
+
 def alert_fired(scope: str, window: str) -> str:
     """Set of "<limit>:<threshold>" an alert already fired for, in one window of one scope
     (`key:<id>` or `team:<id>`; window `d:<YYYYMMDD>` or `m:<YYYYMM>`): once per window."""

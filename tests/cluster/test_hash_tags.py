@@ -28,7 +28,7 @@ PER_KEY += ("reservation_expiry", "reservation_claims", "window_prefix", "window
 #: `lock` is global state ({g}); `model_prefix` is per model; `secret_index` has its own
 #: slot and is never touched by a script; a request log day's stream and count share
 #: the day's slot.
-OTHERS = ("lock", "model_prefix", "secret_index", "alert_fired")
+OTHERS = ("lock", "model_prefix", "secret_index", "alert_fired", "alert_active")
 OTHERS += ("request_log_day", "request_log_count", "owner_keys")
 #: builders of one provider pool's names: all in the slot of `{p:<provider>}`.
 POOL = ("pool_tag", "pool_keys")
@@ -114,6 +114,7 @@ def test_global_and_model_names_share_their_own_slots() -> None:
     global_names = [keys.KEY_INDEX, keys.INFLIGHT, keys.AUDIT, keys.lock("reaper")]
     global_names += [f"{keys.GLOBAL_PREFIX}h:2026112314"]
     global_names += [keys.OWNERS, keys.owner_keys("ada@example.com")]  # one MULTI deletes both
+    global_names += [keys.alert_active(1_795_435_200)]  # SUNION of two hours
     assert {slot(n) for n in global_names} == {g}
     for model, tag in (
         ("gpt-4o", "m:gpt-4o"),

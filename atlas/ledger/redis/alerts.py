@@ -34,6 +34,22 @@ class RedisAlerts:
 
         return await self._c.call("alerts", run)
 
+    async def mark_active(self, hour_ts: int, scopes: list[str], ttl_s: int) -> None:
+        name = keys.alert_active(hour_ts)
+
+        async def run() -> None:
+            pipe = self._r.pipeline(transaction=False)
+            pipe.sadd(name, *scopes)
+            pipe.expire(name, ttl_s)
+            await pipe.execute()
+
+        if scopes:
+            await self._c.call("alerts", run)
+
+    async def active_scopes(self, hours: list[int]) -> list[str]:
+        names = [keys.alert_active(h) for h in hours]
+        return sorted(await self._c.call("alerts", lambda: self._r.sunion(names)))
+
     async def webhooks(self) -> dict[str, dict[str, Any]]:
         got = await self._c.call("alerts", lambda: self._r.hgetall(keys.ALERT_WEBHOOKS))
         return {k: json.loads(v) for k, v in sorted(got.items())}
@@ -46,6 +62,21 @@ class RedisAlerts:
         return bool(
             await self._c.call("alerts", lambda: self._r.hdel(keys.ALERT_WEBHOOKS, hook_id))
         )
+
+    async def rules(self) -> dict[str, list[int]]:
+        """Each scope's own thresholds (`key:<id>`, `team:<id>` -> percentages)."""
+        got = await self._c.call("alerts", lambda: self._r.hgetall(keys.ALERT_RULES))
+        return {scope: json.loads(raw)["thresholds"] for scope, raw in sorted(got.items())}
+
+    async def count_rules(self) -> int:
+        return int(await self._c.call("alerts", lambda: self._r.hlen(keys.ALERT_RULES)))
+
+    async def put_rule(self, scope: str, thresholds: list[int]) -> None:
+        body = json.dumps({"thresholds": thresholds})
+        await self._c.call("alerts", lambda: self._r.hset(keys.ALERT_RULES, scope, body))
+
+    async def drop_rule(self, scope: str) -> bool:
+        return bool(await self._c.call("alerts", lambda: self._r.hdel(keys.ALERT_RULES, scope)))
 
     async def add_event(self, event: dict[str, Any]) -> None:
         fields = {"json": json.dumps(event, separators=(",", ":"), default=str)}
