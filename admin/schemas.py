@@ -13,6 +13,7 @@ from atlas.limits import (
     MAX_BUDGET_USD,
     MAX_BURST,
     MAX_CONCURRENT,
+    MAX_END_USER_RPM,
     MAX_KEY_MODELS,
     MAX_METADATA_BYTES,
     MAX_MODEL_NAME_CHARS,
@@ -49,6 +50,16 @@ class KeyLimits(PlanLimits):
     burst: int | None = Field(None, ge=1, le=MAX_BURST, description="Requests allowed at once")
     max_concurrent: int | None = Field(
         None, ge=1, le=MAX_CONCURRENT, description="Open requests; unset = none"
+    )
+    end_user_daily_limit: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_TOKEN_LIMIT,
+        description="Tokens a day of each end user the caller names (x-atlas-end-user or the"
+        " body's user); unset = none",
+    )
+    end_user_requests_per_minute: int | None = Field(
+        None, ge=1, le=MAX_END_USER_RPM, description="Requests a minute of each end user"
     )
     monthly_budget_usd: float | None = Field(
         None,
@@ -128,6 +139,8 @@ class KeyPublic(BaseModel):
     tokens_per_minute: int | None
     max_concurrent: int | None
     monthly_budget_usd: float | None
+    end_user_daily_limit: int | None = None
+    end_user_requests_per_minute: int | None = None
     priority: Priority
     max_priority: Priority
     models: list[str] | None

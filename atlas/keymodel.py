@@ -109,6 +109,10 @@ class KeyRecord(BaseModel):
     tokens_per_minute: int | None = None
     max_concurrent: int | None = None
     monthly_budget_usd: float | None = None
+    #: Limits of each end user the caller names (x-atlas-end-user or the body's `user`):
+    #: tokens a day and requests a minute, within this key (None: none).
+    end_user_daily_limit: int | None = None
+    end_user_requests_per_minute: int | None = None
     priority: Priority = "normal"
     max_priority: Priority = "critical"
     models: list[str] | None = None
@@ -164,3 +168,11 @@ class KeyRecord(BaseModel):
                 type="permission_denied",
                 code="owner_expired",
             )
+
+
+def end_user_tag(rec: KeyRecord, end_user: str) -> str:
+    """What admit.lua knows an end user by: 16 hex digits of a hash of the name, when the key
+    limits its end users and the request names one ('' otherwise: no end-user limit)."""
+    if not end_user or not (rec.end_user_daily_limit or rec.end_user_requests_per_minute):
+        return ""
+    return hashlib.sha256(end_user.encode()).hexdigest()[:16]

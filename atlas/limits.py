@@ -22,6 +22,8 @@ MAX_RESERVATION_TOKENS = 10**13
 MAX_RATE_PER_SEC = 10**6
 MAX_BURST = 10**9
 MAX_CONCURRENT = 10**6
+#: Requests per minute of one end user within a key.
+MAX_END_USER_RPM = 10**8
 #: A monthly budget in USD (stored as micro-USD: 10**9 USD -> 10**15 micro-USD < 2**53).
 MAX_BUDGET_USD = 10**9
 #: Below one micro-USD a budget would be stored as 0, which means "no budget".

@@ -23,7 +23,7 @@ from atlas.grant import (
     proc_mode_for,
 )
 from atlas.identity import MAX_APP_SECRET_CHARS, app_secret_hash, principal_hash, xfcc_principal
-from atlas.keymodel import KeyRecord, cap_priority, hash_secret
+from atlas.keymodel import KeyRecord, cap_priority, end_user_tag, hash_secret
 from atlas.ledger.protocol import Admission, Admissions, AdmitRequest, LedgerInputError
 from atlas.limits import MAX_END_USER_CHARS, MAX_RESERVATION_TOKENS
 from atlas.local_limiter import LocalLimiter
@@ -234,6 +234,7 @@ class Authorizer:
                     retry_after_s=1,
                 )
         rid = self._new_id()
+        end_user = (inp.headers.get(END_USER_HEADER) or req.user)[:MAX_END_USER_CHARS]
         admit = AdmitRequest(
             reservation_id=rid,
             prompt_tokens=req.prompt_tokens,
@@ -260,6 +261,7 @@ class Authorizer:
                 route_by_model=bool(self._s.model_routes),
             )
             == ProcMode.JSON,
+            end_user_tag=end_user_tag(key, end_user),
         )
         if degraded:
             return self._admit_locally(key, admit, req, route)
@@ -287,7 +289,6 @@ class Authorizer:
                 raise
         if self._shedder is not None:
             self._shedder.gauge.add(admission.reserved)
-        end_user = inp.headers.get(END_USER_HEADER) or req.user
         return Verdict(
             key,
             rid,
@@ -297,7 +298,7 @@ class Authorizer:
             admission.reason,
             route=route.name,
             upstream=upstream,
-            end_user=end_user[:MAX_END_USER_CHARS],
+            end_user=end_user,
         )
 
     async def _lookup(self, secret_hash: str) -> tuple[KeyRecord | None, bool]:

@@ -13,9 +13,20 @@ from atlas.keymodel import KeyRecord
 from atlas.ledger.protocol import Admission
 from atlas.requestlog import RequestRecord
 
+#: The scope a reason names beyond the key's own: its team's limits, or its end user's.
+_SCOPES = ("team_", "end_user_")
+
+
+def _scoped(reason: str) -> tuple[str, str]:
+    """(scope prefix or '', the reason without it)."""
+    for prefix in _SCOPES:
+        if reason.startswith(prefix):
+            return prefix, reason.removeprefix(prefix)
+    return "", reason
+
 
 def count_refusal(reason: str, key_id: str) -> None:
-    if reason.removeprefix("team_").startswith(("quota_", "budget_")):
+    if _scoped(reason)[1].startswith(("quota_", "budget_")):
         metrics.QUOTA_REJECTIONS.labels(key_id=key_id, window=reason).inc()
     else:
         metrics.RATE_LIMIT_REJECTIONS.labels(key_id=key_id, limit=reason).inc()
@@ -68,6 +79,8 @@ LIMIT_NAMES = {
     "team_quota_daily": "team.daily",
     "team_quota_monthly": "team.monthly",
     "team_budget_monthly": "team.budget",
+    "end_user_quota_daily": "end_user.daily",
+    "end_user_rate_limit_requests": "end_user.requests",
 }
 
 _QUOTA_WORDS = {
@@ -82,9 +95,11 @@ def refusal(a: Admission, key: KeyRecord) -> Denied:
     retry_s = max(1, math.ceil(a.retry_after_ms / 1000))
     headers = ratelimit_headers(a, key)
     headers[LIMIT_HEADER] = LIMIT_NAMES.get(a.reason, a.reason)
-    team = a.reason.startswith("team_")
-    reason = a.reason.removeprefix("team_")
-    whose = f"team {key.team!r}" if team else "this API key"
+    scope, reason = _scoped(a.reason)
+    scoped = scope != ""
+    whose = {"team_": f"team {key.team!r}", "end_user_": "this end user of this API key"}.get(
+        scope, "this API key"
+    )
     if reason.startswith(("quota_", "budget_")):
         what = _QUOTA_WORDS.get(reason, reason)
         return Denied(
@@ -95,9 +110,11 @@ def refusal(a: Admission, key: KeyRecord) -> Denied:
             retry_after_s=retry_s,
             headers=headers,
         )
-    if team:
+    if scoped:
         what = {
-            "rate_limit_requests": "requests per second",
+            "rate_limit_requests": "requests per minute"
+            if scope == "end_user_"
+            else "requests per second",
             "rate_limit_tokens": "tokens per minute",
         }.get(reason, reason)
         what = f"{what} of {whose}"

@@ -119,7 +119,7 @@ class Alerter:
         active = await self._store.active_scopes([hour_ts, hour_ts - HOUR_S])
         fired = 0
         for a in await check_hour(self._ledger, active, hour_ts, self._margin):
-            if await self._store.first_time(a.scope, f"h:{hour_ts}", "anomaly", FIRED_TTL_S):
+            if await self._store.first_time(a.scope, str(hour_ts), "anomaly", FIRED_TTL_S):
                 await self._fire_anomaly(a)
                 fired += 1
         return fired

@@ -7,6 +7,7 @@ is asked for by `HistoryScope`, windows by key id and calendar name."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -43,6 +44,8 @@ class AdmitRequest:
     choices: int = 1
     #: settled from Envoy's access log (no ext_proc stream claims it): claimed at admission.
     unattended: bool = False
+    #: the end user's tag (`atlas.keymodel.end_user_tag`; '' = no end-user limit applies).
+    end_user_tag: str = ""
 
 
 @dataclass(slots=True, frozen=True)
@@ -346,6 +349,8 @@ def _check_id(name: str, value: object) -> None:
 
 
 _MAX_COST_MICROS = limits.MAX_BUDGET_USD * 1_000_000
+#: An end user's tag: hex digits (a hash), never braces (it is part of a key's names).
+_TAG = re.compile(r"[0-9a-f]{1,32}")
 
 
 def check_admit(req: AdmitRequest) -> None:
@@ -367,6 +372,7 @@ def check_admit(req: AdmitRequest) -> None:
         and type(req.reservation_id) is str
         and 0 < len(req.reservation_id) <= MAX_ID_CHARS
         and 0 < req.ceiling <= 1
+        and (not req.end_user_tag or _TAG.fullmatch(req.end_user_tag) is not None)
     ):
         return
     _check_id("reservation_id", req.reservation_id)
@@ -382,6 +388,8 @@ def check_admit(req: AdmitRequest) -> None:
     _check("cost_micros", req.cost_micros, 0, _MAX_COST_MICROS)
     if not 0 < req.ceiling <= 1:
         raise LedgerInputError(f"ceiling must be in (0, 1], got {req.ceiling!r}")
+    if req.end_user_tag and _TAG.fullmatch(req.end_user_tag) is None:
+        raise LedgerInputError("end_user_tag must be 1-32 lowercase hex digits")
 
 
 def check_settlement(s: Settlement) -> None:

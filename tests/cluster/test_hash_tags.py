@@ -1,6 +1,7 @@
 """Hash tags verified: every key one Lua script touches is in one cluster slot (the scripts
-also build `d:`/`m:`/`h:`/`done:`/`tz` names from the window prefix), global state shares `{g}`,
-each model `{m:<model>}`, and different API keys spread over slots and masters."""
+also build `d:`/`m:`/`h:`/`done:`/`tz`/`eu:` names from the window prefix), global state
+shares `{g}`, each model `{m:<model>}`, and different API keys spread over slots and
+masters."""
 
 from __future__ import annotations
 
@@ -59,6 +60,9 @@ def script_names(key_id: str, rid: str = "r1", now_s: int = 1_795_435_200) -> di
         "hour": f"{prefix}h:{w.hour}",
         "done": f"{prefix}done:{rid}",
         "zone": f"{prefix}tz",  # admit writes it, settle and reap read it
+        # An end user's day and requests/minute bucket (admit; settle and reap the day).
+        "end_user_day": f"{prefix}eu:d:{w.day}",
+        "end_user_rpm": f"{prefix}eu:rpm:0123456789abcdef",
         "record": keys.record(key_id),
     }
 

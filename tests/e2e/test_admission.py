@@ -200,6 +200,32 @@ async def test_an_expired_owner_has_every_key_refused_with_403(
     assert len(mine) == 1 and len(mine[0]["keys"]) == 2 and mine[0]["disabled"] == []
 
 
+async def test_each_end_user_has_its_own_limit_within_the_key(
+    make_key: MakeKey, client_for: Client
+) -> None:
+    key = await make_key(end_user_requests_per_minute=1)
+    client = client_for(key["api_key"])
+
+    async def ask(user: str | None = None, header: str | None = None) -> None:
+        await client.chat.completions.create(
+            model="demo-small",
+            messages=MESSAGES,
+            max_tokens=2,
+            **({"user": user} if user else {}),
+            extra_headers={"x-atlas-end-user": header} if header else None,
+        )
+
+    await ask(user="alice")
+    with pytest.raises(openai.RateLimitError) as info:
+        await ask(user="alice")
+    assert info.value.response.headers["x-atlas-limit"] == "end_user.requests"
+    assert "end user" in info.value.message
+    with pytest.raises(openai.RateLimitError):
+        await ask(header="alice")  # the header names the same end user
+    await ask(user="bob")
+    await ask()  # a request naming no end user has no end-user limit
+
+
 async def test_self_serve_usage_and_forecasts_through_envoy(
     make_key: MakeKey, client_for: Client, stack: Stack
 ) -> None:

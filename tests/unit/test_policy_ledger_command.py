@@ -36,6 +36,8 @@ def test_admit_command_is_what_redis_py_sends() -> None:
             tokens_per_minute=rng.choice([None, 0, 1000, 10**15]),
             max_concurrent=rng.choice([None, 0, 4]),
             monthly_budget_usd=rng.choice([None, 0, 12.5, 10**12]),
+            end_user_daily_limit=rng.choice([None, 5000, 10**15]),
+            end_user_requests_per_minute=rng.choice([None, 60, 10**9]),
         )
         req = AdmitRequest(
             reservation_id=f"r{rng.randrange(10**12):x}",
@@ -49,9 +51,10 @@ def test_admit_command_is_what_redis_py_sends() -> None:
             cost_micros=rng.randrange(0, 10**9),
             choices=rng.randrange(1, 50),
             unattended=rng.random() < 0.5,
+            end_user_tag=rng.choice(["", "0123456789abcdef"]),
         )
         ks, args = led.admissions.call(rec, req)
-        assert len(ks) == 6 and len(args) == 22
+        assert len(ks) == 6 and len(args) == 25
         assert led.admissions.command(rec, req) == redis_py_packing(led, ks, args)
 
 

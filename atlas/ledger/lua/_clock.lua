@@ -148,9 +148,9 @@ local function decr_floor(key, field, by)
   redis.call('HSET', key, field, int(n))
 end
 
--- A reservation entry "amount|day|month|cost|priority|model" -> amount, day, month, cost, or
--- nil when it is malformed. Entries written before int() (amount '1e+14') still parse: the
--- amount is read as a number and floored.
+-- A reservation entry "amount|day|month|cost|[u<end user tag>|]priority|model" -> amount,
+-- day, month, cost, end user tag (nil: none), or nil when it is malformed. Entries written
+-- before int() (amount '1e+14') still parse: the amount is read as a number and floored.
 local function parse_reservation(entry)
   local amount, rday, rmonth, rcost = string.match(entry, '^([^|]+)|(%d%d%d%d%d%d%d%d)|(%d%d%d%d%d%d)|([^|]+)|')
   local a, cost = tonumber(amount), tonumber(rcost)
@@ -158,5 +158,17 @@ local function parse_reservation(entry)
     or cost ~= cost or cost < 0 or cost == math.huge then
     return nil
   end
-  return math.floor(a), rday, rmonth, math.floor(cost)
+  local eu = string.match(entry, '^[^|]+|%d+|%d+|[^|]+|u(%x+)|')
+  return math.floor(a), rday, rmonth, math.floor(cost), eu
+end
+
+-- Charge or release an end user's day (window prefix + eu:d:<day>): `field` is u or r.
+local function end_user_add(prefix, eu, day, field, by)
+  if eu == nil or by == 0 then return end
+  local key = prefix .. 'eu:d:' .. day
+  if by > 0 then
+    incr_window(key, eu .. ':' .. field, by, DAY_TTL_S)
+  elseif redis.call('EXISTS', key) == 1 then  -- never recreate an expired day without a TTL
+    decr_floor(key, eu .. ':' .. field, -by)
+  end
 end

@@ -21,10 +21,15 @@
 --   an ext_proc stream claims it (lease.lua) by then   ARGV[21] choices (completions generated)
 -- ARGV[22] unattended (1 = settled from Envoy's access log, which no stream claims: claimed
 --   at admission, for claim_ms)
--- Rule (precedence): every limit on the path must pass, the key's and its team's; the reason
---   reported is the first that fails in this order: requests/s (key, then team), quotas
---   (the smallest room of the key's and the team's day and month), budgets (key, team),
---   tokens/minute (key, team), concurrency. A team's reasons start `team_`.
+-- ARGV[23] the end user's tag (hex of a hash of whom the request names; '' = no end-user
+--   limit applies)   ARGV[24] an end user's daily token quota (0 none)
+-- ARGV[25] an end user's requests/minute (0 none); both per key, under its hash tag
+--   (window prefix + eu:d:<day> {<tag>:u used, <tag>:r reserved}, eu:rpm:<tag> bucket)
+-- Rule (precedence): every limit on the path must pass, the key's, its team's and its end
+--   user's; the reason reported is the first that fails in this order: requests/s (key, team)
+--   and end user's requests/minute, quotas (the smallest room of the key's, the team's and
+--   the end user's), budgets (key, team), tokens/minute (key, team), concurrency. A team's
+--   reasons start `team_`, an end user's `end_user_`.
 -- Returns {admitted, reason, retry_after_ms, granted_completion (-1 = unchanged), reserved,
 --   req_remaining, req_reset_ms, tok_remaining (-1 none), tok_reset_ms,
 --   day_used, day_reserved, day_reset_s, month_used, month_reserved, month_reset_s, now_ms,
@@ -50,6 +55,9 @@ local est_cost = tonumber(ARGV[19])
 local claim_ms = math.min(tonumber(ARGV[20]), ttl_ms)
 local choices = tonumber(ARGV[21])
 local unattended = ARGV[22] == '1'
+local eu = ARGV[23]
+local eu_daily = tonumber(ARGV[24])
+local eu_rpm = tonumber(ARGV[25])
 
 local team = #KEYS >= 10
 local t_rate, t_burst, t_tpm, t_daily, t_monthly, t_budget = 0, 0, 0, 0, 0, 0
@@ -89,6 +97,19 @@ if t_rate > 0 and t_burst > 0 then
   end
 end
 
+-- Rule: an end user's requests/minute within the key (a bucket per end user, capacity = the
+-- minute's requests).
+local eu_bucket, eu_req_rate, eu_req_tokens = '', 0, 0
+if eu ~= '' and eu_rpm > 0 then
+  eu_bucket = KEYS[5] .. 'eu:rpm:' .. eu
+  eu_req_rate = eu_rpm / 60000
+  eu_req_tokens = refill(eu_bucket, eu_req_rate, eu_rpm, now)
+  if reason == '' and eu_req_tokens < 1 then
+    reason = 'end_user_rate_limit_requests'
+    retry_ms = math.ceil((1 - eu_req_tokens) / eu_req_rate)
+  end
+end
+
 -- Rule: daily and monthly quota; a priority may only fill its ceiling share of each.
 local day = redis.call('HMGET', day_key, 'used', 'reserved')
 local day_used, day_res = tonumber(day[1] or '0'), tonumber(day[2] or '0')
@@ -101,7 +122,7 @@ local room = math.min(day_room, mon_room)
 -- Rule: a team's day and month quotas are rooms too (the priority's ceiling share of each).
 local tday_key, tmonth_key = '', ''
 local t_spend, t_spend_res = 0, 0
-local t_room_reason, t_room_reset = '', 0
+local room_reason, room_reset = '', 0
 if team then
   tday_key = KEYS[10] .. 'd:' .. c.day
   tmonth_key = KEYS[10] .. 'm:' .. c.month
@@ -110,14 +131,22 @@ if team then
   t_spend, t_spend_res = tonumber(tm[3] or '0'), tonumber(tm[4] or '0')
   if t_daily > 0 then
     local r = math.floor(t_daily * ceiling) - tonumber(td[1] or '0') - tonumber(td[2] or '0')
-    if r < room then room, t_room_reason, t_room_reset = r, 'team_quota_daily', c.day_reset_s end
+    if r < room then room, room_reason, room_reset = r, 'team_quota_daily', c.day_reset_s end
   end
   if t_monthly > 0 then
     local r = math.floor(t_monthly * ceiling) - tonumber(tm[1] or '0') - tonumber(tm[2] or '0')
     if r < room then
-      room, t_room_reason, t_room_reset = r, 'team_quota_monthly', c.month_reset_s
+      room, room_reason, room_reset = r, 'team_quota_monthly', c.month_reset_s
     end
   end
+end
+-- Rule: an end user's daily quota within the key is a room too (its used + reserved).
+local eu_day_key = ''
+if eu ~= '' and eu_daily > 0 then
+  eu_day_key = KEYS[5] .. 'eu:d:' .. c.day
+  local e = redis.call('HMGET', eu_day_key, eu .. ':u', eu .. ':r')
+  local r = eu_daily - (tonumber(e[1]) or 0) - (tonumber(e[2]) or 0)
+  if r < room then room, room_reason, room_reset = r, 'end_user_quota_daily', c.day_reset_s end
 end
 if reason == '' and estimate > room then
   -- Rule: clamp lowers max_tokens to what is left, if the prompt and one token per choice
@@ -127,9 +156,9 @@ if reason == '' and estimate > room then
     granted = per_choice
     estimate = prompt + per_choice * choices
   else
-    if t_room_reason ~= '' then
-      reason = t_room_reason
-      retry_ms = t_room_reset * 1000 - now
+    if room_reason ~= '' then
+      reason = room_reason
+      retry_ms = room_reset * 1000 - now
     elseif day_room <= mon_room then
       reason = 'quota_daily'
       retry_ms = c.day_reset_s * 1000 - now
@@ -190,10 +219,20 @@ if admitted then
     tok_tokens = tok_tokens - estimate
     store_bucket(KEYS[2], tok_tokens, tok_rate, tpm, now)
   end
+  if eu_bucket ~= '' then
+    store_bucket(eu_bucket, math.max(0, eu_req_tokens - 1), eu_req_rate, eu_rpm, now)
+  end
+  -- Rule: an end user with a daily quota has the reservation in its day too; the entry
+  -- names the end user (u<tag>) so settle and reap release and charge it there.
+  local eu_field = ''
+  if eu_day_key ~= '' then
+    incr_window(eu_day_key, eu .. ':r', estimate, DAY_TTL_S)
+    eu_field = 'u' .. eu .. '|'
+  end
   -- The reservation remembers the windows it was counted in, so settle releases exactly there.
-  -- amount|day|month|cost|priority|model: the model (client input) comes last.
+  -- amount|day|month|cost|[u<end user tag>|]priority|model: the model (client input) last.
   redis.call('HSET', KEYS[3], rid, int(estimate) .. '|' .. c.day .. '|' .. c.month .. '|'
-    .. int(est_cost) .. '|' .. ARGV[15] .. '|' .. ARGV[16])
+    .. int(est_cost) .. '|' .. eu_field .. ARGV[15] .. '|' .. ARGV[16])
   -- Rule: the reservation lives claim_ms unless an ext_proc stream claims it (then ttl_ms,
   -- renewed while the stream lives): a request Envoy never sent on is not held for the TTL.
   -- Rule: an unattended one (settled from Envoy's access log) is claimed now, for claim_ms:

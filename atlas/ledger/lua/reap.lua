@@ -30,7 +30,7 @@ for _, rid in ipairs(expired) do
   local resv = redis.call('HGET', KEYS[1], rid)
   local claimed = redis.call('SREM', KEYS[4], rid) == 1
   if resv then
-    local reserved, rday, rmonth, rcost = parse_reservation(resv)
+    local reserved, rday, rmonth, rcost, eu = parse_reservation(resv)
     if reserved == nil then
       -- Rule: an entry no script can read is removed and counted, never left to block the
       -- key's reaping; its windows cannot be released (the amount is unknown).
@@ -55,6 +55,9 @@ for _, rid in ipairs(expired) do
         abandoned = abandoned + 1
         incr_window(hour_key, 'abandoned', 1, hist_ttl)
       end
+      -- Rule: an end user's day is released and charged as the key's.
+      end_user_add(KEYS[3], eu, rday, 'r', -reserved)
+      end_user_add(KEYS[3], eu, c.day, 'u', charged)
       incr_window(KEYS[3] .. 'd:' .. c.day, 'used', charged, DAY_TTL_S)
       incr_window(KEYS[3] .. 'm:' .. c.month, 'used', charged, MONTH_TTL_S)
       incr_window(KEYS[3] .. 'm:' .. c.month, 'spend', charged_cost, MONTH_TTL_S)
@@ -65,8 +68,10 @@ for _, rid in ipairs(expired) do
       end
       incr_window(hour_key, 'reaped', 1, hist_ttl)
       incr_window(hour_key, 'reaped_tokens', charged, hist_ttl)
+      -- The marker names the end user charged, so a late settlement corrects its day too.
       redis.call('SET', KEYS[3] .. 'done:' .. rid,
-        'reaped:' .. int(charged) .. ':' .. int(charged_cost), 'EX', done_ttl)
+        'reaped:' .. int(charged) .. ':' .. int(charged_cost) .. (eu and (':' .. eu) or ''),
+        'EX', done_ttl)
       charged_total = charged_total + charged
       released_total = released_total + reserved
     end

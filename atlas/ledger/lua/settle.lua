@@ -66,7 +66,8 @@ end
 -- Rule: a reservation settles once; replays (journal, retries) change nothing.
 local done = redis.call('GET', done_key)
 if done then
-  local kind, amount, reaped_cost = string.match(done, '^(%a+):(%-?%d+):?(%-?%d*)$')
+  local kind, amount, reaped_cost, reaped_eu =
+    string.match(done, '^(%a+):(%-?%d+):?(%-?%d*):?(%x*)$')
   if kind ~= 'reaped' then return {'duplicate', 0, 0, c.now_ms, c.hour} end
   local cost_delta = cost - (tonumber(reaped_cost) or 0)
   if cost_delta > 0 then
@@ -76,8 +77,10 @@ if done then
     decr_floor(month_key, 'spend', -cost_delta)
     if team then decr_floor(tmonth_key, 'spend', -cost_delta) end
   end
-  -- Rule: a settlement arriving after the reaper corrects the reaped charge to the actual.
+  -- Rule: a settlement arriving after the reaper corrects the reaped charge to the actual
+  -- (the end user's day too, when the reaper charged one).
   local delta = actual - tonumber(amount)
+  if reaped_eu ~= nil and reaped_eu ~= '' then end_user_add(KEYS[4], reaped_eu, c.day, 'u', delta) end
   if delta > 0 then
     incr_window(day_key, 'used', delta, DAY_TTL_S)
     incr_window(month_key, 'used', delta, MONTH_TTL_S)
@@ -102,10 +105,11 @@ end
 
 local resv = redis.call('HGET', KEYS[1], rid)
 local reserved = 0
+local eu = nil
 local status = 'unreserved'
 redis.call('SREM', KEYS[5], rid)
 if resv then
-  local amount, rday, rmonth, rcost = parse_reservation(resv)
+  local amount, rday, rmonth, rcost, resv_eu = parse_reservation(resv)
   if amount == nil then
     -- Rule: an unreadable entry must not make the settlement fail (it would be retried and
     -- journaled forever): remove it, charge the usage, count it; its windows stay as they are.
@@ -114,6 +118,8 @@ if resv then
   else
     status = 'settled'
     reserved = amount
+    eu = resv_eu
+    end_user_add(KEYS[4], eu, rday, 'r', -reserved)
     -- Rule: release the reservation in the windows it was taken from (it may be yesterday's).
     decr_floor(KEYS[4] .. 'd:' .. rday, 'reserved', reserved)
     decr_floor(KEYS[4] .. 'm:' .. rmonth, 'reserved', reserved)
@@ -128,7 +134,8 @@ if resv then
   redis.call('ZREM', KEYS[2], rid)
 end
 
--- Rule: usage is charged to the windows in which it is settled.
+-- Rule: usage is charged to the windows in which it is settled (the end user's day too).
+end_user_add(KEYS[4], eu, c.day, 'u', actual)
 incr_window(day_key, 'used', actual, DAY_TTL_S)
 incr_window(month_key, 'used', actual, MONTH_TTL_S)
 incr_window(month_key, 'spend', cost, MONTH_TTL_S)

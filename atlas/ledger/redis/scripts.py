@@ -99,13 +99,13 @@ class AdmitCodec:
     history_ttl_s: int
     claim_ms: int
     _consts: tuple[bytes, bytes, bytes] = field(init=False, repr=False)
-    _pieces: dict[str, tuple[KeyRecord, bytes, bytes, bytes, bytes]] = field(
+    _pieces: dict[str, tuple[KeyRecord, bytes, bytes, bytes, bytes, bytes]] = field(
         init=False, repr=False, default_factory=dict
     )
     _floats: dict[float, bytes] = field(init=False, repr=False, default_factory=dict)
     _texts: dict[str, bytes] = field(init=False, repr=False, default_factory=dict)
 
-    N_ARGS = 22
+    N_ARGS = 25
 
     def __post_init__(self) -> None:
         self._consts = (
@@ -136,9 +136,9 @@ class AdmitCodec:
         ]
 
     @staticmethod
-    def key_limits(rec: KeyRecord) -> tuple[list[Any], list[Any], list[Any]]:
+    def key_limits(rec: KeyRecord) -> tuple[list[Any], list[Any], list[Any], list[Any]]:
         """The key's ARGV: (ARGV[4..8] rate .. monthly), (ARGV[10] max_concurrent),
-        (ARGV[18] budget)."""
+        (ARGV[18] budget), (ARGV[24..25] its end users' daily quota and requests/minute)."""
         # A record stored before its limits were bounded still works: past the bounds a
         # limit means "unlimited" either way, and only bounded numbers stay exact.
         return (
@@ -151,11 +151,15 @@ class AdmitCodec:
             ],
             [min(rec.max_concurrent or 0, limits.MAX_CONCURRENT)],
             [round(min(rec.monthly_budget_usd or 0, limits.MAX_BUDGET_USD) * MICROS_PER_USD)],
+            [
+                min(rec.end_user_daily_limit or 0, limits.MAX_TOKEN_LIMIT),
+                min(rec.end_user_requests_per_minute or 0, limits.MAX_END_USER_RPM),
+            ],
         )
 
     def args(self, rec: KeyRecord, req: AdmitRequest, zone: str) -> list[Any]:
-        """ARGV[1..22], as admit.lua's header lists them."""
-        rate_to_monthly, concurrent, budget = self.key_limits(rec)
+        """ARGV[1..25], as admit.lua's header lists them."""
+        rate_to_monthly, concurrent, budget, end_user = self.key_limits(rec)
         return [
             req.reservation_id,
             req.prompt_tokens,
@@ -175,6 +179,8 @@ class AdmitCodec:
             self.claim_ms,
             req.choices,
             int(req.unattended),
+            req.end_user_tag,
+            *end_user,
         ]
 
     def command(self, sha: str, rec: KeyRecord, req: AdmitRequest, zone: bytes) -> bytes:
@@ -183,7 +189,7 @@ class AdmitCodec:
         pieces = self._pieces.get(rec.id)
         if pieces is None or pieces[0] is not rec:
             pieces = self._encode_key_pieces(sha, rec)
-        _, head, rate_to_monthly, concurrent, budget = pieces
+        _, head, rate_to_monthly, concurrent, budget, end_user = pieces
         ttl, hist_ttl, claim = self._consts
         return b"".join(
             (
@@ -206,12 +212,14 @@ class AdmitCodec:
                 claim,
                 bulk_int(req.choices),
                 _BULK_BOOL[bool(req.unattended)],
+                bulk(req.end_user_tag.encode()),
+                end_user,
             )
         )
 
     def _encode_key_pieces(
         self, sha: str, rec: KeyRecord
-    ) -> tuple[KeyRecord, bytes, bytes, bytes, bytes]:
+    ) -> tuple[KeyRecord, bytes, bytes, bytes, bytes, bytes]:
         if len(self._pieces) >= MAX_CACHED_ADMIT_KEYS:
             self._pieces.clear()
         ks = self.keys(rec.id)
@@ -222,10 +230,10 @@ class AdmitCodec:
             bulk_int(len(ks)),
             *(bulk(k.encode()) for k in ks),
         ]
-        rate_to_monthly, concurrent, budget = (
+        rate_to_monthly, concurrent, budget, end_user = (
             b"".join(bulk(encoded(v)) for v in part) for part in self.key_limits(rec)
         )
-        pieces = (rec, b"".join(head), rate_to_monthly, concurrent, budget)
+        pieces = (rec, b"".join(head), rate_to_monthly, concurrent, budget, end_user)
         self._pieces[rec.id] = pieces
         return pieces
 
