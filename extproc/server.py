@@ -353,6 +353,7 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
         interval_s=settings.reap_interval_s,
         charge=settings.reap_charge_reserved,
         inflight=inflight,
+        requests=requests,
     )
     background.append(asyncio.create_task(reaper.run()))
     leases = LeaseKeeper(ledger, ttl_s=settings.reservation_ttl_s)

@@ -118,6 +118,9 @@ class ReapTotals:
     abandoned: int = 0  # of those, never claimed by an ext_proc stream (charged 0)
     failed_keys: int = 0  # keys whose reap script failed (the others were still reaped)
     malformed: int = 0  # unreadable reservation entries removed
+    #: each reservation reaped: (key id, reservation id, tokens charged, claimed, priority,
+    #: model), for the request log.
+    lost: tuple[tuple[str, str, int, bool, str, str], ...] = ()
 
 
 @dataclass(slots=True, frozen=True)

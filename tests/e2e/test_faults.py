@@ -60,6 +60,20 @@ async def settled_usage(stack: Stack, key_id: str, timeout_s: float = 15) -> dic
         return await settled(admin, key_id, timeout_s)
 
 
+async def logged(stack: Stack, key_id: str, timeout_s: float = 10, **filters: str) -> list[Any]:
+    """The key's request log records matching `filters`, once there are any."""
+    deadline = time.monotonic() + timeout_s
+    async with httpx.AsyncClient(
+        base_url=stack.admin_url, headers={"authorization": f"Bearer {ADMIN_TOKEN}"}
+    ) as admin:
+        while True:
+            r = await admin.get("/v1/admin/requests", params={"key_id": key_id, **filters})
+            items: list[Any] = r.json()["items"]
+            if items or time.monotonic() > deadline:
+                return items
+            await asyncio.sleep(0.1)
+
+
 async def claimed(stack: Stack, key_id: str, timeout_s: float = 5) -> None:
     """Wait until an ext_proc stream's claim of the key's reservation reached Redis."""
     r = aioredis.Redis.from_url(stack.settings.redis_url)
@@ -132,6 +146,9 @@ async def test_extproc_killed_mid_stream_is_reaped_and_restarts_clean(faulty: St
         )
         u = await settled_usage(faulty, key["id"])
         assert u["daily"]["used"] == reserved
+        # The request log's only record of the lost stream: the reaper's.
+        [record] = await logged(faulty, key["id"], outcome="reaped")
+        assert (record["prompt_tokens"], record["exact"]) == (reserved, False)
         got = await c.chat.completions.create(model="m", messages=MESSAGES, max_tokens=7)
         assert got.usage is not None and got.usage.completion_tokens == 7
         u = await settled_usage(faulty, key["id"])

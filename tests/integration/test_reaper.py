@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import redis
 
 from atlas.inflight import InflightGauge
@@ -9,6 +11,7 @@ from atlas.keymodel import KeyRecord
 from atlas.ledger import keys
 from atlas.ledger.protocol import AdmitRequest
 from atlas.ledger.redis import RedisLedger
+from atlas.requestlog_writer import RequestLogWriter
 from atlas.windows import window_names
 from extproc.reaper import Reaper
 from tests.factories import key_record
@@ -52,3 +55,30 @@ async def test_reaper_settles_expired_reservations_of_every_key_once(
     assert (lost["used"], lost["reserved"]) == ("50", "0")
     alive = redis_sync.hgetall(f"{keys.window_prefix(recs[-1].id)}d:{day}")
     assert (alive.get("used", "0"), alive["reserved"]) == ("0", "50")
+
+
+async def test_each_reaped_reservation_gets_its_request_log_record(
+    ledger: RedisLedger, redis_sync: redis.Redis
+) -> None:
+    rec = key_record("sk-atlas-reaped-records-0123", id="key_r.eng")
+    await ledger.create_key(rec)
+    lost = await ledger.admit(rec, AdmitRequest("r-lost", 10, 40, "high", "gpt-4o|x", 1.0))
+    await ledger.admit(rec, AdmitRequest("r-never", 5, 15, "low", "m", 1.0))
+    assert await ledger.lease({rec.id: ["r-lost"]}) == 1  # its stream claimed it, then died
+    redis_sync.zadd(keys.reservation_expiry(rec.id), {"r-lost": 0, "r-never": 0})
+
+    writer = RequestLogWriter(ledger, service="extproc")
+    reaper = Reaper(ledger, interval_s=30, charge=True, owner="a", requests=writer)
+    totals = await reaper.run_once()
+    assert totals is not None and totals.reaped == 2
+    assert await writer.flush() == 2
+    day = datetime.fromtimestamp(lost.now_ms / 1000, UTC).strftime("%Y%m%d")
+    got = {
+        r.request_id: r for _, batch in await ledger.request_log_page(day, None, 10) for r in batch
+    }
+    assert set(got) == {"r-lost", "r-never"}
+    reaped, never = got["r-lost"], got["r-never"]
+    assert (reaped.outcome, reaped.prompt_tokens, reaped.exact) == ("reaped", 50, False)
+    assert (reaped.key_id, reaped.team, reaped.priority) == (rec.id, "eng", "high")
+    assert reaped.model == "gpt-4o|x"  # the entry's last field, whatever it holds
+    assert (never.outcome, never.prompt_tokens, never.reason) == ("released", 0, "never_sent")

@@ -11,7 +11,8 @@
 -- ARGV[2] charge (1 = charge the reserved amount, 0 = release only)
 -- ARGV[3] max reservations per call   ARGV[4] done-marker ttl s   ARGV[5] history ttl s
 -- Returns {reaped count, tokens charged, tokens released from reservations, abandoned count,
---   malformed entries removed}
+--   malformed entries removed, the reservations reaped}: the last a flat list of rid,
+--   charged, claimed (1/0), priority and model for each (its request log record)
 
 local charge = ARGV[2] == '1'
 local done_ttl = tonumber(ARGV[4])
@@ -26,6 +27,7 @@ local charged_total = 0
 local released_total = 0
 local abandoned = 0
 local malformed = 0
+local reaped = {}
 for _, rid in ipairs(expired) do
   local resv = redis.call('HGET', KEYS[1], rid)
   local claimed = redis.call('SREM', KEYS[4], rid) == 1
@@ -72,6 +74,13 @@ for _, rid in ipairs(expired) do
       redis.call('SET', KEYS[3] .. 'done:' .. rid,
         'reaped:' .. int(charged) .. ':' .. int(charged_cost) .. (eu and (':' .. eu) or ''),
         'EX', done_ttl)
+      -- What the entry says about the request after its numbers: [u<tag>|]priority|model.
+      local rest = string.match(resv, '^[^|]*|[^|]*|[^|]*|[^|]*|(.*)$') or ''
+      rest = string.gsub(rest, '^u%x+|', '')
+      local priority, model = string.match(rest, '^([^|]*)|(.*)$')
+      for _, v in ipairs({rid, int(charged), claimed and 1 or 0, priority or '', model or ''}) do
+        reaped[#reaped + 1] = v
+      end
       charged_total = charged_total + charged
       released_total = released_total + reserved
     end
@@ -79,4 +88,4 @@ for _, rid in ipairs(expired) do
   end
   redis.call('ZREM', KEYS[2], rid)
 end
-return {#expired, charged_total, released_total, abandoned, malformed}
+return {#expired, charged_total, released_total, abandoned, malformed, reaped}

@@ -335,7 +335,7 @@ class SettleCodec:
 @dataclass(slots=True, frozen=True)
 class ReapCodec:
     """reap.lua: 4 KEYS (5 for a key of a team), 5 ARGV; replies {reaped, charged,
-    released, abandoned, malformed}."""
+    released, abandoned, malformed, [rid, charged, claimed, priority, model, ...]}."""
 
     history_ttl_s: int
 
@@ -354,8 +354,21 @@ class ReapCodec:
         return [zone, int(charge), REAP_BATCH, DONE_MARKER_TTL_S, self.history_ttl_s]
 
     @staticmethod
-    def totals(rows: Sequence[Sequence[Any]], *, failed_keys: int = 0) -> ReapTotals:
+    def totals(
+        rows: Sequence[Sequence[Any]], *, failed_keys: int = 0, key_ids: Sequence[str] = ()
+    ) -> ReapTotals:
+        """The replies summed; `key_ids` (the keys of `rows`, in order) names each
+        reservation reaped."""
+        lost = []
+        for n, r in enumerate(rows):
+            flat, kid = r[5], key_ids[n] if n < len(key_ids) else ""
+            for i in range(0, len(flat) - 4, 5):
+                rid, charged, claimed, priority, model = flat[i : i + 5]
+                lost.append(
+                    (kid, str(rid), int(charged), int(claimed) == 1, str(priority), str(model))
+                )
         return ReapTotals(
+            lost=tuple(lost),
             reaped=sum(int(r[0]) for r in rows),
             charged=sum(int(r[1]) for r in rows),
             released=sum(int(r[2]) for r in rows),
