@@ -30,6 +30,8 @@ class Denied(AtlasError):
         retry_after_s: float | None = None,
         headers: dict[str, str] | None = None,
         param: str | None = None,
+        body: bytes | None = None,
+        content_type: str = "application/json",
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -39,6 +41,9 @@ class Denied(AtlasError):
         self.retry_after_s = retry_after_s
         self.headers = headers or {}
         self.param = param  # the request field at fault, as in OpenAI's error body
+        #: The answer's own body (a replayed response), instead of the OpenAI error.
+        self.body = body
+        self.content_type = content_type
         #: The key (or app) record refused, once authz identified it (the request log's).
         self.subject: Any = None
 

@@ -45,6 +45,8 @@ XFCC_HEADER = "x-forwarded-client-cert"
 LIMIT_HEADER = "x-atlas-limit"
 #: authz -> Envoy: which ext_proc configuration serves this exchange (see `ProcMode`).
 PROC_HEADER = "x-atlas-proc"
+#: On a duplicate answered from the stored response of its Idempotency-Key.
+IDEMPOTENT_REPLAY_HEADER = "x-atlas-idempotent-replay"
 #: authz -> client, on admission without the ledger.
 DEGRADED_HEADER = "x-atlas-degraded"
 #: authz (and Envoy's own local replies, by local_reply_config) -> client: why a request was
@@ -123,6 +125,9 @@ class Grant:
     team: str = ""
     app: str = ""
     end_user: str = ""
+    #: The request's idempotency key tag (atlas/idempotency.py): extproc keeps the response
+    #: for duplicates ("" when the client sent no Idempotency-Key).
+    idempotency: str = ""
 
     def encode(self) -> str:
         """Printable ASCII JSON (a header value): non-ASCII and control characters escaped.
@@ -178,6 +183,7 @@ class Grant:
             team=text("team")[:MAX_GRANT_NAME_CHARS],
             app=text("app")[:MAX_GRANT_NAME_CHARS],
             end_user=text("end_user")[:MAX_GRANT_USER_CHARS],
+            idempotency=text("idempotency")[:32],
         )
 
 
@@ -200,6 +206,7 @@ def proc_mode(grant: Grant, *, route_by_model: bool) -> str:
         clamped=grant.granted_completion is not None,
         route_by_model=route_by_model,
         continuous_usage=grant.continuous_usage,
+        idempotent=bool(grant.idempotency),
     )
 
 
@@ -212,6 +219,7 @@ def proc_mode_for(
     clamped: bool,
     route_by_model: bool,
     continuous_usage: bool = False,
+    idempotent: bool = False,
 ) -> str:
     if not body_parsed:
         # Not an LLM body (GET /v1/models, extra endpoints), or one authz could not read:
@@ -224,6 +232,7 @@ def proc_mode_for(
     )
     if rewrite:
         return ProcMode.REWRITE
-    if not stream and route in _JSON_ROUTES:
+    if not stream and route in _JSON_ROUTES and not idempotent:
+        # An idempotent request's response is kept for its duplicates: extproc must see it.
         return ProcMode.JSON
     return ProcMode.OBSERVE

@@ -16,7 +16,16 @@ from atlas.limits import MAX_END_USER_CHARS
 MAX_FIELD_CHARS = 200
 
 #: What became of the request.
-OUTCOMES = ("completed", "upstream_error", "disconnected", "released", "refused", "reaped")
+#: (`replayed`: a duplicate answered from its Idempotency-Key's stored response.)
+OUTCOMES = (
+    "completed",
+    "upstream_error",
+    "disconnected",
+    "released",
+    "refused",
+    "reaped",
+    "replayed",
+)
 
 
 @dataclass(slots=True)

@@ -225,6 +225,20 @@ class Settings(BaseSettings):
     reservation_ttl_s: int = Field(
         600, ge=1, description="A reservation not settled after this is reaped, seconds"
     )
+    idempotency_ttl_s: int = Field(
+        86_400,
+        ge=60,
+        le=30 * 86_400,
+        description="How long a completed request's Idempotency-Key (and its stored response) "
+        "is kept, s",
+    )
+    idempotency_max_response_bytes: int = Field(
+        1 << 20,
+        ge=0,
+        le=16 << 20,
+        description="Largest response kept for replaying a duplicate; a bigger one is refused "
+        "(409) on retry",
+    )
     claim_timeout_s: float = Field(
         10.0,
         gt=0,
@@ -429,19 +443,3 @@ def load_settings(overrides: dict[str, Any] | None = None) -> Settings:
             field = ".".join(str(p) for p in err["loc"]) or "settings"
             problems.append(f"ATLAS_{field.upper()} ({field}): {err['msg']}")
         raise ConfigError("invalid settings:\n  " + "\n  ".join(problems)) from exc
-
-
-def _legacy_names() -> frozenset[str]:
-    """The environment names settings still read besides `ATLAS_*` (see `_legacy`)."""
-    names: set[str] = set()
-    for info in Settings.model_fields.values():
-        alias = info.validation_alias
-        if isinstance(alias, AliasChoices):
-            names.update(
-                c for c in alias.choices if isinstance(c, str) and not c.startswith("ATLAS_")
-            )
-    return frozenset(names)
-
-
-#: Legacy names a child process must not inherit when it is given exact settings.
-LEGACY_ENV_NAMES = _legacy_names()

@@ -179,6 +179,7 @@ def admitted(v: Verdict, inp: CheckInput, settings: Settings) -> Answer:
         team=v.key.team or "",
         app=v.key.app or "",
         end_user=v.end_user,
+        idempotency=v.idempotency,
         continuous_usage=req.stream
         and settings.continuous_usage_models != []
         and continuous_usage(tuple(settings.continuous_usage_models), req.model),

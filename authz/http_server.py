@@ -48,6 +48,9 @@ HEALTH_PATHS = ("/healthz", "/livez", "/readyz")
 #: authz's own 5xx answers, as the 4xx Envoy passes through with body and headers; the
 #: bootstrap maps them back (local_reply_config). Real statuses never use these codes.
 CARRIER_STATUS = {500: 460, 503: 463}
+#: A duplicate's replayed 200 (atlas/idempotency.py) travels as this denial; Atlas's bootstrap
+#: and the Istio EnvoyFilter map it back to 200 with authz's body.
+REPLAY_CARRIER = 461
 #: Bounds on what a peer may send before it is answered 431/413 and disconnected.
 MAX_HEADER_BYTES = 96 << 10
 MAX_HEADERS = 256
@@ -65,6 +68,7 @@ _REASONS = {
     429: b"Too Many Requests",
     431: b"Request Header Fields Too Large",
     460: b"Atlas Internal Error",
+    461: b"Atlas Replay",
     503: b"Service Unavailable",
     463: b"Atlas Unavailable",
 }
@@ -98,13 +102,18 @@ def response(status: int, headers: list[tuple[str, str]], body: bytes = b"") -> 
 
 
 def answer_denied(d: Denied) -> bytes:
-    headers = [("content-type", "application/json"), (REFUSAL_HEADER, d.code or str(d.status))]
+    headers = [("content-type", d.content_type), (REFUSAL_HEADER, d.code or str(d.status))]
     if d.retry_after_s is not None:
         headers.append(("retry-after", str(max(1, -int(-d.retry_after_s // 1)))))
         headers.append(("retry-after-ms", str(max(0, int(d.retry_after_s * 1000)))))
     headers += list(d.headers.items())
-    body = error_body(d.message, type=d.type, code=d.code, param=d.param)
-    return response(CARRIER_STATUS.get(d.status, d.status), headers, body)
+    body = (
+        d.body
+        if d.body is not None
+        else error_body(d.message, type=d.type, code=d.code, param=d.param)
+    )
+    status = REPLAY_CARRIER if d.status == 200 else CARRIER_STATUS.get(d.status, d.status)
+    return response(status, headers, body)
 
 
 class CheckService:

@@ -22,6 +22,7 @@ from atlas.grant import (
     ProcMode,
     proc_mode_for,
 )
+from atlas.idempotency import request_tags
 from atlas.identity import MAX_APP_SECRET_CHARS, app_secret_hash, principal_hash, xfcc_principal
 from atlas.keymodel import KeyRecord, cap_priority, end_user_tag, hash_secret
 from atlas.ledger.protocol import Admission, Admissions, AdmitRequest, LedgerInputError
@@ -76,6 +77,7 @@ class Verdict:
     degraded: bool = False  # decided without Redis (fail mode local)
     route: str = ""  # the endpoint's bounded name (authz.endpoints.Route.name)
     upstream: Choice | None = None  # the provider and member chosen (atlas/providers)
+    idempotency: str = ""  # the Idempotency-Key's tag (atlas/idempotency.py)
     end_user: str = ""  # whom the caller attributes the request to (header or body `user`)
 
 
@@ -235,6 +237,7 @@ class Authorizer:
                 )
         rid = self._new_id()
         end_user = (inp.headers.get(END_USER_HEADER) or req.user)[:MAX_END_USER_CHARS]
+        idem, body_hash = request_tags(inp.headers, inp.body)
         admit = AdmitRequest(
             reservation_id=rid,
             prompt_tokens=req.prompt_tokens,
@@ -259,9 +262,12 @@ class Authorizer:
                 include_usage=req.include_usage,
                 clamped=False,
                 route_by_model=bool(self._s.model_routes),
+                idempotent=bool(idem),
             )
             == ProcMode.JSON,
             end_user_tag=end_user_tag(key, end_user),
+            idempotency_tag=idem,
+            body_hash=body_hash,
         )
         if degraded:
             return self._admit_locally(key, admit, req, route)
@@ -299,6 +305,7 @@ class Authorizer:
             route=route.name,
             upstream=upstream,
             end_user=end_user,
+            idempotency=idem,
         )
 
     async def _lookup(self, secret_hash: str) -> tuple[KeyRecord | None, bool]:

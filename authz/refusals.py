@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
-from atlas import metrics
+from atlas import idempotency, metrics
 from atlas.errors import Denied
 from atlas.grant import END_USER_HEADER, LIMIT_HEADER
 from atlas.keymodel import KeyRecord
@@ -26,6 +26,8 @@ def _scoped(reason: str) -> tuple[str, str]:
 
 
 def count_refusal(reason: str, key_id: str) -> None:
+    if reason.startswith("idempotency_"):
+        return  # a duplicate, not a limit
     if _scoped(reason)[1].startswith(("quota_", "budget_")):
         metrics.QUOTA_REJECTIONS.labels(key_id=key_id, window=reason).inc()
     else:
@@ -91,7 +93,10 @@ _QUOTA_WORDS = {
 
 
 def refusal(a: Admission, key: KeyRecord) -> Denied:
-    """Translate a refused admission into the OpenAI-shaped 429."""
+    """Translate a refused admission into the OpenAI-shaped 429 (a duplicate of an
+    idempotent request into its replay or 409/422)."""
+    if a.reason.startswith("idempotency_"):
+        return idempotency.refusal(a)
     retry_s = max(1, math.ceil(a.retry_after_ms / 1000))
     headers = ratelimit_headers(a, key)
     headers[LIMIT_HEADER] = LIMIT_NAMES.get(a.reason, a.reason)
@@ -145,7 +150,7 @@ def refusal_record(headers: Mapping[str, str], d: Denied, now_s: float) -> Reque
         app=(key.app or "") if key is not None else "",
         end_user=headers.get(END_USER_HEADER, ""),
         status=d.status,
-        outcome="refused",
+        outcome="replayed" if d.status == 200 else "refused",
         # The limit hit as the client's x-atlas-limit names it (key.daily, team.rpm, ...),
         # else the error's code (invalid_api_key, model_not_allowed, ...).
         reason=d.headers.get(LIMIT_HEADER) or d.code or str(d.status),

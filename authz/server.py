@@ -97,7 +97,7 @@ def answer_ok(v: Verdict, inp: CheckInput, settings: Settings) -> auth_pb2.Check
 
 def answer_denied(d: Denied) -> auth_pb2.CheckResponse:
     headers = [
-        _header("content-type", "application/json"),
+        _header("content-type", d.content_type),
         _header(REFUSAL_HEADER, d.code or str(d.status)),
     ]
     if d.retry_after_s is not None:
@@ -111,7 +111,11 @@ def answer_denied(d: Denied) -> auth_pb2.CheckResponse:
         denied_response=auth_pb2.DeniedHttpResponse(
             status=http_status_pb2.HttpStatus(code=d.status),
             headers=headers,
-            body=error_body(d.message, type=d.type, code=d.code, param=d.param).decode(),
+            body=(
+                d.body
+                if d.body is not None
+                else error_body(d.message, type=d.type, code=d.code, param=d.param)
+            ).decode(),
         ),
     )
 

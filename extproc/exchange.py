@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2 as pm
@@ -23,6 +24,7 @@ from atlas.pricing import PriceBook
 from atlas.requestbody import bytes_estimate, estimate_prompt_tokens, lax_bool
 from extproc import replies
 from extproc.json_usage import JsonBodyAccountant
+from extproc.kept_response import KeptResponse
 from extproc.rewrite import rewrite_request
 from extproc.settlement import counted_settlement
 from extproc.sse import SSEDecoder
@@ -46,8 +48,10 @@ class Exchange:
         route_by_model: bool = False,
         clock: Callable[[], float] = time.monotonic,
         models: ModelNames | None = None,
+        keep_max: int = 1 << 20,
     ) -> None:
-        """:param route_by_model: tell Envoy the body's model (`x-atlas-model`) and have it
+        """:param keep_max: the largest response kept for an idempotent request's duplicates.
+        :param route_by_model: tell Envoy the body's model (`x-atlas-model`) and have it
         match routes again, for per-model upstream clusters.
         :param models: folds the model name of the settlement (metric labels, Redis history)
         into a bounded set."""
@@ -74,6 +78,8 @@ class Exchange:
         self._decoder: SSEDecoder | None = None
         self._accountant: StreamAccountant | None = None
         self._json: JsonBodyAccountant | None = None
+        self._keep_max = keep_max
+        self.kept: KeptResponse | None = None
 
     # ---- request path ----------------------------------------------------------------
     def start(self, grant: Grant | None, path: str = "") -> None:
@@ -84,6 +90,8 @@ class Exchange:
             self.endpoint = endpoint_for_path(path) if path else None
             return
         self.endpoint = _ENDPOINTS.get(grant.route) or (endpoint_for_path(path) if path else None)
+        if grant.idempotency:
+            self.kept = KeptResponse(self._keep_max)
         self.model = grant.model
         self.prompt_estimate = grant.prompt_estimate
         self.stream = grant.stream
@@ -197,6 +205,8 @@ class Exchange:
             for ev in events:
                 acc.observe(ev)
             self.usage = acc.usage
+            if self.kept is not None:
+                self.kept.add(body)
             return replies.PASS_RESPONSE_BODY
         out: list[bytes] = []
         stripped = False
@@ -208,10 +218,14 @@ class Exchange:
         self.usage = acc.usage
         if not stripped and aligned and not dec.pending_bytes:
             # The common chunk, one whole event Atlas keeps: pass it without joining.
+            if self.kept is not None:
+                self.kept.add(body)
             return replies.PASS_RESPONSE_BODY if body else replies.CLEAR_RESPONSE_BODY
         # Re-emit only whole events, so the usage chunk we caused can be cut out exactly;
         # a partial event waits in the decoder for its next chunk.
         new = b"".join(out)
+        if self.kept is not None:
+            self.kept.add(new)
         if not new:
             return replies.CLEAR_RESPONSE_BODY
         if new == body:
@@ -229,6 +243,8 @@ class Exchange:
                 reply = replies.PASS_OWNED_RESPONSE_BODY
         acc = self._json
         acc.feed(body)
+        if self.kept is not None:
+            self.kept.add(body)
         if end_of_stream:
             self.response_done = True
             self.usage, self.completion_estimate = acc.result()
@@ -250,7 +266,7 @@ class Exchange:
         g = self.grant
         if g is None:
             return None
-        return counted_settlement(
+        s = counted_settlement(
             g,
             model=self._models.fold(self.model or g.model),
             status=self.status,
@@ -261,3 +277,10 @@ class Exchange:
             completion_estimate=self._estimated_completion,
             prices=prices,
         )
+        if s is None or self.kept is None:
+            return s
+        what, response = self.kept.outcome(
+            completed=self.response_done and self.status < 400,  # 599: an error body
+            content_type="text/event-stream" if self.streaming_response else "application/json",
+        )
+        return replace(s, idempotency_tag=g.idempotency, idempotency=what, response=response)

@@ -205,10 +205,12 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
         route_by_model: bool = False,
         leases: LeaseKeeper | None = None,
         models: ModelNames | None = None,
+        keep_max: int = 1 << 20,
     ) -> None:
         self._settler = settler
         self._prices = prices
         self._route_by_model = route_by_model
+        self._keep_max = keep_max
         self._leases = leases
         self._models = models if models is not None else ModelNames()  # bounded label values
 
@@ -234,7 +236,9 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
     async def Process(
         self, request_iterator: AsyncIterator[ep.ProcessingRequest], context: Any
     ) -> AsyncIterator[ep.ProcessingResponse]:
-        ex = Exchange(route_by_model=self._route_by_model, models=self._models)
+        ex = Exchange(
+            route_by_model=self._route_by_model, models=self._models, keep_max=self._keep_max
+        )
         started = claimed = False
         bodies = 0  # response_body messages not yet added to their counter
         try:
@@ -365,6 +369,7 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
         route_by_model=bool(settings.model_routes),
         models=ModelNames.from_settings(settings),
         leases=leases,
+        keep_max=settings.idempotency_max_response_bytes,
     )
     access_log = AccessLogSettler(
         settler.submit,

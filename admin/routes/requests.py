@@ -33,7 +33,9 @@ PAGE = 50
 #: How far another host's clock may be behind Redis's (a record's time is its host's), ms.
 CLOCK_SLACK_MS = 60_000
 CURSOR = r"^\d{8}/\d{1,20}-\d{1,20}/\d{1,4}$"
-Outcome = Literal["completed", "upstream_error", "disconnected", "released", "refused", "reaped"]
+Outcome = Literal[
+    "completed", "upstream_error", "disconnected", "released", "refused", "reaped", "replayed"
+]
 assert set(OUTCOMES) == set(Outcome.__args__)  # type: ignore[attr-defined]
 Text = Annotated[str | None, Query(max_length=200)]
 

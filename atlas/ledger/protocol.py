@@ -46,6 +46,9 @@ class AdmitRequest:
     unattended: bool = False
     #: the end user's tag (`atlas.keymodel.end_user_tag`; '' = no end-user limit applies).
     end_user_tag: str = ""
+    #: the request's idempotency key and body, hashed (atlas/idempotency.py; '' = none).
+    idempotency_tag: str = ""
+    body_hash: str = ""
 
 
 @dataclass(slots=True, frozen=True)
@@ -67,6 +70,8 @@ class Admission:
     month_reset_s: int
     now_ms: int
     month_spend_micros: int = 0
+    #: a duplicate of a completed idempotent request: the stored response to replay.
+    replay: str = ""
 
 
 @dataclass(slots=True, frozen=True)
@@ -88,6 +93,11 @@ class Settlement:
     #: The provider and pool member that served it (atlas/providers; "" without providers).
     provider: str = ""
     member: str = ""
+    #: The request's idempotency key tag, and what becomes of it: store (`response` is
+    #: kept for duplicates), unstored (completed, too big), drop (failed: a retry runs).
+    idempotency_tag: str = ""
+    idempotency: str = ""
+    response: str = ""
 
 
 @dataclass(slots=True, frozen=True)
@@ -376,6 +386,7 @@ def check_admit(req: AdmitRequest) -> None:
         and 0 < len(req.reservation_id) <= MAX_ID_CHARS
         and 0 < req.ceiling <= 1
         and (not req.end_user_tag or _TAG.fullmatch(req.end_user_tag) is not None)
+        and not req.idempotency_tag
     ):
         return
     _check_id("reservation_id", req.reservation_id)
@@ -391,8 +402,10 @@ def check_admit(req: AdmitRequest) -> None:
     _check("cost_micros", req.cost_micros, 0, _MAX_COST_MICROS)
     if not 0 < req.ceiling <= 1:
         raise LedgerInputError(f"ceiling must be in (0, 1], got {req.ceiling!r}")
-    if req.end_user_tag and _TAG.fullmatch(req.end_user_tag) is None:
-        raise LedgerInputError("end_user_tag must be 1-32 lowercase hex digits")
+    for name in ("end_user_tag", "idempotency_tag", "body_hash"):
+        tag = getattr(req, name)
+        if tag and _TAG.fullmatch(tag) is None:
+            raise LedgerInputError(f"{name} must be 1-32 lowercase hex digits")
 
 
 def check_settlement(s: Settlement) -> None:
@@ -408,3 +421,8 @@ def check_settlement(s: Settlement) -> None:
     _check("cached_tokens", s.cached_tokens, 0, s.prompt_tokens)
     _check("cache_write_tokens", s.cache_write_tokens, 0, s.prompt_tokens - s.cached_tokens)
     _check("reasoning_tokens", s.reasoning_tokens, 0, s.completion_tokens)
+    if s.idempotency_tag and (
+        _TAG.fullmatch(s.idempotency_tag) is None
+        or s.idempotency not in ("store", "unstored", "drop")
+    ):
+        raise LedgerInputError("idempotency_tag must be hex, idempotency store|unstored|drop")

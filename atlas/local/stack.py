@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, TextIO
 
-from pydantic import SecretStr
+from pydantic import AliasChoices, SecretStr
 
 from atlas.envoy_config import EnvoyParams, ListenerTls, envoy_binary, render
 from atlas.local.ports import free_port
@@ -27,7 +27,24 @@ from atlas.local.procs import Child, ComponentDied, redis_ping
 from atlas.local.valkey import valkey_argv
 from atlas.probes import authz_serving, grpc_serving, http_ok
 from atlas.providers import config as providers_config
-from atlas.settings import LEGACY_ENV_NAMES, Settings
+from atlas.settings import Settings
+
+
+def _legacy_names() -> frozenset[str]:
+    """The environment names settings still read besides `ATLAS_*` (`atlas.settings._legacy`)."""
+    names: set[str] = set()
+    for info in Settings.model_fields.values():
+        alias = info.validation_alias
+        if isinstance(alias, AliasChoices):
+            names.update(
+                c for c in alias.choices if isinstance(c, str) and not c.startswith("ATLAS_")
+            )
+    return frozenset(names)
+
+
+#: Legacy names a child process must not inherit when it is given exact settings.
+LEGACY_ENV_NAMES = _legacy_names()
+
 
 #: Timeout of one readiness probe (s); probes repeat every 50 ms until the child is ready.
 PROBE_S = 0.5

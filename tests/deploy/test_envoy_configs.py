@@ -27,7 +27,7 @@ from atlas.envoy_config import EnvoyParams, render, validate
 from atlas.envoy_filters import PROC_FILTER_NAMES
 from atlas.grant import GRANT_HEADER, ProcMode
 from atlas.limits import ENVOY_HEADROOM_BYTES
-from authz.http_server import CARRIER_STATUS
+from authz.http_server import CARRIER_STATUS, REPLAY_CARRIER
 from tests.deploy.conftest import DEPLOY, K8S_BASE, header_command, load_docs, strip_header
 
 BOOTSTRAPS = {
@@ -498,8 +498,9 @@ def _carrier_mapping(local_reply: dict[str, Any]) -> dict[int, int]:
 
 
 def test_istio_maps_authz_carrier_statuses_back() -> None:
-    """authz's 5xx answers travel as 460/463 (authz.http_server.CARRIER_STATUS)."""
-    wanted = {carrier: real for real, carrier in CARRIER_STATUS.items()}
+    """authz's 5xx answers travel as 460/463 (authz.http_server.CARRIER_STATUS), a replayed
+    200 (an idempotent request's duplicate) as 461."""
+    wanted = {carrier: real for real, carrier in CARRIER_STATUS.items()} | {REPLAY_CARRIER: 200}
     assert _carrier_mapping(_istio_local_reply()) == wanted
     assert _carrier_mapping(_template_hcm()["local_reply_config"]) == wanted
     # Everything else the template's mappers say about these, the gateway says too.

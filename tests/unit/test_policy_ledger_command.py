@@ -52,9 +52,11 @@ def test_admit_command_is_what_redis_py_sends() -> None:
             choices=rng.randrange(1, 50),
             unattended=rng.random() < 0.5,
             end_user_tag=rng.choice(["", "0123456789abcdef"]),
+            idempotency_tag=rng.choice(["", "fedcba9876543210fedcba9876543210"]),
+            body_hash=rng.choice(["", "00ff"]),
         )
         ks, args = led.admissions.call(rec, req)
-        assert len(ks) == 6 and len(args) == 25
+        assert len(ks) == 6 and len(args) == 28
         assert led.admissions.command(rec, req) == redis_py_packing(led, ks, args)
 
 

@@ -25,6 +25,9 @@
 --   limit applies)   ARGV[24] an end user's daily token quota (0 none)
 -- ARGV[25] an end user's requests/minute (0 none); both per key, under its hash tag
 --   (window prefix + eu:d:<day> {<tag>:u used, <tag>:r reserved}, eu:rpm:<tag> bucket)
+-- ARGV[26] the idempotency key's tag (hex of a hash; '' = the request sent none)
+-- ARGV[27] a hash of the request's body   ARGV[28] how long an in-flight record lives, ms
+--   (window prefix + idem:<tag> {body, state inflight|done|unstored, rid, resp})
 -- Rule (precedence): every limit on the path must pass, the key's, its team's and its end
 --   user's; the reason reported is the first that fails in this order: requests/s (key, team)
 --   and end user's requests/minute, quotas (the smallest room of the key's, the team's and
@@ -33,7 +36,7 @@
 -- Returns {admitted, reason, retry_after_ms, granted_completion (-1 = unchanged), reserved,
 --   req_remaining, req_reset_ms, tok_remaining (-1 none), tok_reset_ms,
 --   day_used, day_reserved, day_reset_s, month_used, month_reserved, month_reset_s, now_ms,
---   month_spend (micro-USD)}
+--   month_spend (micro-USD), the stored response of a replayed request ('' otherwise)}
 
 local rid = ARGV[1]
 local prompt = tonumber(ARGV[2])
@@ -58,6 +61,7 @@ local unattended = ARGV[22] == '1'
 local eu = ARGV[23]
 local eu_daily = tonumber(ARGV[24])
 local eu_rpm = tonumber(ARGV[25])
+local idem = ARGV[26]
 
 local team = #KEYS >= 10
 local t_rate, t_burst, t_tpm, t_daily, t_monthly, t_budget = 0, 0, 0, 0, 0, 0
@@ -73,6 +77,27 @@ local now = c.now_ms
 local day_key = KEYS[5] .. 'd:' .. c.day
 local month_key = KEYS[5] .. 'm:' .. c.month
 local hour_key = KEYS[5] .. 'h:' .. c.hour
+
+-- Rule: an idempotency key admits one request: a duplicate is never charged nor counted.
+-- It is refused while the first is in flight (retry after it), refused when its body
+-- differs, and answered from the stored response once the first completed (`unstored`: it
+-- completed but its response was too big to keep).
+local idem_key = ''
+if idem ~= '' then
+  idem_key = KEYS[5] .. 'idem:' .. idem
+  local rec = redis.call('HMGET', idem_key, 'body', 'state', 'resp')
+  if rec[1] then
+    local why = 'idempotency_in_progress'
+    local wait = math.max(1000, math.min(redis.call('PTTL', idem_key), 5000))
+    if rec[1] ~= ARGV[27] then why, wait = 'idempotency_mismatch', 0
+    elseif rec[2] == 'done' then why, wait = 'idempotency_replay', 0
+    elseif rec[2] == 'unstored' then why, wait = 'idempotency_completed', 0 end
+    local resp = ''
+    if why == 'idempotency_replay' then resp = rec[3] or '' end
+    return {0, why, wait, -1, 0, 0, 0, -1, 0, 0, 0, c.day_reset_s, 0, 0, c.month_reset_s,
+      now, 0, resp}
+  end
+end
 
 local reason = ''
 local retry_ms = 0
@@ -241,6 +266,12 @@ if admitted then
   -- and a later entry corrects that charge to the real usage (a `late` settlement).
   redis.call('ZADD', KEYS[4], now + claim_ms, rid)
   if unattended then redis.call('SADD', KEYS[6], rid) end
+  -- Rule: the first request of an idempotency key holds it in flight until it settles (or
+  -- for the reservation's TTL if it never does).
+  if idem_key ~= '' then
+    redis.call('HSET', idem_key, 'body', ARGV[27], 'state', 'inflight', 'rid', rid)
+    redis.call('PEXPIRE', idem_key, tonumber(ARGV[28]))
+  end
   incr_window(day_key, 'reserved', estimate, DAY_TTL_S)
   incr_window(day_key, 'requests', 1, DAY_TTL_S)
   incr_window(month_key, 'reserved', estimate, MONTH_TTL_S)
@@ -274,4 +305,4 @@ local tok_reset_ms = 0
 if tpm > 0 and tok_tokens < tpm then tok_reset_ms = math.ceil((tpm - tok_tokens) / tok_rate) end
 return {admitted and 1 or 0, reason, retry_ms, granted, estimate,
   math.floor(req_tokens), req_reset_ms, math.floor(tok_tokens), tok_reset_ms,
-  day_used, day_res, c.day_reset_s, mon_used, mon_res, c.month_reset_s, now, spend}
+  day_used, day_res, c.day_reset_s, mon_used, mon_res, c.month_reset_s, now, spend, ''}

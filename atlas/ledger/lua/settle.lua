@@ -12,6 +12,9 @@
 -- ARGV[7] done-marker ttl s   ARGV[8] history ttl s   ARGV[9] cost of the actual usage, micro-USD
 -- ARGV[10] cached tokens   ARGV[11] cache-write tokens (both parts of ARGV[2])
 -- ARGV[12] reasoning tokens (part of ARGV[3])   ARGV[13] quotas count cached tokens (1) or not (0)
+-- ARGV[14] the request's idempotency key tag ('' none)   ARGV[15] what becomes of it: store
+--   (ARGV[16] is the response to replay) | unstored (completed, too big to keep) | drop (the
+--   request failed: a retry runs)   ARGV[17] how long a completed one is kept, s
 -- Returns {status, charged, refunded, now_ms, hour}; status is one of
 --   settled | duplicate | late (corrected a reaped charge) | unreserved (no reservation found)
 --   | malformed (an unreadable reservation entry: removed, usage charged, nothing released)
@@ -61,6 +64,21 @@ local function record_history(charged_delta, refunded, requests)
   record_kinds(hour_key, hist_ttl)
   record_kinds(day_key, DAY_TTL_S)
   record_kinds(month_key, MONTH_TTL_S)
+end
+
+-- Rule: the idempotency record of this request (and only this request's: its rid) keeps
+-- the response for duplicates, or goes when the request failed so that a retry runs.
+if ARGV[14] ~= '' then
+  local ik = KEYS[4] .. 'idem:' .. ARGV[14]
+  if redis.call('HGET', ik, 'rid') == rid then
+    if ARGV[15] == 'drop' then
+      redis.call('DEL', ik)
+    else
+      redis.call('HSET', ik, 'state', ARGV[15] == 'store' and 'done' or 'unstored',
+        'resp', ARGV[15] == 'store' and ARGV[16] or '')
+      redis.call('EXPIRE', ik, tonumber(ARGV[17]))
+    end
+  end
 end
 
 -- Rule: a reservation settles once; replays (journal, retries) change nothing.

@@ -105,7 +105,7 @@ class AdmitCodec:
     _floats: dict[float, bytes] = field(init=False, repr=False, default_factory=dict)
     _texts: dict[str, bytes] = field(init=False, repr=False, default_factory=dict)
 
-    N_ARGS = 25
+    N_ARGS = 28
 
     def __post_init__(self) -> None:
         self._consts = (
@@ -158,7 +158,7 @@ class AdmitCodec:
         )
 
     def args(self, rec: KeyRecord, req: AdmitRequest, zone: str) -> list[Any]:
-        """ARGV[1..25], as admit.lua's header lists them."""
+        """ARGV[1..28], as admit.lua's header lists them."""
         rate_to_monthly, concurrent, budget, end_user = self.key_limits(rec)
         return [
             req.reservation_id,
@@ -181,6 +181,9 @@ class AdmitCodec:
             int(req.unattended),
             req.end_user_tag,
             *end_user,
+            req.idempotency_tag,
+            req.body_hash,
+            self.ttl_ms,
         ]
 
     def command(self, sha: str, rec: KeyRecord, req: AdmitRequest, zone: bytes) -> bytes:
@@ -214,6 +217,9 @@ class AdmitCodec:
                 _BULK_BOOL[bool(req.unattended)],
                 bulk(req.end_user_tag.encode()),
                 end_user,
+                bulk(req.idempotency_tag.encode()),
+                bulk(req.body_hash.encode()),
+                ttl,
             )
         )
 
@@ -276,17 +282,19 @@ class AdmitCodec:
             month_reset_s=int(r[14]),
             now_ms=int(r[15]),
             month_spend_micros=int(r[16]),
+            replay=str(r[17]),
         )
 
 
 # ---- settle.lua ------------------------------------------------------------------------
 @dataclass(slots=True, frozen=True)
 class SettleCodec:
-    """settle.lua: 5 KEYS (8 for a key of a team), 13 ARGV; replies {status, charged,
+    """settle.lua: 5 KEYS (8 for a key of a team), 17 ARGV; replies {status, charged,
     refunded, now_ms, hour}."""
 
     history_ttl_s: int
     counts_cached: bool
+    idempotency_ttl_s: int = 86_400
 
     @staticmethod
     def keys(key_id: str) -> list[str]:
@@ -308,7 +316,7 @@ class SettleCodec:
         ]
 
     def args(self, s: Settlement, zone: str) -> list[int | str]:
-        """ARGV[1..13]; `zone` is the default zone argument (for a key with none stored)."""
+        """ARGV[1..17]; `zone` is the default zone argument (for a key with none stored)."""
         return [
             s.reservation_id,
             s.prompt_tokens,
@@ -323,6 +331,10 @@ class SettleCodec:
             s.cache_write_tokens,
             s.reasoning_tokens,
             int(self.counts_cached),
+            s.idempotency_tag,
+            s.idempotency,
+            s.response,
+            self.idempotency_ttl_s,
         ]
 
     @staticmethod

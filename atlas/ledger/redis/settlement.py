@@ -33,7 +33,9 @@ class RedisSettlements:
         self._scripts = scripts
         self._zones = zones
         self._hist_ttl_s = settings.history_days * 86400
-        self._settle = SettleCodec(self._hist_ttl_s, settings.quota_counts_cached)
+        self._settle = SettleCodec(
+            self._hist_ttl_s, settings.quota_counts_cached, settings.idempotency_ttl_s
+        )
         self._reap = ReapCodec(self._hist_ttl_s)
         self._buffer_history = buffer_history
         self._history_buffer: dict[str, dict[str, int]] = {}
