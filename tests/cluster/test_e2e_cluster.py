@@ -1,9 +1,10 @@
 """The end-to-end suite on Redis Cluster: every test of the e2e modules that share one stack
-(foundation, admission, accounting, hostile input) runs here again on `tests.cluster`'s
-`stack`: Envoy, authz, extproc and admin using the cluster client against 3 Valkey masters.
-Among them: keys created over REST, non-stream and streamed completions charged exactly,
-rate limits as `openai.RateLimitError`, revocation and deletion refused within 1 s (pub/sub
-across nodes), `/v1/usage` and forecasting through Envoy, 64 concurrent streams on one key.
+(foundation, admission, accounting, hostile input; idempotent retries) runs here again on
+`tests.cluster`'s `stack`: Envoy, authz, extproc and admin using the cluster client against
+3 Valkey masters. Among them: keys created over REST, non-stream and streamed completions
+charged exactly, rate limits as `openai.RateLimitError`, revocation and deletion refused
+within 1 s (pub/sub across nodes), `/v1/usage` and forecasting through Envoy, 64 concurrent
+streams on one key.
 """
 
 from __future__ import annotations
@@ -18,12 +19,27 @@ from atlas.ledger.protocol import AdmitRequest
 from atlas.ledger.redis import RedisLedger
 from atlas.local.stack import Stack
 from tests.cluster.conftest import REAP_INTERVAL_S, primaries, reuse_tests, sync_cluster
-from tests.e2e import test_accounting, test_admission, test_foundation, test_hostile_input
+from tests.e2e import (
+    test_accounting,
+    test_admission,
+    test_foundation,
+    test_hostile_input,
+    test_idempotency,
+)
 from tests.e2e.conftest import MakeKey
 
 SHARED_STACK_MODULES = (test_foundation, test_admission, test_accounting, test_hostile_input)
 
 E2E_TESTS = reuse_tests(*SHARED_STACK_MODULES)
+#: Idempotent retries on the shared stack (the module's replica and gRPC stacks are its own).
+E2E_TESTS |= {
+    name: getattr(test_idempotency, name)
+    for name in (
+        "test_a_retry_after_completion_gets_the_same_answer_and_no_charge",
+        "test_concurrent_duplicates_make_one_upstream_call_and_a_stream_replays_exactly",
+        "test_a_failed_original_lets_its_retry_run",
+    )
+}
 globals().update(E2E_TESTS)  # collected by pytest as this module's tests
 
 
