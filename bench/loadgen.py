@@ -32,6 +32,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import sys
 import time
 from collections import deque
@@ -325,7 +326,12 @@ class CpuWindow:
 
 
 async def run_serial(args: argparse.Namespace) -> dict[str, Any]:
-    request = build_request(args.host, args.port, args.path, args.body.encode(), args.header)
+    body = args.body.encode()
+    headers = list(args.header)
+    if args.idempotency == "same":  # every request a duplicate of one that completed
+        headers.append(f"Idempotency-Key: bench-{os.getpid()}-{time.time_ns()}")
+    request = build_request(args.host, args.port, args.path, body, headers)
+    run_id = f"bench-{os.getpid()}-{time.time_ns()}"
     loop = asyncio.get_running_loop()
     fut: asyncio.Future[Conn] = loop.create_future()
 
@@ -344,9 +350,18 @@ async def run_serial(args: argparse.Namespace) -> dict[str, Any]:
     window = CpuWindow(parse_pids(args.cpu_pids)) if args.cpu_pids else None
     if window is not None:
         window.start()
-    t0 = perf()
-    for _ in range(args.requests):
+    if args.idempotency == "same":
+        # The original, not measured; then its settlement's moment to reach Redis.
         fut = loop.create_future()
+        conn.send(request, perf())
+        await asyncio.wait_for(fut, 30)
+        await asyncio.sleep(0.5)
+    t0 = perf()
+    for i in range(args.requests):
+        fut = loop.create_future()
+        if args.idempotency == "new":  # every request a first one
+            key = f"Idempotency-Key: {run_id}-{i}"
+            request = build_request(args.host, args.port, args.path, body, [*headers, key])
         conn.send(request, perf())
         try:
             c = await asyncio.wait_for(fut, 30)
@@ -457,6 +472,12 @@ def main(argv: list[str] | None = None) -> int:
         "--cpu-pids",
         default="",
         help="serial mode: 'name=pid,pid;name=pid' whose CPU to sample around the window",
+    )
+    p.add_argument(
+        "--idempotency",
+        choices=("none", "new", "same"),
+        default="none",
+        help="serial mode: an Idempotency-Key per request (new) or one for all (same: replays)",
     )
     args = p.parse_args(argv)
     run = {"rate": run_rate, "stream": run_stream, "serial": run_serial}[args.mode]

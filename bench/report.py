@@ -454,6 +454,32 @@ def _serial_table(r: Mapping[str, Measured]) -> str:
     return _table(head, rows)
 
 
+def _idempotency_table(r: Mapping[str, Measured]) -> str:
+    """Plain completions through Atlas without and with an Idempotency-Key, one at a time."""
+    rows = []
+    for phase, label in (
+        ("serial", "no Idempotency-Key"),
+        ("serial-idempotent", "a new Idempotency-Key each (read by extproc, stored)"),
+        ("serial-replay", "a duplicate each (answered by authz from the stored response)"),
+    ):
+        m = r.get(f"{phase}/atlas")
+        if m is None:
+            continue
+        lat = m.data["latency_ms"]
+        rows.append(
+            [
+                label,
+                f"{m.requests:,}",
+                *(_ms(lat[q]) for q in ("p50", "p99")),
+                _us(m.us_per_request("envoy")),
+                _us(m.python_us_per_request()),
+                f"{_ext_proc_msgs(m) / m.requests:.1f}" if m.requests else "–",
+            ]
+        )
+    head = ["Envoy + Atlas", "requests", "p50", "p99", "Envoy CPU / req", "Python CPU / req"]
+    return _table([*head, "ext_proc msgs / req"], rows) if len(rows) > 1 else ""
+
+
 def _floor_table(r: Mapping[str, Measured]) -> str:
     """The design's floor next to bare Envoy and Atlas, one figure per row."""
     figures: list[tuple[str, str, Callable[[Measured], float], Callable[[float], str]]] = [
@@ -991,6 +1017,10 @@ def render(
         "## One plain completion at a time (quiet machine)",
         "",
         _serial_table(results) if "serial/bare" in results else "not run",
+        "",
+        "## Idempotent requests, one at a time (issue 17)",
+        "",
+        _idempotency_table(results) or "not run",
         "",
         "## Non-streaming, maximum load (wrk)",
         "",
