@@ -89,3 +89,18 @@ async def test_requests_without_a_key_are_untouched(ledger: RedisLedger) -> None
     for i in range(3):
         a = await ledger.admit(rec, req(f"r{i}", body="", tag=""))
         assert a.admitted and a.replay == ""
+
+
+async def test_the_reaper_frees_the_key_of_a_request_that_never_settled(
+    ledger: RedisLedger, redis_sync: redis.Redis
+) -> None:
+    rec = key(4)
+    await ledger.create_key(rec)
+    assert (await ledger.admit(rec, req("r1"))).admitted
+    entry = redis_sync.hget(keys.reservations(rec.id), "r1")
+    assert entry is not None and f"|i{TAG}|normal|m" in entry
+    assert (await ledger.admit(rec, req("r2"))).reason == "idempotency_in_progress"
+    redis_sync.zadd(keys.reservation_expiry(rec.id), {"r1": 0})  # never claimed: a lost request
+    totals = await ledger.reap_keys([rec.id])
+    assert totals.reaped == 1 and totals.lost[0][4:] == ("normal", "m")
+    assert (await ledger.admit(rec, req("r3"))).admitted  # the retry runs

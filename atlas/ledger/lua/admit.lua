@@ -254,8 +254,12 @@ if admitted then
     incr_window(eu_day_key, eu .. ':r', estimate, DAY_TTL_S)
     eu_field = 'u' .. eu .. '|'
   end
+  -- Rule: the entry of an idempotent request names its key (i<tag>), so the reaper frees the
+  -- key of a request that never settles.
+  if idem_key ~= '' then eu_field = eu_field .. 'i' .. idem .. '|' end
   -- The reservation remembers the windows it was counted in, so settle releases exactly there.
-  -- amount|day|month|cost|[u<end user tag>|]priority|model: the model (client input) last.
+  -- amount|day|month|cost|[u<end user tag>|][i<idempotency tag>|]priority|model: the model
+  -- (client input) last.
   redis.call('HSET', KEYS[3], rid, int(estimate) .. '|' .. c.day .. '|' .. c.month .. '|'
     .. int(est_cost) .. '|' .. eu_field .. ARGV[15] .. '|' .. ARGV[16])
   -- Rule: the reservation lives claim_ms unless an ext_proc stream claims it (then ttl_ms,

@@ -74,9 +74,18 @@ for _, rid in ipairs(expired) do
       redis.call('SET', KEYS[3] .. 'done:' .. rid,
         'reaped:' .. int(charged) .. ':' .. int(charged_cost) .. (eu and (':' .. eu) or ''),
         'EX', done_ttl)
-      -- What the entry says about the request after its numbers: [u<tag>|]priority|model.
+      -- What the entry says about the request after its numbers:
+      -- [u<tag>|][i<tag>|]priority|model.
       local rest = string.match(resv, '^[^|]*|[^|]*|[^|]*|[^|]*|(.*)$') or ''
       rest = string.gsub(rest, '^u%x+|', '')
+      -- Rule: a reaped request never completed: its idempotency key is freed for a retry
+      -- (if it is still this request's).
+      local idem = string.match(rest, '^i(%x+)|')
+      if idem then
+        rest = string.gsub(rest, '^i%x+|', '')
+        local ik = KEYS[3] .. 'idem:' .. idem
+        if redis.call('HGET', ik, 'rid') == rid then redis.call('DEL', ik) end
+      end
       local priority, model = string.match(rest, '^([^|]*)|(.*)$')
       for _, v in ipairs({rid, int(charged), claimed and 1 or 0, priority or '', model or ''}) do
         reaped[#reaped + 1] = v
