@@ -37,6 +37,7 @@ E2E_TESTS |= {
     for name in (
         "test_a_retry_after_completion_gets_the_same_answer_and_no_charge",
         "test_concurrent_duplicates_make_one_upstream_call_and_a_stream_replays_exactly",
+        "test_the_sdks_concurrent_duplicate_is_a_conflict_and_its_retry_the_same_stream",
         "test_a_failed_original_lets_its_retry_run",
     )
 }

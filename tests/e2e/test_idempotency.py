@@ -113,6 +113,37 @@ async def test_concurrent_duplicates_make_one_upstream_call_and_a_stream_replays
     assert await calls_to_upstream(stack) == 1
 
 
+async def test_the_sdks_concurrent_duplicate_is_a_conflict_and_its_retry_the_same_stream(
+    make_key: MakeKey, client_for: Client, stack: Stack
+) -> None:
+    client = client_for((await make_key())["api_key"])
+    headers = {**idem(), "x-demo-chunk-delay-ms": "30"}
+    await clear_upstream(stack.upstream_url)
+    first = await client.chat.completions.create(
+        model="demo-small", messages=MESSAGES, max_tokens=10, stream=True, extra_headers=headers
+    )
+    with pytest.raises(openai.ConflictError) as info:  # the first is still streaming
+        await client.chat.completions.create(
+            model="demo-small", messages=MESSAGES, max_tokens=10, stream=True, extra_headers=headers
+        )
+    assert info.value.code == "idempotency_in_progress"
+    assert int(info.value.response.headers["retry-after"]) >= 1
+    text = "".join([c.choices[0].delta.content or "" async for c in first if c.choices])
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            again = await client.chat.completions.create(
+                model="demo-small", messages=MESSAGES, max_tokens=10, stream=True,
+                extra_headers=headers,
+            )  # fmt: skip
+            break
+        except openai.ConflictError:  # the first's settlement is on its way
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+    assert "".join([c.choices[0].delta.content or "" async for c in again if c.choices]) == text
+    assert await calls_to_upstream(stack) == 1
+
+
 async def test_a_failed_original_lets_its_retry_run(
     make_key: MakeKey, client_for: Client, stack: Stack
 ) -> None:
