@@ -17,6 +17,13 @@ def _ephemeral_low() -> int:
         return 32768
 
 
+def reserve(ports: list[int]) -> None:
+    """Ports this process was given for components not listening yet: `free_port` never
+    hands them out (a stack started with ports chosen by another process, `atlas up --port`,
+    picks its Valkey and stats ports around them)."""
+    _ISSUED.update(ports)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port nothing listens on, below the kernel's ephemeral range: a port the kernel
     picks for `bind(0)` may be taken as the source port of any outgoing connection (to

@@ -22,7 +22,7 @@ from typing import Any, TextIO
 from pydantic import AliasChoices, SecretStr
 
 from atlas.envoy_config import EnvoyParams, ListenerTls, envoy_binary, render
-from atlas.local.ports import free_port
+from atlas.local.ports import free_port, reserve
 from atlas.local.procs import Child, ComponentDied, redis_ping
 from atlas.local.valkey import valkey_argv
 from atlas.probes import authz_serving, grpc_serving, http_ok
@@ -130,6 +130,7 @@ class Stack:
     async def start(self) -> None:
         self.died = asyncio.get_running_loop().create_future()
         s = self.settings
+        reserve([int(getattr(s, name)) for name in PORT_SETTINGS])
         if self._external_redis is None:
             port = free_port()
             self.settings = s = s.model_copy(update={"redis_url": f"redis://127.0.0.1:{port}/0"})
