@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from atlas.limits import MAX_METADATA_BYTES
+from admin.schemas import BoundedMetadata
 from atlas.ownermodel import OWNER_ID_PATTERN, OwnerRecord
 
 
@@ -20,20 +19,13 @@ class _OwnerFields(BaseModel):
     valid_until: datetime | None = Field(
         None, description="When the owner's keys stop working (403 owner_expired); null = never"
     )
-    metadata: dict[str, Any] | None = None
+    metadata: BoundedMetadata = None
 
     @field_validator("valid_until")
     @classmethod
     def _aware(cls, value: datetime | None) -> datetime | None:
         if value is not None and value.tzinfo is None:
             raise ValueError("valid_until needs a time zone (e.g. 2027-01-31T00:00:00Z)")
-        return value
-
-    @field_validator("metadata")
-    @classmethod
-    def _bounded_metadata(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None and len(json.dumps(value)) > MAX_METADATA_BYTES:
-            raise ValueError(f"metadata is limited to {MAX_METADATA_BYTES} bytes of JSON")
         return value
 
 

@@ -6,7 +6,7 @@ import json
 from datetime import datetime
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from atlas.keymodel import TEAM_ID_PATTERN, KeyRecord, KeyStatus
 from atlas.limits import (
@@ -25,6 +25,24 @@ from atlas.limits import (
 from atlas.ownermodel import OWNER_ID_PATTERN
 from atlas.settings import Priority
 from atlas.windows import load_zone
+
+
+def _bounded_metadata(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    if value is not None and len(json.dumps(value)) > MAX_METADATA_BYTES:
+        raise ValueError(f"metadata is limited to {MAX_METADATA_BYTES} bytes of JSON")
+    return value
+
+
+def _known_zone(value: str | None) -> str | None:
+    if value is not None:
+        load_zone(value)  # ValueError -> 422 naming the field (body.window_timezone)
+    return value
+
+
+#: Admin-set metadata of a key, team or owner: at most MAX_METADATA_BYTES of JSON.
+BoundedMetadata = Annotated[dict[str, Any] | None, AfterValidator(_bounded_metadata)]
+#: An IANA time zone this machine's tz database knows.
+KnownZone = Annotated[str | None, AfterValidator(_known_zone)]
 
 
 class PlanLimits(BaseModel):
@@ -76,28 +94,14 @@ class KeyLimits(PlanLimits):
     )
     expires_at: datetime | None = None
     shadow: bool | None = Field(None, description="Record verdicts but admit everything")
-    window_timezone: str | None = Field(
+    window_timezone: KnownZone = Field(
         None,
         max_length=64,
         description="IANA time zone of the daily and monthly windows (e.g. America/New_York,"
         " DST included); unset = ATLAS_WINDOW_TIMEZONE",
         examples=["Europe/Berlin"],
     )
-    metadata: dict[str, Any] | None = Field(None, description="owner, team, tags, ...")
-
-    @field_validator("window_timezone")
-    @classmethod
-    def _known_zone(cls, value: str | None) -> str | None:
-        if value is not None:
-            load_zone(value)  # ValueError -> 422 naming body.window_timezone
-        return value
-
-    @field_validator("metadata")
-    @classmethod
-    def _bounded_metadata(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None and len(json.dumps(value)) > MAX_METADATA_BYTES:
-            raise ValueError(f"metadata is limited to {MAX_METADATA_BYTES} bytes of JSON")
-        return value
+    metadata: BoundedMetadata = Field(None, description="owner, team, tags, ...")
 
 
 class KeyCreate(KeyLimits):

@@ -2,25 +2,22 @@
 
 from __future__ import annotations
 
-import json
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
-from admin.schemas import WindowOut
+from admin.schemas import BoundedMetadata, KnownZone, WindowOut
 from atlas.keymodel import TEAM_ID_PATTERN
 from atlas.limits import (
     MAX_BUDGET_USD,
     MAX_BURST,
-    MAX_METADATA_BYTES,
     MAX_RATE_PER_SEC,
     MAX_TOKEN_LIMIT,
     MIN_BUDGET_USD,
     MIN_RATE_PER_SEC,
 )
 from atlas.teammodel import TeamRecord
-from atlas.windows import load_zone
 
 
 class _TeamLimits(BaseModel):
@@ -35,24 +32,10 @@ class _TeamLimits(BaseModel):
     daily_limit: int | None = Field(None, ge=0, le=MAX_TOKEN_LIMIT, description="Tokens per day")
     monthly_limit: int | None = Field(None, ge=0, le=MAX_TOKEN_LIMIT)
     monthly_budget_usd: float | None = Field(None, ge=MIN_BUDGET_USD, le=MAX_BUDGET_USD)
-    window_timezone: str | None = Field(
+    window_timezone: KnownZone = Field(
         None, max_length=64, description="IANA zone of the team's (and its keys') windows"
     )
-    metadata: dict[str, Any] | None = None
-
-    @field_validator("window_timezone")
-    @classmethod
-    def _known_zone(cls, value: str | None) -> str | None:
-        if value is not None:
-            load_zone(value)
-        return value
-
-    @field_validator("metadata")
-    @classmethod
-    def _bounded_metadata(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None and len(json.dumps(value)) > MAX_METADATA_BYTES:
-            raise ValueError(f"metadata is limited to {MAX_METADATA_BYTES} bytes of JSON")
-        return value
+    metadata: BoundedMetadata = None
 
 
 class TeamCreate(_TeamLimits):
