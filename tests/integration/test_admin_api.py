@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
-import pytest_asyncio
 import redis
 
-from admin.app import create_app
 from atlas import limits
 from atlas.keymodel import hash_secret
 from atlas.ledger import keys
@@ -20,17 +17,7 @@ from atlas.ledger.protocol import AdmitRequest, Settlement
 from atlas.ledger.redis import RedisLedger
 from atlas.settings import Settings
 
-ADMIN = {"authorization": "Bearer test-admin-token"}
 JSON = {"content-type": "application/json"}
-
-
-@pytest_asyncio.fixture
-async def api(settings: Settings, ledger: RedisLedger) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(settings, ledger)
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://admin", headers=ADMIN
-    ) as client:
-        yield client
 
 
 async def create(api: httpx.AsyncClient, **body: Any) -> dict[str, Any]:

@@ -4,28 +4,16 @@ alerts, the input is bounded and scopes must exist."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
-import pytest_asyncio
 
-from admin.app import create_app
 from atlas.alerts.alerter import Alerter
 from atlas.ledger import keys
 from atlas.ledger.protocol import AdmitRequest, Settlement
 from atlas.ledger.redis import RedisLedger
 from atlas.ledger.redis.alerts import RedisAlerts
 from atlas.settings import Settings
-
-AUTH = {"Authorization": "Bearer test-admin-token"}
-
-
-@pytest_asyncio.fixture
-async def api(settings: Settings, ledger: RedisLedger) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=create_app(settings, ledger))
-    async with httpx.AsyncClient(transport=transport, base_url="http://a", headers=AUTH) as c:
-        yield c
 
 
 async def new_key(api: httpx.AsyncClient, **fields: Any) -> dict[str, Any]:

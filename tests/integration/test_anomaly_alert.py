@@ -9,7 +9,6 @@ import random
 
 import httpx
 
-from admin.app import create_app
 from atlas.alerts.alerter import Alerter
 from atlas.alerts.anomaly import MIN_DEVIATION, judge
 from atlas.forecast import HOUR_S, hour_floor
@@ -43,7 +42,7 @@ def test_judge_widens_the_interval_by_the_margin() -> None:
 
 
 async def test_an_hour_far_outside_the_forecast_fires_once(
-    ledger: RedisLedger, settings: Settings
+    ledger: RedisLedger, settings: Settings, api: httpx.AsyncClient
 ) -> None:
     store = RedisAlerts(ledger.conn)
     closed = hour_floor(await ledger.server_time()) - HOUR_S
@@ -66,11 +65,7 @@ async def test_an_hour_far_outside_the_forecast_fires_once(
     assert spike["used"] == 200_000 and 15_000 < spike["expected"] < 25_000
     assert spike["upper"] < 200_000 and spike["margin"] == settings.alert_anomaly_margin
 
-    app = create_app(settings, ledger)
-    auth = {"Authorization": "Bearer test-admin-token"}
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://a", headers=auth) as c:
-        listed = (await c.get("/v1/admin/alerts")).json()["items"]
+    listed = (await api.get("/v1/admin/alerts")).json()["items"]
     messages = {a["scope"]: a["message"] for a in listed}
     assert messages["key:key_spike"].startswith("key.hourly_tokens above forecast")
     assert "expected" in messages["key:key_silent"]

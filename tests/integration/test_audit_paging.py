@@ -2,27 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
-import pytest_asyncio
 
-from admin.app import create_app
 from admin.routes import audit
 from atlas.ledger.redis import RedisLedger
-from atlas.settings import Settings
-
-ADMIN = {"authorization": "Bearer test-admin-token"}
-
-
-@pytest_asyncio.fixture
-async def api(settings: Settings, ledger: RedisLedger) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(settings, ledger)
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://admin", headers=ADMIN
-    ) as client:
-        yield client
 
 
 async def pages(api: httpx.AsyncClient, query: str) -> list[dict[str, Any]]:

@@ -6,27 +6,14 @@ its admin in the audit stream."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 import pytest
-import pytest_asyncio
 
-from admin.app import create_app
 from atlas.errors import Denied
 from atlas.ledger.redis import RedisLedger
-from atlas.settings import Settings
-
-AUTH = {"Authorization": "Bearer test-admin-token"}
-
-
-@pytest_asyncio.fixture
-async def api(settings: Settings, ledger: RedisLedger) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=create_app(settings, ledger))
-    async with httpx.AsyncClient(transport=transport, base_url="http://a", headers=AUTH) as c:
-        yield c
 
 
 def when(**delta: float) -> str:

@@ -6,30 +6,16 @@ record's own time."""
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import httpx
-import pytest_asyncio
 import redis
 
-from admin.app import create_app
 from atlas.ledger import keys
 from atlas.ledger.redis import RedisLedger
 from atlas.ledger.redis.requestlog import RedisRequestLog
 from atlas.requestlog import RequestRecord
 from atlas.settings import Settings
-
-ADMIN = {"authorization": "Bearer test-admin-token"}
-
-
-@pytest_asyncio.fixture
-async def api(settings: Settings, ledger: RedisLedger) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(settings, ledger)
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://admin", headers=ADMIN
-    ) as client:
-        yield client
 
 
 def records(n: int, start_ms: int, key_id: str = "key_a") -> list[RequestRecord]:

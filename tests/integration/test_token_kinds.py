@@ -4,31 +4,18 @@ toward quotas as ATLAS_QUOTA_COUNTS_CACHED says."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
-import pytest_asyncio
 import redis
 
-from admin.app import create_app
 from atlas.keymodel import KeyRecord
 from atlas.ledger import keys
 from atlas.ledger.protocol import AdmitRequest, Settlement
 from atlas.ledger.redis import RedisLedger
 from atlas.settings import Settings
 
-ADMIN = {"authorization": "Bearer test-admin-token"}
 MODEL = "demo-small"
-
-
-@pytest_asyncio.fixture
-async def api(settings: Settings, ledger: RedisLedger) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(settings, ledger)
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://admin", headers=ADMIN
-    ) as client:
-        yield client
 
 
 async def new_key(api: httpx.AsyncClient, ledger: RedisLedger) -> tuple[KeyRecord, str]:
