@@ -6,6 +6,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import Request
+from pydantic import BaseModel
 
 from admin.auth import Admin
 from admin.schemas import KeyPublic
@@ -15,6 +16,11 @@ from atlas.ledger.protocol import Audit
 
 def _public(rec: KeyRecord | None) -> dict[str, Any] | None:
     return None if rec is None else KeyPublic.of(rec).model_dump(mode="json")
+
+
+def snapshot(record: BaseModel | None) -> dict[str, Any] | None:
+    """A stored record (a team, an owner) as an audit entry's before/after."""
+    return None if record is None else record.model_dump(mode="json")
 
 
 def _actor(who: object) -> dict[str, Any]:

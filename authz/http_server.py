@@ -34,7 +34,7 @@ from atlas.grant import (
     Grant,
 )
 from atlas.metrics import DECISIONS
-from atlas.openai_errors import error_body
+from atlas.openai_errors import denied_body, error_body
 from atlas.settings import Settings
 from authz.answer import INTERNAL_ERROR, admitted, decide
 from authz.policy import Authorizer, CheckInput
@@ -107,13 +107,8 @@ def answer_denied(d: Denied) -> bytes:
         headers.append(("retry-after", str(max(1, -int(-d.retry_after_s // 1)))))
         headers.append(("retry-after-ms", str(max(0, int(d.retry_after_s * 1000)))))
     headers += list(d.headers.items())
-    body = (
-        d.body
-        if d.body is not None
-        else error_body(d.message, type=d.type, code=d.code, param=d.param)
-    )
     status = REPLAY_CARRIER if d.status == 200 else CARRIER_STATUS.get(d.status, d.status)
-    return response(status, headers, body)
+    return response(status, headers, denied_body(d))
 
 
 class CheckService:

@@ -23,7 +23,7 @@ from atlas.errors import Denied
 from atlas.grant import GRANT_HEADER, KEY_ID_HEADER, PROC_HEADER, PROVIDER_HEADER, REFUSAL_HEADER
 from atlas.grpc_service import grpc_server
 from atlas.identity import MAX_PRINCIPAL_CHARS
-from atlas.openai_errors import error_body
+from atlas.openai_errors import denied_body
 from atlas.settings import Settings
 from authz.answer import admitted, decide
 from authz.policy import Authorizer, CheckInput, Verdict
@@ -111,11 +111,7 @@ def answer_denied(d: Denied) -> auth_pb2.CheckResponse:
         denied_response=auth_pb2.DeniedHttpResponse(
             status=http_status_pb2.HttpStatus(code=d.status),
             headers=headers,
-            body=(
-                d.body
-                if d.body is not None
-                else error_body(d.message, type=d.type, code=d.code, param=d.param)
-            ).decode(),
+            body=denied_body(d).decode(),
         ),
     )
 

@@ -7,11 +7,11 @@ repairs any copy that is out of date."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Request, status
 
-from admin.audit import record_change, record_event
+from admin.audit import record_change, record_event, snapshot
 from admin.auth import Admin
 from admin.deps import AdminDep, LedgerDep, OperatorDep
 from admin.owner_schemas import (
@@ -34,10 +34,6 @@ async def get_owner_or_404(ledger: AdminLedger, owner_id: str) -> OwnerRecord:
     if owner is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"owner {owner_id!r} not found")
     return owner
-
-
-def _public(owner: OwnerRecord | None) -> dict[str, Any] | None:
-    return None if owner is None else owner.model_dump(mode="json")
 
 
 async def owner_keys(ledger: AdminLedger, owner_id: str) -> list[KeyRecord]:
@@ -78,7 +74,7 @@ async def create_owner(
     if not await ledger.create_owner(owner):
         raise HTTPException(status.HTTP_409_CONFLICT, f"owner {owner.id!r} exists")
     await record_event(
-        ledger, request, who, "owner.create", subject=owner.id, before=None, after=_public(owner)
+        ledger, request, who, "owner.create", subject=owner.id, before=None, after=snapshot(owner)
     )
     return OwnerPublic.of(owner, datetime.now(UTC), 0)
 
@@ -124,8 +120,8 @@ async def update_owner(
         who,
         "owner.update",
         subject=owner.id,
-        before=_public(old),
-        after=_public(owner),
+        before=snapshot(old),
+        after=snapshot(owner),
     )
     recs, _ = await sync_keys(ledger, request, who, owner)
     return OwnerPublic.of(owner, datetime.now(UTC), len(recs))
@@ -144,7 +140,7 @@ async def delete_owner(
         )
     await ledger.delete_owner(owner_id)
     await record_event(
-        ledger, request, who, "owner.delete", subject=owner.id, before=_public(owner), after=None
+        ledger, request, who, "owner.delete", subject=owner.id, before=snapshot(owner), after=None
     )
 
 

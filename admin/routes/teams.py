@@ -4,11 +4,11 @@ team with keys is refused), and the team's usage over all its keys."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Request, status
 
-from admin.audit import record_event
+from admin.audit import record_event, snapshot
 from admin.deps import AdminDep, LedgerDep, OperatorDep
 from admin.routes.usage import window_out
 from admin.team_schemas import TeamCreate, TeamList, TeamPublic, TeamUpdate, TeamUsageOut
@@ -26,10 +26,6 @@ async def get_team_or_404(ledger: AdminLedger, team_id: str) -> TeamRecord:
     return team
 
 
-def _public(team: TeamRecord | None) -> dict[str, Any] | None:
-    return None if team is None else team.model_dump(mode="json")
-
-
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=TeamPublic)
 async def create_team(
     body: TeamCreate, who: OperatorDep, ledger: LedgerDep, request: Request
@@ -41,7 +37,7 @@ async def create_team(
     except ValueError as exc:
         raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
     await record_event(
-        ledger, request, who, "team.create", subject=team.id, before=None, after=_public(team)
+        ledger, request, who, "team.create", subject=team.id, before=None, after=snapshot(team)
     )
     return TeamPublic.of(team)
 
@@ -85,7 +81,7 @@ async def update_team(
         {**team.model_dump(), **changes, "updated_at": datetime.now(UTC)}
     )
     await ledger.put_team(updated)
-    before, after = _public(team), _public(updated)
+    before, after = snapshot(team), snapshot(updated)
     await record_event(
         ledger, request, who, "team.update", subject=team.id, before=before, after=after
     )
@@ -101,7 +97,7 @@ async def delete_team(team_id: str, who: OperatorDep, ledger: LedgerDep, request
     except ValueError as exc:
         raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
     await record_event(
-        ledger, request, who, "team.delete", subject=team.id, before=_public(team), after=None
+        ledger, request, who, "team.delete", subject=team.id, before=snapshot(team), after=None
     )
 
 

@@ -222,13 +222,19 @@ class Conn:
         return cast(list[Any], await self.call(what, run))
 
     def ok_rows(self, what: str, key_ids: Sequence[str], rows: Sequence[Any]) -> list[Any]:
-        """The rows of `run_per_key` whose script ran; a script that failed on its input is
-        logged and left out, a server that did not run it raises `LedgerUnavailable` (a
-        later pass retries)."""
+        """The rows of `run_per_key` whose script ran (see `ok_keyed_rows`)."""
+        return [row for _, row in self.ok_keyed_rows(what, key_ids, rows)]
+
+    def ok_keyed_rows(
+        self, what: str, key_ids: Sequence[str], rows: Sequence[Any]
+    ) -> list[tuple[str, Any]]:
+        """(key id, row) of each script of `run_per_key` that ran; a script that failed on its
+        input is logged and left out, a server that did not run it raises
+        `LedgerUnavailable` (a later pass retries)."""
         ok = []
         for key_id, row in zip(key_ids, rows, strict=True):
             if not isinstance(row, BaseException):
-                ok.append(row)
+                ok.append((key_id, row))
             elif not script_error(row):
                 raise LedgerUnavailable(f"{what} {key_id}: {row}") from row
             else:

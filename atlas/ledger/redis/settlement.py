@@ -118,9 +118,10 @@ class RedisSettlements:
         args: list[Any] = self._reap.args(self._zones.text(None), charge=charge)
         calls = [(self._reap.keys(k), args) for k in key_ids]
         rows = await self._c.run_per_key("reap", self._scripts.reap, calls)
-        ok_ids = [k for k, r in zip(key_ids, rows, strict=True) if not isinstance(r, BaseException)]
-        ok = self._c.ok_rows("reap", key_ids, rows)
-        return ReapCodec.totals(ok, failed_keys=len(rows) - len(ok), key_ids=ok_ids)
+        ok = self._c.ok_keyed_rows("reap", key_ids, rows)
+        return ReapCodec.totals(
+            [row for _, row in ok], failed_keys=len(rows) - len(ok), key_ids=[k for k, _ in ok]
+        )
 
     async def try_lock(self, name: str, owner: str, ttl_ms: int) -> bool:
         """A lease held by one process among replicas until `ttl_ms` passes."""
