@@ -108,7 +108,9 @@ def usage_from_obj(obj: object) -> Usage | None:
     total = _count(obj.get("total_tokens"))
     if prompt is None and completion is None and total is None:
         return None
-    if total is None and "input_tokens" in obj and "total_tokens" not in obj:
+    # Anthropic's shape only when its input count is one: an unreadable `input_tokens` beside
+    # OpenAI's `prompt_tokens` must not lose the prompt count read above.
+    if total is None and "total_tokens" not in obj and _count(obj.get("input_tokens")) is not None:
         return anthropic_usage(obj)
     return Usage(
         prompt,

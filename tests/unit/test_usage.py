@@ -18,7 +18,7 @@ from extproc.json_usage import JsonBodyAccountant
 from extproc.sse import Event, SSEDecoder
 from extproc.stream_usage import StreamAccountant
 from extproc.text import MAX_KEPT_TEXT
-from extproc.usage import Endpoint, Usage, endpoint_for_path
+from extproc.usage import Endpoint, Usage, endpoint_for_path, usage_from_obj
 from tests.unit.usage_helpers import usage_from_json
 
 STREAMS_DIR = Path(__file__).resolve().parents[1] / "data" / "streams"
@@ -618,6 +618,14 @@ JSON_VALUES = st.recursive(
     ),
     max_leaves=30,
 )
+
+
+def test_an_unreadable_input_count_keeps_the_prompt_count() -> None:
+    """Found by the property below: `input_tokens` that is not a count sent usage down
+    Anthropic's path, which read nothing and returned a usage without any count."""
+    assert usage_from_obj({"prompt_tokens": 5, "input_tokens": "x"}) == Usage(5, None, None)
+    assert usage_from_obj({"output_tokens": 3, "input_tokens": None}) == Usage(None, 3, None)
+    assert usage_from_obj({"input_tokens": 4, "output_tokens": 2}) == Usage(4, 2, 6)
 
 
 def assert_valid_usage(usage: Usage | None) -> None:
