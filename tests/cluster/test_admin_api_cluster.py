@@ -5,6 +5,6 @@ from __future__ import annotations
 
 from tests.cluster.conftest import reuse_tests
 from tests.integration import test_admin_api
-from tests.integration.test_admin_api import api as api  # the module's fixture
+from tests.integration.conftest import api as api  # the admin API fixture
 
 globals().update(reuse_tests(test_admin_api))
