@@ -197,6 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(must match the services' ATLAS_SETTLE_FROM_ACCESS_LOG=false)",
     )
     render.add_argument(
+        "--sse-usage",
+        action="store_true",
+        help="Envoy >= 1.40: settle streams whose client asked for usage from the access log, "
+        "read by sse_to_metadata (must match ATLAS_STREAM_USAGE_FROM_ENVOY=true)",
+    )
+    render.add_argument(
         "--providers", metavar="FILE", help="providers file: their clusters and routes"
     )
     render.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate")
@@ -296,6 +302,7 @@ def _render_envoy(ns: argparse.Namespace) -> int:
             model_routes=_model_routes(ns.model_route),
             authz_protocol=ns.authz_protocol,
             access_log_settlement=ns.access_log_settlement,
+            sse_usage=ns.sse_usage,
             providers=providers_config.load(ns.providers) if ns.providers else None,
             listener_tls=tls,
         )

@@ -17,6 +17,7 @@ from atlas.envoy_filters import (
     authz_service,
     ext_proc_filters,
     settlement_access_log,
+    sse_usage_filter,
     usage_filter,
 )
 from atlas.errors import ConfigError
@@ -108,6 +109,9 @@ class EnvoyParams:
     #: Non-streamed completions settled from the gRPC access log (json_to_metadata reads
     #: their usage) instead of an ext_proc stream (Settings.settle_from_access_log).
     access_log_settlement: bool = True
+    #: Streams whose client asked for usage settled from the access log too, their usage read
+    #: by sse_to_metadata (Settings.stream_usage_from_envoy; Envoy >= 1.40, work in progress).
+    sse_usage: bool = False
     #: Upstream providers (atlas/providers): their clusters and header-matched routes.
     providers: ProvidersFile | None = None
     #: TLS on the client listener (PEM files): Envoy's certificate and key, and the CA that
@@ -343,11 +347,12 @@ def render(params: EnvoyParams, template: str = "atlas.yaml.tmpl") -> str:
             for f in [
                 *ext_proc_filters(params),
                 *([usage_filter(params)] if params.access_log_settlement else []),
+                *([sse_usage_filter()] if params.sse_usage else []),
             ]
         ),
         "settlement_access_log_line": (
             "- " + json.dumps(settlement_access_log(params))
-            if params.access_log_settlement or params.providers is not None
+            if params.access_log_settlement or params.sse_usage or params.providers is not None
             else ""
         ),
     }

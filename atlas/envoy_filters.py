@@ -150,6 +150,7 @@ def _proc_is(value_match: dict[str, object], *, invert: bool = False) -> dict[st
 #: The json_to_metadata filter, named as the namespace it writes usage into (the contract's
 #: USAGE_NAMESPACE, which extproc/accesslog.py reads).
 USAGE_FILTER_NAME = USAGE_NAMESPACE
+SSE_USAGE_FILTER_NAME = "envoy.filters.http.sse_to_metadata"
 #: Fields of `usage` lifted, each under its dotted path as the key (a detail object the
 #: response lacks, or a null, writes nothing: json_to_metadata takes it as missing).
 USAGE_FIELDS = (
@@ -189,19 +190,13 @@ def usage_filter(params: EnvoyParams) -> dict[str, object]:
     """json_to_metadata lifting a `json` exchange's `usage` into dynamic metadata for the
     access log; `read` says it saw the whole body (JSON or not)."""
 
-    def rule(field: str) -> dict[str, object]:
-        return {
-            "selectors": [{"key": k} for k in ("usage", *field.split("."))],
-            "on_present": {"metadata_namespace": USAGE_NAMESPACE, "key": field, "type": "NUMBER"},
-        }
-
     read = {"metadata_namespace": USAGE_NAMESPACE, "key": "read", "value": {"number_value": 1}}
     config = {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.json_to_metadata.v3"
         ".JsonToMetadata",
         "response_rules": {
             "rules": [
-                *(rule(f) for f in USAGE_FIELDS),
+                *(_usage_rule(f) for f in USAGE_FIELDS),
                 {
                     "selectors": [{"key": "object"}],
                     "on_present": read,
@@ -229,31 +224,67 @@ def usage_filter(params: EnvoyParams) -> dict[str, object]:
     }
 
 
+def _usage_rule(field: str) -> dict[str, object]:
+    """A json_to_metadata rule: `usage.<field>` as a number under `field` in atlas.usage."""
+    return {
+        "selectors": [{"key": k} for k in ("usage", *field.split("."))],
+        "on_present": {"metadata_namespace": USAGE_NAMESPACE, "key": field, "type": "NUMBER"},
+    }
+
+
+def sse_usage_filter() -> dict[str, object]:
+    """sse_to_metadata (Envoy 1.40, work in progress) lifting an `sse` stream's usage with the
+    same rules: each event's JSON is read, the last `usage` kept (the earlier chunks' `null`
+    writes nothing), for the access log (docs/envoy-notes.md, issue 12)."""
+    parser = {
+        "@type": "type.googleapis.com/envoy.extensions.content_parsers.json.v3.JsonContentParser",
+        "rules": [{"rule": _usage_rule(f)} for f in USAGE_FIELDS],
+    }
+    config = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.sse_to_metadata.v3"
+        ".SseToMetadata",
+        "response_rules": {
+            "content_parser": {"name": "envoy.content_parsers.json", "typed_config": parser},
+            # An event over it is skipped, not failed: a big tool-call chunk is never usage.
+            "max_event_size": 65536,
+        },
+    }
+    skip = _proc_is({"string_match": {"exact": ProcMode.SSE}}, invert=True)
+    return {
+        "name": SSE_USAGE_FILTER_NAME,
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.common.matching.v3.ExtensionWithMatcher",
+            "extension_config": {"name": SSE_USAGE_FILTER_NAME, "typed_config": config},
+            "xds_matcher": {"matcher_list": {"matchers": [{"predicate": skip, "on_match": _SKIP}]}},
+        },
+    }
+
+
 def settlement_access_log(params: EnvoyParams) -> dict[str, object]:
     """The gRPC access log to extproc: many entries per message on one long-lived stream,
-    flushed every 50 ms. It carries `json` exchanges (settled from it, when enabled) and every
-    exchange authz sent to a provider (what the provider answered: cooling, health)."""
-    json_mode = {
-        "metadata_filter": {
-            "matcher": {
-                "filter": AUTHZ_NAMESPACE,
-                "path": [{"key": PROC_HEADER}],
-                "value": {"string_match": {"exact": ProcMode.JSON}},
-            }
-        }
-    }
-    to_provider = {
-        "metadata_filter": {
-            "matcher": {
-                "filter": AUTHZ_NAMESPACE,
-                "path": [{"key": PROVIDER_HEADER}],
-                "value": {"present_match": True},
-            }
-        }
-    }
+    flushed every 50 ms. It carries `json` and `sse` exchanges (settled from it, when enabled)
+    and every exchange authz sent to a provider (what the provider answered: cooling, health)."""
+
+    def logged(key: str, value: dict[str, object]) -> dict[str, object]:
+        matcher = {"filter": AUTHZ_NAMESPACE, "path": [{"key": key}], "value": value}
+        return {"metadata_filter": {"matcher": matcher}}
+
     wanted = [
-        *([json_mode] if params.access_log_settlement else []),
-        *([to_provider] if params.providers is not None else []),
+        *(
+            [logged(PROC_HEADER, {"string_match": {"exact": ProcMode.JSON}})]
+            if params.access_log_settlement
+            else []
+        ),
+        *(
+            [logged(PROC_HEADER, {"string_match": {"exact": ProcMode.SSE}})]
+            if params.sse_usage
+            else []
+        ),
+        *(
+            [logged(PROVIDER_HEADER, {"present_match": True})]
+            if params.providers is not None
+            else []
+        ),
     ]
     common: dict[str, object] = {
         "log_name": "atlas-settlements",
@@ -314,7 +345,8 @@ def ext_proc_filters(params: EnvoyParams) -> list[dict[str, object]]:
         if mode == ProcMode.REWRITE:
             # Run it for `rewrite` and any unknown value; skip it without a grant (a refusal,
             # or nothing admitted) and for the values the others serve.
-            others = "|".join(m for m in (*PROC_FILTER_NAMES, ProcMode.NONE) if m != mode)
+            served = (*PROC_FILTER_NAMES, ProcMode.NONE, *([ProcMode.SSE] * params.sse_usage))
+            others = "|".join(m for m in served if m != mode)
             skips = [
                 _proc_is({"present_match": True}, invert=True),
                 _proc_is({"string_match": {"safe_regex": {"regex": f"^(?:{others})$"}}}),

@@ -80,6 +80,8 @@ class ProcMode:
     - `observe`: nothing on the request changes: no request-phase message; response headers
       and body as they come (a stream whose usage the client asked for itself).
     - `json`: a non-streamed completion that needs no rewrite: only its response body.
+    - `sse`: a stream whose usage the client asked for, with `stream_usage_from_envoy`:
+      Envoy's sse_to_metadata reads its usage for the access log; no ext_proc at all.
     - `none`: nothing to account (global shadow mode refused it before the ledger).
 
     Envoy runs the `rewrite` configuration for any other value, or none: an exchange is
@@ -89,6 +91,7 @@ class ProcMode:
     REWRITE = "rewrite"
     OBSERVE = "observe"
     JSON = "json"
+    SSE = "sse"
     NONE = "none"
 
 
@@ -195,9 +198,10 @@ _USAGE_INJECTED_ROUTES = frozenset(("chat", "completions"))
 _JSON_ROUTES = frozenset(("chat", "completions", "responses"))
 
 
-def proc_mode(grant: Grant, *, route_by_model: bool) -> str:
+def proc_mode(grant: Grant, *, route_by_model: bool, sse_usage: bool = False) -> str:
     """The ext_proc configuration an exchange needs (see `ProcMode`): authz names it for
-    Envoy's matchers; extproc applies it itself when Envoy sends it the request headers."""
+    Envoy's matchers; extproc applies it itself when Envoy sends it the request headers
+    (`sse_usage` False there: a stream that reaches extproc is one it observes)."""
     return proc_mode_for(
         route=grant.route,
         body_parsed=grant.body_parsed,
@@ -207,6 +211,7 @@ def proc_mode(grant: Grant, *, route_by_model: bool) -> str:
         route_by_model=route_by_model,
         continuous_usage=grant.continuous_usage,
         idempotent=bool(grant.idempotency),
+        sse_usage=sse_usage,
     )
 
 
@@ -220,7 +225,9 @@ def proc_mode_for(
     route_by_model: bool,
     continuous_usage: bool = False,
     idempotent: bool = False,
+    sse_usage: bool = False,
 ) -> str:
+    """:param sse_usage: Settings.stream_usage_from_envoy (Envoy reads a stream's usage)."""
     if not body_parsed:
         # Not an LLM body (GET /v1/models, extra endpoints), or one authz could not read:
         # extproc reads it (or, with nothing to read, waits for the response).
@@ -235,4 +242,7 @@ def proc_mode_for(
     if not stream and route in _JSON_ROUTES and not idempotent:
         # An idempotent request's response is kept for its duplicates: extproc must see it.
         return ProcMode.JSON
+    if stream and sse_usage and route in _USAGE_INJECTED_ROUTES and not idempotent:
+        # The client asked for usage (else: rewrite above): its last chunk carries it.
+        return ProcMode.SSE
     return ProcMode.OBSERVE

@@ -264,6 +264,11 @@ class Settings(BaseSettings):
         "(json_to_metadata reads usage; no ext_proc stream); the Envoy bootstrap must match "
         "(atlas render-envoy --no-access-log-settlement). Meshes without it: false",
     )
+    stream_usage_from_envoy: bool = Field(
+        False,
+        description="Opt-in (Envoy >= 1.40's work-in-progress sse_to_metadata): a stream whose "
+        "client asked for usage is settled from the access log (render-envoy --sse-usage)",
+    )
     tokenizer: str = Field(
         "cl100k_base",
         description="tiktoken encoding that counts prompts and unreported completions "

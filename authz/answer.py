@@ -193,5 +193,9 @@ def admitted(v: Verdict, inp: CheckInput, settings: Settings) -> Answer:
         remove_headers=remove,
         client_headers=client,
         grant=grant,
-        proc=proc_mode(grant, route_by_model=bool(settings.model_routes)),
+        proc=proc_mode(
+            grant,
+            route_by_model=bool(settings.model_routes),
+            sse_usage=settings.stream_usage_from_envoy,
+        ),
     )

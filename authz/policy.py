@@ -148,12 +148,7 @@ class Authorizer:
         self._new_id = new_id
         self._clock = clock
         self._prices = PriceBook(settings.model_prices)
-        self._ceilings: dict[str, float] = {
-            "low": settings.ceiling_low,
-            "normal": settings.ceiling_normal,
-            "high": settings.ceiling_high,
-            "critical": settings.ceiling_critical,
-        }
+        self._ceilings = {p: float(getattr(settings, f"ceiling_{p}")) for p in PRIORITIES}
         # `ModelNames.fold` is deterministic for a name once seen (it never forgets one), so
         # its answers can be kept; bounded, since model names are client input.
         self._folded: dict[str, str] = {}
@@ -253,18 +248,19 @@ class Authorizer:
             if route.reads_body
             else 0,
             choices=req.choices if route.generates else 1,
-            # Envoy's access log settles it (ProcMode.JSON without ext_proc): nothing claims it.
-            unattended=self._s.settle_from_access_log
-            and proc_mode_for(
-                route=route.name,
-                body_parsed=req.parsed,
-                stream=req.stream,
-                include_usage=req.include_usage,
-                clamped=False,
-                route_by_model=bool(self._s.model_routes),
-                idempotent=bool(idem),
-            )
-            == ProcMode.JSON,
+            # Envoy's access log settles it (json, sse: no ext_proc): nothing claims it.
+            unattended=self._access_logged(
+                proc_mode_for(
+                    route=route.name,
+                    body_parsed=req.parsed,
+                    stream=req.stream,
+                    include_usage=req.include_usage,
+                    clamped=False,
+                    route_by_model=bool(self._s.model_routes),
+                    idempotent=bool(idem),
+                    sse_usage=self._s.stream_usage_from_envoy,
+                )
+            ),
             end_user_tag=end_user_tag(key, end_user),
             idempotency_tag=idem,
             body_hash=body_hash,
@@ -324,6 +320,10 @@ class Authorizer:
             if principal:
                 return principal_hash(principal)
         return None
+
+    def _access_logged(self, mode: str) -> bool:
+        """Envoy's access log settles this exchange (json when enabled; sse always)."""
+        return mode == ProcMode.SSE or (mode == ProcMode.JSON and self._s.settle_from_access_log)
 
     def _simple_request(self, inp: CheckInput, route: Route) -> LLMRequest | None:
         """What the body asks for, or None when it must be parsed off the event loop;

@@ -187,8 +187,11 @@ def targets(results: Mapping[str, Measured]) -> list[Target]:
     r = results
     hl_a = _get(r, "half-load/atlas")
     ps_a = _get(r, "paced-stream/atlas")
+    ps_sse = _get(r, "usage-paced-stream/sse")
     az = _get(r, "authz/authz")
     chunk = ps_a.cpu["extproc"] / (ps_a.requests * CHUNKS) * 1e6 if ps_a else None
+    sse_chunk = ps_sse.cpu["extproc"] / (ps_sse.requests * CHUNKS) * 1e6 if ps_sse else None
+    opt_in = "opt-in ATLAS_STREAM_USAGE_FROM_ENVOY, the client asks for usage"
     per_core = az.requests / az.cpu["authz"] if az and az.cpu.get("authz") else None
     protocol = az.data.get("protocol", "grpc") if az else "?"
     return [
@@ -267,6 +270,30 @@ def targets(results: Mapping[str, Measured]) -> list[Target]:
             _num,
             f"{protocol} load on authz alone; Checks / authz CPU-seconds",
         ),
+        Target(
+            f"Added time to first byte, median, stream ({opt_in})",
+            _added(r, "usage-single-stream", "ttfb_ms", "p50", "sse"),
+            1.5,
+            False,
+            _ms,
+            "one stream at a time, paced upstream (usage-single-stream phase)",
+        ),
+        Target(
+            f"Streamed max throughput vs bare Envoy ({opt_in})",
+            _vs_bare(r, "usage-stream-max", "sse"),
+            0.15,
+            True,
+            _pct,
+            f"wrk max load, {CHUNKS}-token streams with include_usage",
+        ),
+        Target(
+            f"extproc CPU per streamed chunk ({opt_in})",
+            sse_chunk,
+            50.0,
+            False,
+            _us,
+            f"extproc CPU (settling from the access log) / (streams × {CHUNKS})",
+        ),
     ]
 
 
@@ -320,12 +347,14 @@ PATH_LABELS = (
     ("bare", "bare Envoy"),
     ("floor", "floor: Atlas's Envoy + do-nothing servers"),
     ("atlas", "Envoy + Atlas"),
+    ("sse", "Envoy + Atlas, opt-in stream usage from Envoy"),
 )
 #: "a minus b" rows under a table: (label, a, b).
 DIFF_ROWS = (
     ("**added by Atlas** (Atlas − bare)", "atlas", "bare"),
     ("floor − bare", "floor", "bare"),
     ("**Atlas − floor**", "atlas", "floor"),
+    ("**added by the opt-in** (opt-in − bare)", "sse", "bare"),
 )
 
 
@@ -368,8 +397,8 @@ def _max_table(r: Mapping[str, Measured], phase: str) -> str:
                 _ms(lat["max"]),
                 str(sum(m.data["errors"].values())),
                 _us(m.proxy_us_per_request()) if path != "upstream" else "–",
-                _us(m.python_us_per_request()) if path in ("floor", "atlas") else "–",
-                f"{m.rps / bare.rps:.0%}" if bare and path in ("floor", "atlas") else "–",
+                _us(m.python_us_per_request()) if path in ("floor", "atlas", "sse") else "–",
+                f"{m.rps / bare.rps:.0%}" if bare and path in ("floor", "atlas", "sse") else "–",
                 f"{msgs / m.requests:.1f}" if msgs and m.requests else "–",
                 _slices(m),
             ]
@@ -641,23 +670,26 @@ def _paced_table(r: Mapping[str, Measured], phase: str) -> str:
     return _table(head, rows)
 
 
-def _chunk_lines(r: Mapping[str, Measured]) -> list[str]:
-    a = r.get("paced-stream/atlas")
+def _chunk_lines(
+    r: Mapping[str, Measured], phase: str = "paced-stream", path: str = "atlas"
+) -> list[str]:
+    a = r.get(f"{phase}/{path}")
     if a is None:
         return []
     ext = a.cpu["extproc"]
     n = a.requests
     msgs = _ext_proc_msgs(a)
+    who = "" if phase == "paced-stream" else f"*{dict(PATH_LABELS)[path]}*: "
     lines = [
-        f"- extproc CPU per streamed chunk (all-in): {_us(ext / (n * CHUNKS) * 1e6)} = "
+        f"- {who}extproc CPU per streamed chunk (all-in): {_us(ext / (n * CHUNKS) * 1e6)} = "
         f"{ext:.2f} CPU-s / ({n:,} streams × {CHUNKS} chunks); this includes each stream's "
         "per-request messages (request headers and body, response headers, settlement).",
-        f"- extproc CPU per stream: {_us(ext / n * 1e6)}; Envoy sent extproc "
+        f"- {who}extproc CPU per stream: {_us(ext / n * 1e6)}; Envoy sent extproc "
         f"{msgs / n:.1f} messages per stream"
         + (f" ({_us(ext / msgs * 1e6)} per message)." if msgs else "."),
     ]
     hl = r.get("half-load/atlas")
-    if hl is not None and hl.requests:
+    if hl is not None and hl.requests and path == "atlas":
         per_req = hl.cpu["extproc"] / hl.requests
         marginal = (ext / n - per_req) / CHUNKS
         lines.append(
@@ -666,7 +698,7 @@ def _chunk_lines(r: Mapping[str, Measured]) -> list[str]:
         )
     if a.wall_s:
         lines.append(
-            f"- extproc was busy {_pct(a.util('extproc'))} of one core delivering "
+            f"- {who}extproc was busy {_pct(a.util('extproc'))} of one core delivering "
             f"{n * CHUNKS / a.wall_s:,.0f} chunks/s."
         )
     return lines
@@ -715,7 +747,11 @@ def _cpu_tables(r: Mapping[str, Measured]) -> tuple[str, str]:
         per_req.append(
             [key, f"{m.requests:,}"]
             + [_us(m.us_per_request(n)) if n in names else "" for n in ORDER]
-            + [_us(m.proxy_us_per_request()) if m.path in ("bare", "floor", "atlas") else "–"]
+            + [
+                _us(m.proxy_us_per_request())
+                if m.path in ("bare", "floor", "atlas", "sse")
+                else "–"
+            ]
         )
         util.append(
             [key, f"{m.rps:,.0f}"]
@@ -1043,6 +1079,35 @@ def render(
         "## Paced streams, one at a time (time to first byte without queueing)",
         "",
         _paced_table(results, "single-stream") if "single-stream/bare" in results else "not run",
+        "",
+        "## Streams whose client asks for usage: ext_proc, or the opt-in Envoy path",
+        "",
+        "The same three stream phases with `stream_options.include_usage` (nothing for Atlas "
+        "to strip) on bare Envoy, on the default stack (the `observe` ext_proc filter reads "
+        "every chunk) and on a second stack with `ATLAS_STREAM_USAGE_FROM_ENVOY=true` "
+        "(Envoy's sse_to_metadata lifts the usage, the access log settles it; no ext_proc), "
+        "started for these phases only.",
+        "",
+        f"### Maximum load (wrk, {CHUNKS} chunks)",
+        "",
+        _max_table(results, "usage-stream-max")
+        if "usage-stream-max/bare" in results
+        else "not run",
+        "",
+        f"### Paced, {PACED_CONNECTIONS} at a time",
+        "",
+        _paced_table(results, "usage-paced-stream")
+        if "usage-paced-stream/bare" in results
+        else "not run",
+        "",
+        *_chunk_lines(results, "usage-paced-stream", "atlas"),
+        *_chunk_lines(results, "usage-paced-stream", "sse"),
+        "",
+        "### Paced, one at a time",
+        "",
+        _paced_table(results, "usage-single-stream")
+        if "usage-single-stream/bare" in results
+        else "not run",
         "",
         "## authz alone, with Redis (Valkey)",
         "",

@@ -45,6 +45,7 @@ from bench.shapes import (
     PACED_CONNECTIONS,
     PACED_DELAY_MS,
     STREAM_BODY,
+    STREAM_USAGE_BODY,
 )
 from bench.wrk import WrkResult, run_wrk, write_script
 
@@ -64,6 +65,9 @@ PROXY_PROCS = ("envoy", "authz", "extproc", "valkey", "admin")
 PYTHON_PROCS = ("authz", "extproc", "admin")
 #: Paths with an Envoy in front of the upstream.
 PROXIED = ("bare", "floor", "atlas")
+#: The opt-in stream fast path: a second stack with ATLAS_STREAM_USAGE_FROM_ENVOY=true, up
+#: only for its phases (streams whose client asks for usage), on the same upstream.
+SSE = "sse"
 
 
 class BenchError(RuntimeError):
@@ -145,7 +149,9 @@ class Bench:
         self.bare: Service | None = None
         self.floor: dict[str, Service] = {}
         self.stack: Stack | None = None
+        self.sse_stack: Stack | None = None
         self.key = ""
+        self.sse_key = ""
         self.authz_key = ""
         self.results: dict[str, Measured] = {}
         self.quiet_before: float | None = None  # cores busy before anything started
@@ -212,9 +218,31 @@ class Bench:
         for svc in self.floor.values():
             await svc.start()
 
+    async def start_sse(self) -> None:
+        """The opt-in stack, for its phases only (it idles beside the others otherwise)."""
+        settings = free_port_settings(
+            admin_token=ADMIN_TOKEN,
+            envoy_concurrency=1,
+            upstream=self.upstream_url,
+            stream_usage_from_envoy=True,
+        )
+        self.sse_stack = Stack(settings, out=_Discard())
+        try:
+            await self.sse_stack.start()
+        except ComponentDied:
+            print(self.sse_stack.logs(), file=sys.stderr)
+            raise
+        self.sse_key = await self._create_key("bench-sse", self.sse_stack)
+
+    async def stop_sse(self) -> None:
+        if self.sse_stack is not None:
+            await self.sse_stack.stop()
+            self.sse_stack = None
+
     async def stop(self) -> None:
         # Atlas and the floor first (their Envoys stop sending), then the baseline, then the
         # shared upstream.
+        await self.stop_sse()
         if self.stack is not None:
             await self.stack.stop()
         floor = self.floor
@@ -226,10 +254,11 @@ class Bench:
                 await svc.stop()
         self.tmp.cleanup()
 
-    async def _create_key(self, name: str) -> str:
-        assert self.stack is not None
+    async def _create_key(self, name: str, stack: Stack | None = None) -> str:
+        stack = stack or self.stack
+        assert stack is not None
         async with httpx.AsyncClient(
-            base_url=self.stack.admin_url,
+            base_url=stack.admin_url,
             headers={"authorization": f"Bearer {ADMIN_TOKEN}"},
             timeout=10,
         ) as client:
@@ -247,30 +276,37 @@ class Bench:
                 atlas.setdefault(name.split("-", 1)[0], []).append(child.proc.pid)
         up = [svc.pid for svc in self.upstreams]
         floor = {name: [svc.pid] for name, svc in self.floor.items()}
+        sse: dict[str, list[int]] = {}
+        for name, child in (self.sse_stack.children if self.sse_stack else {}).items():
+            if child.proc is not None:
+                sse.setdefault(name.split("-", 1)[0], []).append(child.proc.pid)
         return {
             "upstream": {"upstream": up},
             "bare": {"envoy": [self.bare.pid], "upstream": up},
             "floor": {**floor, "upstream": up},
             "atlas": {**atlas, "upstream": up},
+            SSE: {**sse, "upstream": up},
         }
 
     def check_alive(self) -> None:
         assert self.stack is not None
-        if self.stack.died is not None and self.stack.died.done():
-            raise BenchError(f"the Atlas stack lost a process: {self.stack.died.result()}")
+        for stack in (self.stack, self.sse_stack):
+            if stack is not None and stack.died is not None and stack.died.done():
+                raise BenchError(f"an Atlas stack lost a process: {stack.died.result()}")
         for svc in (*self.upstreams, self.bare, *self.floor.values()):
             if svc is not None and not svc.alive():
                 raise BenchError(f"{svc.name} exited: {svc.log()}")
 
     # ---- measuring ----------------------------------------------------------------------
     async def envoy_stats(self, path: str) -> dict[str, int]:
-        if path not in PROXIED:
+        if path not in (*PROXIED, SSE):
             return {}
         assert self.stack is not None
         base = {
             "bare": self.bare_admin_url,
             "floor": self.floor_admin_url,
             "atlas": self.stack.envoy_admin_url,
+            SSE: self.sse_stack.envoy_admin_url if self.sse_stack else "",
         }[path]
         async with httpx.AsyncClient(timeout=5) as client:
             r = await client.get(f"{base}/stats", params={"filter": STATS_FILTER})
@@ -337,14 +373,17 @@ class Bench:
         return out
 
     # ---- loads --------------------------------------------------------------------------
-    def _headers(self, paced: bool = False) -> dict[str, str]:
-        h = {"Content-Type": "application/json", "Authorization": f"Bearer {self.key}"}
+    def _headers(self, paced: bool = False, path: str = "atlas") -> dict[str, str]:
+        key = self.sse_key if path == SSE else self.key
+        h = {"Content-Type": "application/json", "Authorization": f"Bearer {key}"}
         if paced:
             h["x-demo-chunk-delay-ms"] = str(PACED_DELAY_MS)
         return h
 
     def url(self, path: str) -> str:
         ports = {"bare": self.bare_port, "floor": self.floor_port, "atlas": self.atlas_port}
+        if self.sse_stack is not None:
+            ports[SSE] = self.sse_stack.settings.proxy_port
         port = ports.get(path)
         return self.upstream_url if port is None else f"http://127.0.0.1:{port}"
 
@@ -395,11 +434,13 @@ class Bench:
     def _serial_load(self, requests: int, idempotency: str) -> Callable[[str, float], Any]:
         return lambda path, _seconds: self._serial(path, requests, idempotency)
 
-    async def _streams(self, path: str, seconds: float, connections: int) -> Any:
+    async def _streams(
+        self, path: str, seconds: float, connections: int, body: Any = STREAM_BODY
+    ) -> Any:
         argv = ["bench.loadgen", "stream", "--port", str(self.port(path))]
         argv += ["--connections", str(connections), "--duration", str(seconds)]
-        argv += ["--body", json.dumps(STREAM_BODY)]
-        for k, v in self._headers(paced=True).items():
+        argv += ["--body", json.dumps(body)]
+        for k, v in self._headers(paced=True, path=path).items():
             if k != "Content-Type":
                 argv += ["--header", f"{k}: {v}"]
         d = await self._loadgen(argv)
@@ -473,11 +514,47 @@ class Bench:
             await self.compare(
                 "single-stream", "loadgen stream", PROXIED, lambda p, t: self._streams(p, t, 1)
             )
+        if only in (None, "stream", SSE):
+            await self._sse_phases(warm)
         if only in (None, "authz"):
             conc = self.args.authz_concurrency
             print("bench: warming up authz (not measured)", flush=True)
             await self._authz(warm, conc)
             await self.compare("authz", "authzload", ("authz",), lambda p, t: self._authz(t, conc))
+
+    def _usage_streams(self, connections: int) -> Callable[[str, float], Any]:
+        return lambda path, seconds: self._streams(path, seconds, connections, STREAM_USAGE_BODY)
+
+    async def _sse_phases(self, warm: float) -> None:
+        """Streams whose client asks for usage: the default path (ext_proc observes them)
+        and the opt-in one (Envoy's sse_to_metadata reads the usage, no ext_proc)."""
+        print("bench: starting the opt-in stack (ATLAS_STREAM_USAGE_FROM_ENVOY=true)", flush=True)
+        await self.start_sse()
+        scripts = {
+            p: write_script(
+                self.workdir / f"usage-{p}.lua",
+                "/v1/chat/completions",
+                STREAM_USAGE_BODY,
+                self._headers(path=p),
+            )
+            for p in ("bare", "atlas", SSE)
+        }
+        paths = ("bare", "atlas", SSE)
+        for p in paths:
+            r = await run_wrk(self.url(p), scripts[p], warm, self.args.connections)
+            if r.error_count:
+                raise BenchError(f"warm-up against {p}: errors {r.errors}\n{r.output}")
+        try:
+            await self.compare(
+                "usage-stream-max", "wrk", paths, lambda p, t: self._wrk(p, scripts[p], t)
+            )
+            for phase, conns in (
+                ("usage-paced-stream", PACED_CONNECTIONS),
+                ("usage-single-stream", 1),
+            ):
+                await self.compare(phase, "loadgen stream", paths, self._usage_streams(conns))
+        finally:
+            await self.stop_sse()
 
 
 # ---- merging the slices of a phase -------------------------------------------------------
@@ -563,7 +640,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--connections", type=int, default=16, help="wrk connections (default 16)")
     p.add_argument("--quick", action="store_true", help="short phases (~1 minute in all)")
     p.add_argument(
-        "--only", choices=("serial", "nonstream", "stream", "authz", "estimation"), default=None
+        "--only",
+        choices=("serial", "nonstream", "stream", SSE, "authz", "estimation"),
+        default=None,
     )
     p.add_argument(
         "--serial-requests",

@@ -9,6 +9,8 @@ HALF = 0.5  # the latency phase runs at this share of Atlas's maximum req/s
 PROMPT = [{"role": "user", "content": "Write one short sentence about benchmarks."}]
 NONSTREAM_BODY = {"model": "demo-small", "max_tokens": 16, "messages": PROMPT}
 STREAM_BODY = {"model": "demo-small", "max_tokens": CHUNKS, "stream": True, "messages": PROMPT}
+#: A stream whose client asks for usage: what the opt-in fast path serves without ext_proc.
+STREAM_USAGE_BODY = {**STREAM_BODY, "stream_options": {"include_usage": True}}
 #: Limits no benchmark can reach (admin/schemas.py bounds rate_per_sec and burst at 1e6).
 KEY_LIMITS = {
     "rate_per_sec": 1e6,

@@ -1,7 +1,8 @@
-"""Settlements from Envoy's gRPC access log: non-streamed completions without an ext_proc stream.
+"""Settlements from Envoy's gRPC access log: completions without an ext_proc stream.
 
 For an exchange authz marked `json` (atlas/grant.py ProcMode), Envoy's json_to_metadata filter
-lifts the response's `usage` into dynamic metadata (`atlas.usage`) and the access logger
+lifts the response's `usage` into dynamic metadata (`atlas.usage`), for one marked `sse` (a
+stream whose client asked for usage, opt-in) sse_to_metadata does, and the access logger
 (`envoy.access_loggers.http_grpc`) sends one entry per request, many per message, on one
 long-lived stream. Measured (issue 12): ~22 µs of Python per request here, against ~950 µs
 for the smallest ext_proc stream.
@@ -102,7 +103,8 @@ def decide(
     authz = md.get(AUTHZ_NAMESPACE)
     if authz is None:
         return None
-    if _string(authz.fields, PROC_HEADER) != ProcMode.JSON:
+    mode = _string(authz.fields, PROC_HEADER)
+    if mode != ProcMode.JSON and mode != ProcMode.SSE:
         return None
     text = _string(authz.fields, GRANT_HEADER)
     grant = Grant.decode(text) if text else None
@@ -114,7 +116,8 @@ def decide(
     cp = entry.common_properties
     status = entry.response.response_code.value if entry.response.HasField("response_code") else 0
     usage = md.get(USAGE_NAMESPACE)
-    read = usage is not None and "read" in usage.fields
+    # sse_to_metadata marks nothing read: its usage numbers, if any, are the last event's.
+    read = usage is not None and ("read" in usage.fields or mode == ProcMode.SSE)
     reached = cp.HasField("time_to_first_upstream_tx_byte")
     flags = cp.response_flags
     completed = not (flags.downstream_connection_termination or flags.downstream_remote_reset)
@@ -144,8 +147,14 @@ def decide(
         return Decision(grant, release=True)  # the upstream never saw it: charged nothing
     body = entry.response.response_body_bytes
     outcome = "completed" if completed and status else "disconnected"
-    # No usage: the prompt the upstream got, and what it answered by its size.
-    completion = tokens_for_chars(body) if status else 0
+    # No usage: the prompt the upstream got, and what it answered by its size; a stream's
+    # size is mostly SSE framing, so it is charged what it reserved (as the reaper would).
+    if not status:
+        completion = 0
+    elif mode == ProcMode.SSE:
+        completion = max(0, grant.reserved - grant.prompt_estimate)
+    else:
+        completion = tokens_for_chars(body)
     s = _settlement(grant, grant.prompt_estimate, completion, False, outcome, prices, models)
     return Decision(grant, s)
 
@@ -200,6 +209,7 @@ class Submit(Protocol):
         s: Settlement,
         grant: Grant,
         *,
+        stream_s: float | None = None,
         status: int = 0,
         latency_ms: float = 0.0,
         started_s: float | None = None,
@@ -248,11 +258,13 @@ class AccessLogSettler(als_pb2_grpc.AccessLogServiceServicer):
                 if d.settlement is not None:
                     cp = entry.common_properties
                     took = cp.time_to_last_downstream_tx_byte
+                    took_s = took.seconds + took.nanos / 1e9
                     self._submit(
                         d.settlement,
                         d.grant,
+                        stream_s=took_s if d.grant.stream else None,
                         status=entry.response.response_code.value,
-                        latency_ms=took.seconds * 1000 + took.nanos / 1e6,
+                        latency_ms=took_s * 1000,
                         started_s=cp.start_time.seconds + cp.start_time.nanos / 1e9,
                     )
                 elif d.release:

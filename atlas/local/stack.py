@@ -209,6 +209,7 @@ class Stack:
                     model_routes=s.model_routes,
                     authz_protocol=s.authz_protocol,
                     access_log_settlement=s.settle_from_access_log,
+                    sse_usage=s.stream_usage_from_envoy,
                     providers=providers_config.load(s.providers_file) if s.providers_file else None,
                     listener_tls=ListenerTls(
                         s.listener_tls_cert_file, s.listener_tls_key_file, s.listener_client_ca_file

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 from atlas.envoy_config import EnvoyParams, render, validate
+from atlas.envoy_filters import PROC_FILTER_NAMES, SSE_USAGE_FILTER_NAME
 from atlas.errors import ConfigError
+from atlas.grant import ProcMode
 
 CASES = {
     "local": EnvoyParams(upstream="http://127.0.0.1:9000"),
@@ -19,6 +24,7 @@ CASES = {
         extproc=[("extproc", 50052)],
         atlas_admin=("admin", 8081),
     ),
+    "stream_usage_from_envoy": EnvoyParams(upstream="http://127.0.0.1:9000", sse_usage=True),
 }
 
 
@@ -27,6 +33,28 @@ def test_rendered_config_validates(name: str, tmp_path: Path) -> None:
     path = tmp_path / f"{name}.yaml"
     path.write_text(render(CASES[name]))
     validate(path)
+
+
+def test_stream_usage_from_envoy_adds_its_filter_access_log_and_ext_proc_skip() -> None:
+    """Opt-in only: sse_to_metadata behind a matcher on `sse`, the access log carrying `sse`
+    exchanges, and the catch-all ext_proc filter skipping them (else it would read them)."""
+
+    def hcm(params: EnvoyParams) -> dict[str, Any]:
+        doc = yaml.safe_load(render(params))
+        chain = doc["static_resources"]["listeners"][0]["filter_chains"][0]
+        return dict(chain["filters"][0]["typed_config"])
+
+    off, on = (
+        hcm(EnvoyParams(upstream="http://127.0.0.1:9000", sse_usage=v)) for v in (False, True)
+    )
+    assert SSE_USAGE_FILTER_NAME not in json.dumps(off) and ProcMode.SSE not in json.dumps(off)
+    (sse,) = [f for f in on["http_filters"] if f["name"] == SSE_USAGE_FILTER_NAME]
+    assert json.dumps({"exact": ProcMode.SSE}) in json.dumps(sse["typed_config"]["xds_matcher"])
+    (log,) = [a for a in on["access_log"] if a["name"] == "envoy.access_loggers.http_grpc"]
+    assert json.dumps({"exact": ProcMode.SSE}) in json.dumps(log["filter"])
+    (rewrite,) = [f for f in on["http_filters"] if f["name"] == PROC_FILTER_NAMES[ProcMode.REWRITE]]
+    skipped = json.dumps(rewrite["typed_config"]["xds_matcher"])
+    assert f"|{ProcMode.SSE})" in skipped or f"({ProcMode.SSE}|" in skipped.replace("?:", "")
 
 
 def test_tls_and_rewrite_are_rendered() -> None:

@@ -34,6 +34,7 @@ def entry(
     body_bytes: int = 0,
     reset: bool = False,
     owner: bool = False,
+    read: bool = True,
 ) -> al.HTTPAccessLogEntry:
     e = al.HTTPAccessLogEntry()
     md = e.common_properties.metadata.filter_metadata
@@ -42,7 +43,7 @@ def entry(
         fields[GRANT_HEADER] = grant.encode()
     md[AUTHZ_NAMESPACE].update(fields)
     if usage is not None:
-        md[USAGE_NAMESPACE].update({"read": 1, **usage})
+        md[USAGE_NAMESPACE].update({"read": 1, **usage} if read else usage)
     if owner:
         md[EXTPROC_NAMESPACE].update({OWNER_KEY: 1})
     if status is not None:
@@ -93,6 +94,27 @@ def test_what_happened_without_usage_decides_the_charge() -> None:
     d = decide(entry(usage={}, body_bytes=401), None, NAMES)
     assert d is not None and d.settlement is not None
     assert (d.settlement.prompt_tokens, d.settlement.completion_tokens) == (9, 101)
+
+
+def test_an_sse_stream_is_settled_from_the_last_usage_or_charged_its_reservation() -> None:
+    """sse_to_metadata marks nothing `read`: the numbers it lifted are the usage; without
+    them a stream's size is SSE framing, so it is charged what it reserved."""
+    sse = {"proc": ProcMode.SSE, "read": False}
+    d = decide(entry(usage={"prompt_tokens": 12, "total_tokens": 20}, **sse), None, NAMES)
+    assert d is not None and d.settlement is not None and d.settlement.exact
+    assert (d.settlement.prompt_tokens, d.settlement.completion_tokens) == (12, 8)
+    for usage in (None, {"prompt_tokens": 12}):  # cut before the usage chunk, or no total
+        d = decide(entry(usage=usage, body_bytes=90_000, **sse), None, NAMES)
+        assert d is not None and d.settlement is not None and not d.settlement.exact
+        assert (d.settlement.prompt_tokens, d.settlement.completion_tokens) == (9, 51)
+    d = decide(entry(usage=None, status=None, reset=True, **sse), None, NAMES)
+    assert d is not None and d.settlement is not None  # hung up before any answer: its prompt
+    assert (d.settlement.prompt_tokens, d.settlement.completion_tokens) == (9, 0)
+    d = decide(entry(usage=None, status=502, **sse), None, NAMES)
+    assert d is not None and d.settlement is not None and d.settlement.outcome == "upstream_error"
+    # A json exchange's numbers without `read` are not trusted as a whole body's usage.
+    d = decide(entry(usage={"prompt_tokens": 12, "total_tokens": 20}, read=False), None, NAMES)
+    assert d is not None and d.settlement is not None and not d.settlement.exact
 
 
 def test_hostile_usage_numbers_fall_back_to_the_estimate() -> None:

@@ -53,3 +53,19 @@ def test_each_exchange_gets_the_ext_proc_configuration_it_needs() -> None:
     ]
     for grant, by_model, mode in cases:
         assert proc_mode(grant, route_by_model=by_model) == mode, (grant, by_model)
+
+
+def test_with_envoy_reading_stream_usage_only_a_client_asked_usage_stream_skips_ext_proc() -> None:
+    stream = replace(BASE, body_parsed=True, stream=True)
+    cases = [
+        (replace(stream, include_usage=True), ProcMode.SSE),
+        (stream, ProcMode.REWRITE),  # Atlas injects include_usage and strips the chunk
+        (replace(stream, include_usage=True, continuous_usage=True), ProcMode.REWRITE),
+        (replace(stream, include_usage=True, granted_completion=9), ProcMode.REWRITE),  # clamp
+        (replace(stream, include_usage=True, idempotency="ab12"), ProcMode.OBSERVE),  # kept
+        (replace(stream, include_usage=True, route="responses"), ProcMode.OBSERVE),
+        (replace(stream, stream=False), ProcMode.JSON),
+    ]
+    for grant, mode in cases:
+        assert proc_mode(grant, route_by_model=False, sse_usage=True) == mode, grant
+    assert proc_mode(cases[0][0], route_by_model=True, sse_usage=True) == ProcMode.REWRITE
