@@ -166,6 +166,10 @@ USAGE_FIELDS = (
 )
 
 
+#: The fields an `sse` stream (chat, completions) reports usage in.
+SSE_USAGE_FIELDS = tuple(f for f in USAGE_FIELDS if not f.startswith(("input", "output")))
+
+
 def _small_response(params: EnvoyParams) -> dict[str, object]:
     """A predicate: the response has a Content-Length json_to_metadata can buffer (it holds the
     whole body, and a body over Envoy's buffer limit would fail the response with a 500)."""
@@ -238,7 +242,8 @@ def sse_usage_filter() -> dict[str, object]:
     writes nothing), for the access log (docs/envoy-notes.md, issue 12)."""
     parser = {
         "@type": "type.googleapis.com/envoy.extensions.content_parsers.json.v3.JsonContentParser",
-        "rules": [{"rule": _usage_rule(f)} for f in USAGE_FIELDS],
+        # Chat and completions streams only (ProcMode.SSE): their names, not Responses'.
+        "rules": [{"rule": _usage_rule(f)} for f in SSE_USAGE_FIELDS],
     }
     config = {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.sse_to_metadata.v3"

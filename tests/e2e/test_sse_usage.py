@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 import openai
+import pytest
 import pytest_asyncio
 
 from atlas.local.stack import Stack
@@ -102,9 +103,9 @@ async def test_a_stream_without_include_usage_keeps_the_ext_proc_path(
 async def test_a_stream_without_usage_is_charged_its_reservation(
     sse_stack: Stack, sse_admin: httpx.AsyncClient
 ) -> None:
-    """Envoy saw no token counts: a client hanging up before the usage chunk, or an upstream
-    that ignores include_usage, is charged what it reserved (never less), and nothing stays
-    reserved."""
+    """Envoy saw no token counts: a client hanging up before the usage chunk, an upstream that
+    ignores include_usage or one that drops the connection mid-stream is charged what it
+    reserved (never less), and nothing stays reserved."""
     key, secret = await _key(sse_admin)
     async with _client(sse_stack, secret) as client:
         stream = await client.chat.completions.create(
@@ -131,9 +132,23 @@ async def test_a_stream_without_usage_is_charged_its_reservation(
             extra_headers={"x-demo-no-usage": "1"},
         )
         chunks = [c async for c in stream]
+        no_usage = (await settled(sse_admin, key["id"]))["daily"]["used"] - hung_up
+        stream = await client.chat.completions.create(
+            model="demo-small",
+            messages=MESSAGES,
+            max_tokens=40,
+            stream=True,
+            stream_options=USAGE,
+            extra_headers={"x-demo-abort-after": "3"},  # the upstream drops the connection
+        )
+        with pytest.raises(openai.APIError):
+            async for _ in stream:
+                pass
     assert chunks and all(c.usage is None for c in chunks)
-    assert hung_up == PROMPT + 200
-    assert (await settled(sse_admin, key["id"]))["daily"]["used"] == hung_up + PROMPT + 30
+    assert (hung_up, no_usage) == (PROMPT + 200, PROMPT + 30)
+    u = await settled(sse_admin, key["id"])
+    assert u["daily"]["used"] == hung_up + no_usage + PROMPT + 40
+    assert u["daily"]["requests"] == 3
 
 
 async def test_an_upstream_error_on_a_stream_is_refunded(
