@@ -22,8 +22,8 @@ A lost entry (extproc down: Envoy drops what it cannot send) leaves the reservat
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
-from typing import Any, Protocol
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
 
 from envoy.data.accesslog.v3 import accesslog_pb2 as al
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
@@ -48,6 +48,7 @@ from atlas.requestlog import RequestRecord
 from atlas.requestlog_writer import RequestLogWriter
 from extproc.providers import ProviderReporter
 from extproc.settlement import settlement_for
+from extproc.settler import Finished
 from extproc.usage import Usage
 
 log = logging.getLogger("atlas.extproc")
@@ -201,28 +202,13 @@ def released_record(entry: al.HTTPAccessLogEntry, g: Grant) -> RequestRecord:
     )
 
 
-class Submit(Protocol):
-    """extproc.server.Settler.submit."""
-
-    def __call__(
-        self,
-        s: Settlement,
-        grant: Grant,
-        *,
-        stream_s: float | None = None,
-        status: int = 0,
-        latency_ms: float = 0.0,
-        started_s: float | None = None,
-    ) -> None: ...
-
-
 class AccessLogSettler(als_pb2_grpc.AccessLogServiceServicer):
     """Envoy's access-log stream: each entry is decided and handed to the settler, or its
     reservation released (batched, like claims)."""
 
     def __init__(
         self,
-        submit: Submit,
+        submit: Callable[[Sequence[Finished]], None],
         release: Callable[[str, str], None],
         *,
         prices: PriceBook | None = None,
@@ -230,7 +216,8 @@ class AccessLogSettler(als_pb2_grpc.AccessLogServiceServicer):
         providers: ProviderReporter | None = None,
         requests: RequestLogWriter | None = None,
     ) -> None:
-        """:param providers: told what each provider-routed request's provider answered.
+        """:param submit: extproc.settler.Settler.submit_many: one message's settlements.
+        :param providers: told what each provider-routed request's provider answered.
         :param requests: where a released request's record goes (settled ones: `submit`)."""
         self._requests = requests
         self._providers = providers
@@ -243,6 +230,7 @@ class AccessLogSettler(als_pb2_grpc.AccessLogServiceServicer):
         self, request_iterator: AsyncIterator[als_pb2.StreamAccessLogsMessage], context: Any
     ) -> als_pb2.StreamAccessLogsResponse:
         async for msg in request_iterator:
+            batch: list[Finished] = []
             for entry in msg.http_logs.log_entry:
                 try:
                     if self._providers is not None:
@@ -259,18 +247,21 @@ class AccessLogSettler(als_pb2_grpc.AccessLogServiceServicer):
                     cp = entry.common_properties
                     took = cp.time_to_last_downstream_tx_byte
                     took_s = took.seconds + took.nanos / 1e9
-                    self._submit(
-                        d.settlement,
-                        d.grant,
-                        stream_s=took_s if d.grant.stream else None,
-                        status=entry.response.response_code.value,
-                        latency_ms=took_s * 1000,
-                        started_s=cp.start_time.seconds + cp.start_time.nanos / 1e9,
+                    batch.append(
+                        Finished(
+                            d.settlement,
+                            d.grant,
+                            stream_s=took_s if d.grant.stream else None,
+                            status=entry.response.response_code.value,
+                            latency_ms=took_s * 1000,
+                            started_s=cp.start_time.seconds + cp.start_time.nanos / 1e9,
+                        )
                     )
                 elif d.release:
                     self._release(d.grant.key_id, d.grant.reservation_id)
                     if self._requests is not None:
                         self._requests.add(released_record(entry, d.grant))
+            self._submit(batch)  # one task and one Redis round trip for the message's entries
         return als_pb2.StreamAccessLogsResponse()
 
     def _report_provider(self, entry: al.HTTPAccessLogEntry) -> None:

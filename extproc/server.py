@@ -26,7 +26,7 @@ from atlas.errors import LedgerUnavailable
 from atlas.grant import AUTHZ_NAMESPACE, GRANT_HEADER, Grant
 from atlas.grpc_service import grpc_server, stop_tasks, wait_for_shutdown
 from atlas.inflight import InflightGauge
-from atlas.ledger.protocol import LedgerInputError, Settlement, Settlements
+from atlas.ledger.protocol import Settlements
 from atlas.ledger.redis import RedisLedger
 from atlas.modelnames import ModelNames
 from atlas.pricing import PriceBook
@@ -39,13 +39,11 @@ from extproc.journal import SettlementJournal
 from extproc.leases import LeaseKeeper
 from extproc.providers import ProviderReporter
 from extproc.reaper import Reaper
-from extproc.settlement import request_record
+from extproc.settler import Settler
 
 log = logging.getLogger("atlas.extproc")
 
 SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
-#: Quick retries (50 ms, 200 ms) ride out a blip; a longer outage goes to the journal.
-SETTLE_RETRIES = 3
 
 
 def grant_of(req: ep.ProcessingRequest) -> Grant | None:
@@ -70,112 +68,6 @@ def _path_of(req: ep.ProcessingRequest, kind: str | None) -> str:
 
 def _headers(msg: Any) -> dict[str, str]:
     return {h.key: (h.raw_value or h.value.encode()).decode("latin-1") for h in msg.headers.headers}
-
-
-class Settler:
-    """Runs settlements as tasks that outlive the gRPC handler. A settlement Redis does not
-    take after a quick retry goes to the on-disk journal, replayed when Redis is back."""
-
-    def __init__(
-        self,
-        ledger: Settlements,
-        *,
-        journal: SettlementJournal | None = None,
-        inflight: InflightGauge | None = None,
-        providers: ProviderReporter | None = None,
-        requests: RequestLogWriter | None = None,
-        sleep: Callable[[float], Any] = asyncio.sleep,
-    ) -> None:
-        self._ledger = ledger
-        self._requests = requests
-        self._journal = journal
-        self._inflight = inflight
-        self._providers = providers
-        self._sleep = sleep
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    def submit(
-        self,
-        s: Settlement,
-        grant: Grant | None,
-        *,
-        stream_s: float | None = None,
-        status: int = 0,
-        latency_ms: float = 0.0,
-        started_s: float | None = None,
-    ) -> None:
-        """:param stream_s: for a streamed response, how long it streamed (None: not one).
-        :param status: the HTTP status the client got; `latency_ms`: how long the exchange
-        took, `started_s` when it started (epoch s, if known): the request log's."""
-        if self._requests is not None:
-            now = time.time()
-            self._requests.add(
-                request_record(
-                    s, grant, status=status, latency_ms=latency_ms, now_s=now, started_s=started_s
-                )
-            )
-        task = asyncio.create_task(self._settle(s, grant, stream_s))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _settle(self, s: Settlement, grant: Grant | None, stream_s: float | None) -> None:
-        delay = 0.05
-        for attempt in range(SETTLE_RETRIES):
-            try:
-                result = await self._ledger.settle(s)
-                break
-            except LedgerUnavailable as exc:
-                metrics.LEDGER_ERRORS.labels(service="extproc", op="settle").inc()
-                if attempt == SETTLE_RETRIES - 1:
-                    if self._journal is not None and self._journal.append(s):
-                        log.warning("settle %s journaled: %s", s.reservation_id, exc)
-                    else:  # the reservation's TTL makes the reaper charge it
-                        log.error("settle %s left to the reaper: %s", s.reservation_id, exc)
-                    return
-                await self._sleep(delay)
-                delay *= 4
-            except LedgerInputError as exc:
-                # Numbers no ledger takes (beyond atlas.limits): retrying or journaling cannot
-                # help. The claimed reservation is no longer renewed: the reaper charges it.
-                metrics.SETTLEMENTS.labels(
-                    outcome=s.outcome, source="exact" if s.exact else "estimated", status="rejected"
-                ).inc()
-                log.error("settle %s rejected, left to the reaper: %s", s.reservation_id, exc)
-                return
-        if (
-            self._inflight is not None
-            and result.status in ("settled", "malformed")
-            and grant is not None
-            and not grant.degraded
-        ):
-            self._inflight.add(-grant.reserved)
-        source = "exact" if s.exact else "estimated"
-        metrics.SETTLEMENTS.labels(outcome=s.outcome, source=source, status=result.status).inc()
-        if result.status == "duplicate":
-            return
-        if self._providers is not None and grant is not None and grant.provider:
-            self._providers.settled(s, grant)
-        metrics.REQUESTS.labels(key_id=s.key_id, model=s.model, outcome=s.outcome).inc()
-        tokens = metrics.TOKENS_USED.labels
-        tokens(key_id=s.key_id, model=s.model, kind="prompt").inc(s.prompt_tokens)
-        tokens(key_id=s.key_id, model=s.model, kind="completion").inc(s.completion_tokens)
-        # The parts: a series only for keys and models that report them.
-        if s.cached_tokens:
-            tokens(key_id=s.key_id, model=s.model, kind="cached").inc(s.cached_tokens)
-        if s.cache_write_tokens:
-            tokens(key_id=s.key_id, model=s.model, kind="cache_write").inc(s.cache_write_tokens)
-        if s.reasoning_tokens:
-            tokens(key_id=s.key_id, model=s.model, kind="reasoning").inc(s.reasoning_tokens)
-        if result.refunded:
-            metrics.TOKEN_REFUNDS.labels(key_id=s.key_id, reason=s.outcome).inc(result.refunded)
-        if stream_s is not None:
-            metrics.STREAMING_REQUESTS.labels(key_id=s.key_id, model=s.model).inc()
-            if stream_s >= 0:
-                metrics.STREAMING_DURATION.observe(stream_s)
-
-    async def drain(self) -> None:
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
 _PASS_THROUGH: dict[str, Callable[[], Any]] = {
@@ -372,7 +264,7 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
         keep_max=settings.idempotency_max_response_bytes,
     )
     access_log = AccessLogSettler(
-        settler.submit,
+        settler.submit_many,
         leases.abandon,
         prices=PriceBook(settings.model_prices),
         models=ModelNames.from_settings(settings),

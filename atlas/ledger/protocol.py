@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from atlas import limits
+from atlas.errors import LedgerUnavailable
 from atlas.keymodel import KeyRecord
 from atlas.settings import Priority
 from atlas.windows import Zone
@@ -105,6 +106,10 @@ class SettleResult:
     status: str  # settled | duplicate | late | unreserved | malformed
     charged: int
     refunded: int
+
+
+#: One settlement's end in a batch (`Settlements.settle_many`).
+SettleOutcome = SettleResult | LedgerInputError | LedgerUnavailable
 
 
 @dataclass(slots=True, frozen=True)
@@ -233,6 +238,12 @@ class Settlements(Protocol):
 
     async def settle(self, s: Settlement) -> SettleResult: ...
 
+    async def settle_many(self, ss: Sequence[Settlement]) -> list[SettleOutcome]:
+        """Each settlement's result in one round trip, or its own `LedgerInputError` or
+        `LedgerUnavailable` (that script alone failed).
+        :raises LedgerUnavailable: no answer (some may have run: a retry is `duplicate`)."""
+        ...
+
     async def reap(self, key_id: str, *, charge: bool = True) -> tuple[int, int]: ...
 
     async def flush_history(self) -> None:
@@ -343,6 +354,8 @@ class Ledger(Protocol):
     async def admit(self, rec: KeyRecord, req: AdmitRequest) -> Admission: ...
 
     async def settle(self, s: Settlement) -> SettleResult: ...
+
+    async def settle_many(self, ss: Sequence[Settlement]) -> list[SettleOutcome]: ...
 
     async def release(self, releases: Mapping[str, Collection[str]]) -> int: ...
 

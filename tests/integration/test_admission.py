@@ -11,7 +11,7 @@ import redis
 
 from atlas.keymodel import KeyRecord
 from atlas.ledger import keys
-from atlas.ledger.protocol import AdmitRequest, Settlement
+from atlas.ledger.protocol import AdmitRequest, Settlement, SettleResult
 from atlas.ledger.redis import RedisLedger
 from atlas.settings import Settings
 from atlas.windows import window_names
@@ -227,3 +227,29 @@ async def test_invariants_under_concurrency(
         a.reserved for _, a in left_open
     )
     assert all(v >= 0 for v in w.values())
+
+
+async def test_a_batch_of_settlements_runs_in_one_round_trip_each_on_its_own(
+    ledger: RedisLedger, redis_sync: redis.Redis
+) -> None:
+    """settle_many (one access-log message): every settlement as settle would do it, one
+    refused input or a duplicate leaves the others alone, and scripts a restart flushed are
+    loaded again."""
+    a, b = key(), key_record("b" * 20, id="key_b")
+    for rec, rid in ((a, "r1"), (a, "r2"), (b, "r3")):
+        assert (await ledger.admit(rec, req(rid))).admitted
+    redis_sync.script_flush()  # a restarted server: every EVALSHA of the batch is unknown
+    hostile = Settlement(a.id, "r2", 10**15, 1, "m", True, "completed")  # beyond atlas.limits
+    got = await ledger.settle_many([settle(a, "r1", 10, 5), hostile, settle(b, "r3", 7, 3)])
+    assert [getattr(r, "status", type(r).__name__) for r in got] == [
+        "settled",
+        "LedgerInputError",
+        "settled",
+    ]
+    (again,) = await ledger.settle_many([settle(a, "r1", 10, 5)])  # a retried batch
+    assert isinstance(again, SettleResult) and again.status == "duplicate"
+    day = window_names(int(time.time())).day
+    assert window(redis_sync, a, "d", day)["used"] == 15
+    assert window(redis_sync, b, "d", day)["used"] == 10
+    assert open_reserved(redis_sync, a) == 100  # r2 is still reserved: the reaper's
+    assert await ledger.settle_many([]) == []

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 
 from atlas.errors import LedgerUnavailable
 from atlas.keymodel import KeyRecord
@@ -12,6 +12,7 @@ from atlas.ledger.protocol import (
     KeyUsage,
     Ledger,
     Settlement,
+    SettleOutcome,
     SettleResult,
     Window,
 )
@@ -77,6 +78,9 @@ class FakeLedger:
         self._check()
         self.settlements.append(s)
         return SettleResult("settled", s.prompt_tokens + s.completion_tokens, 0)
+
+    async def settle_many(self, ss: Sequence[Settlement]) -> list[SettleOutcome]:
+        return [await self.settle(s) for s in ss]
 
     async def release(self, releases: Mapping[str, Collection[str]]) -> int:
         self._check()

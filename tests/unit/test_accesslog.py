@@ -131,11 +131,11 @@ def test_hostile_usage_numbers_fall_back_to_the_estimate() -> None:
 
 
 def test_the_stream_settles_each_entry_and_survives_a_bad_one() -> None:
-    settled: list[Any] = []
+    batches: list[list[Any]] = []
     released: list[tuple[str, str]] = []
     writer = RequestLogWriter(Store(), service="test")
     svc = AccessLogSettler(
-        lambda s, g, **_: settled.append(s),
+        lambda batch: batches.append([f.settlement for f in batch]),
         lambda k, r: released.append((k, r)),
         requests=writer,
     )
@@ -149,12 +149,19 @@ def test_the_stream_settles_each_entry_and_survives_a_bad_one() -> None:
     gone.common_properties.ClearField("time_to_first_upstream_tx_byte")
     gone.response.ClearField("response_code")
     msg.http_logs.log_entry.extend([good, bad, gone])
+    again = als_pb2.StreamAccessLogsMessage()
+    again.http_logs.log_entry.extend([good, good])
 
     async def messages() -> Any:
         yield msg
+        yield again
 
     asyncio.run(svc.StreamAccessLogs(messages(), None))
-    assert [(s.reservation_id, s.prompt_tokens) for s in settled] == [("r1", 1)]
+    # One batch per message: its settled entries, handed over together.
+    assert [[(s.reservation_id, s.prompt_tokens) for s in b] for b in batches] == [
+        [("r1", 1)],
+        [("r1", 1), ("r1", 1)],
+    ]
     assert released == [("k2", "r2")]
     # The released request is in the request log, charged nothing.
     assert writer.pending == 1

@@ -194,7 +194,8 @@ async def test_response_body_messages_are_all_counted_in_batches() -> None:
     from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
     from google.protobuf import struct_pb2
 
-    from extproc.server import BODY_COUNT_BATCH, MESSAGES, ExternalProcessor, Settler
+    from extproc.server import BODY_COUNT_BATCH, MESSAGES, ExternalProcessor
+    from extproc.settler import Settler
     from tests.unit.fakes import FakeLedger
 
     md = struct_pb2.Struct()

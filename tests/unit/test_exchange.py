@@ -374,7 +374,8 @@ async def test_a_thousand_model_names_make_at_most_max_tracked_plus_two_labels()
 
     from atlas import metrics
     from atlas.modelnames import ModelNames
-    from extproc.server import ExternalProcessor, Settler
+    from extproc.server import ExternalProcessor
+    from extproc.settler import Settler
     from tests.unit.fakes import FakeLedger
 
     ledger = FakeLedger()

@@ -4,19 +4,28 @@ ext_proc exchange to the journal and the metrics, without Redis."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from atlas import metrics
+from atlas.errors import LedgerUnavailable
 from atlas.grant import Grant
-from atlas.ledger.protocol import LedgerInputError, Settlement, check_settlement
+from atlas.ledger.protocol import (
+    LedgerInputError,
+    Settlement,
+    SettleOutcome,
+    SettleResult,
+    check_settlement,
+)
 from atlas.pricing import ModelPrice, PriceBook
 from extproc.exchange import Exchange
 from extproc.journal import SettlementJournal
-from extproc.server import Settler
 from extproc.settlement import settlement_for
+from extproc.settler import Finished, Settler
 from extproc.usage import Usage
 from tests.unit.fakes import FakeLedger
 
@@ -185,3 +194,59 @@ async def test_metrics_count_tokens_by_kind() -> None:
     }
     # A key whose upstream reports no parts gets no series for them.
     assert _tokens("key_plain") == {"prompt": 100, "completion": 40}
+
+
+class FlakyBatches(FakeLedger):
+    """settle_many answers from a script: each entry a whole-batch outage or per-item ends."""
+
+    def __init__(self, script: list[Any]) -> None:
+        super().__init__()
+        self.script = script
+        self.calls: list[list[str]] = []
+
+    async def settle_many(self, ss: Sequence[Settlement]) -> list[SettleOutcome]:
+        self.calls.append([s.reservation_id for s in ss])
+        step = self.script.pop(0) if self.script else None
+        if isinstance(step, LedgerUnavailable):
+            raise step
+        out: list[SettleOutcome] = []
+        for s in ss:
+            end = (step or {}).get(s.reservation_id)
+            out.append(end if end is not None else SettleResult("settled", 1, 0))
+        return out
+
+
+def _batch(*rids: str) -> list[Finished]:
+    return [Finished(replace(settle(None), reservation_id=r), None) for r in rids]
+
+
+async def test_a_batch_retries_only_what_redis_did_not_take_then_journals_it(
+    tmp_path: Path,
+) -> None:
+    slept: list[float] = []
+
+    async def sleep(s: float) -> None:
+        slept.append(s)
+
+    # One settlement's script met a busy server, one was refused: only the first is retried.
+    ledger = FlakyBatches([{"a": LedgerUnavailable("BUSY"), "b": LedgerInputError("big")}])
+    settler = Settler(ledger, sleep=sleep)
+    settler.submit_many(_batch("a", "b", "c"))
+    await settler.drain()
+    assert ledger.calls == [["a", "b", "c"], ["a"]] and slept == [0.05]
+    # Redis gone for every attempt: the whole batch goes to the journal, once each.
+    journal = SettlementJournal(tmp_path / "j.jsonl", max_bytes=1 << 20)
+    down = LedgerUnavailable("down")
+    ledger = FlakyBatches([down, down, down])
+    settler = Settler(ledger, journal=journal, sleep=sleep)
+    settler.submit_many(_batch("d", "e"))
+    await settler.drain()
+    assert len(ledger.calls) == 3
+    kept: list[str] = []
+
+    async def replay(s: Settlement) -> SettleResult:
+        kept.append(s.reservation_id)
+        return SettleResult("settled", 1, 0)
+
+    await journal.replay(replay)
+    assert kept == ["d", "e"]

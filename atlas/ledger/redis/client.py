@@ -95,29 +95,44 @@ class ScriptLane:
         :raises TimeoutError: no connection free, or no reply, within the timeout.
         :raises ResponseError: the server's error reply (the connection stays usable).
         """
+        (reply,) = await self.call_many((command,))
+        if isinstance(reply, ResponseError):
+            raise reply
+        return reply
+
+    async def call_many(self, commands: Sequence[bytes]) -> list[Any]:
+        """The replies to `commands`, pipelined: one write, then each reply in order; an
+        error reply is its `ResponseError` in the list (the others still ran)."""
         if self._free.locked():
-            try:
-                async with asyncio.timeout(self._timeout_s):
-                    await self._free.acquire()
-            except TimeoutError:
-                raise RedisConnectionError("No connection available.") from None
+            await self._acquire()
         else:
             await self._free.acquire()  # returns at once
         conn = self._idle.pop() if self._idle else self._connect()
+        replies: list[Any] = []
         try:
             async with asyncio.timeout(self._timeout_s):
                 if conn.is_connected and await _stale(conn):
                     await conn.disconnect()  # send_packed_command connects it again
-                await conn.send_packed_command(command)
-                return await conn.read_response()
-        except ResponseError:
-            raise
+                await conn.send_packed_command(b"".join(commands))
+                for _ in commands:
+                    try:
+                        replies.append(await conn.read_response())
+                    except ResponseError as exc:
+                        replies.append(exc)
+            return replies
         except BaseException:
             await conn.disconnect(nowait=True)
             raise
         finally:
             self._idle.append(conn)
             self._free.release()
+
+    async def _acquire(self) -> None:
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                await self._free.acquire()
+        except TimeoutError:
+            raise RedisConnectionError("No connection available.") from None
 
     def _connect(self) -> Any:
         conn = self._connection_class(**self._kwargs)
@@ -196,6 +211,19 @@ class Conn:
             # as redis-py's Script object does.
             await self.r.script_load(script.script)
             return await self.lane.call(command)
+
+    async def run_lane_many(self, script: Any, commands: Sequence[bytes]) -> list[Any]:
+        """`commands` (EVALSHAs of `script`) pipelined over the lane; each reply, or its error."""
+        assert self.lane is not None
+        replies = await self.lane.call_many(commands)
+        lost = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+        if lost:  # none of those ran: load the script and run them once more
+            await self.r.script_load(script.script)
+            for i, r in zip(
+                lost, await self.lane.call_many([commands[i] for i in lost]), strict=True
+            ):
+                replies[i] = r
+        return replies
 
     async def run_per_key(
         self, what: str, script: Any, calls: Sequence[tuple[list[str], list[Any]]]

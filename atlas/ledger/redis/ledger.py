@@ -25,6 +25,7 @@ from atlas.ledger.protocol import (
     ReapTotals,
     Settlement,
     Settlements,
+    SettleOutcome,
     SettleResult,
     Window,
 )
@@ -139,6 +140,9 @@ class RedisLedger:
     # ---- Settlements and Reaping -------------------------------------------------------
     async def settle(self, s: Settlement) -> SettleResult:
         return await self.settlements.settle(s)
+
+    async def settle_many(self, ss: Sequence[Settlement]) -> list[SettleOutcome]:
+        return await self.settlements.settle_many(ss)
 
     async def flush_history(self) -> None:
         await self.settlements.flush_history()

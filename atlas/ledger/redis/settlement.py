@@ -4,14 +4,24 @@ whose stream never settled, under a lease one replica holds (`Settlements`, `Rea
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from typing import Any
 
+from redis.exceptions import ResponseError
+
 from atlas.errors import LedgerUnavailable
 from atlas.ledger import keys
-from atlas.ledger.protocol import ReapTotals, Settlement, SettleResult, check_settlement
-from atlas.ledger.redis.client import Conn
+from atlas.ledger.protocol import (
+    LedgerInputError,
+    ReapTotals,
+    Settlement,
+    SettleOutcome,
+    SettleResult,
+    check_settlement,
+)
+from atlas.ledger.redis.client import Conn, script_error
 from atlas.ledger.redis.scripts import ReapCodec, Scripts, SettleCodec, evalsha
 from atlas.ledger.redis.zones import Zones
 from atlas.settings import Settings
@@ -57,6 +67,41 @@ class RedisSettlements:
         if result.status in ("settled", "unreserved", "late", "malformed"):
             await self._record_shared_history(s, hour=hour, counted=result.status != "late")
         return result
+
+    async def settle_many(self, ss: Sequence[Settlement]) -> list[SettleOutcome]:
+        """One access-log message's settlements: pipelined over the lane on a plain server
+        (one write, one read for all), concurrently in a cluster (redis-py routes each)."""
+        out: list[SettleOutcome | None] = [None] * len(ss)
+        todo: list[int] = []
+        for i, s in enumerate(ss):
+            try:
+                check_settlement(s)
+                todo.append(i)
+            except LedgerInputError as exc:
+                out[i] = exc
+        if self._c.lane is None:
+            got = await asyncio.gather(*(self.settle(ss[i]) for i in todo), return_exceptions=True)
+            for i, r in zip(todo, got, strict=True):
+                if not isinstance(r, SettleResult | LedgerInputError | LedgerUnavailable):
+                    raise r
+                out[i] = r
+            return [r for r in out if r is not None]
+        script, zone = self._scripts.settle, self._zones.text(None)
+        commands = [
+            evalsha(script.sha, self._settle.keys(ss[i].key_id), self._settle.args(ss[i], zone))
+            for i in todo
+        ]
+        replies = await self._c.call("settle", lambda: self._c.run_lane_many(script, commands))
+        for i, reply in zip(todo, replies, strict=True):
+            if isinstance(reply, ResponseError):  # that script alone
+                bad = LedgerInputError if script_error(reply) else LedgerUnavailable
+                out[i] = bad(f"settle {ss[i].reservation_id}: {reply}")
+                continue
+            result, hour = self._settle.decode(reply)
+            if result.status in ("settled", "unreserved", "late", "malformed"):
+                await self._record_shared_history(ss[i], hour=hour, counted=result.status != "late")
+            out[i] = result
+        return [r for r in out if r is not None]
 
     async def _record_shared_history(self, s: Settlement, *, hour: str, counted: bool) -> None:
         """Per-model and global hourly history: other hash tags, so not inside settle.lua.
