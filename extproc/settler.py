@@ -26,6 +26,9 @@ log = logging.getLogger("atlas.extproc")
 
 #: Quick retries (50 ms, 200 ms) ride out a blip; a longer outage goes to the journal.
 SETTLE_RETRIES = 3
+#: Settlements per round trip: an access-log message holds ~16 KiB of entries (a few dozen),
+#: so this only bounds one Redis pipeline (and its time budget) whatever Envoy sends.
+MAX_BATCH = 256
 
 
 @dataclass(slots=True)
@@ -93,9 +96,10 @@ class Settler:
                         started_s=f.started_s,
                     )
                 )
-        task = asyncio.create_task(self._settle(list(batch)))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        for i in range(0, len(batch), MAX_BATCH):
+            task = asyncio.create_task(self._settle(list(batch[i : i + MAX_BATCH])))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     async def _settle(self, pending: list[Finished]) -> None:
         delay = 0.05

@@ -25,7 +25,7 @@ from atlas.pricing import ModelPrice, PriceBook
 from extproc.exchange import Exchange
 from extproc.journal import SettlementJournal
 from extproc.settlement import settlement_for
-from extproc.settler import Finished, Settler
+from extproc.settler import MAX_BATCH, Finished, Settler
 from extproc.usage import Usage
 from tests.unit.fakes import FakeLedger
 
@@ -234,6 +234,12 @@ async def test_a_batch_retries_only_what_redis_did_not_take_then_journals_it(
     settler.submit_many(_batch("a", "b", "c"))
     await settler.drain()
     assert ledger.calls == [["a", "b", "c"], ["a"]] and slept == [0.05]
+    # However many Envoy sends at once, one round trip carries at most MAX_BATCH.
+    ledger = FlakyBatches([])
+    many = Settler(ledger)
+    many.submit_many(_batch(*(f"r{i}" for i in range(MAX_BATCH + 3))))
+    await many.drain()
+    assert [len(c) for c in ledger.calls] == [MAX_BATCH, 3]
     # Redis gone for every attempt: the whole batch goes to the journal, once each.
     journal = SettlementJournal(tmp_path / "j.jsonl", max_bytes=1 << 20)
     down = LedgerUnavailable("down")
