@@ -113,7 +113,9 @@ class ScriptLane:
             async with asyncio.timeout(self._timeout_s):
                 if conn.is_connected and await _stale(conn):
                     await conn.disconnect()  # send_packed_command connects it again
-                await conn.send_packed_command(b"".join(commands))
+                # No PING first after 30 s idle (redis-py's health check: a round trip more on
+                # a Check's path): `_stale` just looked at the connection.
+                await conn.send_packed_command(b"".join(commands), check_health=False)
                 for _ in commands:
                     try:
                         replies.append(await conn.read_response())
