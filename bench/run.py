@@ -514,13 +514,13 @@ class Bench:
             await self.compare(
                 "single-stream", "loadgen stream", PROXIED, lambda p, t: self._streams(p, t, 1)
             )
-        if only in (None, "stream", SSE):
-            await self._sse_phases(warm)
         if only in (None, "authz"):
             conc = self.args.authz_concurrency
             print("bench: warming up authz (not measured)", flush=True)
             await self._authz(warm, conc)
             await self.compare("authz", "authzload", ("authz",), lambda p, t: self._authz(t, conc))
+        if only in (None, "stream", SSE):  # last: the default's phases keep their places
+            await self._sse_phases(warm)
 
     def _usage_streams(self, connections: int) -> Callable[[str, float], Any]:
         return lambda path, seconds: self._streams(path, seconds, connections, STREAM_USAGE_BODY)
