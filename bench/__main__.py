@@ -2,9 +2,9 @@
 
 Run (from the checkout, with the project's virtualenv and Debian's `wrk` installed):
 
-    make bench                         # = .venv/bin/python -m bench   (~5 minutes)
-    python -m bench --quick            # short phases, ~1 minute, noisier
-    python -m bench --only nonstream   # or serial | stream | authz | estimation (no servers)
+    make bench                         # = .venv/bin/python -m bench   (~7 minutes)
+    python -m bench --quick            # short phases, ~2 minutes, noisier
+    python -m bench --only nonstream   # or serial | stream | sse | authz | estimation
     python -m bench --duration 30 --connections 16 --output - --json /tmp/bench.json
     python -m bench --wait-quiet 120   # on a shared machine: start once others are idle
 
@@ -38,7 +38,11 @@ What it compares (each phase once per path, one after the other):
    own message through Envoy and extproc: time to first byte and extproc CPU per chunk;
    then the same with a single connection (bare, floor, Atlas): time to first byte, quiet;
 6. authz alone: concurrent Checks against the stack's authz (with Valkey), over the protocol
-   its Envoy uses (HTTP ext_authz by default, gRPC with `ATLAS_AUTHZ_PROTOCOL=grpc`).
+   its Envoy uses (HTTP ext_authz by default, gRPC with `ATLAS_AUTHZ_PROTOCOL=grpc`);
+7. streams whose client asks for usage (`stream_options.include_usage`): (4) and both (5) on
+   bare, Atlas (the `observe` ext_proc filter) and a second Atlas stack, started for these
+   phases only, with the opt-in `ATLAS_STREAM_USAGE_FROM_ENVOY=true` (Envoy's sse_to_metadata
+   reads the usage, the access log settles it: no ext_proc).
 
 CPU of every process comes from /proc before and after each phase. Any error (socket error,
 non-2xx, Envoy ext_authz/ext_proc failure, incomplete stream) stops the run with exit code 1:
