@@ -147,8 +147,10 @@ class DelayProxy:
             await asyncio.gather(*tasks, return_exceptions=True)
         finally:
             self._tasks.difference_update(tasks)
+            # Both closed before either is awaited: stop() may cancel this wait.
             for w in (writer, up_writer):
                 w.close()
+            for w in (writer, up_writer):
                 with contextlib.suppress(Exception):
                     await w.wait_closed()
 

@@ -1,6 +1,7 @@
 """The connection every part of the Redis ledger shares: the client, one place that turns
 Redis failures into `LedgerUnavailable` / `LedgerInputError`, pipelined per-key script runs,
-and the fast lane of pre-encoded commands (admit, and settle on a plain server)."""
+and the fast lane of pre-encoded commands (admit, and settle on a plain server:
+`atlas.ledger.redis.lane`)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,11 @@ from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
 
 from atlas.errors import LedgerUnavailable
 from atlas.ledger.protocol import LedgerInputError
+from atlas.ledger.redis.lane import ScriptLane
 from atlas.settings import Settings
 
 log = logging.getLogger("atlas.ledger.redis")
@@ -56,96 +57,6 @@ def script_error(exc: BaseException) -> bool:
     )
 
 
-async def _stale(conn: Any) -> bool:
-    """An idle connection the server closed (restart, idle timeout) or that holds unread
-    data: what redis-py's pool checks before handing one out, so it reconnects instead of
-    failing the command."""
-    try:
-        return bool(await conn.can_read())
-    except (RedisConnectionError, OSError):
-        return True
-
-
-class ScriptLane:
-    """Connections of their own for one hot script (admit: one EVALSHA per Check).
-
-    redis-py's generic path (Script object, `execute_command`, the blocking pool's condition,
-    connection probe and observability records, a task per write timeout) cost ~130 µs of
-    CPU per admit on the 2-core machines, the command itself ~50 µs (issue 12). Here one
-    pre-encoded command goes over a redis-py `Connection` (same URL, auth, TLS and protocol
-    as the pool's) taken from a plain stack, bounded by one `asyncio.timeout` for the whole
-    write and read: the connections have no socket timeout of their own. A connection whose
-    command failed or timed out is disconnected (redis-py does it, and so do we), so a late
-    reply never meets the next command; the next use reconnects.
-    """
-
-    def __init__(self, pool: Any, *, max_connections: int, timeout_s: float) -> None:
-        # (`orig_socket_timeout` is what redis-py restores after a maintenance window.)
-        no_timeout = {"socket_timeout": None, "orig_socket_timeout": None}
-        self._kwargs = {**pool.connection_kwargs, **no_timeout}
-        self._connection_class = pool.connection_class
-        self._timeout_s = timeout_s
-        self._free = asyncio.Semaphore(max_connections)
-        self._idle: list[Any] = []
-        self._all: list[Any] = []
-
-    async def call(self, command: bytes) -> Any:
-        """The reply to `command` (one packed RESP command).
-
-        :raises TimeoutError: no connection free, or no reply, within the timeout.
-        :raises ResponseError: the server's error reply (the connection stays usable).
-        """
-        (reply,) = await self.call_many((command,))
-        if isinstance(reply, ResponseError):
-            raise reply
-        return reply
-
-    async def call_many(self, commands: Sequence[bytes]) -> list[Any]:
-        """The replies to `commands`, pipelined: one write, then each reply in order; an
-        error reply is its `ResponseError` in the list (the others still ran)."""
-        if self._free.locked():
-            await self._acquire()
-        else:
-            await self._free.acquire()  # returns at once
-        conn = self._idle.pop() if self._idle else self._connect()
-        replies: list[Any] = []
-        try:
-            async with asyncio.timeout(self._timeout_s):
-                if conn.is_connected and await _stale(conn):
-                    await conn.disconnect()  # send_packed_command connects it again
-                # No PING first after 30 s idle (redis-py's health check: a round trip more on
-                # a Check's path): `_stale` just looked at the connection.
-                await conn.send_packed_command(b"".join(commands), check_health=False)
-                for _ in commands:
-                    try:
-                        replies.append(await conn.read_response())
-                    except ResponseError as exc:
-                        replies.append(exc)
-            return replies
-        except BaseException:
-            await conn.disconnect(nowait=True)
-            raise
-        finally:
-            self._idle.append(conn)
-            self._free.release()
-
-    async def _acquire(self) -> None:
-        try:
-            async with asyncio.timeout(self._timeout_s):
-                await self._free.acquire()
-        except TimeoutError:
-            raise RedisConnectionError("No connection available.") from None
-
-    def _connect(self) -> Any:
-        conn = self._connection_class(**self._kwargs)
-        self._all.append(conn)
-        return conn
-
-    async def close(self) -> None:
-        for conn in self._all:
-            await conn.disconnect()
-
-
 class Conn:
     """The client and how every ledger call runs on it."""
 
@@ -163,11 +74,7 @@ class Conn:
         self.lane = (
             None
             if self.cluster
-            else ScriptLane(
-                client.connection_pool,
-                max_connections=settings.redis_max_connections,
-                timeout_s=settings.redis_timeout_s,
-            )
+            else ScriptLane(client.connection_pool, timeout_s=settings.redis_timeout_s)
         )
 
     async def close(self) -> None:
