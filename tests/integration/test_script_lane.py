@@ -127,3 +127,25 @@ async def test_a_timeout_closes_the_connection_and_the_next_call_opens_a_new_one
     proxy.delay_s = 0.0
     # No late reply of the timed-out calls reaches this one: a new connection answers it.
     assert await lane.call(command("GET", "lane:d")) == "w"
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+async def test_the_handshake_is_redis_pys_user_password_database_and_protocol(
+    valkey_url: str, redis_sync: redis.Redis, protocol: int
+) -> None:
+    redis_sync.execute_command("ACL", "SETUSER", "lane-user", "on", ">lane-secret", "~*", "+@all")
+    base = valkey_url.rsplit("/", 1)[0].replace("redis://", "redis://lane-user:lane-secret@")
+    client = aioredis.Redis.from_url(f"{base}/3?protocol={protocol}", decode_responses=True)
+    lane = ScriptLane(client.connection_pool, timeout_s=1.0)
+    try:
+        assert await lane.call(command("ACL", "WHOAMI")) == "lane-user"
+        assert await lane.call(command("SET", "lane:db", "three")) == "OK"
+        got = await lane.call(command("HELLO"))
+        assert (got["proto"] if protocol == 3 else got[got.index("proto") + 1]) == protocol
+        assert redis_sync.get("lane:db") is None  # database 0 never saw it
+        with redis.Redis.from_url(f"{base}/3", decode_responses=True) as db3:
+            assert db3.getdel("lane:db") == "three"
+    finally:
+        await lane.close()
+        await client.aclose()
+        redis_sync.execute_command("ACL", "DELUSER", "lane-user")

@@ -39,6 +39,8 @@ from redis.exceptions import InvalidResponse, ResponseError
 #: What a call waiting on a closed connection gets.
 _CLOSED = "Connection closed by server."
 _DROPPED = "Connection closed after a call on it failed or timed out."
+#: What hiredis (3.2 on) makes of a RESP3 push: never a reply to a command sent.
+_PUSH = getattr(hiredis, "PushNotification", None)
 
 
 class _Replies(asyncio.Protocol):
@@ -68,6 +70,8 @@ class _Replies(asyncio.Protocol):
         self._reader.feed(data)
         try:
             while (reply := self._reader.gets()) is not False:
+                if _PUSH is not None and isinstance(reply, _PUSH):
+                    continue  # RESP3 out-of-band data (no command's reply)
                 if not self._waiting:
                     raise InvalidResponse("a reply no command asked for")
                 future = self._waiting.popleft()
@@ -158,7 +162,11 @@ class ScriptLane:
             if self._conn is not None and not self._conn.closed:
                 return self._conn
             rc = self._connection_class(**self._kwargs)
-            await rc.connect()  # redis-py's handshake (AUTH, HELLO, SELECT, SETINFO)
+            try:
+                await rc.connect()  # redis-py's handshake (AUTH, HELLO, SELECT, SETINFO)
+            except BaseException:  # refused, or the call's timeout: no half-open socket left
+                await rc.disconnect(nowait=True)
+                raise
             # redis-py's asyncio Connection keeps its stream as `_reader`/`_writer` (4.2 on).
             leftover = bytes(rc._reader._buffer)  # nothing after the handshake's replies
             writer = rc._writer
