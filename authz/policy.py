@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from authz.bodyparse import BodyParser
 from authz.endpoints import GEMINI, Endpoints, Route, gemini_call, request_path
 from authz.keycache import KeyCache
 from authz.refusals import count_refusal, refusal
+from authz.reservation_ids import ReservationIds
 from authz.shedding import Shedder
 
 #: Without max_tokens a request reserves this share of the daily limit (Atlas's defaults),
@@ -130,7 +130,7 @@ class Authorizer:
         parser: BodyParser | None = None,
         providers: ProviderRouter | None = None,
         requests: RequestLogWriter | None = None,
-        new_id: Callable[[], str] = lambda: secrets.token_hex(12),
+        new_id: Callable[[], str] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         """:param names: folds model names for the ledger (built once per process).
@@ -145,7 +145,7 @@ class Authorizer:
         self._s = settings
         self._shedder = shedder
         self._local = local if local is not None else LocalLimiter()
-        self._new_id = new_id
+        self._new_id = new_id if new_id is not None else ReservationIds()
         self._clock = clock
         self._prices = PriceBook(settings.model_prices)
         self._ceilings = {p: float(getattr(settings, f"ceiling_{p}")) for p in PRIORITIES}
