@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import subprocess
 import time
 from pathlib import Path
@@ -15,6 +16,11 @@ from atlas.local.ports import free_port
 from atlas.local.valkey import valkey_argv
 
 READY_TIMEOUT_S = 10
+
+
+def port_of(url: str) -> int:
+    """The port of a `redis://host:port/db` URL."""
+    return int(url.rsplit(":", 1)[1].split("/")[0])
 
 
 def start_valkey(workdir: Path, *extra: str) -> tuple[subprocess.Popen[bytes], str]:
@@ -73,7 +79,7 @@ def start_valkey_cluster(
                 str(bus),
             )
             procs.append(proc)
-            nodes.append((int(url.rsplit(":", 1)[1].split("/")[0]), bus))
+            nodes.append((port_of(url), bus))
         clients = [redis.Redis(host="127.0.0.1", port=p, decode_responses=True) for p, _ in nodes]
         try:
             for i, client in enumerate(clients):
@@ -109,17 +115,19 @@ def _cluster_ok(client: redis.Redis, masters: int) -> bool:
 
 
 class DelayProxy:
-    """127.0.0.1 TCP proxy adding `delay_s` before forwarding each chunk upstream->client."""
+    """127.0.0.1 TCP proxy adding `delay_s` before forwarding each chunk upstream->client;
+    with `tls`, it terminates TLS for its clients (the upstream stays plain)."""
 
-    def __init__(self, target_port: int) -> None:
+    def __init__(self, target_port: int, *, tls: ssl.SSLContext | None = None) -> None:
         self.target_port = target_port
+        self._tls = tls
         self.delay_s = 0.0
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._handlers: set[asyncio.Task[Any]] = set()
 
     async def start(self) -> int:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0, ssl=self._tls)
         return int(self._server.sockets[0].getsockname()[1])
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

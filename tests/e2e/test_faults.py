@@ -20,7 +20,7 @@ from atlas.local.stack import Stack
 from atlas.requestbody import estimate_prompt_tokens
 from tests.e2e.conftest import ADMIN_TOKEN, running_stack
 from tests.e2e.helpers import settled
-from tests.servers import DelayProxy, start_valkey, stop
+from tests.servers import DelayProxy, port_of, start_valkey, stop
 
 #: 13 prompt tokens with cl100k: 6 of text, 3 for the message, 1 for the role, 3 priming.
 MESSAGES = [{"role": "user", "content": "Tell me about foxes."}]
@@ -201,7 +201,7 @@ async def test_slow_redis_through_envoy_fails_fast_and_recovers(tmp_path: Path) 
     """Latency injected between every service and Redis: authz's Check gives up within its
     Redis budget and Envoy answers 503 at once (fail mode deny); then service resumes."""
     proc, url = start_valkey(tmp_path)
-    proxy = DelayProxy(int(url.rsplit(":", 1)[1].split("/")[0]))
+    proxy = DelayProxy(port_of(url))
     proxy_url = f"redis://127.0.0.1:{await proxy.start()}/0"
     try:
         async with running_stack(redis_url=proxy_url) as stack:

@@ -19,7 +19,7 @@ from redis.exceptions import ResponseError
 from atlas.ledger.redis.lane import ScriptLane
 from atlas.ledger.redis.scripts import bulk
 from tests.certs import Authority
-from tests.servers import DelayProxy
+from tests.servers import DelayProxy, port_of
 
 
 def command(*args: str) -> bytes:
@@ -64,8 +64,7 @@ async def test_an_error_reply_in_a_pipeline_is_its_own_and_the_connection_goes_o
 @pytest_asyncio.fixture
 async def slow_lane(valkey_url: str) -> AsyncIterator[tuple[ScriptLane, DelayProxy]]:
     """A lane to the server through a proxy that can hold the server's replies."""
-    port = int(valkey_url.rsplit(":", 1)[1].split("/")[0])
-    proxy = DelayProxy(port)
+    proxy = DelayProxy(port_of(valkey_url))
     proxy_port = await proxy.start()
     client = aioredis.Redis.from_url(f"redis://127.0.0.1:{proxy_port}/0", decode_responses=True)
     lane = ScriptLane(client.connection_pool, timeout_s=0.2)
@@ -161,26 +160,10 @@ async def test_a_tls_connection_is_taken_over_like_a_plain_one(
     # managed Redis behind rediss://.
     ca = Authority(tmp_path, "redis-ca")
     pem = ca.server()
-    port = int(valkey_url.rsplit(":", 1)[1].split("/")[0])
-
-    async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-        try:
-            while data := await src.read(65536):
-                dst.write(data)
-                await dst.drain()
-        finally:
-            dst.close()
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", port)
-        await asyncio.gather(
-            pipe(reader, up_writer), pipe(up_reader, writer), return_exceptions=True
-        )
-
     tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     tls.load_cert_chain(pem.cert, pem.key)
-    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=tls)
-    tls_port = server.sockets[0].getsockname()[1]
+    proxy = DelayProxy(port_of(valkey_url), tls=tls)
+    tls_port = await proxy.start()
     client = aioredis.Redis.from_url(
         f"rediss://127.0.0.1:{tls_port}/0?ssl_ca_certs={ca.pem.cert}", decode_responses=True
     )
@@ -192,5 +175,4 @@ async def test_a_tls_connection_is_taken_over_like_a_plain_one(
     finally:
         await lane.close()
         await client.aclose()
-        server.close()
-        await server.wait_closed()
+        await proxy.stop()

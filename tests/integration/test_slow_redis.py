@@ -13,15 +13,14 @@ from atlas.ledger.redis import RedisLedger
 from atlas.settings import Settings
 from tests.factories import key_record
 from tests.integration.authz_client import check_request, headers_of, running_authz, status_of
-from tests.servers import DelayProxy
+from tests.servers import DelayProxy, port_of
 
 SECRET = "sk-atlas-slow-redis-0123456789"
 
 
 @pytest_asyncio.fixture
 async def proxy(settings: Settings, ledger: RedisLedger) -> AsyncIterator[tuple[DelayProxy, str]]:
-    port = int(settings.redis_url.rsplit(":", 1)[1].split("/")[0])
-    p = DelayProxy(port)
+    p = DelayProxy(port_of(settings.redis_url))
     proxy_port = await p.start()
     await ledger.create_key(key_record(SECRET))
     yield p, f"redis://127.0.0.1:{proxy_port}/0"
