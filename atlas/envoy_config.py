@@ -17,6 +17,7 @@ from atlas.envoy_filters import (
     authz_service,
     ext_proc_filters,
     settlement_access_log,
+    splice_filter,
     sse_usage_filter,
     usage_filter,
 )
@@ -107,7 +108,8 @@ class EnvoyParams:
     #: How Envoy calls authz: "http" (http_service) or "grpc" (grpc_service).
     authz_protocol: str = "http"
     #: Non-streamed completions settled from the gRPC access log (json_to_metadata reads
-    #: their usage) instead of an ext_proc stream (Settings.settle_from_access_log).
+    #: their usage) instead of an ext_proc stream (Settings.settle_from_access_log), and
+    #: streams whose only change is Atlas's include_usage (the Lua filter, ProcMode.SPLICE).
     access_log_settlement: bool = True
     #: Streams whose client asked for usage settled from the access log too, their usage read
     #: by sse_to_metadata (Settings.stream_usage_from_envoy; Envoy >= 1.40, work in progress).
@@ -345,6 +347,7 @@ def render(params: EnvoyParams, template: str = "atlas.yaml.tmpl") -> str:
         "ext_proc_filters": "".join(
             f"          - {json.dumps(f)}\n"
             for f in [
+                *([splice_filter(config_dir())] if params.access_log_settlement else []),
                 *ext_proc_filters(params),
                 *([usage_filter(params)] if params.access_log_settlement else []),
                 *([sse_usage_filter()] if params.sse_usage else []),

@@ -1,10 +1,11 @@
 """The HTTP filters of Atlas's Envoy bootstrap, as the JSON its template inlines: ext_authz's
 service block, the per-request ext_proc filters behind their matchers, json_to_metadata for
-usage, and the gRPC access log that settles plain completions (`atlas.envoy_config.render`
-puts them in `envoy/atlas.yaml.tmpl`)."""
+usage, the Lua filter of `splice` streams, and the gRPC access log that settles them
+(`atlas.envoy_config.render` puts them in `envoy/atlas.yaml.tmpl`)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from atlas.grant import (
@@ -265,9 +266,33 @@ def sse_usage_filter() -> dict[str, object]:
     }
 
 
+SPLICE_FILTER_NAME = "atlas.stream_splice"
+#: The exchanges access-log settlement carries (ProcMode.JSON, ProcMode.SPLICE).
+_LOGGED_MODES = f"^(?:{ProcMode.JSON}|{ProcMode.SPLICE})$"
+
+
+def splice_filter(envoy_dir: Path) -> dict[str, object]:
+    """Envoy's Lua filter running `envoy_dir`/stream_splice.lua for `splice` streams only: it
+    adds `include_usage` to the request, cuts the usage chunk out of the response and lifts
+    its usage into atlas.usage for the access log (docs/envoy-notes.md, issue 12)."""
+    config = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+        "default_source_code": {"inline_string": (envoy_dir / "stream_splice.lua").read_text()},
+    }
+    skip = _proc_is({"string_match": {"exact": ProcMode.SPLICE}}, invert=True)
+    return {
+        "name": SPLICE_FILTER_NAME,
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.common.matching.v3.ExtensionWithMatcher",
+            "extension_config": {"name": SPLICE_FILTER_NAME, "typed_config": config},
+            "xds_matcher": {"matcher_list": {"matchers": [{"predicate": skip, "on_match": _SKIP}]}},
+        },
+    }
+
+
 def settlement_access_log(params: EnvoyParams) -> dict[str, object]:
     """The gRPC access log to extproc: many entries per message on one long-lived stream,
-    flushed every 50 ms. It carries `json` and `sse` exchanges (settled from it, when enabled)
+    flushed every 50 ms. It carries `json`, `splice` and `sse` exchanges (settled from it)
     and every exchange authz sent to a provider (what the provider answered: cooling, health)."""
 
     def logged(key: str, value: dict[str, object]) -> dict[str, object]:
@@ -276,7 +301,7 @@ def settlement_access_log(params: EnvoyParams) -> dict[str, object]:
 
     wanted = [
         *(
-            [logged(PROC_HEADER, {"string_match": {"exact": ProcMode.JSON}})]
+            [logged(PROC_HEADER, {"string_match": {"safe_regex": {"regex": _LOGGED_MODES}}})]
             if params.access_log_settlement
             else []
         ),
@@ -350,7 +375,12 @@ def ext_proc_filters(params: EnvoyParams) -> list[dict[str, object]]:
         if mode == ProcMode.REWRITE:
             # Run it for `rewrite` and any unknown value; skip it without a grant (a refusal,
             # or nothing admitted) and for the values the others serve.
-            served = (*PROC_FILTER_NAMES, ProcMode.NONE, *([ProcMode.SSE] * params.sse_usage))
+            served = (
+                *PROC_FILTER_NAMES,
+                ProcMode.NONE,
+                *([ProcMode.SSE] * params.sse_usage),
+                *([ProcMode.SPLICE] * params.access_log_settlement),
+            )
             others = "|".join(m for m in served if m != mode)
             skips = [
                 _proc_is({"present_match": True}, invert=True),

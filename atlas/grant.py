@@ -82,6 +82,9 @@ class ProcMode:
     - `json`: a non-streamed completion that needs no rewrite: only its response body.
     - `sse`: a stream whose usage the client asked for, with `stream_usage_from_envoy`:
       Envoy's sse_to_metadata reads its usage for the access log; no ext_proc at all.
+    - `splice`: a chat/completions stream whose only change is Atlas's `include_usage`, with
+      access-log settlement: Envoy's Lua filter (envoy/stream_splice.lua) adds it, cuts the
+      usage chunk out and lifts its usage for the access log; no ext_proc at all.
     - `none`: nothing to account (global shadow mode refused it before the ledger).
 
     Envoy runs the `rewrite` configuration for any other value, or none: an exchange is
@@ -92,7 +95,13 @@ class ProcMode:
     OBSERVE = "observe"
     JSON = "json"
     SSE = "sse"
+    SPLICE = "splice"
     NONE = "none"
+
+
+#: The modes Envoy's access log settles whatever Settings.settle_from_access_log says (they
+#: exist only in a bootstrap that settles from it).
+ALWAYS_LOGGED = frozenset((ProcMode.SSE, ProcMode.SPLICE))
 
 
 @dataclass(slots=True)
@@ -198,10 +207,12 @@ _USAGE_INJECTED_ROUTES = frozenset(("chat", "completions"))
 _JSON_ROUTES = frozenset(("chat", "completions", "responses"))
 
 
-def proc_mode(grant: Grant, *, route_by_model: bool, sse_usage: bool = False) -> str:
+def proc_mode(
+    grant: Grant, *, route_by_model: bool, sse_usage: bool = False, splice: bool = False
+) -> str:
     """The ext_proc configuration an exchange needs (see `ProcMode`): authz names it for
     Envoy's matchers; extproc applies it itself when Envoy sends it the request headers
-    (`sse_usage` False there: a stream that reaches extproc is one it observes)."""
+    (`sse_usage` and `splice` False there: a stream that reaches extproc is one it reads)."""
     return proc_mode_for(
         route=grant.route,
         body_parsed=grant.body_parsed,
@@ -212,6 +223,7 @@ def proc_mode(grant: Grant, *, route_by_model: bool, sse_usage: bool = False) ->
         continuous_usage=grant.continuous_usage,
         idempotent=bool(grant.idempotency),
         sse_usage=sse_usage,
+        splice=splice,
     )
 
 
@@ -226,8 +238,10 @@ def proc_mode_for(
     continuous_usage: bool = False,
     idempotent: bool = False,
     sse_usage: bool = False,
+    splice: bool = False,
 ) -> str:
-    """:param sse_usage: Settings.stream_usage_from_envoy (Envoy reads a stream's usage)."""
+    """:param sse_usage: Settings.stream_usage_from_envoy (Envoy reads a stream's usage).
+    :param splice: Envoy's Lua filter may add `include_usage` to this body (authz/splice.py)."""
     if not body_parsed:
         # Not an LLM body (GET /v1/models, extra endpoints), or one authz could not read:
         # extproc reads it (or, with nothing to read, waits for the response).
@@ -238,7 +252,8 @@ def proc_mode_for(
         or (stream and route in _USAGE_INJECTED_ROUTES and (continuous_usage or not include_usage))
     )
     if rewrite:
-        return ProcMode.REWRITE
+        only_usage = not (route_by_model or clamped or continuous_usage or idempotent)
+        return ProcMode.SPLICE if splice and only_usage else ProcMode.REWRITE
     if not stream and route in _JSON_ROUTES and not idempotent:
         # An idempotent request's response is kept for its duplicates: extproc must see it.
         return ProcMode.JSON

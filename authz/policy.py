@@ -18,8 +18,6 @@ from atlas.grant import (
     APP_SECRET_HEADER,
     END_USER_HEADER,
     XFCC_HEADER,
-    ProcMode,
-    proc_mode_for,
 )
 from atlas.idempotency import request_tags
 from atlas.identity import MAX_APP_SECRET_CHARS, app_secret_hash, principal_hash, xfcc_principal
@@ -33,6 +31,7 @@ from atlas.providers.routing import Choice, ProviderRouter
 from atlas.requestbody import LLMRequest, parse_llm_request
 from atlas.requestlog_writer import RequestLogWriter
 from atlas.settings import PRIORITIES, Priority, Settings
+from authz.access_logged import unattended
 from authz.bodyparse import BodyParser
 from authz.endpoints import GEMINI, Endpoints, Route, gemini_call, request_path
 from authz.keycache import KeyCache
@@ -248,19 +247,8 @@ class Authorizer:
             if route.reads_body
             else 0,
             choices=req.choices if route.generates else 1,
-            # Envoy's access log settles it (json, sse: no ext_proc): nothing claims it.
-            unattended=self._access_logged(
-                proc_mode_for(
-                    route=route.name,
-                    body_parsed=req.parsed,
-                    stream=req.stream,
-                    include_usage=req.include_usage,
-                    clamped=False,
-                    route_by_model=bool(self._s.model_routes),
-                    idempotent=bool(idem),
-                    sse_usage=self._s.stream_usage_from_envoy,
-                )
-            ),
+            # Envoy's access log settles it (json, sse, splice: no ext_proc): nothing claims it.
+            unattended=unattended(self._s, inp, route.name, req, idempotent=bool(idem)),
             end_user_tag=end_user_tag(key, end_user),
             idempotency_tag=idem,
             body_hash=body_hash,
@@ -320,10 +308,6 @@ class Authorizer:
             if principal:
                 return principal_hash(principal)
         return None
-
-    def _access_logged(self, mode: str) -> bool:
-        """Envoy's access log settles this exchange (json when enabled; sse always)."""
-        return mode == ProcMode.SSE or (mode == ProcMode.JSON and self._s.settle_from_access_log)
 
     def _simple_request(self, inp: CheckInput, route: Route) -> LLMRequest | None:
         """What the body asks for, or None when it must be parsed off the event loop;

@@ -29,6 +29,10 @@ class LedgerInputError(ValueError):
     refused its input). Nothing was written; retrying the same input cannot succeed."""
 
 
+#: AdmitRequest.unattended values (0: an ext_proc stream claims it).
+UNATTENDED, UNATTENDED_STREAM = 1, 2
+
+
 @dataclass(slots=True, frozen=True)
 class AdmitRequest:
     reservation_id: str
@@ -43,8 +47,9 @@ class AdmitRequest:
     #: completions the request generates (n x best_of x prompts); with clamp, the granted
     #: max_tokens is per choice and `completion_tokens` is the total over all choices.
     choices: int = 1
-    #: settled from Envoy's access log (no ext_proc stream claims it): claimed at admission.
-    unattended: bool = False
+    #: settled from Envoy's access log (no ext_proc stream claims it): claimed at admission,
+    #: held for the claim timeout (UNATTENDED) or, a stream, for the TTL (UNATTENDED_STREAM).
+    unattended: int = 0
     #: the end user's tag (`atlas.keymodel.end_user_tag`; '' = no end-user limit applies).
     end_user_tag: str = ""
     #: the request's idempotency key and body, hashed (atlas/idempotency.py; '' = none).

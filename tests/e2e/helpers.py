@@ -75,3 +75,15 @@ async def clear_upstream(upstream_url: str) -> None:
     """Forget what the demo upstream recorded."""
     async with httpx.AsyncClient(timeout=5) as c:
         await c.delete(upstream_url + "/demo/requests")
+
+
+async def extproc_messages(stack: Any) -> float:
+    """How many ext_proc messages the stack's extproc has answered (its metrics)."""
+    url = f"http://127.0.0.1:{stack.settings.extproc_metrics_port}/metrics"
+    async with httpx.AsyncClient() as raw:
+        text = (await raw.get(url)).text
+    return sum(
+        float(ln.rsplit(" ", 1)[1])
+        for ln in text.splitlines()
+        if ln.startswith("atlas_extproc_messages_total{")
+    )

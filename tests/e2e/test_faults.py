@@ -113,11 +113,14 @@ async def test_extproc_killed_mid_stream_is_reaped_and_restarts_clean(faulty: St
     key = await new_key(faulty)
     c = client(faulty, key)
     try:
+        # The client asks for usage itself: the stream runs through an ext_proc stream (a
+        # `splice` stream does not: see the next test).
         stream = await c.chat.completions.create(
             model="m",
             messages=MESSAGES,
             max_tokens=100,
             stream=True,
+            stream_options={"include_usage": True},
             extra_headers={"x-demo-chunk-delay-ms": "30"},
         )
         received = 0
@@ -138,12 +141,8 @@ async def test_extproc_killed_mid_stream_is_reaped_and_restarts_clean(faulty: St
         assert received < 100
         await faulty.restart("extproc")
         # Never settled: the reaper charges the reservation (the prompt estimate + max_tokens).
-        reserved = (
-            estimate_prompt_tokens(
-                {"model": "m", "messages": MESSAGES, "max_tokens": 100, "stream": True}
-            )
-            + 100
-        )
+        body = {"model": "m", "messages": MESSAGES, "max_tokens": 100, "stream": True}
+        reserved = estimate_prompt_tokens(body) + 100
         u = await settled_usage(faulty, key["id"])
         assert u["daily"]["used"] == reserved
         # The request log's only record of the lost stream: the reaper's.
@@ -153,6 +152,39 @@ async def test_extproc_killed_mid_stream_is_reaped_and_restarts_clean(faulty: St
         assert got.usage is not None and got.usage.completion_tokens == 7
         u = await settled_usage(faulty, key["id"])
         assert u["daily"]["used"] == reserved + got.usage.total_tokens
+    finally:
+        await c.close()
+
+
+async def test_extproc_killed_during_a_spliced_stream_never_undercharges(faulty: Stack) -> None:
+    """A stream Atlas asks for usage runs without extproc (ProcMode.SPLICE, Envoy's Lua
+    filter): killing extproc does not break it, the client still never sees the usage chunk,
+    and its access-log entry, lost with extproc, leaves the reservation to the reaper."""
+    key = await new_key(faulty)
+    c = client(faulty, key)
+    try:
+        stream = await c.chat.completions.create(
+            model="m",
+            messages=MESSAGES,
+            max_tokens=40,
+            stream=True,
+            extra_headers={"x-demo-chunk-delay-ms": "10"},
+        )
+        chunks = []
+        async for chunk in stream:
+            chunks.append(chunk)
+            if len(chunks) == 3:
+                await claimed(faulty, key["id"])
+                await faulty.kill("extproc")
+        assert chunks[-1].choices and chunks[-1].choices[0].finish_reason == "length"
+        assert all(ch.usage is None and ch.choices for ch in chunks)
+        await faulty.restart("extproc")
+        body = {"model": "m", "messages": MESSAGES, "max_tokens": 40, "stream": True}
+        reserved = estimate_prompt_tokens(body) + 40
+        u = await settled_usage(faulty, key["id"])
+        assert u["daily"]["used"] == reserved
+        [record] = await logged(faulty, key["id"], outcome="reaped")
+        assert (record["prompt_tokens"], record["exact"]) == (reserved, False)
     finally:
         await c.close()
 

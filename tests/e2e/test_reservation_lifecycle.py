@@ -4,6 +4,7 @@ reservation (and its max_concurrent slot) until it ends, then settles exactly.""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -125,11 +126,14 @@ async def test_a_stream_longer_than_the_ttl_keeps_its_reservation_and_settles_ex
     )
     try:
         tokens, delay_ms = 12, 300  # ~3.6 s: longer than the 2 s TTL plus a reap pass
+        # The client asks for usage: an ext_proc stream reads it and renews its lease (the
+        # next test: a stream Envoy settles has none).
         stream = await c.chat.completions.create(
             model="m",
             messages=MESSAGES,  # type: ignore[arg-type]
             max_tokens=tokens,
             stream=True,
+            stream_options={"include_usage": True},
             extra_headers={"x-demo-chunk-delay-ms": str(delay_ms)},
         )
         started = time.monotonic()
@@ -150,5 +154,39 @@ async def test_a_stream_longer_than_the_ttl_keeps_its_reservation_and_settles_ex
         assert u["daily"]["used"] == PROMPT + tokens  # exactly the usage, not the reservation
         h = await hour_fields(short_lived, key["id"])
         assert h.get("reaped", 0) == 0 and h.get("abandoned", 0) == 0, h
+    finally:
+        await c.close()
+
+
+async def test_a_spliced_stream_longer_than_the_ttl_is_reaped_then_charged_exactly(
+    short_lived: Stack, admin: httpx.AsyncClient
+) -> None:
+    """A stream Envoy settles from its access log (ProcMode.SPLICE) has no lease to renew: the
+    TTL is its deadline. Past it the reaper charges what it reserved and frees its slot; its
+    access-log entry then corrects the charge to the upstream's usage (a late settlement)."""
+    key = await new_key(admin, max_concurrent=1)
+    c = openai.AsyncOpenAI(
+        base_url=short_lived.proxy_url + "/v1", api_key=key["api_key"], max_retries=0, timeout=30
+    )
+    try:
+        tokens, delay_ms = 12, 300  # ~3.6 s: longer than the 2 s TTL plus a reap pass
+        stream = await c.chat.completions.create(
+            model="m",
+            messages=MESSAGES,  # type: ignore[arg-type]
+            max_tokens=tokens,
+            stream=True,
+            extra_headers={"x-demo-chunk-delay-ms": str(delay_ms)},
+        )
+        chunks = [chunk async for chunk in stream]
+        assert sum(1 for ch in chunks if ch.choices and ch.choices[0].delta.content) == tokens
+        assert all(ch.usage is None for ch in chunks)  # the usage Atlas asked for is cut out
+        deadline = time.monotonic() + 10
+        while True:
+            u = await settled(admin, key["id"])
+            if u["daily"]["used"] == PROMPT + tokens:
+                break
+            assert time.monotonic() < deadline, u
+            await asyncio.sleep(0.05)
+        assert (await hour_fields(short_lived, key["id"])).get("reaped", 0) == 1
     finally:
         await c.close()

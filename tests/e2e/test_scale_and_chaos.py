@@ -52,9 +52,16 @@ async def test_limits_stay_exact_across_replicas(replicated: Stack) -> None:
             )
         ).json()
     auth = {"authorization": f"Bearer {key['api_key']}"}
-    # Streams: each one is an ext_proc stream (non-streamed completions are settled from the
-    # access log, one long-lived stream per Envoy worker), so both extproc replicas work.
-    body = {"model": "m", "messages": MESSAGES, "max_tokens": 2, "stream": True}
+    # Streams whose client asks for usage: each one is an ext_proc stream (non-streamed
+    # completions and spliced streams are settled from the access log, one long-lived stream
+    # per Envoy worker), so both extproc replicas work.
+    body = {
+        "model": "m",
+        "messages": MESSAGES,
+        "max_tokens": 2,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     async with httpx.AsyncClient(
         base_url=replicated.proxy_url,
         headers=auth,

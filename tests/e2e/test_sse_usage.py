@@ -1,7 +1,8 @@
 """Opt-in stream fast path (issue 12): with ATLAS_STREAM_USAGE_FROM_ENVOY a stream whose client
 asked for usage opens no ext_proc stream. Envoy 1.40's sse_to_metadata lifts the last usage
 into dynamic metadata and the gRPC access log carries it to extproc, which settles it; streams
-Atlas must rewrite (usage injected and stripped) keep the ext_proc path."""
+Atlas asks for usage are spliced by Envoy's Lua filter (tests/e2e/test_splice.py), opt-in or
+not."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import pytest_asyncio
 from atlas.local.stack import Stack
 from atlas.requestbody import estimate_prompt_tokens
 from tests.e2e.conftest import ADMIN_TOKEN, running_stack
-from tests.e2e.helpers import settled
+from tests.e2e.helpers import extproc_messages, settled
 
 MESSAGES = [{"role": "user", "content": "Tell me about foxes."}]
 PROMPT = estimate_prompt_tokens({"model": "demo-small", "messages": MESSAGES})
@@ -47,22 +48,11 @@ def _client(st: Stack, secret: str) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=st.proxy_url + "/v1", api_key=secret, max_retries=0)
 
 
-async def _extproc_messages(st: Stack) -> float:
-    url = f"http://127.0.0.1:{st.settings.extproc_metrics_port}/metrics"
-    async with httpx.AsyncClient() as raw:
-        text = (await raw.get(url)).text
-    return sum(
-        float(ln.rsplit(" ", 1)[1])
-        for ln in text.splitlines()
-        if ln.startswith("atlas_extproc_messages_total{")
-    )
-
-
 async def test_a_stream_asking_for_usage_opens_no_ext_proc_stream_and_settles_exactly(
     sse_stack: Stack, sse_admin: httpx.AsyncClient
 ) -> None:
     key, secret = await _key(sse_admin)
-    before = await _extproc_messages(sse_stack)
+    before = await extproc_messages(sse_stack)
     reported = 0
     async with _client(sse_stack, secret) as client:
         for max_tokens in (5, 17, 40):
@@ -81,15 +71,15 @@ async def test_a_stream_asking_for_usage_opens_no_ext_proc_stream_and_settles_ex
     u = await settled(sse_admin, key["id"])
     assert u["daily"]["used"] == reported  # the upstream's own usage, exactly
     assert u["daily"]["requests"] == 3
-    assert await _extproc_messages(sse_stack) == before  # not one ext_proc message
+    assert await extproc_messages(sse_stack) == before  # not one ext_proc message
 
 
-async def test_a_stream_without_include_usage_keeps_the_ext_proc_path(
+async def test_a_stream_without_include_usage_is_spliced_without_ext_proc(
     sse_stack: Stack, sse_admin: httpx.AsyncClient
 ) -> None:
-    """Atlas injects include_usage and strips the chunk: that needs extproc on the body."""
+    """Atlas injects include_usage and strips the chunk: Envoy's Lua filter does both."""
     key, secret = await _key(sse_admin)
-    before = await _extproc_messages(sse_stack)
+    before = await extproc_messages(sse_stack)
     async with _client(sse_stack, secret) as client:
         stream = await client.chat.completions.create(
             model="demo-small", messages=MESSAGES, max_tokens=9, stream=True
@@ -97,7 +87,7 @@ async def test_a_stream_without_include_usage_keeps_the_ext_proc_path(
         chunks = [c async for c in stream]
     assert all(c.choices for c in chunks) and all(c.usage is None for c in chunks)
     assert (await settled(sse_admin, key["id"]))["daily"]["used"] == PROMPT + 9
-    assert await _extproc_messages(sse_stack) > before
+    assert await extproc_messages(sse_stack) == before
 
 
 async def test_a_stream_without_usage_is_charged_its_reservation(

@@ -141,28 +141,35 @@ async def test_cached_and_reasoning_tokens_are_settled_on_both_paths(kinds_stack
             assert plain.usage.prompt_tokens_details.cached_tokens == 100
             answer = await client.responses.create(model=MODEL, input="Tell me about foxes.")
             assert answer.usage is not None and answer.usage.input_tokens == 40
-            stream = await client.chat.completions.create(
-                model=MODEL, messages=messages, stream=True
-            )
-            async for _ in stream:
-                pass
+            # Spliced (Envoy's Lua filter reads the usage), then read by extproc (the client
+            # asks for usage itself).
+            for options in (None, {"include_usage": True}):
+                stream = await client.chat.completions.create(
+                    model=MODEL,
+                    messages=messages,
+                    stream=True,
+                    stream_options=options if options else openai.NOT_GIVEN,
+                )
+                async for _ in stream:
+                    pass
         finally:
             await client.close()
         u = await settled(admin, key["id"])
         day = u["daily"]
-        assert day["requests"] == 3
-        assert day["used"] == 170 + 52 + 170  # cached tokens count toward the quota
-        assert (day["cached"], day["reasoning"], day["cache_write"]) == (100 + 32 + 100, 68, 0)
+        assert day["requests"] == 4
+        assert day["used"] == 3 * 170 + 52  # cached tokens count toward the quota
+        assert (day["cached"], day["reasoning"], day["cache_write"]) == (3 * 100 + 32, 98, 0)
         chat_micros = 20 * 2 + 100 * 0.5 + 20 * 8 + 30 * 4
         responses_micros = 8 * 2 + 32 * 0.5 + 4 * 8 + 8 * 4
-        assert u["monthly"]["spend_usd"] == round((2 * chat_micros + responses_micros) / 1e6, 6)
+        assert u["monthly"]["spend_usd"] == round((3 * chat_micros + responses_micros) / 1e6, 6)
         hour = (await admin.get(f"/v1/admin/keys/{key['id']}/history?hours=1")).json()["hours"]
-        assert (hour[0]["cached"], hour[0]["reasoning"]) == (232, 68)
-    # The two JSON answers were settled from the access log (json_to_metadata's details).
+        assert (hour[0]["cached"], hour[0]["reasoning"]) == (332, 98)
+    # The two JSON answers and the spliced stream were settled from the access log
+    # (json_to_metadata's details, the Lua filter's).
     port = kinds_stack.settings.extproc_metrics_port
     async with httpx.AsyncClient() as http:
         text = (await http.get(f"http://127.0.0.1:{port}/metrics")).text
-    assert 'atlas_decisions_total{decision="access_log_settled",service="extproc"} 2.0' in text
-    for kind, n in (("cached", 232), ("reasoning", 68)):
+    assert 'atlas_decisions_total{decision="access_log_settled",service="extproc"} 3.0' in text
+    for kind, n in (("cached", 332), ("reasoning", 98)):
         labels = f'key_id="{key["id"]}",kind="{kind}",model="{MODEL}"'
         assert f"atlas_tokens_used_total{{{labels}}} {n}.0" in text

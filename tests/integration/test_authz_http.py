@@ -156,9 +156,12 @@ async def test_an_admitted_check_says_what_envoy_needs(settings: Settings, with_
         removed = (a.header("x-envoy-auth-headers-to-remove") or "").split(",")
         assert "accept-encoding" in removed and "x-atlas-key-id" not in removed
         assert a.header("x-ratelimit-remaining-requests") is not None
-        # A stream whose usage the client did not ask for: the body is rewritten.
+        # A stream whose usage the client did not ask for: Envoy's Lua filter adds it.
         stream = await c.check({**PLAIN, "stream": True})
-        assert stream.header(PROC_HEADER) == ProcMode.REWRITE
+        assert stream.header(PROC_HEADER) == ProcMode.SPLICE
+        # The client's own stream_options are merged by extproc's rewrite, not overwritten.
+        own = await c.check({**PLAIN, "stream": True, "stream_options": {"include_usage": 0}})
+        assert own.header(PROC_HEADER) == ProcMode.REWRITE
         asked = await c.check({**PLAIN, "stream": True, "stream_options": {"include_usage": 1}})
         assert asked.header(PROC_HEADER) == ProcMode.OBSERVE
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -10,10 +11,11 @@ import pytest
 import yaml
 
 from atlas.envoy_config import EnvoyParams, render, validate
-from atlas.envoy_filters import PROC_FILTER_NAMES, SSE_USAGE_FILTER_NAME
+from atlas.envoy_filters import PROC_FILTER_NAMES, SPLICE_FILTER_NAME, SSE_USAGE_FILTER_NAME
 from atlas.errors import ConfigError
 from atlas.grant import ProcMode
 
+UPSTREAM = "http://127.0.0.1:9000"
 CASES = {
     "local": EnvoyParams(upstream="http://127.0.0.1:9000"),
     "tls_upstream_with_path": EnvoyParams(upstream="https://api.example.com/openai/v1"),
@@ -47,14 +49,47 @@ def test_stream_usage_from_envoy_adds_its_filter_access_log_and_ext_proc_skip() 
     off, on = (
         hcm(EnvoyParams(upstream="http://127.0.0.1:9000", sse_usage=v)) for v in (False, True)
     )
-    assert SSE_USAGE_FILTER_NAME not in json.dumps(off) and ProcMode.SSE not in json.dumps(off)
+    assert SSE_USAGE_FILTER_NAME not in json.dumps(off)
+    assert json.dumps({"exact": ProcMode.SSE}) not in json.dumps(off)
     (sse,) = [f for f in on["http_filters"] if f["name"] == SSE_USAGE_FILTER_NAME]
     assert json.dumps({"exact": ProcMode.SSE}) in json.dumps(sse["typed_config"]["xds_matcher"])
     (log,) = [a for a in on["access_log"] if a["name"] == "envoy.access_loggers.http_grpc"]
     assert json.dumps({"exact": ProcMode.SSE}) in json.dumps(log["filter"])
     (rewrite,) = [f for f in on["http_filters"] if f["name"] == PROC_FILTER_NAMES[ProcMode.REWRITE]]
-    skipped = json.dumps(rewrite["typed_config"]["xds_matcher"])
-    assert f"|{ProcMode.SSE})" in skipped or f"({ProcMode.SSE}|" in skipped.replace("?:", "")
+    assert ProcMode.SSE in _skipped_modes(rewrite)
+
+
+def _skipped_modes(proc_filter: dict[str, Any]) -> list[str]:
+    """The x-atlas-proc values an ext_proc filter's matcher skips by regex."""
+    m = re.search(r"\^\(\?:([a-z|]+)\)\$", json.dumps(proc_filter["typed_config"]["xds_matcher"]))
+    assert m is not None
+    return m.group(1).split("|")
+
+
+def test_access_log_settlement_adds_the_splice_filter_and_skips_ext_proc_for_it() -> None:
+    """With access-log settlement (the default), `splice` streams get the Lua filter behind a
+    matcher, the access log carries them and the catch-all ext_proc filter skips them;
+    without it none of that is rendered (authz then never names `splice`)."""
+    on, off = (
+        yaml.safe_load(
+            render(EnvoyParams(upstream="http://127.0.0.1:9000", access_log_settlement=v))
+        )
+        for v in (True, False)
+    )
+    hcm = on["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    names = [f["name"] for f in hcm["http_filters"]]
+    assert names.index(SPLICE_FILTER_NAME) == names.index("envoy.filters.http.ext_authz") + 1
+    (lua,) = [f for f in hcm["http_filters"] if f["name"] == SPLICE_FILTER_NAME]
+    assert json.dumps({"exact": ProcMode.SPLICE}) in json.dumps(lua["typed_config"]["xds_matcher"])
+    code = lua["typed_config"]["extension_config"]["typed_config"]["default_source_code"]
+    assert "function envoy_on_response" in code["inline_string"]
+    (log,) = [a for a in hcm["access_log"] if a["name"] == "envoy.access_loggers.http_grpc"]
+    assert ProcMode.SPLICE in json.dumps(log["filter"])
+    (rewrite,) = [
+        f for f in hcm["http_filters"] if f["name"] == PROC_FILTER_NAMES[ProcMode.REWRITE]
+    ]
+    assert ProcMode.SPLICE in _skipped_modes(rewrite)
+    assert SPLICE_FILTER_NAME not in json.dumps(off) and ProcMode.SPLICE not in json.dumps(off)
 
 
 def test_tls_and_rewrite_are_rendered() -> None:

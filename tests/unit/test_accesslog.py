@@ -117,6 +117,41 @@ def test_an_sse_stream_is_settled_from_the_last_usage_or_charged_its_reservation
     assert d is not None and d.settlement is not None and not d.settlement.exact
 
 
+def test_a_spliced_stream_is_settled_from_its_usage_or_from_what_it_streamed() -> None:
+    """The Lua filter (envoy/stream_splice.lua) lifts the usage chunk's numbers, and counts
+    the events of text it passed on: without usage (cut, or an upstream that ignored
+    include_usage) the completion is that count, or the text's estimate when larger."""
+    spliced = {"proc": ProcMode.SPLICE, "read": False}
+    usage = {"prompt_tokens": 12, "total_tokens": 20, "streamed_events": 8, "streamed_chars": 30}
+    d = decide(entry(usage=usage, **spliced), None, NAMES)
+    assert d is not None and d.settlement is not None and d.settlement.exact
+    assert (d.settlement.prompt_tokens, d.settlement.completion_tokens) == (12, 8)
+    for counted, completion in (
+        ({"streamed_events": 8, "streamed_chars": 30}, 8),  # a token an event
+        ({"streamed_events": 2, "streamed_chars": 400}, 100),  # chunks of many tokens
+        ({"streamed_events": 1e15, "streamed_chars": -4}, 0),  # out of bounds: not numbers
+        (None, 0),  # nothing of text reached the client
+    ):
+        d = decide(entry(usage=counted, body_bytes=90_000, reset=True, **spliced), None, NAMES)
+        assert d is not None and d.settlement is not None and not d.settlement.exact
+        assert (d.settlement.prompt_tokens, d.settlement.completion_tokens) == (9, completion)
+        assert d.settlement.outcome == "disconnected"
+    d = decide(entry(usage=None, status=500, **spliced), None, NAMES)
+    assert d is not None and d.settlement is not None and d.settlement.outcome == "upstream_error"
+    d = decide(entry(usage=None, reached=False, **spliced), None, NAMES)
+    assert d is not None and d.release  # the upstream never got it: charged nothing
+
+
+def test_the_splice_script_lifts_every_usage_key_read_here() -> None:
+    from atlas.envoy_config import config_dir
+    from atlas.envoy_filters import SSE_USAGE_FIELDS
+
+    script = (config_dir() / "stream_splice.lua").read_text()
+    for field in SSE_USAGE_FIELDS:
+        assert f'"{field}" }}' in script, field
+    assert '"streamed_events"' in script and '"streamed_chars"' in script
+
+
 def test_hostile_usage_numbers_fall_back_to_the_estimate() -> None:
     for usage in (
         {"prompt_tokens": -5, "completion_tokens": 3},

@@ -69,3 +69,21 @@ def test_with_envoy_reading_stream_usage_only_a_client_asked_usage_stream_skips_
     for grant, mode in cases:
         assert proc_mode(grant, route_by_model=False, sse_usage=True) == mode, grant
     assert proc_mode(cases[0][0], route_by_model=True, sse_usage=True) == ProcMode.REWRITE
+
+
+def test_a_stream_needing_only_include_usage_is_spliced_by_envoy_when_its_body_allows() -> None:
+    stream = replace(BASE, body_parsed=True, stream=True)
+    cases = [
+        (stream, True, ProcMode.SPLICE),  # Envoy's Lua filter adds it and cuts the chunk
+        (replace(stream, route="completions"), True, ProcMode.SPLICE),
+        (stream, False, ProcMode.REWRITE),  # a body the script cannot append to
+        (replace(stream, granted_completion=9), True, ProcMode.REWRITE),  # clamp: extproc
+        (replace(stream, continuous_usage=True), True, ProcMode.REWRITE),  # vLLM's stats
+        (replace(stream, idempotency="ab12"), True, ProcMode.REWRITE),  # its response is kept
+        (replace(stream, include_usage=True), True, ProcMode.OBSERVE),  # nothing to add
+        (replace(stream, route="responses"), True, ProcMode.OBSERVE),  # reports usage anyway
+        (replace(stream, stream=False), True, ProcMode.JSON),
+    ]
+    for grant, spliceable, mode in cases:
+        assert proc_mode(grant, route_by_model=False, splice=spliceable) == mode, grant
+    assert proc_mode(stream, route_by_model=True, splice=True) == ProcMode.REWRITE

@@ -19,8 +19,8 @@
 -- ARGV[18] monthly budget in micro-USD (0 none)   ARGV[19] cost of the estimate in micro-USD
 -- ARGV[20] claim timeout ms: a new reservation is "unclaimed" and reaped (charged 0) unless
 --   an ext_proc stream claims it (lease.lua) by then   ARGV[21] choices (completions generated)
--- ARGV[22] unattended (1 = settled from Envoy's access log, which no stream claims: claimed
---   at admission, for claim_ms)
+-- ARGV[22] unattended (settled from Envoy's access log, which no stream claims: claimed at
+--   admission; 1 = for claim_ms, 2 = a stream, for ttl_ms)
 -- ARGV[23] the end user's tag (hex of a hash of whom the request names; '' = no end-user
 --   limit applies)   ARGV[24] an end user's daily token quota (0 none)
 -- ARGV[25] an end user's requests/minute (0 none); both per key, under its hash tag
@@ -57,7 +57,10 @@ local budget = tonumber(ARGV[18])
 local est_cost = tonumber(ARGV[19])
 local claim_ms = math.min(tonumber(ARGV[20]), ttl_ms)
 local choices = tonumber(ARGV[21])
-local unattended = ARGV[22] == '1'
+local unattended = ARGV[22] == '1' or ARGV[22] == '2'
+-- Rule: an unattended stream (no lease renews it) holds its reservation for the TTL, as a
+-- claimed stream would between renewals; a plain completion for the claim timeout.
+local unattended_ms = ARGV[22] == '2' and ttl_ms or claim_ms
 local eu = ARGV[23]
 local eu_daily = tonumber(ARGV[24])
 local eu_rpm = tonumber(ARGV[25])
@@ -264,11 +267,11 @@ if admitted then
     .. int(est_cost) .. '|' .. eu_field .. ARGV[15] .. '|' .. ARGV[16])
   -- Rule: the reservation lives claim_ms unless an ext_proc stream claims it (then ttl_ms,
   -- renewed while the stream lives): a request Envoy never sent on is not held for the TTL.
-  -- Rule: an unattended one (settled from Envoy's access log) is claimed now, for claim_ms:
+  -- Rule: an unattended one (settled from Envoy's access log) is claimed now, until then:
   -- its entry settles it, or releases it when the upstream never got the request; past the
   -- deadline the reaper charges what it reserved (a lost entry, or an answer Envoy dropped),
   -- and a later entry corrects that charge to the real usage (a `late` settlement).
-  redis.call('ZADD', KEYS[4], now + claim_ms, rid)
+  redis.call('ZADD', KEYS[4], now + (unattended and unattended_ms or claim_ms), rid)
   if unattended then redis.call('SADD', KEYS[6], rid) end
   -- Rule: the first request of an idempotency key holds it in flight until it settles (or
   -- for the reservation's TTL if it never does).

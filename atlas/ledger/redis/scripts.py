@@ -85,6 +85,7 @@ def evalsha(sha: str, ks: Sequence[str], args: Sequence[object]) -> bytes:
 
 
 _BULK_BOOL = (bulk(b"0"), bulk(b"1"))
+_UNATTENDED = (*_BULK_BOOL, bulk(b"2"))
 
 
 # ---- admit.lua -------------------------------------------------------------------------
@@ -214,7 +215,7 @@ class AdmitCodec:
                 bulk_int(req.cost_micros),
                 claim,
                 bulk_int(req.choices),
-                _BULK_BOOL[bool(req.unattended)],
+                _UNATTENDED[req.unattended],
                 bulk(req.end_user_tag.encode()),
                 end_user,
                 bulk(req.idempotency_tag.encode()),
