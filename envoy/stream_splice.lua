@@ -20,7 +20,7 @@ local MAX_HELD = 65536
 local MAX_DIGITS = 12
 -- The members whose string values are generated text (chat deltas, completions, tool calls,
 -- reasoning models' thoughts).
-local TEXT_KEYS = { "content", "text", "arguments", "reasoning_content", "refusal" }
+local TEXT_KEYS = { '"content"', '"text"', '"arguments"', '"reasoning_content"', '"refusal"' }
 local USAGE_FIELDS = {
   { '"prompt_tokens"%s*:%s*(%d+)', "prompt_tokens" },
   { '"completion_tokens"%s*:%s*(%d+)', "completion_tokens" },
@@ -50,40 +50,113 @@ function envoy_on_request(handle)
   body:setBytes(text:sub(1, close - 1) .. INJECTED .. text:sub(close))
 end
 
+-- The index of the first byte at or after `i` that is not a JSON blank. The scans below use
+-- plain searches and string.byte only: LuaJIT compiles those, not pattern matching, and every
+-- event of every stream passes through them.
+local function skip_blanks(data, i)
+  while BLANK[data:byte(i)] do
+    i = i + 1
+  end
+  return i
+end
+
+-- The index just after `"key"` at `b` (its closing quote) and a colon, blanks skipped, or nil.
+local function after_colon(data, b)
+  local i = skip_blanks(data, b + 1)
+  if data:byte(i) ~= 58 then
+    return nil
+  end
+  return skip_blanks(data, i + 1)
+end
+
 -- The length of the JSON string that starts at `from` (just after its opening quote).
-local function string_length(event, from)
+local function string_length(data, from)
   local i = from
   while true do
-    local q = event:find('["\\]', i)
+    local q = data:find('"', i, true)
     if q == nil then
-      return #event - from + 1 -- unterminated: what there is
+      return #data - from + 1 -- unterminated: what there is
     end
-    if event:byte(q) == 34 then
+    -- Rule: a quote after an odd run of backslashes is escaped, part of the string.
+    local k = q - 1
+    while k >= from and data:byte(k) == 92 do
+      k = k - 1
+    end
+    if (q - 1 - k) % 2 == 0 then
       return q - from
     end
-    i = q + 2 -- an escape: skip the escaped character
+    i = q + 1
   end
 end
 
--- The characters of generated text in one event (0: none).
-local function text_chars(event)
-  local chars = 0
-  for _, key in ipairs(TEXT_KEYS) do
-    local _, e = event:find('"' .. key .. '"%s*:%s*"')
-    if e ~= nil then
-      chars = chars + string_length(event, e + 1)
+-- The strings of generated text in `data` (whole events), and their characters.
+local function count_text(data)
+  local strings, chars = 0, 0
+  for _, needle in ipairs(TEXT_KEYS) do
+    local pos = 1
+    while true do
+      local _, b = data:find(needle, pos, true)
+      if b == nil then
+        break
+      end
+      pos = b + 1
+      local v = after_colon(data, b)
+      if v ~= nil and data:byte(v) == 34 then
+        local n = string_length(data, v + 1)
+        if n > 0 then
+          strings, chars = strings + 1, chars + n
+        end
+        pos = v + 1 + n
+      end
     end
   end
-  return chars
+  return strings, chars
 end
 
--- Records the usage an event carries; true when the event is the usage-only chunk that
--- include_usage added (`choices` empty, null or absent), which the client never asked for.
-local function take_usage(handle, event)
-  local at = event:find('"usage"%s*:%s*{')
-  if at == nil then
-    return false
+-- Where the next event boundary (a blank line, LF or CRLF) ends at or after `from`, or nil.
+local function boundary_after(data, from)
+  local _, lf = data:find("\n\n", from, true)
+  local _, crlf = data:find("\r\n\r\n", from, true)
+  if lf == nil or (crlf ~= nil and crlf < lf) then
+    return crlf
   end
+  return lf
+end
+
+-- Where the last whole event in `data` ends (0: none). Envoy mostly passes whole events: the
+-- end is checked first.
+local function whole_events_end(data)
+  local n = #data
+  if n >= 2 and data:byte(n) == 10 and (data:byte(n - 1) == 10 or data:byte(n - 2) == 10) then
+    return n -- LF LF, or LF CR LF
+  end
+  local last, e = 0, boundary_after(data, 1)
+  while e ~= nil do
+    last, e = e, boundary_after(data, e + 1)
+  end
+  return last
+end
+
+-- Where the next `"usage": {` in `data` is at or after `from` (`"usage": null` is not one).
+local function usage_object(data, from)
+  local pos = from
+  while true do
+    local a, b = data:find('"usage"', pos, true)
+    if a == nil then
+      return nil
+    end
+    local v = after_colon(data, b)
+    if v ~= nil and data:byte(v) == 123 then
+      return a
+    end
+    pos = b + 1
+  end
+end
+
+-- Records the usage in `event`; true when it is the usage-only chunk include_usage added
+-- (`choices` empty, null or absent), which the client never asked for.
+local function take_usage(handle, event)
+  local at = usage_object(event, 1)
   local meta = handle:streamInfo():dynamicMetadata()
   for _, f in ipairs(USAGE_FIELDS) do
     local digits = event:match(f[1], at)
@@ -93,6 +166,32 @@ local function take_usage(handle, event)
   end
   -- Rule: an event with choices keeps them (and its text counts): only a bare usage goes.
   return event:find('"choices"%s*:%s*%[%s*[^%]%s]') == nil
+end
+
+-- `whole` (whole events) without the usage-only events, their usage recorded.
+local function cut_usage(handle, whole)
+  local at = usage_object(whole, 1)
+  if at == nil then
+    return whole
+  end
+  local kept, from = {}, 1
+  while at ~= nil do
+    -- The event around `at`: from just after the boundary before it to the one after it.
+    local start, e = from, boundary_after(whole, from)
+    while e ~= nil and e < at do
+      start, e = e + 1, boundary_after(whole, e + 1)
+    end
+    e = e or #whole
+    if take_usage(handle, whole:sub(start, e)) then
+      kept[#kept + 1] = whole:sub(from, start - 1)
+    else
+      kept[#kept + 1] = whole:sub(from, e)
+    end
+    from = e + 1
+    at = usage_object(whole, from)
+  end
+  kept[#kept + 1] = whole:sub(from)
+  return table.concat(kept)
 end
 
 function envoy_on_response(handle)
@@ -107,48 +206,35 @@ function envoy_on_response(handle)
   -- Envoy's objects (headers, metadata) are valid only until the script yields: each chunk
   -- asks for them again.
   local held = ""
-  local events, chars = 0, 0
+  local strings, chars = 0, 0
   for chunk in handle:bodyChunks() do
-    local data = held .. chunk:getBytes(0, chunk:length())
-    local kept = {}
-    local changed = held ~= ""
-    local counted = false
-    local pos = 1
-    while true do
-      -- Rule: events end at a blank line (LF or CRLF line ends).
-      local _, e = data:find("\r?\n\r?\n", pos)
-      if e == nil then
-        break
-      end
-      local event = data:sub(pos, e)
-      if take_usage(handle, event) then
-        changed = true
-      else
-        kept[#kept + 1] = event
-        local n = text_chars(event)
-        if n > 0 then
-          events, chars, counted = events + 1, chars + n, true
-        end
-      end
-      pos = e + 1
+    local size = chunk:length()
+    local bytes = chunk:getBytes(0, size)
+    local data = held ~= "" and held .. bytes or bytes
+    -- Rule: only whole events pass; an unfinished one waits for its end, so a usage chunk
+    -- split across reads is still cut out whole.
+    local cut = whole_events_end(data)
+    local whole = cut == #data and data or data:sub(1, cut)
+    held = cut == #data and "" or data:sub(cut + 1)
+    -- Rule: an empty chunk is the end of the stream (Envoy passes no other): whatever is
+    -- held goes with it, as the upstream sent it; so does an event too long to be usage.
+    local tail = ""
+    if held ~= "" and (#held > MAX_HELD or size == 0) then
+      tail, held = held, ""
     end
-    held = data:sub(pos)
-    if held ~= "" then
-      changed = true
-      -- Rule: an empty chunk is the end of the stream (Envoy passes no other): whatever is
-      -- held goes with it, as the upstream sent it.
-      if #held > MAX_HELD or chunk:length() == 0 then
-        kept[#kept + 1] = held
-        held = ""
-      end
+    local out = cut_usage(handle, whole)
+    if tail ~= "" then
+      out = out .. tail
     end
-    if changed then
-      chunk:setBytes(table.concat(kept))
+    if out ~= bytes then -- Lua strings are interned: equal content, one object
+      chunk:setBytes(out)
     end
-    if counted then
+    local n, c = count_text(whole)
+    if n > 0 then
       -- Running totals: a stream cut here is charged at least what it carried.
+      strings, chars = strings + n, chars + c
       local meta = handle:streamInfo():dynamicMetadata()
-      meta:set(USAGE, "streamed_events", events)
+      meta:set(USAGE, "streamed_events", strings)
       meta:set(USAGE, "streamed_chars", chars)
     end
   end
