@@ -9,8 +9,9 @@ distance between Atlas and what its design costs with no policy, no Redis and no
 counting at all is visible ("Atlas minus floor").
 
 *authz*: a raw `asyncio.Protocol` (uvloop) with `httptools`, the transport Atlas's authz uses
-by default. Every request is answered `200` with `x-atlas-proc: observe` for a body that
-asks for a stream and `x-atlas-proc: json` otherwise, and a fixed `x-atlas-grant`.
+by default. Every request is answered `200` with `x-atlas-proc: splice` for a body that
+asks for a stream (what Atlas answers for one whose client did not ask for usage: Envoy's Lua
+filter runs) and `x-atlas-proc: json` otherwise, and a fixed `x-atlas-grant`.
 
 *extproc*: grpc.aio, like Atlas's extproc: each message gets the empty answer of its kind
 (HeadersResponse, BodyResponse, TrailersResponse): continue, change nothing.
@@ -50,11 +51,11 @@ def authz_answer(mode: str) -> bytes:
 
 
 ANSWER_JSON = authz_answer(ProcMode.JSON)
-ANSWER_OBSERVE = authz_answer(ProcMode.OBSERVE)
+ANSWER_SPLICE = authz_answer(ProcMode.SPLICE)
 
 
 def answer_for(body: bytes) -> bytes:
-    return ANSWER_OBSERVE if _STREAM.search(body) else ANSWER_JSON
+    return ANSWER_SPLICE if _STREAM.search(body) else ANSWER_JSON
 
 
 class FloorAuthz(asyncio.Protocol):

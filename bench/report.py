@@ -993,7 +993,8 @@ def render(
         "the Atlas bootstrap (`atlas.envoy_config.render`, HTTP ext_authz, the per-request "
         "ext_proc modes) in front of do-nothing servers (`bench/floor.py`): an HTTP authz "
         "(uvloop `asyncio.Protocol` + httptools) that answers every Check 200 with a fixed "
-        "grant and `x-atlas-proc: json` (`observe` for streams), and a grpc.aio ext_proc that "
+        "grant and `x-atlas-proc: json` (`splice` for streams: the Lua filter), and a "
+        "grpc.aio ext_proc that "
         "answers every message with an empty (pass-through) response: what the design costs "
         "before any of Atlas's logic, Redis included. Every Envoy's access log is read by the "
         "benchmark process.",
@@ -1018,8 +1019,12 @@ def render(
         f"- **Paced streams** (TTFB, per-chunk cost): `bench/loadgen.py stream`, "
         f"{PACED_CONNECTIONS} connections each streaming one answer after another (and once "
         f"more with a single connection), the upstream pausing {PACED_DELAY_MS} ms between "
-        "events (`x-demo-chunk-delay-ms`), so every chunk crosses Envoy and extproc on its "
-        "own, as with a real model. TTFB runs from the request's write to the first body byte.",
+        "events (`x-demo-chunk-delay-ms`), so every chunk crosses Envoy (and extproc, where "
+        "the exchange's mode reads it) on its own, as with a real model. TTFB runs from the "
+        "request's write to the first body byte. A default stream (no `include_usage` from "
+        "the client) is `splice`d: Envoy's Lua filter cuts the usage chunk, the access log "
+        "settles it, so its extproc CPU per chunk is that settlement spread over the chunks "
+        "(the Lua work is in Envoy's CPU).",
         "- **authz alone**: `bench/authzload.py` against the stack's authz with Valkey, over "
         "the protocol the stack's Envoy uses (`ATLAS_AUTHZ_PROTOCOL`): *http*, what Envoy's "
         "HTTP ext_authz client sends (`POST /v1/chat/completions`, the client's headers, "
