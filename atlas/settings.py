@@ -260,9 +260,9 @@ class Settings(BaseSettings):
     )
     settle_from_access_log: bool = Field(
         True,
-        description="Non-streamed completions are settled from Envoy's gRPC access log "
-        "(json_to_metadata reads usage; no ext_proc stream); the Envoy bootstrap must match "
-        "(atlas render-envoy --no-access-log-settlement). Meshes without it: false",
+        description="Plain completions and streams Atlas only asks for usage are settled from "
+        "Envoy's access log (json_to_metadata, the Lua filter; no ext_proc); the bootstrap must "
+        "match (atlas render-envoy --no-access-log-settlement). Meshes without it: false",
     )
     stream_usage_from_envoy: bool = Field(
         False,
