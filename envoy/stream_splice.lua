@@ -194,6 +194,34 @@ local function cut_usage(handle, whole)
   return table.concat(kept)
 end
 
+-- Sets the running totals of generated text: a response cut here is charged at least that.
+local function record_text(handle, strings, chars)
+  local meta = handle:streamInfo():dynamicMetadata()
+  meta:set(USAGE, "streamed_events", strings)
+  meta:set(USAGE, "streamed_chars", chars)
+end
+
+-- A 200 that is not a stream (an upstream that ignored `stream`, or answered JSON): passed as
+-- it comes, its usage lifted where it appears and its text counted, so it is charged what the
+-- upstream reported, or at least its text.
+local function read_answer(handle)
+  local tail, strings, chars = "", 0, 0
+  for chunk in handle:bodyChunks() do
+    local bytes = chunk:getBytes(0, chunk:length())
+    local data = tail .. bytes
+    local at = usage_object(data, 1)
+    if at ~= nil then
+      take_usage(handle, data:sub(at))
+    end
+    local n, c = count_text(bytes)
+    if n > 0 then
+      strings, chars = strings + n, chars + c
+      record_text(handle, strings, chars)
+    end
+    tail = data:sub(-1024) -- a usage object split across reads is found whole in the next
+  end
+end
+
 function envoy_on_response(handle)
   local headers = handle:headers()
   if headers:get(":status") ~= "200" then
@@ -201,6 +229,7 @@ function envoy_on_response(handle)
   end
   local ctype = headers:get("content-type")
   if ctype == nil or not ctype:find("text/event-stream", 1, true) then
+    read_answer(handle)
     return
   end
   -- Envoy's objects (headers, metadata) are valid only until the script yields: each chunk
@@ -231,11 +260,8 @@ function envoy_on_response(handle)
     end
     local n, c = count_text(whole)
     if n > 0 then
-      -- Running totals: a stream cut here is charged at least what it carried.
       strings, chars = strings + n, chars + c
-      local meta = handle:streamInfo():dynamicMetadata()
-      meta:set(USAGE, "streamed_events", strings)
-      meta:set(USAGE, "streamed_chars", chars)
+      record_text(handle, strings, chars)
     end
   end
 end

@@ -62,8 +62,8 @@ def _events(shape: str, asked: bool) -> list[bytes]:
 class Upstream:
     """HTTP/1.1 keep-alive. `x-shape` picks the stream: normal, split (every event in three
     reads, the usage chunk cut inside its JSON), crlf, big and tricky (SHAPE_WORDS), silent
-    (ignores include_usage), error, slow (20 ms between events). Records each request's
-    headers and body."""
+    (ignores include_usage), json (ignores `stream`), error, slow (20 ms between events).
+    Records each request's headers and body."""
 
     def __init__(self) -> None:
         self.seen: list[tuple[dict[str, str], bytes]] = []
@@ -91,6 +91,17 @@ class Upstream:
             writer.close()
 
     async def _answer(self, writer: asyncio.StreamWriter, shape: str, req: dict[str, Any]) -> None:
+        if shape == "json":  # an upstream that ignores `stream`
+            message = {"role": "assistant", "content": "".join(WORDS)}
+            choice = {"index": 0, "message": message, "finish_reason": "stop"}
+            answer = {"id": "c1", "object": "chat.completion", "choices": [choice], "usage": USAGE}
+            body = json.dumps(answer).encode()
+            writer.write(
+                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                b"content-length: %d\r\n\r\n%s" % (len(body), body)
+            )
+            await writer.drain()
+            return
         if shape == "error":
             body = b'{"error": {"message": "overloaded", "type": "server_error"}}'
             writer.write(
@@ -223,6 +234,19 @@ async def test_an_upstream_ignoring_include_usage_is_charged_what_it_streamed(
     assert _text(chunks) == "".join(WORDS)
     chars = sum(len(w) for w in WORDS)
     assert await _used(spliced, key_id) == PROMPT + max(len(WORDS), tokens_for_chars(chars))
+
+
+async def test_an_upstream_answering_json_to_a_stream_is_charged_its_usage(
+    spliced: Stack,
+) -> None:
+    """An upstream that ignores `stream: true` answers one JSON completion: it passes as it
+    came and its usage is lifted all the same (never charged the prompt alone)."""
+    key_id, secret = await _key(spliced)
+    headers = {"authorization": f"Bearer {secret}", "x-shape": "json"}
+    async with httpx.AsyncClient(timeout=10) as http:
+        r = await http.post(spliced.proxy_url + "/v1/chat/completions", json=BODY, headers=headers)
+    assert r.status_code == 200 and r.json()["usage"] == USAGE
+    assert await _used(spliced, key_id) == USAGE["total_tokens"]
 
 
 async def test_an_upstream_error_is_refunded(spliced: Stack) -> None:
