@@ -5,6 +5,7 @@ usage, the Lua filter of `splice` streams, and the gRPC access log that settles 
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -148,6 +149,23 @@ def _proc_is(value_match: dict[str, object], *, invert: bool = False) -> dict[st
     }
 
 
+def _skipped_when(
+    name: str, config: Mapping[str, object], skips: Sequence[object]
+) -> dict[str, object]:
+    """The filter `name` with `config`, wrapped in an ExtensionWithMatcher that skips it when
+    any of `skips` matches."""
+    return {
+        "name": name,
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.common.matching.v3.ExtensionWithMatcher",
+            "extension_config": {"name": name, "typed_config": config},
+            "xds_matcher": {
+                "matcher_list": {"matchers": [{"predicate": p, "on_match": _SKIP} for p in skips]}
+            },
+        },
+    }
+
+
 #: The json_to_metadata filter, named as the namespace it writes usage into (the contract's
 #: USAGE_NAMESPACE, which extproc/accesslog.py reads).
 USAGE_FILTER_NAME = USAGE_NAMESPACE
@@ -217,16 +235,7 @@ def usage_filter(params: EnvoyParams) -> dict[str, object]:
         _proc_is({"string_match": {"exact": ProcMode.JSON}}, invert=True),
         {"not_matcher": _small_response(params)},
     ]
-    return {
-        "name": USAGE_FILTER_NAME,
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.common.matching.v3.ExtensionWithMatcher",
-            "extension_config": {"name": USAGE_FILTER_NAME, "typed_config": config},
-            "xds_matcher": {
-                "matcher_list": {"matchers": [{"predicate": p, "on_match": _SKIP} for p in skips]}
-            },
-        },
-    }
+    return _skipped_when(USAGE_FILTER_NAME, config, skips)
 
 
 def _usage_rule(field: str) -> dict[str, object]:
@@ -256,14 +265,7 @@ def sse_usage_filter() -> dict[str, object]:
         },
     }
     skip = _proc_is({"string_match": {"exact": ProcMode.SSE}}, invert=True)
-    return {
-        "name": SSE_USAGE_FILTER_NAME,
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.common.matching.v3.ExtensionWithMatcher",
-            "extension_config": {"name": SSE_USAGE_FILTER_NAME, "typed_config": config},
-            "xds_matcher": {"matcher_list": {"matchers": [{"predicate": skip, "on_match": _SKIP}]}},
-        },
-    }
+    return _skipped_when(SSE_USAGE_FILTER_NAME, config, [skip])
 
 
 SPLICE_FILTER_NAME = "atlas.stream_splice"
@@ -280,14 +282,7 @@ def splice_filter(envoy_dir: Path) -> dict[str, object]:
         "default_source_code": {"inline_string": (envoy_dir / "stream_splice.lua").read_text()},
     }
     skip = _proc_is({"string_match": {"exact": ProcMode.SPLICE}}, invert=True)
-    return {
-        "name": SPLICE_FILTER_NAME,
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.common.matching.v3.ExtensionWithMatcher",
-            "extension_config": {"name": SPLICE_FILTER_NAME, "typed_config": config},
-            "xds_matcher": {"matcher_list": {"matchers": [{"predicate": skip, "on_match": _SKIP}]}},
-        },
-    }
+    return _skipped_when(SPLICE_FILTER_NAME, config, [skip])
 
 
 def settlement_access_log(params: EnvoyParams) -> dict[str, object]:
@@ -392,18 +387,5 @@ def ext_proc_filters(params: EnvoyParams) -> list[dict[str, object]]:
             if mode == ProcMode.JSON and params.access_log_settlement:
                 # json_to_metadata reads a response it can buffer; this filter the others.
                 skips.append(_small_response(params))
-        matcher = {
-            "matcher_list": {"matchers": [{"predicate": p, "on_match": _SKIP} for p in skips]}
-        }
-        filters.append(
-            {
-                "name": name,
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.common.matching.v3"
-                    ".ExtensionWithMatcher",
-                    "extension_config": {"name": name, "typed_config": ext_proc},
-                    "xds_matcher": matcher,
-                },
-            }
-        )
+        filters.append(_skipped_when(name, ext_proc, skips))
     return filters
