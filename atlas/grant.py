@@ -241,7 +241,8 @@ def proc_mode_for(
     splice: bool = False,
 ) -> str:
     """:param sse_usage: Settings.stream_usage_from_envoy (Envoy reads a stream's usage).
-    :param splice: Envoy's Lua filter may add `include_usage` to this body (authz/splice.py)."""
+    :param splice: Envoy's Lua filter may add `include_usage` to this body
+        (authz/access_logged.py)."""
     if not body_parsed:
         # Not an LLM body (GET /v1/models, extra endpoints), or one authz could not read:
         # extproc reads it (or, with nothing to read, waits for the response).

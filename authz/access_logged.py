@@ -46,12 +46,14 @@ def spliceable(inp: CheckInput) -> bool:
 
 
 def unattended(
-    settings: Settings, inp: CheckInput, route: str, req: LLMRequest, *, idempotent: bool
+    settings: Settings, route: str, req: LLMRequest, *, idempotent: bool, splice: bool
 ) -> int:
     """AdmitRequest.unattended for a request about to be admitted: a stream Envoy settles
     (sse, splice) holds its reservation for the TTL, a plain completion (json) for the claim
     timeout; 0 when an ext_proc stream will claim it. Decided before admission, so as if not
-    clamped: a clamped request goes to extproc, whose claim then renews it."""
+    clamped: a clamped request goes to extproc, whose claim then renews it.
+
+    :param splice: access-log settlement is on and the body is `spliceable`."""
     mode = proc_mode_for(
         route=route,
         body_parsed=req.parsed,
@@ -61,7 +63,7 @@ def unattended(
         route_by_model=bool(settings.model_routes),
         idempotent=idempotent,
         sse_usage=settings.stream_usage_from_envoy,
-        splice=settings.settle_from_access_log and spliceable(inp),
+        splice=splice,
     )
     if mode in ALWAYS_LOGGED:
         return UNATTENDED_STREAM

@@ -28,7 +28,6 @@ from atlas.grant import (
 )
 from atlas.metrics import DECISIONS
 from atlas.settings import Settings
-from authz.access_logged import spliceable
 from authz.policy import Authorizer, CheckInput, Verdict
 from authz.refusals import ratelimit_header_list, refusal_record
 
@@ -198,6 +197,6 @@ def admitted(v: Verdict, inp: CheckInput, settings: Settings) -> Answer:
             grant,
             route_by_model=bool(settings.model_routes),
             sse_usage=settings.stream_usage_from_envoy,
-            splice=settings.settle_from_access_log and spliceable(inp),
+            splice=v.spliceable,
         ),
     )

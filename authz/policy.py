@@ -31,7 +31,7 @@ from atlas.providers.routing import Choice, ProviderRouter
 from atlas.requestbody import LLMRequest, parse_llm_request
 from atlas.requestlog_writer import RequestLogWriter
 from atlas.settings import PRIORITIES, Priority, Settings
-from authz.access_logged import unattended
+from authz.access_logged import spliceable, unattended
 from authz.bodyparse import BodyParser
 from authz.endpoints import GEMINI, Endpoints, Route, gemini_call, request_path
 from authz.keycache import KeyCache
@@ -78,6 +78,8 @@ class Verdict:
     upstream: Choice | None = None  # the provider and member chosen (atlas/providers)
     idempotency: str = ""  # the Idempotency-Key's tag (atlas/idempotency.py)
     end_user: str = ""  # whom the caller attributes the request to (header or body `user`)
+    #: Envoy's Lua filter may add include_usage to the body (authz/access_logged.py).
+    spliceable: bool = False
 
 
 #: What a request without an LLM body (GET /v1/models, ATLAS_EXTRA_ENDPOINTS) is counted as.
@@ -232,6 +234,7 @@ class Authorizer:
         rid = self._new_id()
         end_user = (inp.headers.get(END_USER_HEADER) or req.user)[:MAX_END_USER_CHARS]
         idem, body_hash = request_tags(inp.headers, inp.body)
+        splice = self._s.settle_from_access_log and req.stream and spliceable(inp)
         admit = AdmitRequest(
             reservation_id=rid,
             prompt_tokens=req.prompt_tokens,
@@ -248,13 +251,13 @@ class Authorizer:
             else 0,
             choices=req.choices if route.generates else 1,
             # Envoy's access log settles it (json, sse, splice: no ext_proc): nothing claims it.
-            unattended=unattended(self._s, inp, route.name, req, idempotent=bool(idem)),
+            unattended=unattended(self._s, route.name, req, idempotent=bool(idem), splice=splice),
             end_user_tag=end_user_tag(key, end_user),
             idempotency_tag=idem,
             body_hash=body_hash,
         )
         if degraded:
-            return self._admit_locally(key, admit, req, route)
+            return self._admit_locally(key, admit, req, route, splice)
         try:
             admission = await self._ledger.admit(key, admit)
         except LedgerInputError as exc:
@@ -265,7 +268,7 @@ class Authorizer:
             metrics.LEDGER_ERRORS.labels(service="authz", op="admit").inc()
             if self._s.fail_mode != "local":
                 raise self._unavailable() from exc
-            return self._admit_locally(key, admit, req, route)
+            return self._admit_locally(key, admit, req, route, splice)
         if admission.reason:
             count_refusal(admission.reason, key.id)
         if not admission.admitted:
@@ -290,6 +293,7 @@ class Authorizer:
             upstream=upstream,
             end_user=end_user,
             idempotency=idem,
+            spliceable=splice,
         )
 
     async def _lookup(self, secret_hash: str) -> tuple[KeyRecord | None, bool]:
@@ -347,7 +351,7 @@ class Authorizer:
             return stale, True
 
     def _admit_locally(
-        self, key: KeyRecord, admit: AdmitRequest, req: LLMRequest, route: Route
+        self, key: KeyRecord, admit: AdmitRequest, req: LLMRequest, route: Route, splice: bool
     ) -> Verdict:
         estimate = admit.prompt_tokens + admit.completion_tokens
         wait_s = self._local.admit(key, estimate)
@@ -390,6 +394,7 @@ class Authorizer:
             "",
             degraded=True,
             route=route.name,
+            spliceable=splice,
         )
 
     def _priority(self, headers: dict[str, str], key: KeyRecord) -> Priority:

@@ -44,7 +44,8 @@ def test_streams_envoy_settles_hold_their_reservation_for_the_ttl() -> None:
 
     def held(body: bytes, settings: Settings = s, idempotent: bool = False) -> int:
         req = parse_llm_request(body)
-        return unattended(settings, _inp(body), "chat", req, idempotent=idempotent)
+        splice = settings.settle_from_access_log and spliceable(_inp(body))
+        return unattended(settings, "chat", req, idempotent=idempotent, splice=splice)
 
     assert held(stream) == UNATTENDED_STREAM  # spliced
     assert held(plain) == UNATTENDED  # json_to_metadata and the access log
