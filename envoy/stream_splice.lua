@@ -3,7 +3,7 @@
 -- ext_proc stream (extproc/accesslog.py). Envoy runs this script only for them: a matcher on
 -- authz's x-atlas-proc metadata (atlas/envoy_filters.py). Before naming the mode, authz
 -- checked the body is one non-empty UTF-8 JSON object with a Content-Length and no
--- `stream_options` member (authz/splice.py).
+-- `stream_options` member (authz/access_logged.py).
 --
 -- What crosses to the access log, in dynamic metadata namespace atlas.usage:
 --   prompt_tokens, completion_tokens, total_tokens, prompt_tokens_details.cached_tokens,
@@ -194,18 +194,23 @@ local function cut_usage(handle, whole)
   return table.concat(kept)
 end
 
--- Sets the running totals of generated text: a response cut here is charged at least that.
-local function record_text(handle, strings, chars)
-  local meta = handle:streamInfo():dynamicMetadata()
-  meta:set(USAGE, "streamed_events", strings)
-  meta:set(USAGE, "streamed_chars", chars)
+-- Adds the generated text in `data` to `totals` and, when there was any, sets the running
+-- totals for the access log: a response cut here is charged at least that.
+local function add_text(handle, totals, data)
+  local n, c = count_text(data)
+  if n > 0 then
+    totals.strings, totals.chars = totals.strings + n, totals.chars + c
+    local meta = handle:streamInfo():dynamicMetadata()
+    meta:set(USAGE, "streamed_events", totals.strings)
+    meta:set(USAGE, "streamed_chars", totals.chars)
+  end
 end
 
 -- A 200 that is not a stream (an upstream that ignored `stream`, or answered JSON): passed as
 -- it comes, its usage lifted where it appears and its text counted, so it is charged what the
 -- upstream reported, or at least its text.
 local function read_answer(handle)
-  local tail, strings, chars = "", 0, 0
+  local tail, totals = "", { strings = 0, chars = 0 }
   for chunk in handle:bodyChunks() do
     local bytes = chunk:getBytes(0, chunk:length())
     local data = tail .. bytes
@@ -213,11 +218,7 @@ local function read_answer(handle)
     if at ~= nil then
       take_usage(handle, data:sub(at))
     end
-    local n, c = count_text(bytes)
-    if n > 0 then
-      strings, chars = strings + n, chars + c
-      record_text(handle, strings, chars)
-    end
+    add_text(handle, totals, bytes)
     tail = data:sub(-1024) -- a usage object split across reads is found whole in the next
   end
 end
@@ -235,7 +236,7 @@ function envoy_on_response(handle)
   -- Envoy's objects (headers, metadata) are valid only until the script yields: each chunk
   -- asks for them again.
   local held = ""
-  local strings, chars = 0, 0
+  local totals = { strings = 0, chars = 0 }
   for chunk in handle:bodyChunks() do
     local size = chunk:length()
     local bytes = chunk:getBytes(0, size)
@@ -258,10 +259,6 @@ function envoy_on_response(handle)
     if out ~= bytes then -- Lua strings are interned: equal content, one object
       chunk:setBytes(out)
     end
-    local n, c = count_text(whole)
-    if n > 0 then
-      strings, chars = strings + n, chars + c
-      record_text(handle, strings, chars)
-    end
+    add_text(handle, totals, whole)
   end
 end
