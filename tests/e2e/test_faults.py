@@ -109,6 +109,19 @@ async def test_authz_down_is_a_fast_503_then_recovers(faulty: Stack) -> None:
         await c.close()
 
 
+async def charged_by_the_reaper(stack: Stack, key_id: str, *, max_tokens: int) -> int:
+    """Assert the key's one stream (MESSAGES, `max_tokens`) was never settled: the reaper
+    charged its reservation (the prompt estimate + max_tokens), and the request log's only
+    record of it is the reaper's. Returns the reservation."""
+    body = {"model": "m", "messages": MESSAGES, "max_tokens": max_tokens, "stream": True}
+    reserved = estimate_prompt_tokens(body) + max_tokens
+    u = await settled_usage(stack, key_id)
+    assert u["daily"]["used"] == reserved
+    [record] = await logged(stack, key_id, outcome="reaped")
+    assert (record["prompt_tokens"], record["exact"]) == (reserved, False)
+    return reserved
+
+
 async def test_extproc_killed_mid_stream_is_reaped_and_restarts_clean(faulty: Stack) -> None:
     key = await new_key(faulty)
     c = client(faulty, key)
@@ -140,14 +153,7 @@ async def test_extproc_killed_mid_stream_is_reaped_and_restarts_clean(faulty: St
             await read_until_broken()
         assert received < 100
         await faulty.restart("extproc")
-        # Never settled: the reaper charges the reservation (the prompt estimate + max_tokens).
-        body = {"model": "m", "messages": MESSAGES, "max_tokens": 100, "stream": True}
-        reserved = estimate_prompt_tokens(body) + 100
-        u = await settled_usage(faulty, key["id"])
-        assert u["daily"]["used"] == reserved
-        # The request log's only record of the lost stream: the reaper's.
-        [record] = await logged(faulty, key["id"], outcome="reaped")
-        assert (record["prompt_tokens"], record["exact"]) == (reserved, False)
+        reserved = await charged_by_the_reaper(faulty, key["id"], max_tokens=100)
         got = await c.chat.completions.create(model="m", messages=MESSAGES, max_tokens=7)
         assert got.usage is not None and got.usage.completion_tokens == 7
         u = await settled_usage(faulty, key["id"])
@@ -179,12 +185,7 @@ async def test_extproc_killed_during_a_spliced_stream_never_undercharges(faulty:
         assert chunks[-1].choices and chunks[-1].choices[0].finish_reason == "length"
         assert all(ch.usage is None and ch.choices for ch in chunks)
         await faulty.restart("extproc")
-        body = {"model": "m", "messages": MESSAGES, "max_tokens": 40, "stream": True}
-        reserved = estimate_prompt_tokens(body) + 40
-        u = await settled_usage(faulty, key["id"])
-        assert u["daily"]["used"] == reserved
-        [record] = await logged(faulty, key["id"], outcome="reaped")
-        assert (record["prompt_tokens"], record["exact"]) == (reserved, False)
+        await charged_by_the_reaper(faulty, key["id"], max_tokens=40)
     finally:
         await c.close()
 

@@ -117,25 +117,39 @@ async def test_requests_reset_right_after_sending_are_released_and_charged_only_
     assert u["daily"]["used"] <= served * (PROMPT + 50) + unanswered * PROMPT + reservation * reaped
 
 
+#: A stream of this many tokens, one every SLOW_DELAY_MS: ~3.6 s, longer than the 2 s TTL
+#: plus a reap pass.
+SLOW_TOKENS, SLOW_DELAY_MS = 12, 300
+
+
+def _client(stack: Stack, key: dict[str, Any]) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(
+        base_url=stack.proxy_url + "/v1", api_key=key["api_key"], max_retries=0, timeout=30
+    )
+
+
+async def _slow_stream(c: openai.AsyncOpenAI, options: Any) -> Any:
+    """A stream longer than the reservation TTL, with `stream_options` (or NOT_GIVEN)."""
+    return await c.chat.completions.create(
+        model="m",
+        messages=MESSAGES,  # type: ignore[arg-type]
+        max_tokens=SLOW_TOKENS,
+        stream=True,
+        stream_options=options,
+        extra_headers={"x-demo-chunk-delay-ms": str(SLOW_DELAY_MS)},
+    )
+
+
 async def test_a_stream_longer_than_the_ttl_keeps_its_reservation_and_settles_exactly(
     short_lived: Stack, admin: httpx.AsyncClient
 ) -> None:
     key = await new_key(admin, max_concurrent=1)
-    c = openai.AsyncOpenAI(
-        base_url=short_lived.proxy_url + "/v1", api_key=key["api_key"], max_retries=0, timeout=30
-    )
+    c = _client(short_lived, key)
     try:
-        tokens, delay_ms = 12, 300  # ~3.6 s: longer than the 2 s TTL plus a reap pass
+        tokens = SLOW_TOKENS
         # The client asks for usage: an ext_proc stream reads it and renews its lease (the
         # next test: a stream Envoy settles has none).
-        stream = await c.chat.completions.create(
-            model="m",
-            messages=MESSAGES,  # type: ignore[arg-type]
-            max_tokens=tokens,
-            stream=True,
-            stream_options={"include_usage": True},
-            extra_headers={"x-demo-chunk-delay-ms": str(delay_ms)},
-        )
+        stream = await _slow_stream(c, {"include_usage": True})
         started = time.monotonic()
         checked = False
         received = 0
@@ -165,18 +179,10 @@ async def test_a_spliced_stream_longer_than_the_ttl_is_reaped_then_charged_exact
     TTL is its deadline. Past it the reaper charges what it reserved and frees its slot; its
     access-log entry then corrects the charge to the upstream's usage (a late settlement)."""
     key = await new_key(admin, max_concurrent=1)
-    c = openai.AsyncOpenAI(
-        base_url=short_lived.proxy_url + "/v1", api_key=key["api_key"], max_retries=0, timeout=30
-    )
+    c = _client(short_lived, key)
     try:
-        tokens, delay_ms = 12, 300  # ~3.6 s: longer than the 2 s TTL plus a reap pass
-        stream = await c.chat.completions.create(
-            model="m",
-            messages=MESSAGES,  # type: ignore[arg-type]
-            max_tokens=tokens,
-            stream=True,
-            extra_headers={"x-demo-chunk-delay-ms": str(delay_ms)},
-        )
+        tokens = SLOW_TOKENS
+        stream = await _slow_stream(c, openai.NOT_GIVEN)
         chunks = [chunk async for chunk in stream]
         assert sum(1 for ch in chunks if ch.choices and ch.choices[0].delta.content) == tokens
         assert all(ch.usage is None for ch in chunks)  # the usage Atlas asked for is cut out

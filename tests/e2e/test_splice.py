@@ -165,16 +165,27 @@ async def _used(st: Stack, key_id: str) -> int:
         return used
 
 
+def _client(st: Stack, secret: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=st.proxy_url + "/v1", api_key=secret, max_retries=0)
+
+
+async def _create(
+    client: openai.AsyncOpenAI, shape: str, max_tokens: int | openai.NotGiven = openai.NOT_GIVEN
+) -> Any:
+    """A chat completion stream the upstream shapes as `shape`."""
+    return await client.chat.completions.create(
+        model="m",
+        messages=MESSAGES,  # type: ignore[arg-type]
+        stream=True,
+        max_tokens=max_tokens,
+        extra_headers={"x-shape": shape},
+    )
+
+
 async def _stream(st: Stack, secret: str, shape: str) -> list[Any]:
-    client = openai.AsyncOpenAI(base_url=st.proxy_url + "/v1", api_key=secret, max_retries=0)
+    client = _client(st, secret)
     try:
-        stream = await client.chat.completions.create(
-            model="m",
-            messages=MESSAGES,  # type: ignore[arg-type]
-            stream=True,
-            extra_headers={"x-shape": shape},
-        )
-        return [c async for c in stream]
+        return [c async for c in await _create(client, shape)]
     finally:
         await client.close()
 
@@ -251,15 +262,10 @@ async def test_an_upstream_answering_json_to_a_stream_is_charged_its_usage(
 
 async def test_an_upstream_error_is_refunded(spliced: Stack) -> None:
     key_id, secret = await _key(spliced)
-    client = openai.AsyncOpenAI(base_url=spliced.proxy_url + "/v1", api_key=secret, max_retries=0)
+    client = _client(spliced, secret)
     try:
         with pytest.raises(openai.InternalServerError) as info:
-            await client.chat.completions.create(
-                model="m",
-                messages=MESSAGES,  # type: ignore[arg-type]
-                stream=True,
-                extra_headers={"x-shape": "error"},
-            )
+            await _create(client, "error")
         assert info.value.status_code == 500
     finally:
         await client.close()
@@ -272,15 +278,9 @@ async def test_a_client_hanging_up_is_charged_what_reached_it_not_the_reservatio
     """Cut before the usage chunk: the prompt estimate and the events of text Envoy passed on
     (a running count in the access log's metadata), far below max_tokens' reservation."""
     key_id, secret = await _key(spliced)
-    client = openai.AsyncOpenAI(base_url=spliced.proxy_url + "/v1", api_key=secret, max_retries=0)
+    client = _client(spliced, secret)
     try:
-        stream = await client.chat.completions.create(
-            model="m",
-            messages=MESSAGES,  # type: ignore[arg-type]
-            stream=True,
-            max_tokens=1000,
-            extra_headers={"x-shape": "slow"},
-        )
+        stream = await _create(client, "slow", max_tokens=1000)
         words = 0
         async for c in stream:
             if c.choices and c.choices[0].delta.content:
